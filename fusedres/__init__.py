@@ -1,0 +1,20 @@
+"""fusedres: fused Triton kernels for the pre-activation residual block ``y = x + relu(x) @ W.T + b``."""
+from __future__ import annotations
+
+from .module import FusedResidualBlock
+from .op import SUPPORTED_DTYPES, backend_for, fused_residual
+from .reference import ResidualBlock, residual_reference
+from .validate import ParityError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedResidualBlock",
+    "ResidualBlock",
+    "fused_residual",
+    "residual_reference",
+    "backend_for",
+    "ParityError",
+    "SUPPORTED_DTYPES",
+    "__version__",
+]

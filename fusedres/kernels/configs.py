@@ -1,0 +1,117 @@
+"""The kernel configurations fusedres ships, and how one is chosen.
+
+On a GPU each kernel autotunes among its list, keyed on (power-of-two bucket of M, D, dtypes), so
+a new batch size re-tunes only when it crosses a power of two. The interpreter cannot autotune
+(Triton's benchmarker needs a GPU driver), so there a deterministic per-size rule picks one
+config. ``python -m fusedres.aot`` compiles every config of every list for sm_80 and sm_90 and
+fails on spills, shared-memory overflow or a missing tensor-core instruction.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, record_launch
+
+# Shared memory the operand pipeline may take: sm_80's opt-in limit (166912 B) minus headroom for
+# the epilogue's layout-conversion scratch. Configs over it are dropped for that element size,
+# so the same lists serve 2-byte and 4-byte operands. The compile gate checks the real figure.
+SMEM_BUDGET = 160 * 1024
+
+# (rows of the output tile, columns of the output tile, reduction step, warps, stages)
+_TILES = [
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+]
+GROUP = 8
+
+
+def _gemm_configs(out_rows: str, out_cols: str, reduce: str, group: str) -> list[triton.Config]:
+    return [triton.Config({out_rows: r, out_cols: c, reduce: k, group: GROUP}, num_warps=w, num_stages=s)
+            for r, c, k, w, s in _TILES]
+
+
+#: forward: y tile [BLOCK_M, BLOCK_N], reduction over k.
+FWD_CONFIGS = _gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+#: dx: dx tile [BLOCK_M, BLOCK_K], reduction over n.
+DX_CONFIGS = _gemm_configs("BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M")
+#: dW: dW.T tile [BLOCK_K, BLOCK_N], reduction over the M rows.
+DW_CONFIGS = _gemm_configs("BLOCK_K", "BLOCK_N", "BLOCK_M", "GROUP_K")
+
+_TILE_NAMES = {"fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "dx": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+               "dw": ("BLOCK_K", "BLOCK_N", "BLOCK_M")}
+CONFIGS = {"fwd": FWD_CONFIGS, "dx": DX_CONFIGS, "dw": DW_CONFIGS}
+
+
+def pipeline_smem_bytes(kind: str, config: triton.Config, elem_size: int) -> int:
+    """Operand bytes the software pipeline keeps in shared memory: stages x (A tile + B tile)."""
+    rows, cols, red = (config.kwargs[n] for n in _TILE_NAMES[kind])
+    return config.num_stages * (rows * red + red * cols) * elem_size
+
+
+def shipped_configs(kind: str, elem_size: int) -> list[triton.Config]:
+    """The configs of ``kind`` that a GEMM with ``elem_size``-byte operands may run."""
+    fits = [c for c in CONFIGS[kind] if pipeline_smem_bytes(kind, c, elem_size) <= SMEM_BUDGET]
+    return fits or [min(CONFIGS[kind], key=lambda c: pipeline_smem_bytes(kind, c, elem_size))]
+
+
+def prune_for(kind: str):
+    """``early_config_prune`` for ``triton.autotune``: drop configs whose pipeline overflows."""
+    def prune(configs, named_args, **kwargs):
+        elem_size = _GEMM_OPERAND[kind](named_args).element_size()
+        keep = {id(c) for c in shipped_configs(kind, elem_size)}
+        return [c for c in configs if id(c) in keep] or configs[-1:]
+    return prune
+
+
+# Which launch argument carries the GEMM's operand dtype, per kernel.
+_GEMM_OPERAND = {"fwd": lambda a: a["w_ptr"], "dx": lambda a: a["w_ptr"], "dw": lambda a: a["dw_ptr"]}
+
+
+def interpreter_config(kind: str, M: int, D: int) -> triton.Config:
+    """One config per size for the interpreter, where cost is per program and per loop trip,
+    almost regardless of tile size: the largest tiles that the problem fills, up to 128."""
+    def fit(n):
+        return max(16, min(128, triton.next_power_of_2(max(n, 1))))
+    rows, cols, red = _TILE_NAMES[kind]
+    group = "GROUP_K" if kind == "dw" else "GROUP_M"
+    sizes = {"BLOCK_M": fit(M), "BLOCK_N": fit(D), "BLOCK_K": fit(D)}
+    return triton.Config({rows: sizes[rows], cols: sizes[cols], red: sizes[red], group: GROUP},
+                         num_warps=4, num_stages=1)
+
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+
+def gemm_flags(gemm_dtype: torch.dtype, *io_dtypes: torch.dtype) -> dict:
+    """Numerics constexprs: accumulator dtype, tf32 or not, and bf16 emulation.
+
+    fp32 GEMMs follow ``torch.get_float32_matmul_precision()`` ('highest' is IEEE fp32, anything
+    else allows tf32), the rule nn.Linear follows on CUDA. fp64 accumulates in fp64 (Triton
+    cannot compile an fp64 dot into an fp32 accumulator); everything else in fp32. ``io_dtypes``
+    are the dtypes of the other operands and outputs: any bf16 among them needs the emulation.
+    """
+    tf32 = gemm_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return dict(
+        ACC_DTYPE=tl.float64 if gemm_dtype == torch.float64 else tl.float32,
+        INPUT_PRECISION="tf32" if tf32 else "ieee",
+        EMULATE_BF16=INTERPRET and torch.bfloat16 in (gemm_dtype, *io_dtypes),
+    )
+
+
+def launch(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, config=None) -> None:
+    """Launch ``kernel`` with ``config``, or the autotuned ``tuned`` on a GPU, or the interpreter's
+    per-size config when interpreting."""
+    if config is None and INTERPRET:
+        config = interpreter_config(kind, M, D)
+    if config is None:
+        tuned[grid](*args, **consts)
+    else:
+        kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    record_launch("residual_" + kind)

@@ -1,0 +1,99 @@
+"""The parity rule, and ``FUSEDRES_VALIDATE=1``: check every fused call against eager.
+
+The rule: against an fp64 reference computed from the same rounded inputs, the fused result's
+largest error may be at most twice eager PyTorch's error in the same dtype, plus a floor of one
+unit of ``eps(dtype)`` at the reference's largest magnitude. Non-finite values must sit where
+eager puts them, NaN for NaN and Inf for Inf of the same sign.
+
+``FUSEDRES_VALIDATE=1`` is a debugging aid: each fused forward and backward also runs the eager
+reference in the same dtype and in fp64, and raises :class:`ParityError` naming the op, the
+shapes, the dtype and the errors. It costs several times the op itself; it is off by default.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .reference import eager_backward, eager_forward
+
+
+class ParityError(RuntimeError):
+    """A fused result broke the parity rule."""
+
+
+@dataclass
+class Parity:
+    fused_error: float
+    eager_error: float
+    floor: float
+    nonfinite_match: bool
+
+    @property
+    def bound(self) -> float:
+        return 2 * self.eager_error + self.floor
+
+    @property
+    def ok(self) -> bool:
+        return self.nonfinite_match and self.fused_error <= self.bound
+
+    def __str__(self) -> str:
+        return (f"fused error {self.fused_error:.3e}, eager error {self.eager_error:.3e}, bound "
+                f"2 x eager + floor = {self.bound:.3e}, non-finite pattern "
+                f"{'matches' if self.nonfinite_match else 'DIFFERS from'} eager")
+
+
+def parity(fused: Tensor, eager: Tensor, reference: Tensor) -> Parity:
+    """Measure ``fused`` and ``eager`` (same dtype) against the fp64 ``reference``."""
+    f, e, r = fused.detach().double(), eager.detach().double(), reference.detach().double()
+    same_nan = torch.equal(f.isnan(), e.isnan())
+    same_inf = torch.equal(torch.where(f.isinf(), f, 0), torch.where(e.isinf(), e, 0))
+    finite = r.isfinite() & e.isfinite()
+
+    def max_abs(t: Tensor) -> float:
+        t = t[finite]
+        return t.abs().max().item() if t.numel() else 0.0
+
+    floor = torch.finfo(fused.dtype).eps * max_abs(r)
+    return Parity(max_abs(f - r), max_abs(e - r), floor, same_nan and same_inf)
+
+
+def enabled() -> bool:
+    return os.environ.get("FUSEDRES_VALIDATE", "0") == "1"
+
+
+def _raise_if_broken(op: str, name: str, fused: Tensor, eager: Tensor, reference: Tensor, shapes: str) -> None:
+    p = parity(fused, eager, reference)
+    if not p.ok:
+        raise ParityError(f"FUSEDRES_VALIDATE: {op} broke the parity rule for {name}: {shapes}, "
+                          f"dtype {fused.dtype}: {p}")
+
+
+def _shapes(**tensors: Tensor) -> str:
+    return ", ".join(f"{n} {list(t.shape)}" for n, t in tensors.items())
+
+
+def _double(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.double()
+
+
+def check_forward(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if not enabled():
+        return
+    eager = eager_forward(x, weight, bias)
+    reference = eager_forward(x.double(), weight.double(), _double(bias))
+    _raise_if_broken("fusedres::residual_forward", "y", y, eager, reference, _shapes(x=x, weight=weight))
+
+
+def check_backward(grads, grad: Tensor, x: Tensor, weight: Tensor) -> None:
+    if not enabled():
+        return
+    needs = [g is not None for g in grads]
+    eager = eager_backward(grad, x, weight, *needs)
+    reference = eager_backward(grad.double(), x.double(), weight.double(), *needs)
+    for name, f, e, r in zip(("dx", "dweight", "dbias"), grads, eager, reference):
+        if f is not None:
+            _raise_if_broken("fusedres::residual_backward", name, f, e, r,
+                             _shapes(grad=grad, x=x, weight=weight))

@@ -1,0 +1,22 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fusedres",
+    version="0.1.0",
+    description="Fused Triton kernels for the pre-activation residual block y = x + relu(x) @ W.T + b",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fusedres", "fusedres.*"]),
+    package_data={"fusedres": ["py.typed"]},
+    # Tested with torch 2.13.0 and triton 3.9.0 (constraints.txt pins them for CI). The kernels use
+    # Triton APIs of 3.9 (tl.PropagateNan, input_precision, tl.range); older releases are untested.
+    install_requires=["torch>=2.13", "triton>=3.9"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy"],
+        "bench": ["matplotlib>=3.7", "tqdm>=4.60", "numpy"],
+    },
+)
