@@ -139,10 +139,9 @@ def residual_backward(grad: Tensor, x: Tensor, weight: Tensor, need_dx: bool, ne
     else:
         dx, dw, db = _triton_backward(grad, x, weight, need_dx, need_weight, need_bias)
         check_backward((dx, dw, db), grad, x, weight)
-    none = x.new_empty(0)
-    return (dx if dx is not None else none,
-            dw if dw is not None else none.to(weight.dtype),
-            db if db is not None else none.to(weight.dtype))
+    return (dx if dx is not None else x.new_empty(0),
+            dw if dw is not None else weight.new_empty(0),
+            db if db is not None else weight.new_empty(0))
 
 
 def _triton_backward(grad, x, weight, need_dx, need_weight, need_bias):

@@ -47,8 +47,9 @@ class _ResidualParameters(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.dim = dim
         self.weight = nn.Parameter(torch.empty(dim, dim, **factory))
-        self.bias = nn.Parameter(torch.empty(dim, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(dim, **factory))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 

@@ -2,7 +2,9 @@
 
 The rule: against an fp64 reference computed from the same rounded inputs, the fused result's
 largest error may be at most twice eager PyTorch's error in the same dtype, plus a floor of one
-unit of ``eps(dtype)`` at the reference's largest magnitude. Non-finite values must sit where
+rounding, ``eps(dtype)``, at the scale of the computation: the largest value of the same block
+computed on absolute values (``|x| + |relu(x)| @ |W|.T + |b|``, ``sum |g|``, ...), which is the
+scale any summation order's rounding error is proportional to. Non-finite values must sit where
 eager puts them, NaN for NaN and Inf for Inf of the same sign.
 
 ``FUSEDRES_VALIDATE=1`` is a debugging aid: each fused forward and backward also runs the eager
@@ -45,8 +47,12 @@ class Parity:
                 f"{'matches' if self.nonfinite_match else 'DIFFERS from'} eager")
 
 
-def parity(fused: Tensor, eager: Tensor, reference: Tensor) -> Parity:
-    """Measure ``fused`` and ``eager`` (same dtype) against the fp64 ``reference``."""
+def parity(fused: Tensor, eager: Tensor, reference: Tensor, scale: Tensor | None = None) -> Parity:
+    """Measure ``fused`` and ``eager`` (same dtype) against the fp64 ``reference``.
+
+    ``scale`` is the computation redone on absolute values (defaults to ``|reference|``); the
+    floor is ``eps(dtype) * max(scale)``.
+    """
     f, e, r = fused.detach().double(), eager.detach().double(), reference.detach().double()
     same_nan = torch.equal(f.isnan(), e.isnan())
     same_inf = torch.equal(torch.where(f.isinf(), f, 0), torch.where(e.isinf(), e, 0))
@@ -56,7 +62,9 @@ def parity(fused: Tensor, eager: Tensor, reference: Tensor) -> Parity:
         t = t[finite]
         return t.abs().max().item() if t.numel() else 0.0
 
-    floor = torch.finfo(fused.dtype).eps * max_abs(r)
+    s = r.abs() if scale is None else scale.detach().double().abs()
+    s = s[s.isfinite()]
+    floor = torch.finfo(fused.dtype).eps * (s.max().item() if s.numel() else 0.0)
     return Parity(max_abs(f - r), max_abs(e - r), floor, same_nan and same_inf)
 
 
@@ -64,8 +72,8 @@ def enabled() -> bool:
     return os.environ.get("FUSEDRES_VALIDATE", "0") == "1"
 
 
-def _raise_if_broken(op: str, name: str, fused: Tensor, eager: Tensor, reference: Tensor, shapes: str) -> None:
-    p = parity(fused, eager, reference)
+def _raise_if_broken(op, name, fused, eager, reference, scale, shapes: str) -> None:
+    p = parity(fused, eager, reference, scale)
     if not p.ok:
         raise ParityError(f"FUSEDRES_VALIDATE: {op} broke the parity rule for {name}: {shapes}, "
                           f"dtype {fused.dtype}: {p}")
@@ -75,8 +83,8 @@ def _shapes(**tensors: Tensor) -> str:
     return ", ".join(f"{n} {list(t.shape)}" for n, t in tensors.items())
 
 
-def _double(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.double()
+def _double(t: Tensor | None, absolute: bool = False) -> Tensor | None:
+    return None if t is None else t.double().abs() if absolute else t.double()
 
 
 def check_forward(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -84,7 +92,8 @@ def check_forward(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> 
         return
     eager = eager_forward(x, weight, bias)
     reference = eager_forward(x.double(), weight.double(), _double(bias))
-    _raise_if_broken("fusedres::residual_forward", "y", y, eager, reference, _shapes(x=x, weight=weight))
+    scale = eager_forward(x.double().abs(), weight.double().abs(), _double(bias, absolute=True))
+    _raise_if_broken("fusedres::residual_forward", "y", y, eager, reference, scale, _shapes(x=x, weight=weight))
 
 
 def check_backward(grads, grad: Tensor, x: Tensor, weight: Tensor) -> None:
@@ -93,7 +102,8 @@ def check_backward(grads, grad: Tensor, x: Tensor, weight: Tensor) -> None:
     needs = [g is not None for g in grads]
     eager = eager_backward(grad, x, weight, *needs)
     reference = eager_backward(grad.double(), x.double(), weight.double(), *needs)
-    for name, f, e, r in zip(("dx", "dweight", "dbias"), grads, eager, reference):
+    scale = eager_backward(grad.double().abs(), x.double().abs(), weight.double().abs(), *needs)
+    for name, f, e, r, sc in zip(("dx", "dweight", "dbias"), grads, eager, reference, scale):
         if f is not None:
-            _raise_if_broken("fusedres::residual_backward", name, f, e, r,
+            _raise_if_broken("fusedres::residual_backward", name, f, e, r, sc,
                              _shapes(grad=grad, x=x, weight=weight))

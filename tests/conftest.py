@@ -1,0 +1,44 @@
+"""Test setup: the Triton kernels run compiled on CUDA when a GPU is present, and otherwise in
+Triton's interpreter on the CPU. The switch must be set before triton is first imported."""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import fusedres  # noqa: E402
+from fusedres import kernels  # noqa: E402
+
+#: Where the parity tests run: the compiled kernels on a GPU, else the interpreter on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
+
+
+@pytest.fixture
+def launches():
+    """Launch counter: ``launches()`` gives the kernel launches since the test began."""
+    before = kernels.launch_counts()
+
+    def since() -> dict[str, int]:
+        now = kernels.launch_counts()
+        return {k: now[k] - before.get(k, 0) for k in now if now[k] != before.get(k, 0)}
+
+    return since
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    """Each test starts from the default dispatch, whatever the caller's shell has set."""
+    monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
+    monkeypatch.delenv("FUSEDRES_VALIDATE", raising=False)
+    assert fusedres.backend_for(DEVICE) == "triton", "the parity suite must run the Triton kernels"

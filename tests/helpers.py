@@ -1,0 +1,83 @@
+"""Shared builders for the parity tests: inputs in every layout, the three runs (fused, eager in
+the same dtype, fp64 on the same rounded inputs), and the parity rule."""
+from __future__ import annotations
+
+import torch
+
+from fusedres import fused_residual, residual_reference
+from fusedres.validate import parity
+
+NAMES = ("y", "dx", "dweight", "dbias")
+LAYOUTS = ("contiguous", "sliced", "transposed", "feature-strided")
+
+
+def make_x(shape, dtype, device, layout="contiguous", seed=0):
+    """``x`` of ``shape`` in the named memory layout. Every 5th feature is exactly 0, where a wrong
+    relu mask (relu'(0) = 1) would show."""
+    gen = torch.Generator().manual_seed(seed)
+    *lead, D = shape
+    if layout == "contiguous":
+        x = torch.randn(*shape, generator=gen)
+    elif layout == "sliced":  # row stride 2D, last stride 1
+        x = torch.randn(*lead, 2 * D, generator=gen)[..., D // 2: D // 2 + D]
+    elif layout == "transposed":  # [T, B, D] storage seen as [B, T, D]: two row strides
+        x = torch.randn(lead[1], lead[0], D, generator=gen).transpose(0, 1)
+    elif layout == "feature-strided":  # last stride 2
+        x = torch.randn(*shape, 2, generator=gen)[..., 0]
+    else:
+        raise ValueError(layout)
+    x[..., ::5] = 0
+    # .to() on a view would make it contiguous: convert the storage, then take the same view.
+    return _same_view(x, dtype, device)
+
+
+def _same_view(x, dtype, device):
+    base = x._base if x._base is not None else x
+    converted = base.to(device=device, dtype=dtype)
+    return converted.as_strided(x.shape, x.stride(), x.storage_offset())
+
+
+def make_params(D, dtype, device, bias=True, weight_layout="contiguous", seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    bound = D ** -0.5
+    if weight_layout == "contiguous":
+        w = torch.empty(D, D).uniform_(-bound, bound, generator=gen)
+    elif weight_layout == "transposed":
+        w = torch.empty(D, D).uniform_(-bound, bound, generator=gen).t()
+    elif weight_layout == "sliced":
+        w = torch.empty(D, 2 * D).uniform_(-bound, bound, generator=gen)[:, :D]
+    else:
+        raise ValueError(weight_layout)
+    w = _same_view(w, dtype, device)
+    b = torch.empty(D).uniform_(-bound, bound, generator=gen).to(device=device, dtype=dtype) if bias else None
+    return w, b
+
+
+def run(fn, x, w, b, g, dtype=None):
+    """Forward and backward of ``fn``; returns (y, dx, dW, db) with inputs cast to ``dtype``."""
+    cast = (lambda t: t.detach().to(dtype)) if dtype is not None else (lambda t: t.detach())
+    xx, ww = cast(x).requires_grad_(), cast(w).requires_grad_()
+    bb = cast(b).requires_grad_() if b is not None else None
+    y = fn(xx, ww, bb)
+    y.backward(cast(g))
+    return y.detach(), xx.grad, ww.grad, bb.grad if bb is not None else None
+
+
+def check_parity(x, w, b, g=None, *, names=NAMES):
+    """Run fused, eager and fp64 on the same rounded inputs and assert the parity rule for every
+    output and gradient. Returns the fused results."""
+    if g is None:
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype)
+    fused = run(fused_residual, x, w, b, g)
+    eager = run(residual_reference, x, w, b, g)
+    ref = run(residual_reference, x, w, b, g, dtype=torch.float64)
+    scale = run(residual_reference, x.abs(), w.abs(), b.abs() if b is not None else None, g.abs(),
+                dtype=torch.float64)
+    for name, f, e, r, sc in zip(names, fused, eager, ref, scale):
+        if r is None:
+            assert f is None and e is None, name
+            continue
+        assert f.shape == e.shape and f.dtype == e.dtype, (name, f.shape, e.shape, f.dtype, e.dtype)
+        p = parity(f, e, r, sc)
+        assert p.ok, f"{name} [{x.dtype}, x {list(x.shape)} strides {x.stride()}]: {p}"
+    return fused

@@ -1,0 +1,134 @@
+"""The public surface: bad input, dispatch, the validation mode, and the modules."""
+import pytest
+import torch
+from torch import nn
+
+import fusedres
+from fusedres import FusedResidualBlock, ParityError, ResidualBlock, fused_residual, kernels
+from helpers import check_parity, make_params, make_x
+
+
+def _inputs(device, D=16):
+    x = torch.randn(4, D, device=device)
+    w, b = make_params(D, torch.float32, device)
+    return x, w, b
+
+
+BAD_INPUTS = {
+    "wrong last dim": (lambda x, w, b: (x[:, :15], w, b), ValueError, "last dim 15"),
+    "non-square weight": (lambda x, w, b: (x, w[:8], b), ValueError, "square"),
+    "bias shape": (lambda x, w, b: (x, w, b[:8]), ValueError, "bias must have shape"),
+    "dtype mismatch": (lambda x, w, b: (x.double(), w, b), TypeError, "dtypes differ"),
+    "bias dtype mismatch": (lambda x, w, b: (x, w, b.half()), TypeError, "dtypes differ"),
+    "device mismatch": (lambda x, w, b: (x, w.to("meta"), b), ValueError, "one device"),
+    "integer x": (lambda x, w, b: (x.long(), w, b), TypeError, "floating-point"),
+    "integer weight": (lambda x, w, b: (x, w.int(), b), TypeError, "floating-point"),
+    "complex x": (lambda x, w, b: (x.to(torch.complex64), w, b), TypeError, "floating-point"),
+    "0-dim x": (lambda x, w, b: (x[0, 0], w, b), ValueError, "0-dim"),
+    "fp8 x": (lambda x, w, b: (x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), b), TypeError, "supported"),
+    "not a tensor": (lambda x, w, b: (x.tolist(), w, b), TypeError, "torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_a_clear_error_before_any_launch(case, device, launches):
+    make, error, message = BAD_INPUTS[case]
+    with pytest.raises(error, match=message):
+        fused_residual(*make(*_inputs(device)))
+    assert launches() == {}
+
+
+def test_backend_env(device, launches, monkeypatch):
+    x, w, b = _inputs(device)
+    monkeypatch.setenv("FUSEDRES_BACKEND", "eager")
+    assert fusedres.backend_for(device) == "eager"
+    y = fused_residual(x, w, b)
+    assert launches() == {}
+    torch.testing.assert_close(y, fusedres.residual_reference(x, w, b), rtol=0, atol=0)
+    monkeypatch.setenv("FUSEDRES_BACKEND", "triton")
+    fused_residual(x, w, b)
+    assert launches() == {"residual_fwd": 1}
+    monkeypatch.setenv("FUSEDRES_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="FUSEDRES_BACKEND"):
+        fused_residual(x, w, b)
+
+
+def test_default_dispatch_rule(monkeypatch):
+    assert fusedres.backend_for("cpu") == ("triton" if kernels.INTERPRET else "eager")
+    assert fusedres.backend_for("cuda") == "triton"
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    assert fusedres.backend_for("cpu") == "eager"
+    monkeypatch.setenv("FUSEDRES_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fusedres.backend_for("cpu")
+
+
+def test_validate_mode_passes_correct_kernels(device, monkeypatch, launches):
+    monkeypatch.setenv("FUSEDRES_VALIDATE", "1")
+    x = make_x((30, 40), torch.bfloat16, device)
+    w, b = make_params(40, torch.bfloat16, device)
+    check_parity(x, w, b)
+    assert launches() == {"residual_fwd": 1, "residual_dx": 1, "residual_dw": 1}
+
+
+def _corrupt(launcher, output_index):
+    def wrong(*args, **kwargs):
+        launcher(*args, **kwargs)
+        args[output_index].view(-1)[3] += 1.0
+    return wrong
+
+
+@pytest.mark.parametrize("which, index, name", [("residual_fwd", 4, "y"), ("residual_dx", 5, "dx"),
+                                                ("residual_dw", 4, "dweight")])
+def test_validate_mode_catches_a_wrong_kernel(which, index, name, device, monkeypatch):
+    monkeypatch.setattr(kernels, which, _corrupt(getattr(kernels, which), index))
+    x = make_x((30, 40), torch.float32, device).requires_grad_()
+    w, b = make_params(40, torch.float32, device)
+    w.requires_grad_()
+    fused_residual(x, w, b).sum().backward()  # off by default: the corruption passes silently
+    monkeypatch.setenv("FUSEDRES_VALIDATE", "1")
+    with pytest.raises(ParityError, match=rf"residual_\w+ broke the parity rule for {name}: .*\[30, 40\].*float32"):
+        fused_residual(x, w, b).sum().backward()
+
+
+def test_block_initialises_like_nn_linear():
+    for bias in (True, False):
+        torch.manual_seed(0)
+        lin = nn.Linear(24, 24, bias=bias)
+        torch.manual_seed(0)
+        fused = FusedResidualBlock(24, bias=bias)
+        torch.manual_seed(0)
+        eager = ResidualBlock(24, bias=bias)
+        assert list(fused.state_dict()) == list(lin.state_dict()) == list(eager.state_dict())
+        for k, v in lin.state_dict().items():
+            assert torch.equal(fused.state_dict()[k], v) and torch.equal(eager.state_dict()[k], v)
+
+
+def test_state_dict_moves_both_ways(device):
+    fused = FusedResidualBlock(32, device=device)
+    eager = ResidualBlock(32, device=device)
+    eager.load_state_dict(fused.state_dict())
+    x = make_x((10, 32), torch.float32, device)
+    check_parity(x, fused.weight.detach(), fused.bias.detach())
+    torch.testing.assert_close(fused(x), eager(x))
+    fused2 = FusedResidualBlock(32, device=device)
+    fused2.load_state_dict(eager.state_dict())
+    assert torch.equal(fused2.weight, fused.weight)
+    with pytest.raises(RuntimeError):
+        FusedResidualBlock(32, bias=False).load_state_dict(eager.state_dict())
+
+
+def test_block_dtype_device_and_repr(device, launches):
+    block = FusedResidualBlock(16, bias=False, device=device, dtype=torch.float16)
+    assert block.weight.dtype == torch.float16 and block.bias is None
+    assert "dim=16, bias=False" in repr(block)
+    y = block(torch.randn(2, 3, 16, device=device, dtype=torch.float16))
+    assert y.shape == (2, 3, 16) and y.dtype == torch.float16
+    assert launches() == {"residual_fwd": 1}
+    with pytest.raises(ValueError, match="dim"):
+        FusedResidualBlock(0)
+
+
+def test_public_api():
+    assert set(fusedres.__all__) <= set(dir(fusedres))
+    assert fusedres.__version__
