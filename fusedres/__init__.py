@@ -1,6 +1,8 @@
 """fusedres: fused Triton kernels for the pre-activation residual block ``y = x + relu(x) @ W.T + b``."""
 from __future__ import annotations
 
+from .convert import fuse
+from .mlp import ResidualMLP
 from .module import FusedResidualBlock
 from .op import SUPPORTED_DTYPES, backend_for, fused_residual
 from .reference import ResidualBlock, residual_reference
@@ -10,6 +12,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FusedResidualBlock",
+    "ResidualMLP",
+    "fuse",
     "ResidualBlock",
     "fused_residual",
     "residual_reference",

@@ -1,7 +1,7 @@
 """``FusedResidualBlock``: the drop-in module over :func:`fusedres.fused_residual`."""
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .op import fused_residual
 from .reference import _ResidualParameters
@@ -21,3 +21,24 @@ class FusedResidualBlock(_ResidualParameters):
 
     def forward(self, x: Tensor) -> Tensor:
         return fused_residual(x, self.weight, self.bias)
+
+    @classmethod
+    def _sharing(cls, weight: nn.Parameter, bias: nn.Parameter | None) -> "FusedResidualBlock":
+        dim = weight.shape[0]
+        if weight.dim() != 2 or weight.shape[1] != dim:
+            raise ValueError(f"{cls.__name__}: a residual block needs a square weight, got {list(weight.shape)}")
+        block = cls(dim, bias=bias is not None, device="meta")
+        block.weight = weight
+        block.bias = bias
+        return block
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FusedResidualBlock":
+        """The block ``x + linear(relu(x))``, sharing ``linear``'s weight and bias (no copy).
+        ``linear`` must be square (``in_features == out_features``)."""
+        return cls._sharing(linear.weight, linear.bias)
+
+    @classmethod
+    def from_block(cls, block: _ResidualParameters) -> "FusedResidualBlock":
+        """A fused block sharing the parameters of a :class:`fusedres.ResidualBlock` (no copy)."""
+        return cls._sharing(block.weight, block.bias)

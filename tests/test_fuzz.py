@@ -1,0 +1,43 @@
+"""Property-based fuzzing of the fused op: random shapes (M = 0 and 1, D not a power of two, D
+below the smallest tile), layouts, dtypes and bias, each judged by the parity rule.
+
+CI runs a fixed, derandomised budget of 200 examples. For a deeper, randomised run:
+
+    FUSEDRES_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py
+"""
+import os
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import LAYOUTS, check_parity, make_params, make_x
+
+EXAMPLES = int(os.environ.get("FUSEDRES_FUZZ_EXAMPLES", "200"))
+DEEP = "FUSEDRES_FUZZ_EXAMPLES" in os.environ
+
+
+@st.composite
+def cases(draw):
+    D = draw(st.one_of(st.integers(1, 15), st.integers(16, 96)))
+    lead = draw(st.lists(st.integers(0, 9), min_size=1, max_size=3))
+    layout = draw(st.sampled_from(LAYOUTS))
+    if layout == "transposed" and len(lead) != 2:
+        layout = "contiguous"
+    return dict(shape=(*lead, D), layout=layout,
+                dtype=draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])),
+                bias=draw(st.booleans()),
+                weight_layout=draw(st.sampled_from(["contiguous", "transposed", "sliced"])),
+                seed=draw(st.integers(0, 2 ** 16)))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=not DEEP, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases())
+def test_fuzz_parity(case):
+    from conftest import DEVICE
+
+    x = make_x(case["shape"], case["dtype"], DEVICE, layout=case["layout"], seed=case["seed"])
+    w, b = make_params(case["shape"][-1], case["dtype"], DEVICE, bias=case["bias"],
+                       weight_layout=case["weight_layout"], seed=case["seed"] + 1)
+    check_parity(x, w, b)
