@@ -6,6 +6,7 @@ from .mlp import ResidualMLP
 from .module import FusedResidualBlock
 from .op import SUPPORTED_DTYPES, backend_for, fused_residual
 from .reference import ResidualBlock, residual_reference
+from .tuning import load_tuning, save_tuning, warmup
 from .validate import ParityError
 
 __version__ = "0.1.0"
@@ -18,6 +19,9 @@ __all__ = [
     "fused_residual",
     "residual_reference",
     "backend_for",
+    "warmup",
+    "save_tuning",
+    "load_tuning",
     "ParityError",
     "SUPPORTED_DTYPES",
     "__version__",

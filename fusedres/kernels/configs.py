@@ -8,6 +8,8 @@ fails on spills, shared-memory overflow or a missing tensor-core instruction.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -105,13 +107,43 @@ def gemm_flags(gemm_dtype: torch.dtype, *io_dtypes: torch.dtype) -> dict:
     )
 
 
+# Triton's Autotuner keeps per-launch state on the shared object (``nargs``) and the interpreter
+# patches ``triton.language`` for the duration of a launch: neither is safe across Python threads.
+# Launches are asynchronous on a GPU, so holding a lock across the launch call costs little.
+_launch_lock = threading.RLock()
+
+
+def autotune_key(tuned, args: tuple, kwargs: dict) -> tuple:
+    """The key Triton's ``Autotuner.run`` files a launch under: the values of its ``key``
+    arguments, then the dtype of every tensor argument in signature order."""
+    named = {**dict(zip(tuned.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in tuned.arg_names}
+    key = [named[k] for k in tuned.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def _check_capture_safe(kind: str, tuned, args: tuple, kwargs: dict) -> None:
+    """Autotuning launches every candidate several times: never during CUDA-graph capture."""
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return
+    key = autotune_key(tuned, args, kwargs)
+    if len(tuned.configs) > 1 and key not in tuned.cache:
+        raise RuntimeError(
+            f"fusedres: the {kind} kernel would autotune during CUDA-graph capture (key {key}). Run "
+            "fusedres.warmup(...) for this shape and dtype before capturing, or fusedres.load_tuning(path).")
+
+
 def launch(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, config=None) -> None:
     """Launch ``kernel`` with ``config``, or the autotuned ``tuned`` on a GPU, or the interpreter's
     per-size config when interpreting."""
     if config is None and INTERPRET:
         config = interpreter_config(kind, M, D)
-    if config is None:
-        tuned[grid](*args, **consts)
-    else:
-        kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    with _launch_lock:
+        if config is None:
+            _check_capture_safe(kind, tuned, args, consts)
+            tuned[grid](*args, **consts)
+        else:
+            kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
+                         num_stages=config.num_stages)
     record_launch("residual_" + kind)

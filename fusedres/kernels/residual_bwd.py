@@ -78,6 +78,31 @@ def residual_dx_kernel(
 
 
 @triton.jit
+def _dw_tile_loop(acc, db, g_ptr, x_ptr, offs_k, offs_n, mask_k, mask_n, M, T,
+                  stride_go, stride_gm, stride_gd, stride_xo, stride_xm, stride_xd,
+                  WITH_DB: tl.constexpr, TWO_LEVEL_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, GEMM_DTYPE: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """The reduction over all M rows of one dW.T tile; with WITH_DB also the column sums of g."""
+    offs_m = tl.arange(0, BLOCK_M)
+    for mt in range(0, tl.maximum(tl.cdiv(M, BLOCK_M), 1)):
+        m = mt * BLOCK_M + offs_m
+        mask_m = m < M
+        x_rows = row_offsets(m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
+        g_rows = row_offsets(m, T, stride_go, stride_gm, TWO_LEVEL_ROWS)
+        xt = tl.load(x_ptr + x_rows[None, :] + offs_k[:, None] * stride_xd,
+                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        g = tl.load(g_ptr + g_rows[:, None] + offs_n[None, :] * stride_gd,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        ht = relu_nan(to_gemm_operand(xt, GEMM_DTYPE, EMULATE_BF16))
+        g = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
+        acc = tl.dot(ht, g, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if WITH_DB:
+            db += tl.sum(g.to(ACC_DTYPE), axis=0)
+    return acc, db
+
+
+@triton.jit
 def residual_dw_kernel(
     g_ptr, x_ptr, dw_ptr, db_ptr,
     M, D, T, M_BUCKET,
@@ -97,41 +122,41 @@ def residual_dw_kernel(
     register-A wgmma that pipelines, while ``g.T @ relu(x)`` (relu on B) makes every wgmma wait on
     an smem -> register -> smem round trip. The tile is stored transposed into dW.
 
-    db is folded in without atomics: the programs of the first K tile also sum their g tiles over
-    the rows they already load, so each db element has exactly one writer and a fixed reduction
-    order. The result is bitwise reproducible for a given config.
+    db is folded in without atomics: the programs of the first K tile (``pid_k == 0``) also sum
+    their g tiles over the rows they already load, so each db element has exactly one writer and
+    a fixed reduction order. The result is bitwise reproducible for a given config.
+
+    The branch on ``pid_k`` is taken once, outside the loop, and each side runs its own copy of
+    the loop (``_dw_tile_loop`` with WITH_DB a constexpr). An ``if pid_k == 0: db += ...`` inside
+    the loop did not serialise the wgmma on sm_90 (no C7515; it stayed async with one group in
+    flight), but it made every program read each g tile from shared memory into registers for the
+    sum, and so the pipeliner gave g one shared-memory buffer fewer (2 instead of 3 at
+    num_stages=3) and ptxas spent more registers (spills in some fp32 configs). Now only the
+    first K-tile column pays for db; the other programs run the plain pipelined GEMM loop.
     """
     GEMM_DTYPE: tl.constexpr = dw_ptr.dtype.element_ty
     pid_k, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(D, BLOCK_K), tl.cdiv(D, BLOCK_N), GROUP_K)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     mask_k = offs_k < D
     mask_n = offs_n < D
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC_DTYPE)
     db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    for mt in range(0, tl.maximum(tl.cdiv(M, BLOCK_M), 1)):
-        m = mt * BLOCK_M + offs_m
-        mask_m = m < M
-        x_rows = row_offsets(m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
-        g_rows = row_offsets(m, T, stride_go, stride_gm, TWO_LEVEL_ROWS)
-        xt = tl.load(x_ptr + x_rows[None, :] + offs_k[:, None] * stride_xd,
-                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-        g = tl.load(g_ptr + g_rows[:, None] + offs_n[None, :] * stride_gd,
-                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        ht = relu_nan(to_gemm_operand(xt, GEMM_DTYPE, EMULATE_BF16))
-        g = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
-        acc = tl.dot(ht, g, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if HAS_DB:
-            if pid_k == 0:
-                db += tl.sum(g.to(ACC_DTYPE), axis=0)
+    if HAS_DB and pid_k == 0:
+        acc, db = _dw_tile_loop(acc, db, g_ptr, x_ptr, offs_k, offs_n, mask_k, mask_n, M, T,
+                                stride_go, stride_gm, stride_gd, stride_xo, stride_xm, stride_xd,
+                                True, TWO_LEVEL_ROWS, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16, GEMM_DTYPE,
+                                BLOCK_M)
+        store_rounded(db_ptr + offs_n, db, mask_n, EMULATE_BF16)
+    else:
+        acc, db = _dw_tile_loop(acc, db, g_ptr, x_ptr, offs_k, offs_n, mask_k, mask_n, M, T,
+                                stride_go, stride_gm, stride_gd, stride_xo, stride_xm, stride_xd,
+                                False, TWO_LEVEL_ROWS, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16, GEMM_DTYPE,
+                                BLOCK_M)
 
     dw_ptrs = dw_ptr + offs_n.to(tl.int64)[None, :] * stride_dwn + offs_k[:, None] * stride_dwk
     store_rounded(dw_ptrs, acc, mask_k[:, None] & mask_n[None, :], EMULATE_BF16)
-    if HAS_DB:
-        if pid_k == 0:
-            store_rounded(db_ptr + offs_n, db, mask_n, EMULATE_BF16)
 
 
 residual_dx_kernel_tuned = triton.autotune(configs=DX_CONFIGS, key=["M_BUCKET", "D", "TWO_LEVEL_ROWS"],
@@ -140,11 +165,9 @@ residual_dw_kernel_tuned = triton.autotune(configs=DW_CONFIGS, key=["M_BUCKET", 
     prune_configs_by={"early_config_prune": prune_for("dw")})(residual_dw_kernel)
 
 
-def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *,
-                config: triton.Config | None = None) -> None:
-    """Launch the dx kernel: ``dx = g + (g @ weight) * [x > 0]``; ``dx`` is a ``[M, D]`` 2-D view."""
-    if rows.M == 0:
-        return
+def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows):
+    """The dx kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
+    launcher and the compile gate, ``fusedres.aot``)."""
     D = weight.shape[0]
     args = (g, x, weight, dx, rows.M, D, rows.T, next_pow2_bucket(rows.M),
             *gs, *xs, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1))
@@ -153,15 +176,12 @@ def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *,
     def grid(meta):
         return (triton.cdiv(rows.M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_K"]),)
 
-    launch(residual_dx_kernel, residual_dx_kernel_tuned, "dx", grid, args, consts, rows.M, D, config)
+    return args, consts, grid
 
 
-def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *,
-                config: triton.Config | None = None) -> None:
-    """Launch the dW kernel: ``dw = g.T @ relu(x)`` and, if ``db`` is given, ``db = g.sum(0)``.
-
-    It runs for M == 0 too, so that the gradients come out as zeros, as in eager.
-    """
+def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows):
+    """The dW kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
+    launcher and the compile gate, ``fusedres.aot``)."""
     D = dw.shape[0]
     args = (g, x, dw, db if db is not None else dw, rows.M, D, rows.T, next_pow2_bucket(rows.M),
             *gs, *xs, dw.stride(0), dw.stride(1))
@@ -170,4 +190,23 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *,
     def grid(meta):
         return (triton.cdiv(D, meta["BLOCK_K"]) * triton.cdiv(D, meta["BLOCK_N"]),)
 
-    launch(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid, args, consts, rows.M, D, config)
+    return args, consts, grid
+
+
+def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *,
+                config: triton.Config | None = None) -> None:
+    """Launch the dx kernel: ``dx = g + (g @ weight) * [x > 0]``; ``dx`` is a ``[M, D]`` 2-D view."""
+    if rows.M == 0:
+        return
+    args, consts, grid = dx_launch_args(g, gs, x, xs, weight, dx, rows)
+    launch(residual_dx_kernel, residual_dx_kernel_tuned, "dx", grid, args, consts, rows.M, weight.shape[0], config)
+
+
+def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *,
+                config: triton.Config | None = None) -> None:
+    """Launch the dW kernel: ``dw = g.T @ relu(x)`` and, if ``db`` is given, ``db = g.sum(0)``.
+
+    It runs for M == 0 too, so that the gradients come out as zeros, as in eager.
+    """
+    args, consts, grid = dw_launch_args(g, gs, x, xs, dw, db, rows)
+    launch(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid, args, consts, rows.M, dw.shape[0], config)

@@ -81,13 +81,12 @@ residual_fwd_kernel_tuned = triton.autotune(configs=FWD_CONFIGS, key=["M_BUCKET"
     prune_configs_by={"early_config_prune": prune_for("fwd")})(residual_fwd_kernel)
 
 
-def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, config: triton.Config | None = None) -> None:
-    """Launch the forward kernel: ``y = x + relu(x) @ weight.T + bias`` (``bias`` may be None).
+def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows):
+    """The forward kernel's launch arguments, without launching: ``(args, consts, grid)``.
 
-    ``x`` is addressed through ``rows`` and its strides ``xs``; ``y`` is a ``[M, D]`` 2-D view.
+    The launcher and the compile gate (``fusedres.aot``) both build them here, so the gate
+    compiles the signature a real launch specialises on.
     """
-    if rows.M == 0:
-        return
     D = weight.shape[0]
     args = (x, weight, bias if bias is not None else weight, y,
             rows.M, D, rows.T, next_pow2_bucket(rows.M),
@@ -97,4 +96,15 @@ def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, config: trit
     def grid(meta):
         return (triton.cdiv(rows.M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
 
-    launch(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M, D, config)
+    return args, consts, grid
+
+
+def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, config: triton.Config | None = None) -> None:
+    """Launch the forward kernel: ``y = x + relu(x) @ weight.T + bias`` (``bias`` may be None).
+
+    ``x`` is addressed through ``rows`` and its strides ``xs``; ``y`` is a ``[M, D]`` 2-D view.
+    """
+    if rows.M == 0:
+        return
+    args, consts, grid = fwd_launch_args(x, xs, weight, bias, y, rows)
+    launch(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M, weight.shape[0], config)
