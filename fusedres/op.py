@@ -47,9 +47,14 @@ def backend_for(device: torch.device | str) -> str:
     return "triton" if runs_triton else "eager"
 
 
-def _check_inputs(x, weight, bias) -> None:
+def _check_inputs(x, weight, bias, alpha, proj_weight) -> None:
     """Raise a clear error for input the kernels cannot take, before anything is launched."""
-    named = [("x", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    named = [("x", x), ("weight", weight)] + [(n, t) for n, t in (("bias", bias), ("proj_weight", proj_weight))
+                                              if t is not None]
+    if isinstance(alpha, Tensor):
+        named.append(("alpha", alpha))
+    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"fused_residual: alpha must be a float or a one-element tensor, got {type(alpha).__name__}")
     for name, t in named:
         if not isinstance(t, Tensor):
             raise TypeError(f"fused_residual: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -60,48 +65,66 @@ def _check_inputs(x, weight, bias) -> None:
                             f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
     if x.dim() == 0:
         raise ValueError("fused_residual: x must have shape (..., D); got a 0-dim tensor")
-    if weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
-        raise ValueError(f"fused_residual: weight must be square, [D, D]; got {list(weight.shape)}")
-    D = weight.shape[1]
-    if x.shape[-1] != D:
-        raise ValueError(f"fused_residual: x has last dim {x.shape[-1]}, but weight is [{D}, {D}]: "
-                         f"x must have shape (..., {D})")
-    if bias is not None and tuple(bias.shape) != (D,):
-        raise ValueError(f"fused_residual: bias must have shape [{D}], got {list(bias.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"fused_residual: weight must be 2-D, [out, in]; got {list(weight.shape)}")
+    N, K = weight.shape
+    if proj_weight is None and N != K:
+        raise ValueError(f"fused_residual: weight must be square, [D, D], unless a proj_weight [out, in] "
+                         f"is given; got {list(weight.shape)}")
+    if proj_weight is not None and proj_weight.shape != weight.shape:
+        raise ValueError(f"fused_residual: proj_weight must have weight's shape {list(weight.shape)}, "
+                         f"got {list(proj_weight.shape)}")
+    if x.shape[-1] != K:
+        raise ValueError(f"fused_residual: x has last dim {x.shape[-1]}, but weight is {list(weight.shape)}: "
+                         f"x must have shape (..., {K})")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"fused_residual: bias must have shape [{N}], got {list(bias.shape)}")
+    if isinstance(alpha, Tensor) and alpha.numel() != 1:
+        raise ValueError(f"fused_residual: alpha must have one element, got shape {list(alpha.shape)}")
     devices = {t.device for _, t in named}
     if len(devices) > 1:
-        raise ValueError("fused_residual: x, weight and bias must be on one device; got "
+        raise ValueError("fused_residual: all tensors must be on one device; got "
                          + ", ".join(f"{n} on {t.device}" for n, t in named))
 
 
-def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """Pre-activation residual block ``y = x + relu(x) @ weight.T + bias``, fused.
+def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, alpha: float | Tensor = 1.0,
+                   proj_weight: Optional[Tensor] = None) -> Tensor:
+    """Pre-activation residual block, fused: ``y = x + alpha * (relu(x) @ weight.T + bias)``, or
+    with a projection shortcut ``y = x @ proj_weight.T + alpha * (relu(x) @ weight.T + bias)``.
 
     Args:
-        x: ``(..., D)``, any strides; fp16, bf16, fp32 or fp64.
-        weight: ``[D, D]`` in ``nn.Linear`` layout (``out_features x in_features``), x's dtype.
-        bias: ``[D]`` or None, x's dtype.
+        x: ``(..., in)``, any strides; fp16, bf16, fp32 or fp64.
+        weight: ``[out, in]`` in ``nn.Linear`` layout, x's dtype; square unless ``proj_weight``.
+        bias: ``[out]`` or None, x's dtype.
+        alpha: residual-branch scale, a float or a one-element tensor (learnable: it gets a
+            gradient, at no extra GEMM). ``alpha = 0`` is ReZero's start.
+        proj_weight: ``[out, in]`` projection for the shortcut when ``out != in``.
 
     Returns:
-        ``y`` with ``x``'s shape, in ``x``'s dtype (under autocast, eager's type promotion).
+        ``y`` of shape ``(..., out)``, in ``x``'s dtype (under autocast, eager's type promotion).
 
-    Under ``torch.autocast`` the GEMM runs in the autocast dtype, as ``F.linear`` would: the
-    weight and bias are cast (so fp32 parameters get fp32 gradients), ``x`` is cast inside the
+    Under ``torch.autocast`` the GEMMs run in the autocast dtype, as ``F.linear``'s would: the
+    weights and bias are cast (so fp32 parameters get fp32 gradients), ``x`` is cast inside the
     kernel, and the residual add keeps ``x``'s precision.
     """
-    _check_inputs(x, weight, bias)
+    _check_inputs(x, weight, bias, alpha, proj_weight)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         gemm_dtype = torch.get_autocast_dtype(device_type)
         if weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            weight = weight.to(gemm_dtype)
-            bias = bias.to(gemm_dtype) if bias is not None else None
-    elif x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(f"fused_residual: dtypes differ: x {x.dtype}, weight {weight.dtype}"
-                        + (f", bias {bias.dtype}" if bias is not None else "")
-                        + "; cast them to one dtype, or run under torch.autocast")
+            weight, bias, proj_weight = (t.to(gemm_dtype) if t is not None else None
+                                         for t in (weight, bias, proj_weight))
+    else:
+        others = [t for t in (bias, proj_weight) if t is not None]
+        if x.dtype != weight.dtype or any(t.dtype != weight.dtype for t in others):
+            raise TypeError(f"fused_residual: dtypes differ: x {x.dtype}, weight {weight.dtype}"
+                            + (f", bias {bias.dtype}" if bias is not None else "")
+                            + (f", proj_weight {proj_weight.dtype}" if proj_weight is not None else "")
+                            + "; cast them to one dtype, or run under torch.autocast")
+    if not isinstance(alpha, Tensor):
+        alpha = None if alpha == 1.0 else torch.tensor(float(alpha), device=x.device)
     with torch.autocast(device_type, enabled=False):
-        return torch.ops.fusedres.residual_forward(x, weight, bias)
+        return torch.ops.fusedres.residual_forward(x, weight, bias, alpha, proj_weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,79 +132,99 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
 
 
 def _empty_like_output(x: Tensor, weight: Tensor) -> Tensor:
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
 @torch.library.custom_op("fusedres::residual_forward", mutates_args=())
-def residual_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def residual_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
+                     proj_weight: Optional[Tensor]) -> Tensor:
     if backend_for(x.device) == "eager":
-        return eager_forward(x, weight, bias)
-    D = weight.shape[0]
+        return eager_forward(x, weight, bias, alpha, proj_weight)
     rows, (xs,), (xk,) = plan_rows(x)
     y = _empty_like_output(x, weight)
-    kernels.residual_fwd(xk, xs, weight, bias, y.view(rows.M, D), rows)
-    check_forward(y, x, weight, bias)
+    kernels.residual_fwd(xk, xs, weight, bias, y.view(rows.M, weight.shape[0]), rows, alpha=alpha,
+                         proj_weight=proj_weight)
+    check_forward(y, x, weight, bias, alpha, proj_weight)
     return y
 
 
 @residual_forward.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, alpha, proj_weight):
     return _empty_like_output(x, weight)
 
 
 @torch.library.custom_op("fusedres::residual_backward", mutates_args=())
-def residual_backward(grad: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need_weight: bool,
-                      need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``residual_forward`` with respect to x, weight and bias; an empty tensor
-    stands for each gradient not asked for (and its kernel is not launched)."""
+def residual_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
+                      proj_weight: Optional[Tensor], need_dx: bool, need_weight: bool, need_bias: bool,
+                      need_alpha: bool, need_proj: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``residual_forward`` with respect to (x, weight, bias, alpha, proj_weight); an
+    empty tensor stands for each gradient not asked for (and its kernel is not launched)."""
+    needs = (need_dx, need_weight, need_bias, need_alpha, need_proj)
     if backend_for(x.device) == "eager":
-        dx, dw, db = eager_backward(grad, x, weight, need_dx, need_weight, need_bias)
+        grads = eager_backward(grad, x, weight, bias, alpha, proj_weight, *needs)
     else:
-        dx, dw, db = _triton_backward(grad, x, weight, need_dx, need_weight, need_bias)
-        check_backward((dx, dw, db), grad, x, weight)
-    return (dx if dx is not None else x.new_empty(0),
-            dw if dw is not None else weight.new_empty(0),
-            db if db is not None else weight.new_empty(0))
+        grads = _triton_backward(grad, x, weight, bias, alpha, proj_weight, *needs)
+        check_backward(grads, grad, x, weight, bias, alpha, proj_weight)
+    return tuple(t if t is not None else like.new_empty(0)
+                 for t, like in zip(grads, (x, weight, weight, weight, weight)))
 
 
-def _triton_backward(grad, x, weight, need_dx, need_weight, need_bias):
-    D = weight.shape[0]
+def _triton_backward(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha,
+                     need_proj):
+    N, K = weight.shape
     rows, (gs, xs), (gk, xk) = plan_rows(grad, x)
-    dx = dw = db = None
+    dx = dw = db = dalpha = dp = None
     if need_dx:
         dx = x.new_empty(x.shape)
-        kernels.residual_dx(gk, gs, xk, xs, weight, dx.view(rows.M, D), rows)
-    if need_weight:
-        dw = weight.new_empty(D, D)
-        db = weight.new_empty(D) if need_bias else None
-        kernels.residual_dw(gk, gs, xk, xs, dw, db, rows)
+        kernels.residual_dx(gk, gs, xk, xs, weight, dx.view(rows.M, K), rows, alpha=alpha, proj_weight=proj_weight)
+    if need_weight or need_alpha or need_proj:
+        # dW is the GEMM the dalpha and dP reductions ride on: it is computed whenever they are.
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        dw = weight.new_empty(N, K)
+        db = weight.new_empty(N) if need_bias else None
+        dp = weight.new_empty(N, K) if need_proj else None
+        partials = (torch.zeros(kernels.dalpha_workspace_size(N, K, need_proj), device=x.device, dtype=acc)
+                    if need_alpha else None)
+        kernels.residual_dw(gk, gs, xk, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
+                            dalpha_partials=partials, dp=dp)
+        if need_alpha:
+            dalpha = partials.sum().to(alpha.dtype).reshape(alpha.shape)
+        if not need_weight:
+            dw = None
     elif need_bias:
         # db alone is a column sum: a native reduction, with no GEMM to fold it into.
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        db = grad.reshape(-1, D).sum(0, dtype=acc).to(weight.dtype)
-    return dx, dw, db
+        db = grad.reshape(-1, N).sum(0, dtype=acc)
+        db = (db * alpha.to(acc) if alpha is not None else db).to(weight.dtype)
+    return dx, dw, db, dalpha, dp
 
 
 @residual_backward.register_fake
-def _(grad, x, weight, need_dx, need_weight, need_bias):
-    D = weight.shape[0]
+def _(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha, need_proj):
+    N, K = weight.shape
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
-            weight.new_empty(D, D) if need_weight else weight.new_empty(0),
-            weight.new_empty(D) if need_bias else weight.new_empty(0))
+            weight.new_empty(N, K) if need_weight else weight.new_empty(0),
+            weight.new_empty(N) if need_bias else weight.new_empty(0),
+            alpha.new_empty(alpha.shape) if need_alpha else weight.new_empty(0),
+            weight.new_empty(N, K) if need_proj else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias = inputs
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight)
+    x, weight, bias, alpha, proj_weight = inputs
+    ctx.has = tuple(t is not None for t in (bias, alpha, proj_weight))
+    # Saved: x, the weights, and alpha; the bias only when alpha needs its gradient (dalpha's
+    # <g.sum(0), b> term). Never relu(x) or any other M x D tensor.
+    keep_bias = bias if (alpha is not None and alpha.requires_grad) else None
+    ctx.save_for_backward(x, weight, keep_bias, alpha, proj_weight)
 
 
 def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    need_dx, need_weight, need_bias = ctx.needs_input_grad
-    need_bias = need_bias and ctx.has_bias
-    dx, dw, db = torch.ops.fusedres.residual_backward(grad, x, weight, need_dx, need_weight, need_bias)
-    return dx if need_dx else None, dw if need_weight else None, db if need_bias else None
+    x, weight, bias, alpha, proj_weight = ctx.saved_tensors
+    has_bias, has_alpha, has_proj = ctx.has
+    need_dx, need_weight, need_bias, need_alpha, need_proj = ctx.needs_input_grad
+    needs = (need_dx, need_weight, need_bias and has_bias, need_alpha and has_alpha, need_proj and has_proj)
+    grads = torch.ops.fusedres.residual_backward(grad, x, weight, bias, alpha, proj_weight, *needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 def _no_double_backward(ctx, *grads):

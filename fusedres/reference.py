@@ -8,69 +8,127 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x + F.linear(F.relu(x), weight, bias)`` in plain PyTorch: the definition of the block."""
-    return x + F.linear(F.relu(x), weight, bias)
+def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, alpha: float | Tensor = 1.0,
+                       proj_weight: Tensor | None = None) -> Tensor:
+    """The definition of the block, in plain PyTorch:
+
+    ``x + alpha * F.linear(F.relu(x), weight, bias)``, or with a projection shortcut
+    ``F.linear(x, proj_weight) + alpha * F.linear(F.relu(x), weight, bias)``.
+    """
+    shortcut = x if proj_weight is None else F.linear(x, proj_weight)
+    branch = F.linear(F.relu(x), weight, bias)
+    if isinstance(alpha, Tensor):
+        return torch.addcmul(shortcut, alpha, branch)
+    return shortcut + branch if alpha == 1.0 else shortcut + alpha * branch
 
 
-def eager_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The reference forward in the dtypes the kernels see: the GEMM in ``weight``'s dtype (under
+def eager_forward(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor | None = None,
+                  proj_weight: Tensor | None = None) -> Tensor:
+    """The reference forward in the dtypes the kernels see: the GEMMs in ``weight``'s dtype (under
     autocast the wrapper has cast the parameters), the residual add in eager's type promotion."""
-    return x + F.linear(F.relu(x).to(weight.dtype), weight, bias)
+    h = F.relu(x).to(weight.dtype)
+    branch = F.linear(h, weight, bias)
+    if alpha is not None:
+        branch = alpha * branch
+    shortcut = x if proj_weight is None else F.linear(x.to(weight.dtype), proj_weight)
+    return shortcut + branch
 
 
-def eager_backward(grad: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need_weight: bool,
-                   need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The reference gradients of :func:`eager_forward`, as eager autograd computes them:
-    ``dx = g + threshold_backward(g @ W, relu(x), 0)`` (NaN in ``x`` lets the gradient through),
-    ``dW = g.T @ relu(x)``, ``db = g.sum(0)``; None where not asked for."""
-    D = weight.shape[0]
+def eager_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor | None,
+                   proj_weight: Tensor | None, need_dx: bool, need_weight: bool, need_bias: bool,
+                   need_alpha: bool, need_proj: bool):
+    """The reference gradients of :func:`eager_forward` as eager autograd computes them, None
+    where not asked for: (dx, dW, db, dalpha, dP). ``relu``'s backward is ``threshold_backward``,
+    ``x <= 0 -> 0``, which lets the gradient through at NaN."""
+    N, K = weight.shape
     g = grad.to(weight.dtype)
-    dx = dw = db = None
+    g2 = g.reshape(-1, N)
+    h2 = F.relu(x).to(weight.dtype).reshape(-1, K)
+    scale = (lambda t: t) if alpha is None else (lambda t: alpha * t)
+    dx = dw = db = dalpha = dp = None
     if need_dx:
-        dx = (grad + torch.where(x <= 0, 0, g @ weight)).to(x.dtype)
+        branch = torch.where(x <= 0, 0, scale(g @ weight))
+        shortcut = grad if proj_weight is None else g @ proj_weight
+        dx = (shortcut + branch).to(x.dtype)
     if need_weight:
-        dw = g.reshape(-1, D).T @ F.relu(x).to(weight.dtype).reshape(-1, D)
+        dw = scale(g2.T @ h2).to(weight.dtype)
     if need_bias:
-        db = g.reshape(-1, D).sum(0)
-    return dx, dw, db
+        db = scale(g2.sum(0)).to(weight.dtype)
+    if need_alpha:
+        lin = F.linear(h2, weight, bias)
+        dalpha = (g2 * lin).sum().to(alpha.dtype).reshape(alpha.shape)
+    if need_proj:
+        dp = g2.T @ x.to(weight.dtype).reshape(-1, K)
+    return dx, dw, db, dalpha, dp
 
 
 class _ResidualParameters(nn.Module):
-    """``weight [dim, dim]`` and ``bias [dim]``, named and initialised exactly as in ``nn.Linear``,
-    so a state_dict moves between the eager and the fused block unchanged."""
+    """The block's parameters, named and initialised as in ``nn.Linear``, so a state_dict moves
+    between the eager and the fused block unchanged:
 
-    def __init__(self, dim: int, bias: bool = True, *, device=None, dtype=None) -> None:
+    - ``weight [out, in]`` and ``bias [out]``: ``nn.Linear(in, out)``'s;
+    - ``alpha``: a 0-dim buffer, or with ``learnable_alpha`` a parameter, of that name;
+    - ``proj_weight [out, in]`` when ``out != in``: ``nn.Linear(in, out, bias=False)``'s weight.
+
+    ``out_features`` may be left out (``None``: a square block). For the issue-2 signature
+    ``(dim, bias)``, a bool in second place is taken as ``bias``.
+    """
+
+    def __init__(self, dim: int, out_features: int | None = None, bias: bool = True, *, alpha: float = 1.0,
+                 learnable_alpha: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"{type(self).__name__}: dim must be a positive int, got {dim!r}")
+        if isinstance(out_features, bool):
+            out_features, bias = None, out_features
+        out_features = dim if out_features is None else out_features
+        for name, n in (("dim", dim), ("out_features", out_features)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {n!r}")
         factory = {"device": device, "dtype": dtype}
-        self.dim = dim
-        self.weight = nn.Parameter(torch.empty(dim, dim, **factory))
+        self.in_features, self.out_features = dim, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, dim, **factory))
         if bias:
-            self.bias = nn.Parameter(torch.empty(dim, **factory))
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
+        if out_features != dim:
+            self.proj_weight = nn.Parameter(torch.empty(out_features, dim, **factory))
+        else:
+            self.register_parameter("proj_weight", None)
+        alpha_t = torch.tensor(float(alpha), device=device, dtype=dtype)
+        if learnable_alpha:
+            self.alpha = nn.Parameter(alpha_t)
+        else:
+            self.register_buffer("alpha", alpha_t)
         self.reset_parameters()
 
+    @property
+    def dim(self) -> int:
+        return self.in_features
+
     def reset_parameters(self) -> None:
-        # nn.Linear.reset_parameters, verbatim in effect: kaiming_uniform(a=sqrt(5)) and a
-        # uniform bias in +-1/sqrt(fan_in). The same RNG draws in the same order.
+        # nn.Linear.reset_parameters in effect: kaiming_uniform(a=sqrt(5)) and a uniform bias in
+        # +-1/sqrt(fan_in); the same RNG draws in the same order. The projection comes after.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
-            bound = 1 / math.sqrt(self.dim)
+            bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
+        if self.proj_weight is not None:
+            nn.init.kaiming_uniform_(self.proj_weight, a=math.sqrt(5))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, bias={self.bias is not None}"
+        shape = (f"dim={self.in_features}" if self.proj_weight is None
+                 else f"in_features={self.in_features}, out_features={self.out_features}")
+        learnable = " (learnable)" if isinstance(self.alpha, nn.Parameter) else ""
+        return f"{shape}, bias={self.bias is not None}, alpha={self.alpha.item():g}{learnable}"
 
 
 class ResidualBlock(_ResidualParameters):
-    """Pre-activation residual block ``y = x + relu(x) @ weight.T + bias``, in eager PyTorch.
+    """Pre-activation residual block in eager PyTorch, the reference :class:`fusedres.FusedResidualBlock`
+    must match: ``y = x + alpha * (relu(x) @ weight.T + bias)``, or with ``out_features != dim``
+    ``y = x @ proj_weight.T + alpha * (relu(x) @ weight.T + bias)``.
 
-    Shapes: ``x`` is ``(..., dim)``; ``y`` has ``x``'s shape and dtype. This module is the
-    reference that :class:`fusedres.FusedResidualBlock` must match.
+    Shapes: ``x`` is ``(..., dim)``; ``y`` is ``(..., out_features)`` in ``x``'s dtype.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        return residual_reference(x, self.weight, self.bias)
+        return residual_reference(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight)

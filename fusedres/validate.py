@@ -87,23 +87,25 @@ def _double(t: Tensor | None, absolute: bool = False) -> Tensor | None:
     return None if t is None else t.double().abs() if absolute else t.double()
 
 
-def check_forward(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+def check_forward(y: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight) -> None:
     if not enabled():
         return
-    eager = eager_forward(x, weight, bias)
-    reference = eager_forward(x.double(), weight.double(), _double(bias))
-    scale = eager_forward(x.double().abs(), weight.double().abs(), _double(bias, absolute=True))
+    eager = eager_forward(x, weight, bias, alpha, proj_weight)
+    reference = eager_forward(*(_double(t) for t in (x, weight, bias, alpha, proj_weight)))
+    scale = eager_forward(*(_double(t, absolute=True) for t in (x, weight, bias, alpha, proj_weight)))
     _raise_if_broken("fusedres::residual_forward", "y", y, eager, reference, scale, _shapes(x=x, weight=weight))
 
 
-def check_backward(grads, grad: Tensor, x: Tensor, weight: Tensor) -> None:
+def check_backward(grads, grad: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight) -> None:
     if not enabled():
         return
     needs = [g is not None for g in grads]
-    eager = eager_backward(grad, x, weight, *needs)
-    reference = eager_backward(grad.double(), x.double(), weight.double(), *needs)
-    scale = eager_backward(grad.double().abs(), x.double().abs(), weight.double().abs(), *needs)
-    for name, f, e, r, sc in zip(("dx", "dweight", "dbias"), grads, eager, reference, scale):
+    inputs = (grad, x, weight, bias, alpha, proj_weight)
+    eager = eager_backward(*inputs, *needs)
+    reference = eager_backward(*(_double(t) for t in inputs), *needs)
+    scale = eager_backward(*(_double(t, absolute=True) for t in inputs), *needs)
+    for name, f, e, r, sc in zip(("dx", "dweight", "dbias", "dalpha", "dproj_weight"), grads, eager, reference,
+                                 scale):
         if f is not None:
             _raise_if_broken("fusedres::residual_backward", name, f, e, r, sc,
                              _shapes(grad=grad, x=x, weight=weight))

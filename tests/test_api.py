@@ -99,9 +99,11 @@ def test_block_initialises_like_nn_linear():
         fused = FusedResidualBlock(24, bias=bias)
         torch.manual_seed(0)
         eager = ResidualBlock(24, bias=bias)
-        assert list(fused.state_dict()) == list(lin.state_dict()) == list(eager.state_dict())
+        # nn.Linear's parameters, then the residual scale (a buffer, 1 by default)
+        assert list(fused.state_dict()) == list(eager.state_dict()) == [*lin.state_dict(), "alpha"]
         for k, v in lin.state_dict().items():
             assert torch.equal(fused.state_dict()[k], v) and torch.equal(eager.state_dict()[k], v)
+        assert fused.alpha.item() == eager.alpha.item() == 1.0
 
 
 def test_state_dict_moves_both_ways(device):
@@ -121,7 +123,7 @@ def test_state_dict_moves_both_ways(device):
 def test_block_dtype_device_and_repr(device, launches):
     block = FusedResidualBlock(16, bias=False, device=device, dtype=torch.float16)
     assert block.weight.dtype == torch.float16 and block.bias is None
-    assert "dim=16, bias=False" in repr(block)
+    assert "dim=16, bias=False, alpha=1" in repr(block)
     y = block(torch.randn(2, 3, 16, device=device, dtype=torch.float16))
     assert y.shape == (2, 3, 16) and y.dtype == torch.float16
     assert launches() == {"residual_fwd": 1}

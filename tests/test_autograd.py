@@ -84,10 +84,19 @@ def test_double_backward_is_a_clear_error(device):
         gx.sum().backward()
 
 
-def test_opcheck_forward_and_backward(device):
+@pytest.mark.parametrize("variant", ["plain", "alpha", "proj"])
+def test_opcheck_forward_and_backward(variant, device):
+    """torch.library.opcheck on both ops: schema, fake tensors, autograd registration, and the
+    aot_dispatch tests that torch.compile relies on."""
     x = make_x((6, 32), torch.float32, device)
-    w, b = make_params(32, torch.float32, device)
-    g = torch.randn(6, 32, device=device)
-    torch.library.opcheck(torch.ops.fusedres.residual_forward, (x.requires_grad_(), w.requires_grad_(), b))
-    torch.library.opcheck(torch.ops.fusedres.residual_backward, (g, x.detach(), w.detach(), True, True, True))
-    torch.library.opcheck(torch.ops.fusedres.residual_backward, (g, x.detach(), w.detach(), False, True, False))
+    N = 24 if variant == "proj" else 32
+    w = torch.randn(N, 32, device=device) / 8
+    b = torch.randn(N, device=device)
+    alpha = torch.tensor(0.5, device=device) if variant != "plain" else None
+    p = torch.randn(N, 32, device=device) / 8 if variant == "proj" else None
+    g = torch.randn(6, N, device=device)
+    leaf = [t.requires_grad_() if t is not None else None for t in (x.clone(), w, b, alpha, p)]
+    torch.library.opcheck(torch.ops.fusedres.residual_forward, tuple(leaf))
+    plain = [t.detach() if t is not None else None for t in leaf]
+    for needs in [(True, True, True, alpha is not None, p is not None), (False, True, False, False, False)]:
+        torch.library.opcheck(torch.ops.fusedres.residual_backward, (g, *plain, *needs))

@@ -1,17 +1,18 @@
 """Pure Triton kernels of fusedres and their launchers: no ``nn``, no autograd.
 
-- :func:`residual_fwd`: ``y = x + relu(x) @ W.T + b``
-- :func:`residual_dx`: ``dx = g + (g @ W) * [x > 0]``
-- :func:`residual_dw`: ``dW = g.T @ relu(x)`` with ``db = g.sum(0)`` folded in, without atomics
+- :func:`residual_fwd`: ``y = x + alpha * (relu(x) @ W.T + b)`` (or ``x @ P.T`` as the shortcut)
+- :func:`residual_dx`: ``dx = g + alpha * (g @ W) * [x > 0]`` (or ``g @ P`` as the shortcut's part)
+- :func:`residual_dw`: ``dW = alpha * g.T @ relu(x)`` with ``db``, ``dP`` and ``dalpha`` folded in,
+  without atomics
 """
 from ._common import INTERPRET, Rows, RowStrides, launch_counts, reset_launch_counts
 from .configs import CONFIGS, DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, interpreter_config, shipped_configs
-from .residual_bwd import residual_dw, residual_dw_kernel, residual_dx, residual_dx_kernel
+from .residual_bwd import dalpha_workspace_size, residual_dw, residual_dw_kernel, residual_dx, residual_dx_kernel
 from .residual_fwd import residual_fwd, residual_fwd_kernel
 
 __all__ = [
     "INTERPRET", "Rows", "RowStrides", "launch_counts", "reset_launch_counts",
     "CONFIGS", "FWD_CONFIGS", "DX_CONFIGS", "DW_CONFIGS", "interpreter_config", "shipped_configs",
-    "residual_fwd", "residual_dx", "residual_dw",
+    "residual_fwd", "residual_dx", "residual_dw", "dalpha_workspace_size",
     "residual_fwd_kernel", "residual_dx_kernel", "residual_dw_kernel",
 ]

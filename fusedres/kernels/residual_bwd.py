@@ -1,13 +1,18 @@
 """Backward kernels of the pre-activation residual block.
 
-With ``g = dL/dy`` and ``h = relu(x)``:
+With ``g = dL/dy``, ``h = relu(x)`` and ``[x > 0]`` the relu mask (relu'(0) = 0, as in PyTorch):
 
-    dx[m, k] = g[m, k] + [x[m, k] > 0] * sum_n g[m, n] * W[n, k]     (relu'(0) = 0, as in PyTorch)
-    dW[n, k] = sum_m g[m, n] * h[m, k]
-    db[n]    = sum_m g[m, n]
+    dx[m, k]  = g[m, k] + alpha * [x[m, k] > 0] * sum_n g[m, n] * W[n, k]
+                (projection shortcut: sum_n g[m, n] * P[n, k] instead of g[m, k])
+    dW[n, k]  = alpha * sum_m g[m, n] * h[m, k]
+    dP[n, k]  = sum_m g[m, n] * x[m, k]
+    db[n]     = alpha * sum_m g[m, n]
+    dalpha    = <g.T @ h, W> + <g.sum(0), b>
 
-Two kernels, and neither keeps an ``M x D`` temporary: ``h`` is recomputed from the saved ``x``
-in the prologue of the dW GEMM, and the relu mask is read from ``x`` in the dx epilogue.
+Two kernels, and neither keeps an ``M x D`` temporary: ``h`` is recomputed from the saved ``x`` in
+the prologue of the dW GEMM, and the relu mask is read from ``x`` in the dx epilogue. ``dalpha``
+costs no extra GEMM: it is a dot of the unscaled dW tile with the W tile (and of the unscaled db
+with b), taken in the dW epilogue, one partial per program, summed in a fixed order afterwards.
 """
 from __future__ import annotations
 
@@ -29,39 +34,43 @@ from .configs import DW_CONFIGS, DX_CONFIGS, gemm_flags, launch, prune_for
 
 @triton.jit
 def residual_dx_kernel(
-    g_ptr, x_ptr, w_ptr, dx_ptr,
-    M, D, T, M_BUCKET,
-    stride_go, stride_gm, stride_gd,
-    stride_xo, stride_xm, stride_xd,
+    g_ptr, x_ptr, w_ptr, p_ptr, alpha_ptr, dx_ptr,
+    M, N, K, T, M_BUCKET,
+    stride_go, stride_gm, stride_gn,
+    stride_xo, stride_xm, stride_xk,
     stride_wn, stride_wk,
-    stride_dxm, stride_dxd,
+    stride_pn, stride_pk,
+    stride_dxm, stride_dxk,
+    HAS_ALPHA: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
     TWO_LEVEL_ROWS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dx = g + (g @ W) * [x > 0] for one [BLOCK_M, BLOCK_K] tile of dx; the loop runs over n.
+    """One [BLOCK_M, BLOCK_K] tile of dx; the loop runs over the N output features.
 
     The mask is ``x <= 0 -> 0``, not ``x > 0 -> 1``: for ``x = NaN`` PyTorch's relu backward
-    (``threshold_backward``) passes the gradient through, and so does this kernel.
-    ``x`` and ``g`` share the flattened row layout ``x`` was given in (``g`` is made to match).
+    (``threshold_backward``) passes the gradient through, and so does this kernel. With a
+    projection, the ``g @ P`` half accumulates after the mask is applied, into the same
+    accumulator.
     """
     GEMM_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
-    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_K), GROUP_M)
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
-    mask_k = offs_k < D
+    mask_k = offs_k < K
     g_rows = row_offsets(offs_m, T, stride_go, stride_gm, TWO_LEVEL_ROWS)
     x_rows = row_offsets(offs_m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-    for nt in range(0, tl.maximum(tl.cdiv(D, BLOCK_N), 1)):
+    for nt in range(0, tl.maximum(tl.cdiv(N, BLOCK_N), 1)):
         n = nt * BLOCK_N + offs_n
-        mask_n = n < D
-        g = tl.load(g_ptr + g_rows[:, None] + n[None, :] * stride_gd,
+        mask_n = n < N
+        g = tl.load(g_ptr + g_rows[:, None] + n[None, :] * stride_gn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -70,143 +79,204 @@ def residual_dx_kernel(
         acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     mask = mask_m[:, None] & mask_k[None, :]
-    x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xd, mask=mask, other=0.0).to(ACC_DTYPE)
-    g_res = tl.load(g_ptr + g_rows[:, None] + offs_k[None, :] * stride_gd, mask=mask, other=0.0).to(ACC_DTYPE)
-    dx = g_res + tl.where(x <= 0, 0.0, acc)
-    dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxd
-    store_rounded(dx_ptrs, dx, mask, EMULATE_BF16)
-
-
-@triton.jit
-def _dw_tile_loop(acc, db, g_ptr, x_ptr, offs_k, offs_n, mask_k, mask_n, M, T,
-                  stride_go, stride_gm, stride_gd, stride_xo, stride_xm, stride_xd,
-                  WITH_DB: tl.constexpr, TWO_LEVEL_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, GEMM_DTYPE: tl.constexpr,
-                  BLOCK_M: tl.constexpr):
-    """The reduction over all M rows of one dW.T tile; with WITH_DB also the column sums of g."""
-    offs_m = tl.arange(0, BLOCK_M)
-    for mt in range(0, tl.maximum(tl.cdiv(M, BLOCK_M), 1)):
-        m = mt * BLOCK_M + offs_m
-        mask_m = m < M
-        x_rows = row_offsets(m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
-        g_rows = row_offsets(m, T, stride_go, stride_gm, TWO_LEVEL_ROWS)
-        xt = tl.load(x_ptr + x_rows[None, :] + offs_k[:, None] * stride_xd,
-                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-        g = tl.load(g_ptr + g_rows[:, None] + offs_n[None, :] * stride_gd,
-                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        ht = relu_nan(to_gemm_operand(xt, GEMM_DTYPE, EMULATE_BF16))
-        g = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
-        acc = tl.dot(ht, g, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if WITH_DB:
-            db += tl.sum(g.to(ACC_DTYPE), axis=0)
-    return acc, db
+    if HAS_ALPHA:
+        acc = acc * tl.load(alpha_ptr).to(ACC_DTYPE)
+    x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(ACC_DTYPE)
+    acc = tl.where(x <= 0, 0.0, acc)
+    if HAS_PROJ:
+        for nt in range(0, tl.maximum(tl.cdiv(N, BLOCK_N), 1)):
+            n = nt * BLOCK_N + offs_n
+            mask_n = n < N
+            g = tl.load(g_ptr + g_rows[:, None] + n[None, :] * stride_gn,
+                        mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            p = tl.load(p_ptr + n.to(tl.int64)[:, None] * stride_pn + offs_k[None, :] * stride_pk,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            g = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
+            p = to_gemm_operand(p, GEMM_DTYPE, EMULATE_BF16)
+            acc = tl.dot(g, p, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    else:
+        acc += tl.load(g_ptr + g_rows[:, None] + offs_k[None, :] * stride_gn, mask=mask, other=0.0).to(ACC_DTYPE)
+    dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    store_rounded(dx_ptrs, acc, mask, EMULATE_BF16)
 
 
 @triton.jit
 def residual_dw_kernel(
-    g_ptr, x_ptr, dw_ptr, db_ptr,
-    M, D, T, M_BUCKET,
-    stride_go, stride_gm, stride_gd,
-    stride_xo, stride_xm, stride_xd,
+    g_ptr, x_ptr, w_ptr, b_ptr, alpha_ptr, dw_ptr, dp_ptr, db_ptr, dalpha_ptr,
+    M, N, K, T, M_BUCKET,
+    stride_go, stride_gm, stride_gn,
+    stride_xo, stride_xm, stride_xk,
+    stride_wn, stride_wk,
     stride_dwn, stride_dwk,
+    stride_dpn, stride_dpk,
     HAS_DB: tl.constexpr,
+    SUM_G: tl.constexpr,
+    HAS_ALPHA: tl.constexpr,
+    NEED_DALPHA: tl.constexpr,
+    DALPHA_BIAS: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
     TWO_LEVEL_ROWS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr,
 ):
-    """One [BLOCK_K, BLOCK_N] tile of dW.T = relu(x).T @ g, reduced over all M rows, and db.
+    """One [BLOCK_K, BLOCK_N] tile of dW.T = relu(x).T @ g (or dP.T = x.T @ g), reduced over all
+    M rows, with db and the dalpha partial in the epilogue.
 
     Computing the transpose puts the relu on the A operand, as in the forward: on sm_90 that is a
     register-A wgmma that pipelines, while ``g.T @ relu(x)`` (relu on B) makes every wgmma wait on
-    an smem -> register -> smem round trip. The tile is stored transposed into dW.
+    an smem -> register -> smem round trip. The tile is stored transposed into dW. With a
+    projection the K tiles run over the concatenation ``[relu(x), x]``: the first ``cdiv(K,
+    BLOCK_K)`` tiles produce dW, the rest dP, from one launch.
 
-    db is folded in without atomics: the programs of the first K tile (``pid_k == 0``) also sum
-    their g tiles over the rows they already load, so each db element has exactly one writer and
-    a fixed reduction order. The result is bitwise reproducible for a given config.
-
-    The branch on ``pid_k`` is taken once, outside the loop, and each side runs its own copy of
-    the loop (``_dw_tile_loop`` with WITH_DB a constexpr). An ``if pid_k == 0: db += ...`` inside
-    the loop did not serialise the wgmma on sm_90 (no C7515; it stayed async with one group in
-    flight), but it made every program read each g tile from shared memory into registers for the
-    sum, and so the pipeliner gave g one shared-memory buffer fewer (2 instead of 3 at
-    num_stages=3) and ptxas spent more registers (spills in some fp32 configs). Now only the
-    first K-tile column pays for db; the other programs run the plain pipelined GEMM loop.
+    db is folded in without atomics: the programs of the first K tile also sum their g tiles over
+    the rows they already load (``SUM_G``), so each db element has exactly one writer and a fixed
+    reduction order. Each program writes its own dalpha partial. The results are bitwise
+    reproducible for a given config.
     """
     GEMM_DTYPE: tl.constexpr = dw_ptr.dtype.element_ty
-    pid_k, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(D, BLOCK_K), tl.cdiv(D, BLOCK_N), GROUP_K)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    num_k = tl.cdiv(K, BLOCK_K)
+    if HAS_PROJ:
+        num_k_tiles = 2 * num_k
+    else:
+        num_k_tiles = num_k
+    pid = tl.program_id(0)
+    pid_k, pid_n = grouped_tile(pid, num_k_tiles, tl.cdiv(N, BLOCK_N), GROUP_K)
+    is_proj = pid_k >= num_k
+    offs_k = (pid_k % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_k = offs_k < D
-    mask_n = offs_n < D
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC_DTYPE)
     db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    if HAS_DB and pid_k == 0:
-        acc, db = _dw_tile_loop(acc, db, g_ptr, x_ptr, offs_k, offs_n, mask_k, mask_n, M, T,
-                                stride_go, stride_gm, stride_gd, stride_xo, stride_xm, stride_xd,
-                                True, TWO_LEVEL_ROWS, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16, GEMM_DTYPE,
-                                BLOCK_M)
-        store_rounded(db_ptr + offs_n, db, mask_n, EMULATE_BF16)
-    else:
-        acc, db = _dw_tile_loop(acc, db, g_ptr, x_ptr, offs_k, offs_n, mask_k, mask_n, M, T,
-                                stride_go, stride_gm, stride_gd, stride_xo, stride_xm, stride_xd,
-                                False, TWO_LEVEL_ROWS, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16, GEMM_DTYPE,
-                                BLOCK_M)
+    for mt in range(0, tl.maximum(tl.cdiv(M, BLOCK_M), 1)):
+        m = mt * BLOCK_M + offs_m
+        mask_m = m < M
+        x_rows = row_offsets(m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
+        g_rows = row_offsets(m, T, stride_go, stride_gm, TWO_LEVEL_ROWS)
+        xt = tl.load(x_ptr + x_rows[None, :] + offs_k[:, None] * stride_xk,
+                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        g = tl.load(g_ptr + g_rows[:, None] + offs_n[None, :] * stride_gn,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        at = to_gemm_operand(xt, GEMM_DTYPE, EMULATE_BF16)
+        if HAS_PROJ:
+            at = tl.where(is_proj, at, relu_nan(at))
+        else:
+            at = relu_nan(at)
+        g = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
+        acc = tl.dot(at, g, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if SUM_G:
+            if pid_k == 0:
+                db += tl.sum(g.to(ACC_DTYPE), axis=0)
 
+    tile_mask = mask_k[:, None] & mask_n[None, :]
+    if HAS_ALPHA:
+        alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
+    if NEED_DALPHA:
+        wt = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                     mask=tile_mask, other=0.0).to(ACC_DTYPE)
+        partial = tl.sum(tl.sum(acc * wt, axis=1), axis=0)
+        if HAS_PROJ:
+            partial = tl.where(is_proj, 0.0, partial)
+        if DALPHA_BIAS:
+            if pid_k == 0:
+                partial += tl.sum(db * tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE), axis=0)
+        tl.store(dalpha_ptr + pid, partial)
+
+    scaled = acc
+    if HAS_ALPHA:
+        scaled = acc * alpha
     dw_ptrs = dw_ptr + offs_n.to(tl.int64)[None, :] * stride_dwn + offs_k[:, None] * stride_dwk
-    store_rounded(dw_ptrs, acc, mask_k[:, None] & mask_n[None, :], EMULATE_BF16)
+    if HAS_PROJ:
+        if is_proj:
+            dp_ptrs = dp_ptr + offs_n.to(tl.int64)[None, :] * stride_dpn + offs_k[:, None] * stride_dpk
+            store_rounded(dp_ptrs, acc, tile_mask, EMULATE_BF16)
+        else:
+            store_rounded(dw_ptrs, scaled, tile_mask, EMULATE_BF16)
+    else:
+        store_rounded(dw_ptrs, scaled, tile_mask, EMULATE_BF16)
+    if HAS_DB:
+        if pid_k == 0:
+            if HAS_ALPHA:
+                db = db * alpha
+            store_rounded(db_ptr + offs_n, db, mask_n, EMULATE_BF16)
 
 
-residual_dx_kernel_tuned = triton.autotune(configs=DX_CONFIGS, key=["M_BUCKET", "D", "TWO_LEVEL_ROWS"],
+residual_dx_kernel_tuned = triton.autotune(
+    configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_PROJ"],
     prune_configs_by={"early_config_prune": prune_for("dx")})(residual_dx_kernel)
-residual_dw_kernel_tuned = triton.autotune(configs=DW_CONFIGS, key=["M_BUCKET", "D", "TWO_LEVEL_ROWS", "HAS_DB"],
+residual_dw_kernel_tuned = triton.autotune(
+    configs=DW_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_DB", "HAS_PROJ"],
     prune_configs_by={"early_config_prune": prune_for("dw")})(residual_dw_kernel)
 
 
-def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows):
+def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, alpha=None, proj_weight=None):
     """The dx kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
     launcher and the compile gate, ``fusedres.aot``)."""
-    D = weight.shape[0]
-    args = (g, x, weight, dx, rows.M, D, rows.T, next_pow2_bucket(rows.M),
-            *gs, *xs, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1))
-    consts = dict(TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, g.dtype, x.dtype, dx.dtype))
+    N, K = weight.shape
+    p = proj_weight if proj_weight is not None else weight
+    args = (g, x, weight, p, alpha if alpha is not None else weight, dx, rows.M, N, K, rows.T,
+            next_pow2_bucket(rows.M), *gs, *xs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1),
+            dx.stride(0), dx.stride(1))
+    consts = dict(HAS_ALPHA=alpha is not None, HAS_PROJ=proj_weight is not None, TWO_LEVEL_ROWS=rows.two_level,
+                  **gemm_flags(weight.dtype, g.dtype, x.dtype, dx.dtype))
 
     def grid(meta):
-        return (triton.cdiv(rows.M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_K"]),)
+        return (triton.cdiv(rows.M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
     return args, consts, grid
 
 
-def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows):
+def dalpha_workspace_size(N: int, K: int, proj: bool) -> int:
+    """Room for one dalpha partial per dW program under any config (tiles are at least 16 wide);
+    programs past the chosen config's grid leave their zero in place."""
+    return triton.cdiv(K, 16) * (2 if proj else 1) * triton.cdiv(N, 16)
+
+
+def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None,
+                   alpha=None, dalpha_partials=None, dp=None):
     """The dW kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
-    launcher and the compile gate, ``fusedres.aot``)."""
-    D = dw.shape[0]
-    args = (g, x, dw, db if db is not None else dw, rows.M, D, rows.T, next_pow2_bucket(rows.M),
-            *gs, *xs, dw.stride(0), dw.stride(1))
-    consts = dict(HAS_DB=db is not None, TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(dw.dtype, g.dtype, x.dtype))
+    launcher and the compile gate, ``fusedres.aot``). ``weight`` (and ``bias``, if any) are read
+    only for the dalpha partials, which go to ``dalpha_partials`` (one fp32 per program)."""
+    N, K = dw.shape
+    w = weight if weight is not None else dw
+    dpt = dp if dp is not None else dw
+    need_dalpha = dalpha_partials is not None
+    args = (g, x, w, bias if bias is not None else dw, alpha if alpha is not None else dw, dw, dpt,
+            db if db is not None else dw, dalpha_partials if need_dalpha else dw,
+            rows.M, N, K, rows.T, next_pow2_bucket(rows.M),
+            *gs, *xs, w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
+    consts = dict(HAS_DB=db is not None, SUM_G=db is not None or (need_dalpha and bias is not None),
+                  HAS_ALPHA=alpha is not None, NEED_DALPHA=need_dalpha,
+                  DALPHA_BIAS=need_dalpha and bias is not None, HAS_PROJ=dp is not None,
+                  TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(dw.dtype, g.dtype, x.dtype))
 
     def grid(meta):
-        return (triton.cdiv(D, meta["BLOCK_K"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+        return (triton.cdiv(K, meta["BLOCK_K"]) * (2 if dp is not None else 1) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     return args, consts, grid
 
 
-def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *,
+def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *, alpha=None, proj_weight=None,
                 config: triton.Config | None = None) -> None:
-    """Launch the dx kernel: ``dx = g + (g @ weight) * [x > 0]``; ``dx`` is a ``[M, D]`` 2-D view."""
+    """Launch the dx kernel; ``dx`` is a ``[M, K]`` 2-D view."""
     if rows.M == 0:
         return
-    args, consts, grid = dx_launch_args(g, gs, x, xs, weight, dx, rows)
-    launch(residual_dx_kernel, residual_dx_kernel_tuned, "dx", grid, args, consts, rows.M, weight.shape[0], config)
+    args, consts, grid = dx_launch_args(g, gs, x, xs, weight, dx, rows, alpha, proj_weight)
+    launch(residual_dx_kernel, residual_dx_kernel_tuned, "dx", grid, args, consts, rows.M, max(weight.shape), config)
 
 
-def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *,
-                config: triton.Config | None = None) -> None:
-    """Launch the dW kernel: ``dw = g.T @ relu(x)`` and, if ``db`` is given, ``db = g.sum(0)``.
+def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None, alpha=None,
+                dalpha_partials=None, dp=None, config: triton.Config | None = None) -> None:
+    """Launch the dW kernel: ``dw = alpha * g.T @ relu(x)``, ``db = alpha * g.sum(0)`` if ``db`` is
+    given, ``dp = g.T @ x`` if ``dp`` is given, and per-program dalpha partials if
+    ``dalpha_partials`` is given (zeros, :func:`dalpha_workspace_size` long, fp32 or fp64).
 
     It runs for M == 0 too, so that the gradients come out as zeros, as in eager.
     """
-    args, consts, grid = dw_launch_args(g, gs, x, xs, dw, db, rows)
-    launch(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid, args, consts, rows.M, dw.shape[0], config)
+    args, consts, grid = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
+                                        dalpha_partials=dalpha_partials, dp=dp)
+    launch(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid, args, consts, rows.M, max(dw.shape), config)

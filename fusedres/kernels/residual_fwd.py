@@ -1,11 +1,19 @@
 """Forward kernel of the pre-activation residual block.
 
-    y[m, n] = x[m, n] + sum_k relu(x[m, k]) * W[n, k] + b[n]        (W is [D, D], nn.Linear layout)
+Square block (``W`` is ``[D, D]``, nn.Linear layout), with an optional residual scale ``alpha``:
 
-One GEMM ``relu(x) @ W.T`` with the relu as a prologue on the A operand and the bias and residual
-add as the epilogue, so ``y`` costs one read of ``x`` (plus a second touch of the tile that is
-added back, usually an L2 hit), one read of ``W`` per row tile, and one write: the compulsory
-``e * (2MD + D^2 + D)`` bytes instead of eager's ``e * (7MD + D^2 + D)``.
+    y[m, n] = x[m, n] + alpha * (sum_k relu(x[m, k]) * W[n, k] + b[n])
+
+Projection shortcut (``out != in``: ``W`` and ``P`` are ``[N, K]``):
+
+    y[m, n] = sum_k x[m, k] * P[n, k] + alpha * (sum_k relu(x[m, k]) * W[n, k] + b[n])
+
+One kernel, one accumulator, a reduction over the concatenation ``[relu(x), x] @ [W; P].T``: the
+relu half runs first, the epilogue-side ``alpha`` and bias are applied to the accumulator between
+the halves, and the ``x @ P.T`` half (no relu in its prologue) accumulates on top. The square block
+instead adds the residual tile of ``x`` in the epilogue, so ``y`` costs one read of ``x``, one read
+of ``W`` per row tile and one write: the compulsory ``e * (2MD + D^2 + D)`` bytes instead of
+eager's ``e * (7MD + D^2 + D)``.
 """
 from __future__ import annotations
 
@@ -27,40 +35,43 @@ from .configs import FWD_CONFIGS, gemm_flags, launch, prune_for
 
 @triton.jit
 def residual_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
-    M, D, T, M_BUCKET,
-    stride_xo, stride_xm, stride_xd,
+    x_ptr, w_ptr, b_ptr, p_ptr, alpha_ptr, y_ptr,
+    M, N, K, T, M_BUCKET,
+    stride_xo, stride_xm, stride_xk,
     stride_wn, stride_wk,
-    stride_ym, stride_yd,
+    stride_pn, stride_pk,
+    stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
+    HAS_ALPHA: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
     TWO_LEVEL_ROWS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y = x + relu(x) @ W.T + b for one [BLOCK_M, BLOCK_N] tile of y.
+    """One [BLOCK_M, BLOCK_N] tile of y (see the module docstring for the math).
 
-    The K loop runs at least once (``tl.maximum(cdiv(D, BLOCK_K), 1)``). Without that bound, the
+    Each K loop runs at least once (``tl.maximum(cdiv(K, BLOCK_K), 1)``). Without that bound, the
     path on which the loop is skipped keeps the zero-initialised accumulator live into the
     epilogue, and on sm_90 ptxas then serialises every wgmma (advisory C7515). With it the relu'd
     A tile feeds a register-A wgmma that Triton pipelines normally.
     """
     GEMM_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
-    mask_n = offs_n < D
+    mask_n = offs_n < N
     x_rows = row_offsets(offs_m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
     w_cols = offs_n.to(tl.int64) * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for kt in range(0, tl.maximum(tl.cdiv(D, BLOCK_K), 1)):
+    for kt in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):
         k = kt * BLOCK_K + offs_k
-        mask_k = k < D
-        a = tl.load(x_ptr + x_rows[:, None] + k[None, :] * stride_xd,
+        mask_k = k < K
+        a = tl.load(x_ptr + x_rows[:, None] + k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         wt = tl.load(w_ptr + w_cols[None, :] + k[:, None] * stride_wk,
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
@@ -71,40 +82,62 @@ def residual_fwd_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
-    residual = tl.load(x_ptr + x_rows[:, None] + offs_n[None, :] * stride_xd, mask=mask, other=0.0)
-    acc += residual.to(ACC_DTYPE)
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yd
+    if HAS_ALPHA:
+        acc = acc * tl.load(alpha_ptr).to(ACC_DTYPE)
+    if HAS_PROJ:
+        p_cols = offs_n.to(tl.int64) * stride_pn
+        for kt in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):
+            k = kt * BLOCK_K + offs_k
+            mask_k = k < K
+            a = tl.load(x_ptr + x_rows[:, None] + k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            pt = tl.load(p_ptr + p_cols[None, :] + k[:, None] * stride_pk,
+                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            a = to_gemm_operand(a, GEMM_DTYPE, EMULATE_BF16)
+            pt = to_gemm_operand(pt, GEMM_DTYPE, EMULATE_BF16)
+            acc = tl.dot(a, pt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    else:
+        residual = tl.load(x_ptr + x_rows[:, None] + offs_n[None, :] * stride_xk, mask=mask, other=0.0)
+        acc += residual.to(ACC_DTYPE)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     store_rounded(y_ptrs, acc, mask, EMULATE_BF16)
 
 
-residual_fwd_kernel_tuned = triton.autotune(configs=FWD_CONFIGS, key=["M_BUCKET", "D", "TWO_LEVEL_ROWS"],
+residual_fwd_kernel_tuned = triton.autotune(
+    configs=FWD_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_PROJ"],
     prune_configs_by={"early_config_prune": prune_for("fwd")})(residual_fwd_kernel)
 
 
-def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows):
+def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, proj_weight=None):
     """The forward kernel's launch arguments, without launching: ``(args, consts, grid)``.
 
     The launcher and the compile gate (``fusedres.aot``) both build them here, so the gate
     compiles the signature a real launch specialises on.
     """
-    D = weight.shape[0]
-    args = (x, weight, bias if bias is not None else weight, y,
-            rows.M, D, rows.T, next_pow2_bucket(rows.M),
-            *xs, weight.stride(0), weight.stride(1), y.stride(0), y.stride(1))
-    consts = dict(HAS_BIAS=bias is not None, TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, x.dtype, y.dtype))
+    N, K = weight.shape
+    p = proj_weight if proj_weight is not None else weight
+    args = (x, weight, bias if bias is not None else weight, p, alpha if alpha is not None else weight, y,
+            rows.M, N, K, rows.T, next_pow2_bucket(rows.M),
+            *xs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), y.stride(0), y.stride(1))
+    consts = dict(HAS_BIAS=bias is not None, HAS_ALPHA=alpha is not None, HAS_PROJ=proj_weight is not None,
+                  TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, x.dtype, y.dtype))
 
     def grid(meta):
-        return (triton.cdiv(rows.M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+        return (triton.cdiv(rows.M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     return args, consts, grid
 
 
-def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, config: triton.Config | None = None) -> None:
-    """Launch the forward kernel: ``y = x + relu(x) @ weight.T + bias`` (``bias`` may be None).
+def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, proj_weight=None,
+                 config: triton.Config | None = None) -> None:
+    """Launch the forward kernel.
 
-    ``x`` is addressed through ``rows`` and its strides ``xs``; ``y`` is a ``[M, D]`` 2-D view.
+    ``x`` ``(..., K)`` is addressed through ``rows`` and its strides ``xs``; ``weight`` (and
+    ``proj_weight``) are ``[N, K]``; ``bias`` ``[N]`` or None; ``alpha`` a one-element tensor or
+    None (1); ``y`` is a ``[M, N]`` 2-D view. Without ``proj_weight``, ``N == K``.
     """
     if rows.M == 0:
         return
-    args, consts, grid = fwd_launch_args(x, xs, weight, bias, y, rows)
-    launch(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M, weight.shape[0], config)
+    args, consts, grid = fwd_launch_args(x, xs, weight, bias, y, rows, alpha, proj_weight)
+    launch(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M, max(weight.shape),
+           config)
