@@ -16,7 +16,9 @@ setup(
     # Triton APIs of 3.9 (tl.PropagateNan, input_precision, tl.range); older releases are untested.
     install_requires=["torch>=2.13", "triton>=3.9"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy", "scikit-learn>=1.3",
+                 "matplotlib>=3.7", "tqdm>=4.60"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60", "numpy"],
+        "examples": ["scikit-learn>=1.3", "matplotlib>=3.7"],
     },
 )
