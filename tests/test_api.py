@@ -134,3 +134,22 @@ def test_block_dtype_device_and_repr(device, launches):
 def test_public_api():
     assert set(fusedres.__all__) <= set(dir(fusedres))
     assert fusedres.__version__
+
+
+def error_table_rows(device="cpu"):
+    """The README's error table, row by row, from the real errors of BAD_INPUTS."""
+    rows = []
+    for case, (make, error, _) in BAD_INPUTS.items():
+        try:
+            fused_residual(*make(*_inputs(device)))
+        except error as e:
+            rows.append(f"| {case} | `{error.__name__}` | {str(e).replace('|', '/')} |")
+    return rows
+
+
+def test_readme_error_table_is_current():
+    """Each bad input's row in the README's error table is exactly what the library raises."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [row for row in error_table_rows() if row not in readme]
+    assert not missing, "README error table is stale; the current rows are:\n" + "\n".join(error_table_rows())
