@@ -1,0 +1,451 @@
+"""CPU mode (no CUDA): measured memory traffic, a read of Inductor's code, and a roofline MODEL.
+
+What is measured here, per call of the block at one size:
+
+- **fused**: the real Triton kernels run in Triton's interpreter under
+  :class:`fusedres.traffic.InterpreterTraffic`: exact request bytes (every active lane of every
+  load and store, tile re-reads included), unique bytes (distinct addresses), dot FLOPs;
+- **eager**: the reference block under :class:`bench.counters.DispatchTraffic`: the bytes of every
+  aten op's tensor inputs and outputs;
+- **torch.compile**: not measurable here (Inductor emits C++ on a CPU and its byte metric stays
+  0). What Inductor generated on this CPU is read from its code (:mod:`bench.inductor_probe`), and
+  the GPU figures are the MODEL in :mod:`bench.model`.
+
+Every time figure in CPU mode is a roofline MODEL (``max(bytes / bandwidth, FLOPs / peak)`` per
+kernel) and is labelled so; no GPU time is printed or written (``ms`` is null, ``measured`` false).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import model
+from .model import ELEMENT_SIZE, PROJECTION_GPUS, Kernel
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FUSED_KERNELS = {"fwd": ("residual_fwd_kernel",), "bwd": ("residual_dx_kernel", "residual_dw_kernel")}
+MB = 1e6
+
+
+@dataclass
+class Traffic:
+    """One implementation and mode: bytes (measured or model) and the kernels they come from."""
+    impl: str
+    mode: str
+    source: str                     # human-readable provenance
+    measured_bytes: bool            # True: counted on this machine; False: model
+    bytes_read: int
+    bytes_written: int
+    flops: int
+    kernels: list                   # Kernel-like (bytes, flops) used for the roofline projection
+    unique_read: int | None = None
+    unique_written: int | None = None
+
+    @property
+    def bytes_total(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def unique_bytes(self) -> int | None:
+        if self.unique_read is None:
+            return None
+        return self.unique_read + self.unique_written
+
+    @property
+    def traffic(self) -> int:
+        """The figure to compare and project: unique bytes where known (a perfect cache), else total."""
+        return self.unique_bytes if self.unique_bytes is not None else self.bytes_total
+
+
+@dataclass
+class CpuResult:
+    M: int
+    D: int
+    dtype: str
+    traffic: dict = field(default_factory=dict)          # (impl, mode) -> Traffic
+    parity: dict = field(default_factory=dict)           # name -> Parity
+    probes: list = field(default_factory=list)           # inductor_probe.ProbeResult
+    fused_launches: list = field(default_factory=list)
+    violations: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)          # stage -> seconds (wall, this CPU)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and measurements
+
+
+def make_inputs(M: int, D: int, dtype: torch.dtype, seed: int = 0):
+    """x, g ~ N(0, 1); W, b ~ U(-1/sqrt(D), 1/sqrt(D)) as nn.Linear initialises them."""
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1 / math.sqrt(D)
+    x = torch.randn(M, D, generator=gen).to(dtype)
+    w = ((torch.rand(D, D, generator=gen) * 2 - 1) * bound).to(dtype)
+    b = ((torch.rand(D, generator=gen) * 2 - 1) * bound).to(dtype)
+    g = torch.randn(M, D, generator=gen).to(dtype)
+    return x, w, b, g
+
+
+def require_interpreter() -> None:
+    import fusedres
+    if fusedres.backend_for("cpu") != "triton":
+        raise RuntimeError(
+            "bench CPU mode measures the fused kernels in Triton's interpreter, but fusedres runs the eager "
+            "reference on CPU tensors in this process: TRITON_INTERPRET=1 must be set before triton or fusedres "
+            "is imported (python -m bench sets it itself when CUDA is absent)")
+
+
+def measure_fused(x, w, b, g, progress: bool = True):
+    """Run the fused forward and backward in the interpreter under the traffic instrument.
+    Returns ``(InterpreterTraffic, outputs)`` with outputs ``{"y", "dx", "dW", "db"}``."""
+    import fusedres
+    from fusedres.traffic import InterpreterTraffic
+
+    require_interpreter()
+    bar = _program_bar(progress)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    with InterpreterTraffic(progress=bar.update if bar else None) as t:
+        y = fusedres.fused_residual(xs, ws, bs)
+        dx, dw, db = torch.autograd.grad(y, (xs, ws, bs), g)
+    if bar:
+        bar.close()
+    names = {launch.kernel for launch in t.launches}
+    expected = set(FUSED_KERNELS["fwd"] + FUSED_KERNELS["bwd"])
+    if not expected <= names:
+        raise RuntimeError(f"the fused path launched {sorted(names)}, expected {sorted(expected)}: "
+                           "the Triton kernels did not all run")
+    return t, {"y": y.detach(), "dx": dx, "dW": dw, "db": db}
+
+
+class _ProgramBar:
+    """A tqdm bar over interpreted programs, one segment per kernel launch."""
+
+    def __init__(self):
+        from tqdm import tqdm
+        self.bar = tqdm(total=0, desc="fused kernels in the Triton interpreter", unit="program", leave=False)
+        self.launch = None
+
+    def update(self, kernel: str, index: int, total: int) -> None:
+        if index == 0:
+            self.bar.total += total
+            self.bar.set_postfix_str(kernel, refresh=False)
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+def _program_bar(progress: bool):
+    if not progress:
+        return None
+    try:
+        return _ProgramBar()
+    except ImportError:
+        return None
+
+
+def fused_traffic(t, mode: str) -> Traffic:
+    names = FUSED_KERNELS["fwd"] + FUSED_KERNELS["bwd"] if mode == "full" else FUSED_KERNELS[mode]
+    launches = t.select(names)
+    ks = [Kernel(lc.kernel, lc.unique_read, lc.unique_written, lc.dot_flops) for lc in launches]
+    return Traffic("fused", mode, "measured: Triton interpreter instrument (fusedres.traffic)", True,
+                   sum(lc.bytes_read for lc in launches), sum(lc.bytes_written for lc in launches),
+                   sum(lc.dot_flops for lc in launches), ks,
+                   sum(lc.unique_read for lc in launches), sum(lc.unique_written for lc in launches))
+
+
+def measure_eager(x, w, b, g) -> dict[str, Traffic]:
+    """The eager reference's forward and backward under the aten dispatch byte counter."""
+    from fusedres import residual_reference
+
+    from .counters import DispatchTraffic
+
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    with DispatchTraffic() as fwd:
+        y = residual_reference(xs, ws, bs)
+    with DispatchTraffic() as bwd:
+        torch.autograd.grad(y, (xs, ws, bs), g)
+    out = {}
+    for mode, ops in (("fwd", fwd.ops), ("bwd", bwd.ops), ("full", fwd.ops + bwd.ops)):
+        out[mode] = Traffic("eager", mode, "measured: aten dispatch byte counter (bench.counters)", True,
+                            sum(o.bytes_read for o in ops), sum(o.bytes_written for o in ops),
+                            sum(o.flops for o in ops), [Kernel(o.op, o.bytes_read, o.bytes_written, o.flops)
+                                                        for o in ops])
+    return out
+
+
+def model_traffic(impl: str, mode: str, M: int, D: int, e: int) -> Traffic:
+    ks = model.kernels(impl, mode, M, D, e)
+    src = "model: " + model.DESCRIPTIONS[impl] + (" (not measured)" if impl != "fused-min" else "")
+    return Traffic(impl, mode, src, False, sum(k.read for k in ks), sum(k.written for k in ks),
+                   sum(k.flops for k in ks), ks)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run_cpu(M: int = 2048, D: int = 512, dtype: str = "fp32", seed: int = 0, probe: bool = True,
+            progress: bool = True) -> CpuResult:
+    """Measure, read and model everything of CPU mode at one size (no output written)."""
+    from . import parity as parity_mod
+
+    res = CpuResult(M, D, dtype)
+    e = ELEMENT_SIZE[dtype]
+    x, w, b, g = make_inputs(M, D, DTYPES[dtype], seed)
+
+    if probe:
+        from .inductor_probe import probe as run_probe
+        t0 = time.perf_counter()
+        modes = ("default", "max-autotune")
+        it = modes
+        if progress:
+            try:
+                from tqdm import tqdm
+                it = tqdm(modes, desc="torch.compile on this CPU (read the generated code)", unit="mode",
+                          leave=False)
+            except ImportError:
+                pass
+        res.probes = [run_probe(m) for m in it]
+        res.timings["inductor probe"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    eager = measure_eager(x, w, b, g)
+    res.timings["eager dispatch counter"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    t, outputs = measure_fused(x, w, b, g, progress)
+    res.timings["fused in the interpreter"] = time.perf_counter() - t0
+    res.fused_launches = list(t.launches)
+    res.violations = t.violations
+
+    t0 = time.perf_counter()
+    res.parity = parity_mod.Baseline(x, w, b, g).check(outputs)
+    res.timings["parity check"] = time.perf_counter() - t0
+
+    for mode in model.MODES:
+        res.traffic[("fused", mode)] = fused_traffic(t, mode)
+        res.traffic[("eager", mode)] = eager[mode]
+        for impl in ("fused-min", "compile", "compile-max-autotune", "compile-max-autotune+prologue"):
+            res.traffic[(impl, mode)] = model_traffic(impl, mode, M, D, e)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Projection (MODEL)
+
+
+def projected_us(tr: Traffic, spec, measured_dtype: str, project_dtype: str) -> float:
+    """MODEL: roofline time in microseconds of ``tr``'s kernels on ``spec``, in ``project_dtype``.
+
+    Bytes measured in one dtype scale exactly with the element size (every tensor of the block
+    has the same dtype), so the projection to bf16 of an fp32 measurement halves its bytes."""
+    precision = "high" if project_dtype == "tf32" else "highest"
+    dt = "fp32" if project_dtype == "tf32" else project_dtype
+    scale = ELEMENT_SIZE[dt] / ELEMENT_SIZE[measured_dtype]
+    ks = [Kernel(k.name, round(k.read * scale), round(k.written * scale), k.flops) for k in tr.kernels]
+    return model.roofline_time_s(ks, spec, dt, precision) * 1e6
+
+
+def records(res: CpuResult, project_dtype: str = "bf16") -> list[dict]:
+    """The JSON records of CPU mode (``measured`` false and ``ms`` null throughout)."""
+    out = []
+    e = ELEMENT_SIZE[res.dtype]
+    for (impl, mode), tr in res.traffic.items():
+        minimum = model.minimum_bytes(mode, res.M, res.D, e)
+        proj = {spec.name: round(projected_us(tr, spec, res.dtype, project_dtype), 3) for spec in PROJECTION_GPUS}
+        fused_proj = {spec.name: projected_us(res.traffic[("fused", mode)], spec, res.dtype, project_dtype)
+                      for spec in PROJECTION_GPUS}
+        out.append({
+            "impl": impl, "mode": mode, "M": res.M, "D": res.D, "dtype": res.dtype,
+            "bytes_read": tr.bytes_read, "bytes_written": tr.bytes_written,
+            "unique_bytes": tr.unique_bytes, "unique_read": tr.unique_read, "unique_written": tr.unique_written,
+            "bytes_source": "measured" if tr.measured_bytes else "model",
+            "source": tr.source,
+            "flops": tr.flops,
+            "min_bytes_model": minimum,
+            "traffic_over_min": tr.traffic / minimum,
+            "kernels": [k.name for k in tr.kernels],
+            "measured": False,
+            "ms": None,
+            "model_projection": {
+                "note": f"MODEL, not a measurement: per-kernel roofline max(bytes/BW, FLOPs/peak), summed; "
+                        f"{project_dtype} peaks; bytes scaled from {res.dtype} to {project_dtype}",
+                "dtype": project_dtype,
+                "time_us_model": proj,
+                "fused_speedup_model": {k: (proj[k] / fused_proj[k] if fused_proj[k] else None) for k in proj},
+            },
+        })
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+def _mb(n):
+    return None if n is None else n / MB
+
+
+def traffic_table(res: CpuResult) -> str:
+    from .report import markdown_table
+    e = ELEMENT_SIZE[res.dtype]
+    unit = res.M * res.D * e
+    order = ["fused", "eager", "compile", "compile-max-autotune", "compile-max-autotune+prologue", "fused-min"]
+    rows = []
+    for mode in model.MODES:
+        minimum = model.minimum_bytes(mode, res.M, res.D, e)
+        for impl in order:
+            tr = res.traffic[(impl, mode)]
+            label = "measured" if tr.measured_bytes else "MODEL"
+            rows.append([impl, mode, label, _mb(tr.bytes_read), _mb(tr.bytes_written), _mb(tr.bytes_total),
+                         _mb(tr.unique_bytes), f"{tr.traffic / unit:.2f}", f"{tr.traffic / minimum:.2f}x"])
+    return markdown_table(["impl", "mode", "bytes", "read MB", "written MB", "total MB (fused: requests)", "unique MB",
+                           "traffic / (M*D*e)", "traffic / fused minimum"], rows)
+
+
+def ratio_lines(res: CpuResult) -> list[str]:
+    e = ELEMENT_SIZE[res.dtype]
+    lines = []
+    parts = []
+    for mode in model.MODES:
+        ea, fu = res.traffic[("eager", mode)], res.traffic[("fused", mode)]
+        parts.append(f"{mode} {ea.traffic / fu.traffic:.2f}x")
+    lines.append("eager / fused traffic (both measured; fused = unique bytes): " + ", ".join(parts))
+    checks = []
+    for mode, formula in (("fwd", "e(2MD + D^2 + D)"), ("bwd", "e(5MD + 2D^2 + D)")):
+        fu = res.traffic[("fused", mode)]
+        minimum = model.minimum_bytes(mode, res.M, res.D, e)
+        dev = fu.unique_bytes / minimum - 1
+        checks.append(f"{mode} {fu.unique_bytes} B vs {formula} = {minimum} B ({dev:+.2%}, "
+                      f"{'within' if abs(dev) <= 0.01 else 'OUTSIDE'} 1%)")
+    lines.append("fused unique bytes vs compulsory minimum: " + "; ".join(checks))
+    req = [f"{m} {res.traffic[('fused', m)].bytes_total / res.traffic[('fused', m)].unique_bytes:.2f}x"
+           for m in model.MODES]
+    lines.append("fused request bytes / unique bytes (tile re-reads that a cache must absorb): " + ", ".join(req))
+    return lines
+
+
+def probe_table(res: CpuResult) -> str:
+    from .report import markdown_table
+    rows = []
+    for p in res.probes:
+        impl = "compile" if p.mode == "default" else "compile-max-autotune"
+        if p.error:
+            rows.append([p.mode, "-", f"probe failed: {p.error[:80]}", "-", "-", "-"])
+            continue
+        for direction, graph in (("fwd", p.forward), ("bwd", p.backward)):
+            ks = model.kernels(impl, direction, p.M, p.D, 1)
+            gpu_multiple = sum(k.bytes for k in ks) / (p.M * p.D)
+            mult = p.md_multiple(graph)
+            rows.append([p.mode, direction, graph.describe() if graph else "-",
+                         f"{mult:.2f}" if mult is not None else "unparsed",
+                         "; ".join(k.name for k in ks), f"{gpu_multiple:.2f}"])
+    return markdown_table(["torch.compile mode", "graph", f"generated on this CPU (read from the code)",
+                           "elems / MD (code)", "GPU MODEL kernels", "elems / MD (model)"], rows)
+
+
+def projection_table(res: CpuResult, project_dtype: str) -> str:
+    from .report import markdown_table
+    rows = []
+    order = ["fused", "eager", "compile", "compile-max-autotune", "compile-max-autotune+prologue", "fused-min"]
+    for mode in model.MODES:
+        fused = {s.name: projected_us(res.traffic[("fused", mode)], s, res.dtype, project_dtype)
+                 for s in PROJECTION_GPUS}
+        for impl in order:
+            tr = res.traffic[(impl, mode)]
+            row = [impl, mode, "measured" if tr.measured_bytes else "model"]
+            for s in PROJECTION_GPUS:
+                t = projected_us(tr, s, res.dtype, project_dtype)
+                row.append(f"{t:.3g}")
+            for s in PROJECTION_GPUS:
+                t = projected_us(tr, s, res.dtype, project_dtype)
+                row.append(f"{t / fused[s.name]:.2f}x")
+            rows.append(row)
+    heads = ["impl", "mode", "bytes"] + [f"{s.name} us (MODEL)" for s in PROJECTION_GPUS] + \
+            [f"fused speedup {s.name} (MODEL)" for s in PROJECTION_GPUS]
+    return markdown_table(heads, rows)
+
+
+def ceiling_table(M: int = 65536, dtype: str = "bf16") -> str:
+    from .report import markdown_table
+    rows = []
+    H100, A100, H200 = PROJECTION_GPUS
+    for D in (256, 512, 1024, 2048, 4096, 8192):
+        rows.append([D] + [f"{model.ceiling_speedup(p, 'full', M, D, dtype, H100):.2f}x"
+                           for p in ("eager", "compile", "compile-max-autotune", "compile-max-autotune+prologue")]
+                    + [f"{model.ceiling_speedup('eager', 'full', M, D, dtype, s):.2f}x" for s in (A100, H200)])
+    return markdown_table(["D", "H100 vs eager", "H100 vs compile", "H100 vs max-autotune",
+                           "H100 vs max-autotune+prologue", "A100 vs eager", "H200 vs eager"], rows)
+
+
+def parity_line(res: CpuResult) -> str:
+    from .parity import all_ok, summary
+    state = "PASS" if all_ok(res.parity) else "FAIL"
+    return f"parity (fused in the interpreter vs eager, fp64 reference, the parity rule): {state}: {summary(res.parity)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_cpu(res: CpuResult, out_dir: Path, project_dtype: str) -> list[Path]:
+    from .report import _pyplot
+    plt = _pyplot()
+    import numpy as np
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    bars = [("fused", "unique", "fused unique (measured)"),
+            ("fused", "requests", "fused requests (measured)"),
+            ("eager", "total", "eager (measured)"),
+            ("compile", "total", "compile default (MODEL)"),
+            ("compile-max-autotune", "total", "max-autotune (MODEL)"),
+            ("compile-max-autotune+prologue", "total", "max-autotune+prologue (MODEL)"),
+            ("fused-min", "total", "compulsory minimum (MODEL)")]
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    xs = np.arange(len(model.MODES))
+    width = 0.8 / len(bars)
+    for i, (impl, kind, label) in enumerate(bars):
+        vals = []
+        for mode in model.MODES:
+            tr = res.traffic[(impl, mode)]
+            vals.append((tr.unique_bytes if kind == "unique" else tr.bytes_total) / MB)
+        ax.bar(xs + (i - len(bars) / 2 + 0.5) * width, vals, width, label=label,
+               hatch="//" if "MODEL" in label else None, edgecolor="black", linewidth=0.4)
+    ax.set_xticks(xs, model.MODES)
+    ax.set_ylabel("MB per call")
+    ax.set_title(f"Memory traffic per call, M={res.M} D={res.D} {res.dtype}: measured on CPU; hatched = MODEL")
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    p = out_dir / "cpu_bytes.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    impls = ["fused", "eager", "compile", "compile-max-autotune", "compile-max-autotune+prologue"]
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    xs = np.arange(len(PROJECTION_GPUS))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        vals = [projected_us(res.traffic[(impl, "full")], s, res.dtype, project_dtype) for s in PROJECTION_GPUS]
+        src = "measured bytes" if res.traffic[(impl, "full")].measured_bytes else "model bytes"
+        ax.bar(xs + (i - len(impls) / 2 + 0.5) * width, vals, width, label=f"{impl} ({src})",
+               edgecolor="black", linewidth=0.4)
+    ax.set_xticks(xs, [s.name for s in PROJECTION_GPUS])
+    ax.set_ylabel("projected us per fwd+bwd (MODEL)")
+    ax.set_title(f"MODEL, not a measurement: roofline projection of fwd+bwd, {project_dtype}, "
+                 f"M={res.M} D={res.D}")
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    p = out_dir / "cpu_model_time.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths

@@ -1,0 +1,207 @@
+"""The roofline MODEL: kernel-by-kernel bytes and FLOPs of each implementation, and their projection
+onto named GPUs. Nothing in this module is a measurement.
+
+Every implementation is described as the list of kernels it launches, each with the bytes it
+must move (each operand read once from DRAM, each result written once) and its FLOPs. A kernel's
+model time on a GPU is ``max(bytes / bandwidth, flops / peak)`` (the roofline), and an
+implementation's is the sum over its kernels: kernels run one after another and each is bounded
+by whichever resource it saturates. With ``e`` the element size:
+
+- fused (this package): forward ``e(2MD + D^2 + D)``; backward (dx and dW kernels) ``e(5MD + 2D^2 + D)``;
+- eager PyTorch: forward ``e(7MD + D^2 + D)`` (relu, addmm, add); backward ``e(11MD + 2D^2 + D)``;
+- torch.compile, default mode, on a GPU: an extern cuBLAS GEMM and fused Triton pointwise kernels;
+  forward as eager, ``e(7MD + D^2 + D)``; backward ``e(8MD + 2D^2 + D)`` (the relu mask, the residual
+  gradient and the bias column sum fused in one kernel, the structure Inductor generates on CPU);
+- torch.compile, max-autotune: Triton GEMM templates with the pointwise ops fused as epilogues:
+  forward ``e(5MD + D^2 + D)`` (relu still its own kernel); backward ``e(7MD + 2D^2 + D)``;
+- max-autotune with prologue fusion (relu fused into the GEMM's A-operand load, where Inductor's
+  heuristics allow it): forward ``e(3MD + D^2 + D)``; backward ``e(7MD + 2D^2 + D)``.
+
+FLOPs are the GEMMs': ``2MD^2`` forward, ``4MD^2`` backward (pointwise work is not counted).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MODES = ("fwd", "bwd", "full")
+ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel of a model: bytes read, bytes written, FLOPs."""
+    name: str
+    read: int
+    written: int
+    flops: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.read + self.written
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel lists, per implementation and direction (in elements; scaled by e in `kernels`)
+
+
+def _fused(M, D):
+    fwd = [("fwd: relu(x) @ W.T + b + x", M * D + D * D + D, M * D, 2 * M * D * D)]
+    bwd = [("dx: g + (g @ W) * [x > 0]", 2 * M * D + D * D, M * D, 2 * M * D * D),
+           ("dW: relu(x).T @ g, db = sum g", 2 * M * D, D * D + D, 2 * M * D * D)]
+    return fwd, bwd
+
+
+def _eager(M, D):
+    fwd = [("relu", M * D, M * D, 0),
+           ("addmm (cuBLAS)", M * D + D * D + D, M * D, 2 * M * D * D),
+           ("add (residual)", 2 * M * D, M * D, 0)]
+    bwd = [("mm g @ W (cuBLAS)", M * D + D * D, M * D, 2 * M * D * D),
+           ("mm g.T @ h (cuBLAS)", 2 * M * D, D * D, 2 * M * D * D),
+           ("sum g (db)", M * D, D, 0),
+           ("threshold_backward", 2 * M * D, M * D, 0),
+           ("add (residual grad)", 2 * M * D, M * D, 0)]
+    return fwd, bwd
+
+
+def _compile_default(M, D):
+    fwd = [("triton pointwise: relu", M * D, M * D, 0),
+           ("extern addmm (cuBLAS)", M * D + D * D + D, M * D, 2 * M * D * D),
+           ("triton pointwise: add", 2 * M * D, M * D, 0)]
+    bwd = [("extern mm g @ W (cuBLAS)", M * D + D * D, M * D, 2 * M * D * D),
+           ("extern mm g.T @ h (cuBLAS)", 2 * M * D, D * D, 2 * M * D * D),
+           ("triton fused: threshold_backward + add + sum", 3 * M * D, M * D + D, 0)]
+    return fwd, bwd
+
+
+def _compile_max_autotune(M, D):
+    fwd = [("triton pointwise: relu", M * D, M * D, 0),
+           ("triton mm template + bias/residual epilogue", 2 * M * D + D * D + D, M * D, 2 * M * D * D)]
+    bwd = [("triton mm template g @ W + mask/residual epilogue", 3 * M * D + D * D, M * D, 2 * M * D * D),
+           ("triton mm template g.T @ h", 2 * M * D, D * D, 2 * M * D * D),
+           ("triton reduction: sum g (db)", M * D, D, 0)]
+    return fwd, bwd
+
+
+def _compile_max_autotune_prologue(M, D):
+    fwd = [("triton mm template, relu prologue + bias/residual epilogue", 2 * M * D + D * D + D, M * D,
+            2 * M * D * D)]
+    _, bwd = _compile_max_autotune(M, D)
+    return fwd, bwd
+
+
+MODELS = {
+    "fused-min": _fused,
+    "eager": _eager,
+    "compile": _compile_default,
+    "compile-max-autotune": _compile_max_autotune,
+    "compile-max-autotune+prologue": _compile_max_autotune_prologue,
+}
+
+DESCRIPTIONS = {
+    "fused-min": "compulsory minimum of the fused kernels: each operand read once, each result written once",
+    "eager": "eager PyTorch op by op",
+    "compile": "torch.compile default on a GPU: extern cuBLAS GEMMs + fused Triton pointwise kernels",
+    "compile-max-autotune": "torch.compile max-autotune on a GPU: Triton GEMM templates with epilogue fusion",
+    "compile-max-autotune+prologue": "max-autotune where Inductor also fuses the relu as a GEMM prologue",
+}
+
+
+def kernels(impl: str, mode: str, M: int, D: int, e: int) -> list[Kernel]:
+    """The model's kernels of ``impl`` for ``mode`` ("fwd", "bwd", "full"), bytes for element size ``e``."""
+    fwd, bwd = MODELS[impl](M, D)
+    chosen = {"fwd": fwd, "nograd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
+    return [Kernel(n, e * r, e * w, f) for n, r, w, f in chosen]
+
+
+def model_bytes(impl: str, mode: str, M: int, D: int, e: int) -> int:
+    return sum(k.bytes for k in kernels(impl, mode, M, D, e))
+
+
+def minimum_bytes(mode: str, M: int, D: int, e: int) -> int:
+    """The fused compulsory minimum: ``e(2MD + D^2 + D)`` forward, ``e(5MD + 2D^2 + D)`` backward."""
+    return model_bytes("fused-min", mode, M, D, e)
+
+
+def gemm_flops(mode: str, M: int, D: int) -> int:
+    return {"fwd": 2, "nograd": 2, "bwd": 4, "full": 6}[mode] * M * D * D
+
+
+# ---------------------------------------------------------------------------------------------
+# GPUs
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """Datasheet peaks (dense, no sparsity). TFLOP/s per operand type; bandwidth in TB/s."""
+    name: str
+    bf16: float          # bf16/fp16 tensor cores, fp32 accumulate
+    tf32: float          # tf32 tensor cores
+    fp32: float          # IEEE fp32 (no tensor cores): torch's default matmul precision 'highest'
+    tbps: float
+
+    def peak_tflops(self, dtype: str, fp32_precision: str = "highest") -> float:
+        if dtype in ("bf16", "fp16"):
+            return self.bf16
+        if dtype == "fp32":
+            return self.fp32 if fp32_precision == "highest" else self.tf32
+        raise ValueError(f"no peak for {dtype}")
+
+
+# The three of the brief first: they are the projection targets in CPU mode.
+H100 = GpuSpec("H100 SXM", bf16=989.0, tf32=494.7, fp32=66.9, tbps=3.35)
+A100 = GpuSpec("A100 SXM 80GB", bf16=312.0, tf32=156.0, fp32=19.5, tbps=2.04)
+H200 = GpuSpec("H200 SXM", bf16=989.0, tf32=494.7, fp32=66.9, tbps=4.8)
+PROJECTION_GPUS = (H100, A100, H200)
+
+# Detection by device name (torch.cuda.get_device_name), for % of roofline in GPU mode.
+_KNOWN = [
+    (r"H200", H200),
+    (r"H100.*(PCIe|PCIE)", GpuSpec("H100 PCIe", bf16=756.0, tf32=378.0, fp32=51.2, tbps=2.0)),
+    (r"H100", H100),
+    (r"A100.*SXM.*40GB|A100-SXM4-40GB", GpuSpec("A100 SXM 40GB", bf16=312.0, tf32=156.0, fp32=19.5, tbps=1.555)),
+    (r"A100.*(PCIe|PCIE).*40GB|A100-PCIE-40GB", GpuSpec("A100 PCIe 40GB", 312.0, 156.0, 19.5, 1.555)),
+    (r"A100.*80GB.*(PCIe|PCIE)", GpuSpec("A100 PCIe 80GB", 312.0, 156.0, 19.5, 1.935)),
+    (r"A100", A100),
+    (r"\bL4\b", GpuSpec("L4", bf16=121.0, tf32=60.0, fp32=30.3, tbps=0.3)),
+]
+
+
+def detect_gpu(device_name: str) -> GpuSpec | None:
+    """The datasheet spec of a GPU from its device name, or None if it is not in the table."""
+    for pattern, spec in _KNOWN:
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return spec
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Roofline
+
+
+def kernel_time_s(read_written: int, flops: int, spec: GpuSpec, dtype: str, fp32_precision: str = "highest") -> float:
+    """Roofline time of one kernel: the larger of its memory time and its compute time."""
+    return max(read_written / (spec.tbps * 1e12), flops / (spec.peak_tflops(dtype, fp32_precision) * 1e12))
+
+
+def roofline_time_s(ks, spec: GpuSpec, dtype: str, fp32_precision: str = "highest") -> float:
+    """Model time of a kernel sequence: the sum of each kernel's roofline time.
+
+    ``ks`` is an iterable of objects with ``bytes`` and ``flops`` (``Kernel``, or measured kernels)."""
+    return sum(kernel_time_s(k.bytes, k.flops, spec, dtype, fp32_precision) for k in ks)
+
+
+def bound(ks, spec: GpuSpec, dtype: str, fp32_precision: str = "highest") -> str:
+    """"memory" or "compute": which side of the roofline dominates the sequence's model time."""
+    mem = sum(k.bytes / (spec.tbps * 1e12) for k in ks)
+    comp = sum(k.flops / (spec.peak_tflops(dtype, fp32_precision) * 1e12) for k in ks)
+    return "memory" if mem >= comp else "compute"
+
+
+def ceiling_speedup(peer: str, mode: str, M: int, D: int, dtype: str, spec: GpuSpec,
+                    fp32_precision: str = "highest") -> float:
+    """MODEL: the largest speedup of the fused kernels over ``peer`` that the roofline allows."""
+    e = ELEMENT_SIZE[dtype]
+    fused = roofline_time_s(kernels("fused-min", mode, M, D, e), spec, dtype, fp32_precision)
+    other = roofline_time_s(kernels(peer, mode, M, D, e), spec, dtype, fp32_precision)
+    return other / fused
