@@ -36,7 +36,7 @@ def plan_rows(*tensors: Tensor) -> tuple[Rows, list[RowStrides], list[Tensor]]:
     ts = [t.contiguous() if len(d) > 2 else t for t, d in zip(ts, dims)]
     dims = [_leading_dims(t) for t in ts]
     splits = [tuple(s for s, _ in d) for d in dims if len(d) == 2]
-    if not splits:
+    if not splits or M == 0:  # (no rows: nothing is addressed, and T must not be 0)
         rows = Rows(M, max(M, 1), False)
         return rows, [RowStrides(0, d[0][1] if d else 0, t.stride(-1)) for t, d in zip(ts, dims)], ts
 

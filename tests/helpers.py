@@ -7,7 +7,7 @@ import torch
 from fusedres import fused_residual, residual_reference
 from fusedres.validate import parity
 
-NAMES = ("y", "dx", "dweight", "dbias")
+NAMES = ("y", "dx", "dweight", "dbias", "dalpha", "dproj_weight")
 LAYOUTS = ("contiguous", "sliced", "transposed", "feature-strided")
 
 
@@ -53,26 +53,32 @@ def make_params(D, dtype, device, bias=True, weight_layout="contiguous", seed=1)
     return w, b
 
 
-def run(fn, x, w, b, g, dtype=None):
-    """Forward and backward of ``fn``; returns (y, dx, dW, db) with inputs cast to ``dtype``."""
+def run(fn, x, w, b, g, dtype=None, alpha=None, proj=None):
+    """Forward and backward of ``fn``; returns (y, dx, dW, db, dalpha, dP), None for what is not
+    there, with the inputs cast to ``dtype``."""
     cast = (lambda t: t.detach().to(dtype)) if dtype is not None else (lambda t: t.detach())
-    xx, ww = cast(x).requires_grad_(), cast(w).requires_grad_()
-    bb = cast(b).requires_grad_() if b is not None else None
-    y = fn(xx, ww, bb)
+    leaves = [cast(t).requires_grad_() if t is not None else None for t in (x, w, b, alpha, proj)]
+    xx, ww, bb, aa, pp = leaves
+    kwargs = {}
+    if aa is not None:
+        kwargs["alpha"] = aa
+    if pp is not None:
+        kwargs["proj_weight"] = pp
+    y = fn(xx, ww, bb, **kwargs)
     y.backward(cast(g))
-    return y.detach(), xx.grad, ww.grad, bb.grad if bb is not None else None
+    return [y.detach()] + [t.grad if t is not None else None for t in leaves]
 
 
-def check_parity(x, w, b, g=None, *, names=NAMES):
+def check_parity(x, w, b, g=None, *, alpha=None, proj=None, names=NAMES):
     """Run fused, eager and fp64 on the same rounded inputs and assert the parity rule for every
-    output and gradient. Returns the fused results."""
+    output and gradient. Returns the fused results (y, dx, dW, db, dalpha, dP)."""
     if g is None:
-        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype)
-    fused = run(fused_residual, x, w, b, g)
-    eager = run(residual_reference, x, w, b, g)
-    ref = run(residual_reference, x, w, b, g, dtype=torch.float64)
-    scale = run(residual_reference, x.abs(), w.abs(), b.abs() if b is not None else None, g.abs(),
-                dtype=torch.float64)
+        g = torch.randn((*x.shape[:-1], w.shape[0]), generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype)
+    fused = run(fused_residual, x, w, b, g, alpha=alpha, proj=proj)
+    eager = run(residual_reference, x, w, b, g, alpha=alpha, proj=proj)
+    ref = run(residual_reference, x, w, b, g, dtype=torch.float64, alpha=alpha, proj=proj)
+    absolute = [t.abs() if t is not None else None for t in (x, w, b, g, alpha, proj)]
+    scale = run(residual_reference, *absolute[:4], dtype=torch.float64, alpha=absolute[4], proj=absolute[5])
     for name, f, e, r, sc in zip(names, fused, eager, ref, scale):
         if r is None:
             assert f is None and e is None, name

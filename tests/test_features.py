@@ -3,35 +3,13 @@ import pytest
 import torch
 
 from fusedres import FusedResidualBlock, ResidualBlock, fused_residual, kernels, residual_reference
-from fusedres.validate import parity
-from helpers import make_params, make_x
+from helpers import check_parity, make_params, make_x
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _run(fn, x, w, b, alpha, p, g, dtype=None):
-    cast = (lambda t: t.detach().to(dtype)) if dtype else (lambda t: t.detach())
-    leaves = [cast(t).requires_grad_() if t is not None else None for t in (x, w, b, alpha, p)]
-    xx, ww, bb, aa, pp = leaves
-    y = fn(xx, ww, bb, alpha=aa if aa is not None else 1.0, proj_weight=pp)
-    y.backward(cast(g))
-    return [y.detach()] + [t.grad if t is not None else None for t in leaves]
-
-
 def check(x, w, b, alpha, p):
-    g = torch.randn(*x.shape[:-1], w.shape[0]).to(x.device, x.dtype)
-    fused = _run(fused_residual, x, w, b, alpha, p, g)
-    eager = _run(residual_reference, x, w, b, alpha, p, g)
-    ref = _run(residual_reference, x, w, b, alpha, p, g, torch.float64)
-    absolute = [t.abs() if t is not None else None for t in (x, w, b, alpha, p)]
-    scale = _run(residual_reference, *absolute, g.abs(), torch.float64)
-    names = ["y", "dx", "dweight", "dbias", "dalpha", "dproj"]
-    for name, f, e, r, sc in zip(names, fused, eager, ref, scale):
-        if r is None:
-            continue
-        pr = parity(f, e, r, sc)
-        assert pr.ok, f"{name} [{x.dtype}]: {pr}"
-    return fused
+    return check_parity(x, w, b, alpha=alpha, proj=p)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

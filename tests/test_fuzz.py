@@ -1,5 +1,6 @@
 """Property-based fuzzing of the fused op: random shapes (M = 0 and 1, D not a power of two, D
-below the smallest tile), layouts, dtypes and bias, each judged by the parity rule.
+below the smallest tile), layouts, dtypes, bias, residual scale and projection shortcut, each
+judged by the parity rule.
 
 CI runs a fixed, derandomised budget of 200 examples. For a deeper, randomised run:
 
@@ -24,7 +25,10 @@ def cases(draw):
     layout = draw(st.sampled_from(LAYOUTS))
     if layout == "transposed" and len(lead) != 2:
         layout = "contiguous"
-    return dict(shape=(*lead, D), layout=layout,
+    variant = draw(st.sampled_from(["plain", "plain", "alpha", "proj"]))
+    return dict(shape=(*lead, D), layout=layout, variant=variant,
+                alpha=draw(st.sampled_from([0.0, -0.5, 0.3, 2.0])),
+                out=draw(st.integers(1, 80)),
                 dtype=draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])),
                 bias=draw(st.booleans()),
                 weight_layout=draw(st.sampled_from(["contiguous", "transposed", "sliced"])),
@@ -40,4 +44,12 @@ def test_fuzz_parity(case):
     x = make_x(case["shape"], case["dtype"], DEVICE, layout=case["layout"], seed=case["seed"])
     w, b = make_params(case["shape"][-1], case["dtype"], DEVICE, bias=case["bias"],
                        weight_layout=case["weight_layout"], seed=case["seed"] + 1)
-    check_parity(x, w, b)
+    dtype, variant = case["dtype"], case["variant"]
+    alpha = torch.tensor(case["alpha"], dtype=dtype, device=DEVICE) if variant != "plain" else None
+    proj = None
+    if variant == "proj":  # a width change: weight, bias and projection of [out, in]
+        gen = torch.Generator().manual_seed(case["seed"] + 2)
+        D, out = case["shape"][-1], case["out"]
+        w, proj = ((torch.rand(out, D, generator=gen) - 0.5).div(D ** 0.5).to(DEVICE, dtype) for _ in range(2))
+        b = (torch.rand(out, generator=gen) - 0.5).to(DEVICE, dtype) if case["bias"] else None
+    check_parity(x, w, b, alpha=alpha, proj=proj)

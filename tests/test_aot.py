@@ -1,0 +1,185 @@
+"""The compile gate (``python -m fusedres.aot``): every shipped kernel config compiles for sm_80 and
+sm_90 without spills, within shared memory, on tensor cores (wgmma, unserialised, on sm_90); and
+the gate itself fails on configs that are broken.
+
+The gate cannot run in this process: conftest.py sets TRITON_INTERPRET=1 on a CPU-only machine,
+and the interpreter replaces the JIT functions. So every compile runs in a subprocess whose
+environment lacks TRITON_INTERPRET.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fusedres import aot
+from fusedres.kernels import configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(interpret: bool = False) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def _run(args, *, interpret=False, timeout=900):
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(interpret), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _key(r):
+    return r["kernel"], json.dumps(r["config"], sort_keys=True), r["variant"], r["arch"], r["two_level"]
+
+
+def _expected(dtypes, two_level):
+    """Every (kernel, config, dtype, arch, layout) the gate must cover, from the shipped lists."""
+    return {
+        (kind, json.dumps(aot.config_dict(c), sort_keys=True), dtype, arch, tl_)
+        for kind in aot.KINDS
+        for dtype in dtypes
+        for tl_ in two_level
+        for c in configs.shipped_configs(kind, aot.DTYPES[dtype][0].itemsize, tl_)
+        for arch in aot.DEFAULT_ARCHS
+    }
+
+
+#: The default gate (contiguous rows, every dtype) plus two-level rows for the fp32 variants, which
+#: have their own list. ``python -m fusedres.aot --two-level both`` covers every layout x dtype.
+RUNS = [(aot.DEFAULT_DTYPES, (False,)), (("fp32", "tf32"), (True,))]
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory):
+    """The gate run once per entry of RUNS: all kernels x shipped configs x dtypes x (sm_80, sm_90)."""
+    runs = []
+    for i, (dtypes, two_level) in enumerate(RUNS):
+        path = tmp_path_factory.mktemp("aot") / f"gate{i}.json"
+        proc = _run(["-m", "fusedres.aot", "-q", "-j", str(os.cpu_count() or 2), "--dtypes", ",".join(dtypes),
+                     "--two-level", "yes" if two_level == (True,) else "no", "--json", str(path)])
+        runs.append((proc, json.loads(path.read_text()) if path.exists() else None, _expected(dtypes, two_level)))
+    return runs
+
+
+def test_gate_passes_every_shipped_config(gate):
+    assert {"sm_80", "sm_90"} <= set(aot.DEFAULT_ARCHS) and {"fp16", "bf16", "fp32"} <= set(aot.DEFAULT_DTYPES)
+    for proc, records, expected in gate:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        got = [_key(r) for r in records]
+        assert len(got) == len(set(got)) and set(got) == expected
+        for r in records:
+            _check_record(r)
+
+
+def _check_record(r):
+    where = f"{r['kernel']} {r['arch']} {r['variant']} {r['config_name']} two_level={r['two_level']}"
+    assert r["ok"] and not r["failures"] and r["error"] is None, where
+    assert r["spill_bytes"] == 0 and r["local_bytes"] == 0, where
+    assert 0 < r["registers"] <= 255, where
+    assert 0 < r["shared_bytes"] <= r["shared_limit"], where
+    assert r["shared_limit"] == {"sm_80": 166912, "sm_90": 232448}[r["arch"]]
+    assert not any("C75" in a for a in r["advisories"]), where
+    if r["variant"] == "fp32" and r["input_precision"] == "ieee":
+        # torch's default matmul precision 'highest': IEEE fp32 on CUDA cores, no tensor core
+        assert r["tensor_core_expected"] is None, where
+    else:
+        want = {"sm_80": "mma.sync", "sm_90": "wgmma.mma_async"}[r["arch"]]
+        assert r["tensor_core"] and r["tensor_core_instr"] == want == r["tensor_core_expected"], where
+    # the signature was specialised as a real launch specialises it
+    assert "x_ptr" in r["divisible_by_16"], where
+    assert any(n.startswith("stride_") for n in r["equal_to_1"]), where
+
+
+def test_gate_derives_the_launch_specialisation(gate):
+    _, records, _ = gate[0]
+    fwd = next(r for r in records if r["kernel"] == "fwd")
+    # pointers, sizes and row strides are 16-divisible at M=8192, D=1024; unit strides are constexpr 1
+    assert {"x_ptr", "w_ptr", "y_ptr", "M", "stride_xm"} <= set(fwd["divisible_by_16"])
+    assert {"stride_xk", "stride_wk", "stride_yn"} <= set(fwd["equal_to_1"])
+    tf32 = {r["input_precision"] for r in records if r["variant"] == "tf32"}
+    assert tf32 == {"tf32"}
+    _, two_level, _ = gate[1]
+    assert all(r["two_level"] for r in two_level)
+    assert "stride_xo" in next(r for r in two_level if r["kernel"] == "fwd")["divisible_by_16"]
+
+
+_BROKEN = textwrap.dedent('''
+    import inspect, json, re, sys, tempfile, importlib.util
+    from fusedres import aot
+    from fusedres.kernels.residual_fwd import residual_fwd_kernel
+
+    out = {}
+    # tl.dot with K < 16: the interpreter runs it, the compiler refuses it
+    out["k8"] = aot.compile_config("fwd", aot.config_from_name("fwd", "64x64x8 w4 s3"), "fp16", "sm_80")
+    # an 8-stage pipeline of 64x128 and 128x64 fp16 tiles: 240 KB of shared memory
+    out["smem"] = aot.compile_config("fwd", aot.config_from_name("fwd", "64x64x128 w4 s8"), "fp16", "sm_90")
+    # the forward without the K-loop bound tl.maximum(cdiv(K, BLOCK_K), 1): wgmma serialised (C7515)
+    src, n = re.subn(r"tl\\.maximum\\(tl\\.cdiv\\(K, BLOCK_K\\), 1\\)", "tl.cdiv(K, BLOCK_K)",
+                     inspect.getsource(residual_fwd_kernel.fn))
+    assert n >= 1, "the forward kernel's K loop changed; update this test"
+    mod = tempfile.NamedTemporaryFile("w", suffix="_fwd_c7515.py", delete=False)
+    mod.write("import triton\\nimport triton.language as tl\\nfrom fusedres.kernels._common import *\\n" + src)
+    mod.close()
+    spec = importlib.util.spec_from_file_location("fwd_c7515", mod.name)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    out["c7515"] = aot.compile_config("fwd", aot.config_from_name("fwd", "128x128x64 w8 s3"), "fp16", "sm_90",
+                                      kernel=m.residual_fwd_kernel)
+    json.dump(out, sys.stdout)
+''')
+
+
+def test_gate_fails_broken_configs():
+    proc = _run(["-c", _BROKEN], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout)
+    assert not out["k8"]["ok"] and out["k8"]["failures"] == ["compile error"]
+    assert "K >= 16" in out["k8"]["error"]
+    smem = out["smem"]
+    assert not smem["ok"] and smem["error"] is None and smem["shared_bytes"] > smem["shared_limit"] == 232448
+    assert any(f.startswith("shared memory") for f in smem["failures"])
+    c7515 = out["c7515"]
+    assert not c7515["ok"] and c7515["tensor_core_instr"] == "wgmma.mma_async" and c7515["spill_bytes"] == 0
+    assert any("C7515" in a for a in c7515["advisories"])
+    assert any("C7515" in f for f in c7515["failures"])
+
+
+def test_cli_exits_nonzero_on_a_broken_config_and_reexecs_without_interpreter(tmp_path):
+    path = tmp_path / "broken.json"
+    proc = _run(["-m", "fusedres.aot", "--kernels", "dx", "--dtypes", "bf16", "--archs", "sm_80",
+                 "--config", "64x64x8 w4 s3", "--json", str(path)], interpret=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "re-running without it" in proc.stderr
+    (rec,) = json.loads(path.read_text())
+    assert rec["kernel"] == "dx" and rec["arch"] == "sm_80" and rec["dtype"] == "bf16" and not rec["ok"]
+    assert "FAIL dx sm_80 bf16 64x64x8 w4 s3: compile error" in proc.stdout
+
+
+def test_refuses_to_compile_in_an_interpreted_process():
+    assert os.environ.get("TRITON_INTERPRET") == "1" or not aot.kernels.INTERPRET
+    if aot.kernels.INTERPRET:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            aot.compile_config("fwd", configs.shipped_configs("fwd", 2)[0], "fp16", "sm_90")
+
+
+def test_ptxas_log_parsing():
+    log = textwrap.dedent("""\
+        ptxas-blackwell info    : 0 bytes gmem
+        ptxas-blackwell info    : Compiling entry function 'k' for 'sm_90a'
+        ptxas-blackwell info    : Function properties for k
+            40 bytes stack frame, 36 bytes spill stores, 36 bytes spill loads
+        ptxas-blackwell info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized
+        ptxas-blackwell info    : Used 255 registers, used 1 barriers, 40 bytes cumulative stack size
+        ptxas-blackwell info    : Compile time = 271.792 ms
+        """)
+    stores, loads, stack, advisories = aot.parse_ptxas_log(log)
+    assert (stores, loads, stack) == (36, 36, 40)
+    assert advisories == ["info: (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized"]
+    rec = dict(error=None, spill_bytes=72, local_bytes=40, shared_bytes=1, shared_limit=2,
+               tensor_core_expected="wgmma.mma_async", tensor_core=True, advisories=advisories)
+    fails = aot.failures(rec)
+    assert fails[0] == "spills 72 B" and "C7515" in fails[1] and len(fails) == 2
