@@ -33,35 +33,40 @@ def _run(args, *, interpret=False, timeout=900):
 
 
 def _key(r):
-    return r["kernel"], json.dumps(r["config"], sort_keys=True), r["variant"], r["arch"], r["two_level"]
+    return (r["kernel"], json.dumps(r["config"], sort_keys=True), r["variant"], r["arch"], r["two_level"],
+            r["features"])
 
 
-def _expected(dtypes, two_level):
-    """Every (kernel, config, dtype, arch, layout) the gate must cover, from the shipped lists."""
+def _expected(dtypes, two_level, features):
+    """Every (kernel, config, dtype, arch, layout, variant) the gate must cover, from the shipped lists."""
     return {
-        (kind, json.dumps(aot.config_dict(c), sort_keys=True), dtype, arch, tl_)
+        (kind, json.dumps(aot.config_dict(c), sort_keys=True), dtype, arch, tl_, feats)
         for kind in aot.KINDS
         for dtype in dtypes
         for tl_ in two_level
         for c in configs.shipped_configs(kind, aot.DTYPES[dtype][0].itemsize, tl_)
         for arch in aot.DEFAULT_ARCHS
+        for feats in features
     }
 
 
-#: The default gate (contiguous rows, every dtype) plus two-level rows for the fp32 variants, which
-#: have their own list. ``python -m fusedres.aot --two-level both`` covers every layout x dtype.
-RUNS = [(aot.DEFAULT_DTYPES, (False,)), (("fp32", "tf32"), (True,))]
+#: The default gate (contiguous rows, every dtype, both kernel variants: base, and residual scale
+#: with projection) plus two-level rows for the fp32 variants, which have their own list.
+#: ``python -m fusedres.aot --two-level both`` covers every layout x dtype.
+RUNS = [(aot.DEFAULT_DTYPES, (False,), aot.FEATURES), (("fp32", "tf32"), (True,), ("base",))]
 
 
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory):
     """The gate run once per entry of RUNS: all kernels x shipped configs x dtypes x (sm_80, sm_90)."""
     runs = []
-    for i, (dtypes, two_level) in enumerate(RUNS):
+    for i, (dtypes, two_level, features) in enumerate(RUNS):
         path = tmp_path_factory.mktemp("aot") / f"gate{i}.json"
         proc = _run(["-m", "fusedres.aot", "-q", "-j", str(os.cpu_count() or 2), "--dtypes", ",".join(dtypes),
-                     "--two-level", "yes" if two_level == (True,) else "no", "--json", str(path)])
-        runs.append((proc, json.loads(path.read_text()) if path.exists() else None, _expected(dtypes, two_level)))
+                     "--two-level", "yes" if two_level == (True,) else "no", "--features", ",".join(features),
+                     "--json", str(path)])
+        runs.append((proc, json.loads(path.read_text()) if path.exists() else None,
+                     _expected(dtypes, two_level, features)))
     return runs
 
 
@@ -151,12 +156,13 @@ def test_gate_fails_broken_configs():
 def test_cli_exits_nonzero_on_a_broken_config_and_reexecs_without_interpreter(tmp_path):
     path = tmp_path / "broken.json"
     proc = _run(["-m", "fusedres.aot", "--kernels", "dx", "--dtypes", "bf16", "--archs", "sm_80",
-                 "--config", "64x64x8 w4 s3", "--json", str(path)], interpret=True, timeout=600)
+                 "--features", "base", "--config", "64x64x8 w4 s3", "--json", str(path)], interpret=True,
+                timeout=600)
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "re-running without it" in proc.stderr
     (rec,) = json.loads(path.read_text())
     assert rec["kernel"] == "dx" and rec["arch"] == "sm_80" and rec["dtype"] == "bf16" and not rec["ok"]
-    assert "FAIL dx sm_80 bf16 64x64x8 w4 s3: compile error" in proc.stdout
+    assert "FAIL dx sm_80 bf16 64x64x8 w4 s3 (base): compile error" in proc.stdout
 
 
 def test_refuses_to_compile_in_an_interpreted_process():
@@ -183,3 +189,36 @@ def test_ptxas_log_parsing():
                tensor_core_expected="wgmma.mma_async", tensor_core=True, advisories=advisories)
     fails = aot.failures(rec)
     assert fails[0] == "spills 72 B" and "C7515" in fails[1] and len(fails) == 2
+
+
+_TTIR = textwrap.dedent('''
+    import json, sys
+    from fusedres import aot
+    from fusedres.kernels import configs
+    out = {}
+    for kind in aot.KINDS:
+        for features in aot.FEATURES:
+            for two_level in (False, True):
+                dtype = "fp32" if two_level else "bf16"
+                cfg = configs.shipped_configs(kind, 4 if two_level else 2, two_level)[0]
+                r = aot.compile_config(kind, cfg, dtype, "sm_90", two_level=two_level, features=features,
+                                       keep_ir=True)
+                out[f"{kind} {features} {two_level}"] = r["ttir"]
+    json.dump(out, sys.stdout)
+''')
+
+
+def test_row_offsets_are_64_bit_in_the_compiled_kernels():
+    """int64 safety, compile side: in the TTIR the GPU compiler gets, every pointer step along the
+    long (row) dimension of a tile, the ``[R, 1]`` or ``[1, R]`` row bases of x, g, y, dx and of
+    the weight rows, is a 64-bit offset; only the in-row column offsets (k * stride, bounded by
+    one row) are 32-bit. So ``M * D >= 2**31`` cannot overflow an address."""
+    import re
+    proc = _run(["-c", _TTIR], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name, ttir in json.loads(proc.stdout).items():
+        row_steps = re.findall(r"tt\.addptr .*: tensor<(\d+)x(\d+)x!tt\.ptr<\w+>>, tensor<\d+x\d+x(i\d+)>", ttir)
+        bases = [(r, c, t) for r, c, t in row_steps if "1" in (r, c)]
+        assert len(bases) >= 2, name
+        assert all(t == "i64" for _, _, t in bases), (name, bases)
+        assert re.search(r"arith\.extsi %stride_\w+ : i32 to i64", ttir), name

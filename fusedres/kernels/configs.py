@@ -17,25 +17,57 @@ import triton.language as tl
 from ._common import INTERPRET, record_launch
 
 # Shared memory the operand pipeline may take: sm_80's opt-in limit (166912 B) minus headroom for
-# the epilogue's layout-conversion scratch. Configs over it are dropped for that element size,
-# so the same lists serve 2-byte and 4-byte operands. The compile gate checks the real figure.
+# the epilogue's layout-conversion scratch. A safety net: every listed tile fits for its element
+# size, and the compile gate checks the real figure.
 SMEM_BUDGET = 160 * 1024
 
-# (rows of the output tile, columns of the output tile, reduction step, warps, stages)
-_TILES = [
-    (128, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
-    (128, 128, 32, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-]
+# (rows of the output tile, columns of the output tile, reduction step, warps, stages), per
+# operand element size. ``python -m fusedres.aot`` compiles every entry of fwd, dx and dW for
+# sm_80 and sm_90 and requires: no spills, shared memory within the opt-in limit, mma.sync on
+# sm_80, wgmma on sm_90 with no serialisation advisory (C7515). What it measured, and dropped:
+# - 128x256x64 at 8 warps spills (404 B fwd on sm_90), and 128x128 at 4 warps spills on sm_90
+#   (fwd, dx): a 128x128 fp32 accumulator is 128 registers per thread at 4 warps.
+# - fp32 runs either tf32 tensor cores or, by default (torch's matmul precision 'highest'), IEEE
+#   FMA on CUDA cores, where each thread holds its rows of A for the whole reduction step: a
+#   step of 64 spilled in every tile tried, 64x64x32 spills in dW: fp32 keeps steps of 16 and 32.
+# - ptxas 12.9 (sm_80) caps some kernels at 128 registers and spills rather than exceed it:
+#   128x64x16 at 4 warps spills 8 B in dW with tf32; with a projection shortcut (two K loops)
+#   IEEE fp32 128x128x32 at 8 warps spills 24 B (fwd) and 200 B (dx).
+_TILES = {
+    2: [  # fp16, bf16
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 32, 8, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 4, 5),
+    ],
+    4: [  # fp32 (tf32 or IEEE)
+        (128, 128, 16, 8, 4),
+        (64, 128, 16, 4, 4),
+        (64, 64, 16, 4, 4),
+    ],
+    8: [  # fp64 (gradcheck-sized work; not in the default gate)
+        (64, 64, 16, 4, 3),
+    ],
+}
+# Rows addressed through two strides (TWO_LEVEL_ROWS, e.g. a [B, T, D].transpose(0, 1) input)
+# cost int64 row offsets per operand: with fp32 operands every larger tile above spills (up to
+# 23 KB in dW), with fp64 64x64x16 spills in dx, so those launches get their own lists
+# (``--two-level yes`` in the gate).
+_TILES_TWO_LEVEL = {
+    4: [(64, 64, 16, 4, 4)],
+    8: [(32, 64, 16, 4, 3)],
+}
+_ALL_TILES = list(dict.fromkeys(t for tiles in (_TILES, _TILES_TWO_LEVEL) for size in sorted(tiles)
+                                for t in tiles[size]))
 GROUP = 8
 
 
 def _gemm_configs(out_rows: str, out_cols: str, reduce: str, group: str) -> list[triton.Config]:
     return [triton.Config({out_rows: r, out_cols: c, reduce: k, group: GROUP}, num_warps=w, num_stages=s)
-            for r, c, k, w, s in _TILES]
+            for r, c, k, w, s in _ALL_TILES]
 
 
 #: forward: y tile [BLOCK_M, BLOCK_N], reduction over k.
@@ -56,17 +88,28 @@ def pipeline_smem_bytes(kind: str, config: triton.Config, elem_size: int) -> int
     return config.num_stages * (rows * red + red * cols) * elem_size
 
 
-def shipped_configs(kind: str, elem_size: int) -> list[triton.Config]:
-    """The configs of ``kind`` that a GEMM with ``elem_size``-byte operands may run."""
-    fits = [c for c in CONFIGS[kind] if pipeline_smem_bytes(kind, c, elem_size) <= SMEM_BUDGET]
+def _tile(kind: str, config: triton.Config) -> tuple:
+    rows, cols, red = (config.kwargs[n] for n in _TILE_NAMES[kind])
+    return rows, cols, red, config.num_warps, config.num_stages
+
+
+def shipped_configs(kind: str, elem_size: int, two_level: bool = False) -> list[triton.Config]:
+    """The configs of ``kind`` that a GEMM with ``elem_size``-byte operands (and two-level rows,
+    if ``two_level``) may run: the tiles listed for it (all tiles for an unlisted element size)
+    whose pipeline fits."""
+    listed = (_TILES_TWO_LEVEL.get(elem_size) if two_level else None) or _TILES.get(elem_size)
+    fits = [c for c in CONFIGS[kind] if (listed is None or _tile(kind, c) in listed)
+            and pipeline_smem_bytes(kind, c, elem_size) <= SMEM_BUDGET]
     return fits or [min(CONFIGS[kind], key=lambda c: pipeline_smem_bytes(kind, c, elem_size))]
 
 
 def prune_for(kind: str):
-    """``early_config_prune`` for ``triton.autotune``: drop configs whose pipeline overflows."""
+    """``early_config_prune`` for ``triton.autotune``: keep :func:`shipped_configs` for the
+    launch's operand element size and row layout (``TWO_LEVEL_ROWS``, a launch constexpr)."""
     def prune(configs, named_args, **kwargs):
         elem_size = _GEMM_OPERAND[kind](named_args).element_size()
-        keep = {id(c) for c in shipped_configs(kind, elem_size)}
+        two_level = bool(named_args.get("TWO_LEVEL_ROWS", kwargs.get("TWO_LEVEL_ROWS", False)))
+        keep = {id(c) for c in shipped_configs(kind, elem_size, two_level)}
         return [c for c in configs if id(c) in keep] or configs[-1:]
     return prune
 

@@ -1,0 +1,577 @@
+"""The compile gate: ``python -m fusedres.aot``. GPU readiness without a GPU.
+
+Every kernel (fwd, dx, dW) is compiled ahead of time for real NVIDIA targets (sm_80 and sm_90 by
+default, sm_100 on request) in every autotune config it ships for the dtype (the list the
+autotuner's own ``early_config_prune`` keeps, which is
+:func:`fusedres.kernels.configs.shipped_configs`), for fp16, bf16, fp32 in torch's default
+matmul precision ('highest': IEEE, CUDA-core FMA) and fp32 as tf32 (precision 'high').
+
+Nothing about the signature is written by hand. An example launch builds CPU tensors shaped like
+a large real launch (M=8192, D=1024, contiguous, bias, dW with db); the launchers' own argument
+builders (``fwd_launch_args``, ``dx_launch_args``, ``dw_launch_args``) turn them into ``(args,
+consts)``; the autotuner's config kwargs are added as ``Autotuner.run`` adds them; and the JIT
+function's own binder (``create_function_from_signature``, i.e. ``specialize_impl``) and
+``_pack_args`` produce the signature, the constexprs (strides equal to 1 included) and the
+16-byte ``tt.divisibility`` attributes, exactly as ``JITFunction.run`` does before it compiles.
+Then ``triton.compile`` runs the whole pipeline to a cubin for ``GPUTarget("cuda", cc, 32)``.
+
+Per compile it reads:
+
+- registers per thread: the bundled ``cuobjdump --dump-resource-usage`` on the cubin;
+- spills and advisories: the ``ptxas -v`` log of that very compile (``TRITON_DUMP_PTXAS_LOG``;
+  ptxas prints the wgmma-serialisation advisory C7515 as an ``info`` line, not a warning);
+- shared memory: ``metadata.shared`` against the arch's opt-in per-block limit;
+- the tensor-core instruction in the PTX: ``mma.sync`` (sm_80), ``wgmma.mma_async`` (sm_90),
+  ``tcgen05.mma`` (sm_100).
+
+A record fails, and the exit status is 1, if the compile fails, anything spills, shared memory
+exceeds the limit, the expected tensor-core instruction is missing (IEEE fp32 runs on CUDA cores
+and expects none; fp64 expects ``mma.sync``), or ptxas reports wgmma serialisation (C751x).
+
+It must run without ``TRITON_INTERPRET``: the interpreter replaces the JIT functions and patches
+``triton.language``. ``python -m fusedres.aot`` re-executes itself without it;
+:func:`compile_config` and :func:`run_gate` refuse to run in an interpreted process.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import kernels
+from ._layout import plan_rows
+from .kernels import configs as _configs
+from .kernels.residual_bwd import (dw_launch_args, dx_launch_args, residual_dw_kernel_tuned,
+                                   residual_dx_kernel_tuned)
+from .kernels.residual_fwd import fwd_launch_args, residual_fwd_kernel_tuned
+
+# Triton 3.9 warns once per process that its fp-fusion default will change; the gate compiles
+# the default a launch gets today (``enable_fp_fusion`` is in each record).
+warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+
+# ---------------------------------------------------------------------------------------------
+# What is compiled
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    cc: int
+    #: opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes
+    shared_limit: int
+    #: the tensor-core MMA instruction Triton emits for this target, and a PTX regex for it
+    tensor_core: str
+    tensor_core_re: str
+
+
+ARCHS = {
+    "sm_80": Arch("sm_80", 80, 166912, "mma.sync", r"\bmma\.sync\.aligned\."),
+    "sm_90": Arch("sm_90", 90, 232448, "wgmma.mma_async", r"\bwgmma\.mma_async\."),
+    # B200 (cc 10.0): 227 KB per block opt-in, as on Hopper. Opt-in: --archs sm_80,sm_90,sm_100
+    "sm_100": Arch("sm_100", 100, 232448, "tcgen05.mma", r"\btcgen05\.mma\."),
+}
+DEFAULT_ARCHS = ("sm_80", "sm_90")
+
+#: dtype variants: name -> (torch dtype, float32 matmul precision set around the launch, or None
+#: for this process's, which is torch's default 'highest' -> IEEE)
+DTYPES = {
+    "fp16": (torch.float16, None),
+    "bf16": (torch.bfloat16, None),
+    "fp32": (torch.float32, None),      # what a default user gets: 'highest' -> IEEE, CUDA-core FMA
+    "tf32": (torch.float32, "high"),    # fp32 after torch.set_float32_matmul_precision('high')
+    "fp64": (torch.float64, None),      # opt-in
+}
+DEFAULT_DTYPES = ("fp16", "bf16", "fp32", "tf32")
+KINDS = ("fwd", "dx", "dw")
+
+#: The autotuned kernels a launch goes through; walking ``.fn`` (Autotuner, Heuristics) reaches
+#: the JITFunction that a GPU launch compiles.
+TUNED = {"fwd": residual_fwd_kernel_tuned, "dx": residual_dx_kernel_tuned, "dw": residual_dw_kernel_tuned}
+
+#: The example launch: M and D multiples of 16 (so they specialise as 16-divisible, as large
+#: launches do), contiguous operands (one-level rows), or with ``two_level`` a
+#: ``[B, T, D].transpose(0, 1)`` view; bias, and dW with db.
+EXAMPLE_M, EXAMPLE_D, EXAMPLE_B = 8192, 1024, 8
+
+#: Kernel variants the example launch takes: ``base`` (bias; dW with db) and ``alpha+proj`` (the
+#: residual scale with its dalpha partials, and a projection shortcut widening D to 2D: the second
+#: K loop in the forward and dx, dP tiles in dW). Every constexpr branch a user can reach is in one
+#: of the two.
+FEATURES = ("base", "alpha+proj")
+
+#: ptxas advisories that fail the gate: wgmma serialised (C7515 and its siblings, e.g. C7511 when
+#: too few registers are left for the wgmma pipeline), by code or by text.
+_FATAL_ADVISORY = re.compile(r"\bC751\d\b|serializ", re.IGNORECASE)
+#: ``ptxas -v`` lines that are statistics, not advisories
+_ROUTINE = re.compile(r"^(Compiling entry function|Function properties for|Used \d+ registers|Compile time"
+                      r"|\d+ bytes gmem)")
+_TC_RES = {a.tensor_core: a.tensor_core_re for a in ARCHS.values()}
+
+
+def _require_compiler() -> None:
+    if kernels.INTERPRET or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError(
+            "fusedres.aot compiles for real GPU targets and cannot run in a process with TRITON_INTERPRET=1 "
+            "(the interpreter replaces the JIT functions and patches triton.language). Run "
+            "`python -m fusedres.aot` (it re-executes itself without TRITON_INTERPRET), or call this from a "
+            "subprocess whose environment lacks TRITON_INTERPRET.")
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str | None):
+    old = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def expected_tensor_core(arch: str, dtype: str) -> str | None:
+    """The tensor-core instruction a compile must contain: the arch's own for fp16, bf16 and
+    tf32; ``mma.sync`` (DMMA) for fp64, which has no wgmma form; none for IEEE fp32, which
+    tensor cores cannot compute."""
+    tdtype, precision = DTYPES[dtype]
+    if tdtype == torch.float64:
+        return "mma.sync"
+    if tdtype == torch.float32:
+        with _matmul_precision(precision):
+            if _configs.gemm_flags(tdtype)["INPUT_PRECISION"] == "ieee":
+                return None
+    return ARCHS[arch].tensor_core
+
+
+def _jit_fn(kernel):
+    fn = kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# The example launch and the configs
+
+
+def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAMPLE_M, D: int = EXAMPLE_D,
+                   features: str = "base"):
+    """``(args, consts)`` of a real launch of ``kind``, made by the launcher's own code from CPU
+    tensors: ``plan_rows`` (as ``fusedres.op`` calls it), then ``*_launch_args``."""
+    tdtype, precision = DTYPES[dtype]
+    if features not in FEATURES:
+        raise ValueError(f"unknown features {features!r}; one of {FEATURES}")
+    extra = features == "alpha+proj"
+    N = 2 * D if extra else D
+
+    def act(width):
+        if two_level:   # [T, B, D] view of a [B, T, D] tensor: its rows need two strides
+            return torch.empty(EXAMPLE_B, M // EXAMPLE_B, width, dtype=tdtype).transpose(0, 1)
+        return torch.empty(M, width, dtype=tdtype)
+
+    w, b = torch.empty(N, D, dtype=tdtype), torch.empty(N, dtype=tdtype)
+    alpha = torch.empty((), dtype=tdtype) if extra else None
+    proj = torch.empty(N, D, dtype=tdtype) if extra else None
+    with _matmul_precision(precision):
+        if kind == "fwd":
+            x = act(D)
+            rows, (xs,), (xk,) = plan_rows(x)
+            y = torch.empty(rows.M, N, dtype=tdtype)
+            args, consts, _ = fwd_launch_args(xk, xs, w, b, y, rows, alpha, proj)
+        elif kind == "dx":
+            g, x = act(N), act(D)
+            rows, (gs, xs), (gk, xk) = plan_rows(g, x)
+            dx = torch.empty(rows.M, D, dtype=tdtype)
+            args, consts, _ = dx_launch_args(gk, gs, xk, xs, w, dx, rows, alpha, proj)
+        elif kind == "dw":
+            g, x = act(N), act(D)
+            rows, (gs, xs), (gk, xk) = plan_rows(g, x)
+            dw, db = torch.empty(N, D, dtype=tdtype), torch.empty(N, dtype=tdtype)
+            partials = torch.empty(kernels.dalpha_workspace_size(N, D, extra), dtype=torch.float32) if extra else None
+            dp = torch.empty(N, D, dtype=tdtype) if extra else None
+            args, consts, _ = dw_launch_args(gk, gs, xk, xs, dw, db, rows, weight=w, bias=b, alpha=alpha,
+                                             dalpha_partials=partials, dp=dp)
+        else:
+            raise ValueError(f"unknown kernel {kind!r}; one of {KINDS}")
+    if rows.two_level != two_level:
+        raise AssertionError(f"the example launch has two_level={rows.two_level}, asked for {two_level}")
+    return args, consts
+
+
+def gate_configs(kind: str, dtype: str, two_level: bool = False) -> list[triton.Config]:
+    """The configs the autotuner keeps for ``kind``, ``dtype`` and the row layout: its own
+    ``early_config_prune`` on its own config list, with the example launch's arguments (checked
+    against ``shipped_configs``)."""
+    tuned = TUNED[kind]
+    args, consts = example_launch(kind, dtype, two_level)
+    named = dict(zip(tuned.arg_names, args))
+    kept = tuned.early_config_prune(tuned.configs, named, **consts) if tuned.early_config_prune else tuned.configs
+    expected = _configs.shipped_configs(kind, DTYPES[dtype][0].itemsize, two_level)
+    if [id(c) for c in kept] != [id(c) for c in expected]:
+        raise AssertionError(f"{kind}: the autotuner's prune and shipped_configs disagree")
+    return list(kept)
+
+
+def config_dict(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def config_name(kind: str, config: triton.Config) -> str:
+    """Output tile rows x cols x reduction step, warps, stages: ``128x128x64 w8 s3``."""
+    rows, cols, red = (config.kwargs.get(n, "?") for n in _configs._TILE_NAMES[kind])
+    return f"{rows}x{cols}x{red} w{config.num_warps} s{config.num_stages}"
+
+
+def config_from_name(kind: str, name: str) -> triton.Config:
+    """The inverse of :func:`config_name` (group size 8): a config to try, e.g. ``64x64x32 w4 s3``."""
+    m = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+)\s+w(\d+)\s+s(\d+)\s*", name)
+    if not m:
+        raise ValueError(f"config {name!r}: expected 'ROWSxCOLSxSTEP wWARPS sSTAGES', e.g. '128x128x64 w8 s3'")
+    r, c, k, w, s = map(int, m.groups())
+    rows, cols, red = _configs._TILE_NAMES[kind]
+    group = "GROUP_K" if kind == "dw" else "GROUP_M"
+    return triton.Config({rows: r, cols: c, red: k, group: _configs.GROUP}, num_warps=w, num_stages=s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile one config
+
+
+def _bind(fn, kind: str, config: triton.Config, dtype: str, backend, two_level: bool, features: str = "base"):
+    """Signature, constexprs, attrs and options, derived as ``JITFunction.run`` derives them."""
+    from triton.runtime.jit import create_function_from_signature
+
+    args, consts = example_launch(kind, dtype, two_level, features=features)
+    kwargs = {**consts, **config.all_kwargs()}        # what Autotuner.run passes to the JIT function
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or triton.knobs.runtime.debug   # what run() adds
+    for k in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(triton.knobs.compilation, k):
+            kwargs[k] = getattr(triton.knobs.compilation, k)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    return fn._pack_args(backend, kwargs, bound, specialization, options)
+
+
+@contextlib.contextmanager
+def _capture_fd2():
+    """Collect what C++ (MLIR, LLVM) writes to file descriptor 2 during a compile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        out = io.StringIO()
+        try:
+            yield out
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.write(tmp.read().decode(errors="replace"))
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """REG, SHARED, LOCAL, STACK of the kernel from the bundled ``cuobjdump --dump-resource-usage``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name], check=True,
+                             capture_output=True, text=True).stdout
+    usage = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", out)}
+    if "reg" not in usage:
+        raise RuntimeError(f"cannot read the registers from cuobjdump's output:\n{out}")
+    return usage
+
+
+def _ptxas_log(ptx: str, cc: int, options) -> str:
+    """``ptxas -v`` on the PTX with the backend's flags; used only if the compile's own log was not
+    seen (a Triton that no longer prints it)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        fmad = [] if options.enable_fp_fusion else ["--fmad=false"]
+        cmd = [get_ptxas(cc).path, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
+               f"--gpu-name={sm_arch_from_capability(cc)}", src, "-o", os.path.join(d, "k.o")]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+
+
+def parse_ptxas_log(log: str) -> tuple[int, int, int, list[str]]:
+    """(spill store bytes, spill load bytes, stack frame bytes, advisories) of a ``ptxas -v`` log.
+    Advisories are every ``ptxas[-blackwell] <level> : ...`` line but the routine statistics."""
+    stores = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", log))
+    loads = sum(int(v) for v in re.findall(r"(\d+) bytes spill loads", log))
+    stack = sum(int(v) for v in re.findall(r"(\d+) bytes stack frame", log))
+    advisories = []
+    for line in log.splitlines():
+        m = re.match(r"\s*ptxas(?:-blackwell)?\s+(\w+)\s*:\s*(.*\S)", line)
+        if m and not _ROUTINE.search(m.group(2)):
+            advisories.append(f"{m.group(1)}: {m.group(2)}")
+    return stores, loads, stack, advisories
+
+
+def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: str = "sm_90", *,
+                   two_level: bool = False, features: str = "base", kernel=None, keep_ir: bool = False) -> dict:
+    """Compile ``kind`` (``"fwd"``, ``"dx"``, ``"dw"``) in ``config`` for ``dtype`` (a key of
+    :data:`DTYPES`) and ``arch`` (a key of :data:`ARCHS`) and return its record. ``kernel``
+    replaces the shipped kernel (same signature), to test the gate itself.
+
+    Never raises for a kernel that fails to compile: the record then has ``ok=False`` and the
+    error. ``keep_ir`` adds the TTIR and PTX to the record. Needs a process without
+    ``TRITON_INTERPRET``."""
+    _require_compiler()
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    a = ARCHS[arch]
+    tdtype, precision = DTYPES[dtype]
+    with _matmul_precision(precision):
+        input_precision = _configs.gemm_flags(tdtype)["INPUT_PRECISION"]
+    rec = dict(kernel=kind, arch=arch, dtype=str(tdtype).removeprefix("torch.").replace("float", "fp")
+               .replace("bfp16", "bf16"), variant=dtype, input_precision=input_precision, two_level=two_level,
+               features=features,
+               config=config_dict(config), config_name=config_name(kind, config),
+               registers=None, spill_bytes=None, spill_stores=None, spill_loads=None, stack_bytes=None,
+               local_bytes=None, shared_bytes=None, shared_limit=a.shared_limit, tensor_core=False,
+               tensor_core_instr=None, tensor_core_expected=expected_tensor_core(arch, dtype), advisories=[],
+               divisible_by_16=None, equal_to_1=None, enable_fp_fusion=None, compile_s=None, error=None,
+               failures=[], ok=False)
+    target = GPUTarget("cuda", a.cc, 32)
+    backend = make_backend(target)
+    fn = _jit_fn(kernel if kernel is not None else TUNED[kind])
+    t0 = time.perf_counter()
+    stdout = io.StringIO()
+    try:
+        options, signature, constexprs, attrs = _bind(fn, kind, config, dtype, backend, two_level, features)
+        names = fn.arg_names
+        rec.update(divisible_by_16=[names[p[0]] for p, v in attrs.items() if ["tt.divisibility", 16] in v],
+                   equal_to_1=[names[p[0]] for p, v in constexprs.items()
+                               if not fn.params[p[0]].is_constexpr and v == 1],
+                   enable_fp_fusion=options.enable_fp_fusion)
+        with contextlib.ExitStack() as stack:
+            for k in (triton.knobs.nvidia, triton.knobs.compilation, triton.knobs.cache):
+                stack.enter_context(k.scope())
+            triton.knobs.cache.dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fusedres-aot-"))
+            triton.knobs.compilation.always_compile = True     # so that ptxas runs, and logs
+            triton.knobs.nvidia.dump_ptxas_log = True          # the log is print()ed on success
+            stack.enter_context(contextlib.redirect_stdout(stdout))
+            fd2 = stack.enter_context(_capture_fd2())
+            try:
+                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                          options=options.__dict__)
+                err = None
+            except Exception as e:  # noqa: BLE001 - every compile error is a gate failure
+                err = e
+        if err is not None:
+            tail = fd2.getvalue().strip()
+            raise RuntimeError(f"{type(err).__name__}: {err}" + (f"\n{tail[-2000:]}" if tail else ""))
+        rec["compile_s"] = round(time.perf_counter() - t0, 2)
+        log = stdout.getvalue()
+        if "Used " not in log:
+            log = _ptxas_log(compiled.asm["ptx"], a.cc, options)
+        stores, loads, stack_frame, advisories = parse_ptxas_log(log)
+        usage = _resource_usage(compiled.asm["cubin"])
+        ptx = compiled.asm["ptx"]
+        found = [name for name, pat in _TC_RES.items() if re.search(pat, ptx)]
+        want = rec["tensor_core_expected"]
+        rec.update(registers=usage["reg"], spill_stores=stores, spill_loads=loads, spill_bytes=stores + loads,
+                   stack_bytes=stack_frame, local_bytes=usage.get("local", 0), shared_bytes=compiled.metadata.shared,
+                   tensor_core=want in found if want else bool(found),
+                   tensor_core_instr=(want if want in found else found[0]) if found else None,
+                   advisories=advisories)
+        if keep_ir:
+            rec["ttir"], rec["ptx"] = compiled.asm["ttir"], ptx
+    except Exception as e:  # noqa: BLE001
+        rec["error"] = str(e)[:4000]
+        rec["compile_s"] = round(time.perf_counter() - t0, 2)
+    rec["failures"] = failures(rec)
+    rec["ok"] = not rec["failures"]
+    return rec
+
+
+def failures(rec: dict) -> list[str]:
+    """Why a record fails the gate (empty: it passes)."""
+    if rec["error"] is not None:
+        return ["compile error"]
+    out = []
+    if rec["spill_bytes"] or rec["local_bytes"]:
+        out.append(f"spills {rec['spill_bytes']} B")
+    if rec["shared_bytes"] > rec["shared_limit"]:
+        out.append(f"shared memory {rec['shared_bytes']} B > {rec['shared_limit']} B")
+    if rec["tensor_core_expected"] and not rec["tensor_core"]:
+        out.append(f"no {rec['tensor_core_expected']}")
+    out += [f"ptxas {a}" for a in rec["advisories"] if _FATAL_ADVISORY.search(a)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate
+
+
+def gate_jobs(kinds=KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_level=(False,), configs=None,
+              features=FEATURES):
+    """Every (kind, config, dtype, arch, two_level, features) to compile: the autotuner's configs,
+    or the ``configs`` given as names (``"64x64x32 w4 s3"``)."""
+    jobs = []
+    for kind in kinds:
+        for dtype in dtypes:
+            for tl_ in two_level:
+                cfgs = (gate_configs(kind, dtype, tl_) if configs is None
+                        else [config_from_name(kind, n) for n in configs])
+                for feats in features:
+                    for config in cfgs:
+                        for arch in archs:
+                            jobs.append((kind, config, dtype, arch, tl_, feats))
+    return jobs
+
+
+def _run_job(job):
+    kind, config, dtype, arch, two_level, features = job
+    return compile_config(kind, config, dtype, arch, two_level=two_level, features=features)
+
+
+def run_gate(kinds=KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_level=(False,), *, configs=None,
+             features=FEATURES, jobs: int = 1, progress=None) -> list[dict]:
+    """Compile every combination; the records come back in a fixed order. ``jobs > 1`` compiles
+    in that many worker processes (spawned: Triton's compiler is not fork-safe)."""
+    _require_compiler()
+    todo = gate_jobs(kinds, archs, dtypes, two_level, configs, features)
+    records: list = [None] * len(todo)
+    if jobs <= 1:
+        for i, job in enumerate(todo):
+            records[i] = _run_job(job)
+            if progress:
+                progress(records[i], i + 1, len(todo))
+        return records
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_job, job): i for i, job in enumerate(todo)}
+        for n, fut in enumerate(as_completed(futures), 1):
+            records[futures[fut]] = fut.result()
+            if progress:
+                progress(records[futures[fut]], n, len(todo))
+    return records
+
+
+def error_summary(error: str) -> str:
+    """One line of a compile error: Triton puts the source excerpt first and the reason last."""
+    lines = [ln.strip() for ln in error.splitlines() if ln.strip() and ln.strip() != "^"]
+    first = lines[0] if lines else ""
+    return first if len(lines) < 2 else f"{first.split(':')[0]}: {lines[-1]}"
+
+
+def format_table(records: list[dict]) -> str:
+    head = ("kernel", "arch", "dtype", "config", "regs", "spill B", "smem KB / limit", "tensor core", "advisories",
+            "compile s", "ok")
+    rows = []
+    for r in records:
+        dtype = r["variant"] if r["variant"] != "fp32" else "fp32 (ieee)"
+        if r["two_level"]:
+            dtype += " 2lvl"
+        if r.get("features", "base") != "base":
+            dtype += " +" + r["features"]
+        if r["error"] is not None:
+            rows.append((r["kernel"], r["arch"], dtype, r["config_name"], "-", "-", "-", "-",
+                         error_summary(r["error"])[:90], f"{r['compile_s']:.1f}", "FAIL: compile error"))
+            continue
+        tc = r["tensor_core_instr"] or ("- (FMA)" if not r["tensor_core_expected"] else "MISSING")
+        adv = "; ".join(a[:70] for a in r["advisories"]) or "-"
+        rows.append((r["kernel"], r["arch"], dtype, r["config_name"], str(r["registers"]), str(r["spill_bytes"]),
+                     f"{r['shared_bytes'] / 1024:.0f} / {r['shared_limit'] / 1024:.0f}", tc, adv,
+                     f"{r['compile_s']:.1f}", "ok" if r["ok"] else "FAIL: " + ", ".join(r["failures"])))
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
+    fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
+    return "\n".join([fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + [fmt.format(*row) for row in rows])
+
+
+def _ptxas_versions(archs) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+    return ", ".join(f"{a} {get_ptxas(ARCHS[a].cc).version}" for a in archs)
+
+
+def _choices(allowed):
+    def parse(value: str) -> tuple[str, ...]:
+        items = tuple(v.strip() for v in value.split(",") if v.strip())
+        bad = [v for v in items if v not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"unknown {bad or value!r}; choose from {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fusedres.aot",
+        description="Compile every shipped kernel config for real GPU targets (no GPU needed) and check "
+                    "registers, spills, shared memory, tensor-core instructions and ptxas advisories. "
+                    "Exit status 1 if any config fails.")
+    parser.add_argument("--kernels", default=KINDS, type=_choices(KINDS), help="comma list of fwd,dx,dw (all)")
+    parser.add_argument("--archs", "--arch", default=DEFAULT_ARCHS, type=_choices(ARCHS),
+                        help=f"comma list of {','.join(ARCHS)} (default {','.join(DEFAULT_ARCHS)})")
+    parser.add_argument("--dtypes", default=DEFAULT_DTYPES, type=_choices(DTYPES),
+                        help="comma list of fp16,bf16,fp32,tf32,fp64 (default fp16,bf16,fp32,tf32). fp32 is "
+                             "torch's default matmul precision 'highest' (IEEE), tf32 is fp32 under 'high'")
+    parser.add_argument("--two-level", choices=("no", "yes", "both"), default="no",
+                        help="rows of the example launch: contiguous (no, default), a [B,T,D].transpose(0,1) "
+                             "view (yes), or both")
+    parser.add_argument("--features", default=FEATURES, type=_choices(FEATURES),
+                        help="kernel variants: base (bias, db) and alpha+proj (residual scale with dalpha, "
+                             "projection shortcut); default both")
+    parser.add_argument("--config", action="append", metavar="'RxCxK wW sS'",
+                        help="compile this config instead of the shipped ones (repeatable), e.g. '64x64x32 w4 s3'")
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (CPUs)")
+    parser.add_argument("--json", metavar="PATH", help="write the records to PATH as a JSON list")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no table and no progress, only the summary")
+    args = parser.parse_args(argv)
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        print("fusedres.aot: TRITON_INTERPRET=1 is set; re-running without it", file=sys.stderr, flush=True)
+        return subprocess.call([sys.executable, "-m", "fusedres.aot", *(sys.argv[1:] if argv is None else argv)],
+                               env=env)
+
+    t0 = time.perf_counter()
+
+    def progress(rec, n, total):
+        if not args.quiet or not rec["ok"]:
+            state = "ok" if rec["ok"] else "FAIL: " + ", ".join(rec["failures"])
+            print(f"[{n}/{total}] {rec['kernel']} {rec['arch']} {rec['variant']} {rec['features']} {rec['config_name']}: "
+                  f"{state}",
+                  file=sys.stderr, flush=True)
+
+    records = run_gate(args.kernels, args.archs, args.dtypes,
+                       {"no": (False,), "yes": (True,), "both": (False, True)}[args.two_level],
+                       configs=args.config, features=args.features, jobs=max(1, args.jobs), progress=progress)
+    wall = time.perf_counter() - t0
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if not args.quiet:
+        print(format_table(records))
+    failed = [r for r in records if not r["ok"]]
+    print(f"\nfusedres.aot: {len(records)} compiles ({','.join(args.kernels)} x {','.join(args.archs)} x "
+          f"{','.join(args.dtypes)}), {len(failed)} failed, {wall:.0f} s with {args.jobs} jobs; "
+          f"triton {triton.__version__}; ptxas {_ptxas_versions(args.archs)}")
+    for r in failed:
+        print(f"FAIL {r['kernel']} {r['arch']} {r['variant']} {r['config_name']} ({r['features']}): "
+              f"{', '.join(r['failures'])}"
+              + (f"\n    {error_summary(r['error'])}" if r["error"] else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
