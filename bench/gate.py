@@ -21,7 +21,7 @@ from pathlib import Path
 # --gate quick: the forward kernel's shipped configs on sm_90 in bf16 (the Hopper advisories
 # are the leads a CPU machine can find); --gate full: fusedres.aot's own defaults (everything).
 PRESETS = {
-    "quick": ["--kernels", "fwd", "--archs", "sm_90", "--dtypes", "bf16"],
+    "quick": ["--kernels", "fwd", "--archs", "sm_90", "--dtypes", "bf16", "--features", "base"],
     "full": [],
 }
 
