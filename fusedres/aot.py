@@ -55,9 +55,9 @@ import triton
 from . import kernels
 from ._layout import plan_rows
 from .kernels import configs as _configs
-from .kernels.residual_bwd import (dw_launch_args, dx_launch_args, residual_dw_kernel_tuned,
-                                   residual_dx_kernel_tuned)
-from .kernels.residual_fwd import fwd_launch_args, residual_fwd_kernel_tuned
+from .kernels.residual_bwd import dw_launch_args, dx_launch_args
+from .kernels.residual_fwd import fwd_launch_args
+from .tuning import TUNED_KERNELS
 
 # Triton 3.9 warns once per process that its fp-fusion default will change; the gate compiles
 # the default a launch gets today (``enable_fp_fusion`` is in each record).
@@ -100,7 +100,7 @@ KINDS = ("fwd", "dx", "dw")
 
 #: The autotuned kernels a launch goes through; walking ``.fn`` (Autotuner, Heuristics) reaches
 #: the JITFunction that a GPU launch compiles.
-TUNED = {"fwd": residual_fwd_kernel_tuned, "dx": residual_dx_kernel_tuned, "dw": residual_dw_kernel_tuned}
+TUNED = TUNED_KERNELS
 
 #: The example launch: M and D multiples of 16 (so they specialise as 16-divisible, as large
 #: launches do), contiguous operands (one-level rows), or with ``two_level`` a
