@@ -47,3 +47,18 @@ def _clean_env(monkeypatch):
     monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
     monkeypatch.delenv("FUSEDRES_VALIDATE", raising=False)
     assert fusedres.backend_for(DEVICE) == "triton", "the parity suite must run the Triton kernels"
+
+
+@pytest.fixture(autouse=True)
+def _sanitized(request):
+    """Every interpreted launch of every test runs under the bounds sanitizer (fusedres.traffic):
+    an active lane outside its tensor's storage raises before it happens, one outside its view is
+    recorded and fails the test. ``FUSEDRES_SANITIZE=0`` turns it off."""
+    if DEVICE != "cpu" or os.environ.get("FUSEDRES_SANITIZE", "1") == "0" or "no_sanitizer" in request.keywords:
+        yield
+        return
+    from fusedres.traffic import InterpreterTraffic
+
+    with InterpreterTraffic(track_unique=False, raise_on_violation=True) as sanitizer:
+        yield
+    assert sanitizer.violations == [], "\n".join(map(str, sanitizer.violations))
