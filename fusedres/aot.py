@@ -242,7 +242,7 @@ def config_from_name(kind: str, name: str) -> triton.Config:
         raise ValueError(f"config {name!r}: expected 'ROWSxCOLSxSTEP wWARPS sSTAGES', e.g. '128x128x64 w8 s3'")
     r, c, k, w, s = map(int, m.groups())
     rows, cols, red = _configs._TILE_NAMES[kind]
-    group = "GROUP_K" if kind == "dw" else "GROUP_M"
+    group = _configs.GROUP_NAME[kind]
     return triton.Config({rows: r, cols: c, red: k, group: _configs.GROUP}, num_warps=w, num_stages=s)
 
 

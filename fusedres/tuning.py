@@ -18,6 +18,7 @@ from typing import Iterable
 import torch
 import triton
 
+from .kernels._common import next_pow2_bucket
 from .kernels.configs import autotune_key  # noqa: F401  (re-exported for users)
 from .kernels.residual_bwd import residual_dw_kernel_tuned, residual_dx_kernel_tuned
 from .kernels.residual_fwd import residual_fwd_kernel_tuned
@@ -38,7 +39,7 @@ def warmup(dim: int, batch_sizes: Iterable[int], *, dtypes: Iterable[torch.dtype
 
     buckets = {}
     for M in batch_sizes:
-        buckets.setdefault(triton.next_power_of_2(max(int(M), 1)), int(M))
+        buckets.setdefault(next_pow2_bucket(int(M)), int(M))
     for dtype in dtypes:
         w = torch.randn(dim, dim, device=device, dtype=dtype) * dim ** -0.5
         b = torch.zeros(dim, device=device, dtype=dtype) if bias else None

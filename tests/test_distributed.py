@@ -36,7 +36,6 @@ def _run_two_ranks(wrapper, tmp_path, timeout=300):
     return json.loads(out.read_text())
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU/gloo variant; CUDA runs use NCCL setups of their own")
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 def test_data_parallel_training_matches_eager(wrapper, tmp_path):
     result = _run_two_ranks(wrapper, tmp_path)

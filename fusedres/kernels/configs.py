@@ -80,6 +80,8 @@ DW_CONFIGS = _gemm_configs("BLOCK_K", "BLOCK_N", "BLOCK_M", "GROUP_K")
 _TILE_NAMES = {"fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "dx": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
                "dw": ("BLOCK_K", "BLOCK_N", "BLOCK_M")}
 CONFIGS = {"fwd": FWD_CONFIGS, "dx": DX_CONFIGS, "dw": DW_CONFIGS}
+#: the constexpr that sets each kernel's grouped tile order
+GROUP_NAME = {"fwd": "GROUP_M", "dx": "GROUP_M", "dw": "GROUP_K"}
 
 
 def pipeline_smem_bytes(kind: str, config: triton.Config, elem_size: int) -> int:
@@ -124,7 +126,7 @@ def interpreter_config(kind: str, M: int, D: int) -> triton.Config:
     def fit(n):
         return max(16, min(128, triton.next_power_of_2(max(n, 1))))
     rows, cols, red = _TILE_NAMES[kind]
-    group = "GROUP_K" if kind == "dw" else "GROUP_M"
+    group = GROUP_NAME[kind]
     sizes = {"BLOCK_M": fit(M), "BLOCK_N": fit(D), "BLOCK_K": fit(D)}
     return triton.Config({rows: sizes[rows], cols: sizes[cols], red: sizes[red], group: GROUP},
                          num_warps=4, num_stages=1)
