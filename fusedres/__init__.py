@@ -5,7 +5,8 @@ from .convert import fuse
 from .mlp import ResidualMLP
 from .module import FusedResidualBlock
 from .op import SUPPORTED_DTYPES, backend_for, fused_residual
-from .reference import ResidualBlock, residual_reference
+from .reference import ResidualBlock, residual_reference, stack_reference
+from .stack import STACK_WIDTHS, FusedResidualStack, fused_residual_stack
 from .tuning import load_tuning, save_tuning, warmup
 from .validate import ParityError
 
@@ -13,6 +14,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FusedResidualBlock",
+    "FusedResidualStack",
+    "fused_residual_stack",
+    "stack_reference",
+    "STACK_WIDTHS",
     "ResidualMLP",
     "fuse",
     "ResidualBlock",

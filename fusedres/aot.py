@@ -57,6 +57,7 @@ from ._layout import plan_rows
 from .kernels import configs as _configs
 from .kernels.residual_bwd import dw_launch_args, dx_launch_args
 from .kernels.residual_fwd import fwd_launch_args
+from .kernels import residual_stack as _stack
 from .tuning import TUNED_KERNELS
 
 # Triton 3.9 warns once per process that its fp-fusion default will change; the gate compiles
@@ -97,6 +98,15 @@ DTYPES = {
 }
 DEFAULT_DTYPES = ("fp16", "bf16", "fp32", "tf32")
 KINDS = ("fwd", "dx", "dw")
+#: The narrow stack's kernels (``fusedres.kernels.residual_stack``): one config per width and
+#: arch, compiled at every width of ``STACK_WIDTHS`` in each of its variants.
+STACK_KINDS = ("stack_fwd", "stack_bwd", "stack_reduce")
+ALL_KINDS = KINDS + STACK_KINDS
+STACK_VARIANTS = {"stack_fwd": ("train", "inference"), "stack_bwd": ("deterministic", "atomic"),
+                  "stack_reduce": ("base",)}
+STACK_WIDTHS = _stack.STACK_WIDTHS
+#: The stack's example launch: 2**16 rows, 8 layers, bias.
+STACK_EXAMPLE_M, STACK_EXAMPLE_L = 65536, 8
 
 #: The autotuned kernels a launch goes through; walking ``.fn`` (Autotuner, Heuristics) reaches
 #: the JITFunction that a GPU launch compiles.
@@ -172,6 +182,8 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     """``(args, consts)`` of a real launch of ``kind``, made by the launcher's own code from CPU
     tensors: ``plan_rows`` (as ``fusedres.op`` calls it), then ``*_launch_args``."""
     tdtype, precision = DTYPES[dtype]
+    if kind in STACK_KINDS:
+        return stack_example_launch(kind, dtype, D if D != EXAMPLE_D else 64, features)
     if features not in FEATURES:
         raise ValueError(f"unknown features {features!r}; one of {FEATURES}")
     extra = features == "alpha+proj"
@@ -211,6 +223,43 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     return args, consts
 
 
+def stack_example_launch(kind: str, dtype: str, width: int, variant: str):
+    """``(args, consts)`` of a stack launch at ``width``, from the stack launchers' own argument
+    builders: contiguous operands as ``fusedres`` hands them over, bias, M = 2**16, L = 8.
+    ``variant``: ``train``/``inference`` (forward), ``deterministic``/``atomic`` (backward)."""
+    if variant not in STACK_VARIANTS[kind]:
+        raise ValueError(f"{kind}: unknown variant {variant!r}; one of {STACK_VARIANTS[kind]}")
+    tdtype, precision = DTYPES[dtype]
+    M, L, D = STACK_EXAMPLE_M, STACK_EXAMPLE_L, width
+    acc = torch.float64 if tdtype == torch.float64 else torch.float32
+    x, w, b = torch.empty(M, D, dtype=tdtype), torch.empty(L, D, D, dtype=tdtype), torch.empty(L, D, dtype=tdtype)
+    with _matmul_precision(precision):
+        config = _configs.stack_config(kind, D, _configs.stack_operand_class(tdtype))
+        if kind == "stack_fwd":
+            saved = torch.empty(L - 1, M, D, dtype=tdtype) if variant == "train" else None
+            args, consts, _ = _stack.stack_fwd_launch_args(x, w, b, saved, torch.empty_like(x), config)
+        elif kind == "stack_bwd":
+            det = variant == "deterministic"
+            P = 132
+            ws = torch.empty((P if det else 1) * L * (D * D + D), dtype=acc)
+            args, consts, _ = _stack.stack_bwd_launch_args(
+                torch.empty_like(x), x, torch.empty(L - 1, M, D, dtype=tdtype), w, torch.empty_like(x),
+                torch.empty(M, D, dtype=acc), ws, chunk=3, need_dx=True, need_params=True, has_bias=True,
+                deterministic=det, programs=P, config=config)
+        else:
+            args, consts, _ = _stack.reduce_launch_args(torch.empty(132 * L * (D * D + D), dtype=acc), w, b, 132,
+                                                        config)
+    return args, consts
+
+
+def stack_gate_config(kind: str, width: int, arch: str, dtype: str) -> triton.Config:
+    """The config a launch of the stack kernel ``kind`` at ``width`` takes on ``arch`` for ``dtype``."""
+    cc = ARCHS[arch].cc
+    tdtype, precision = DTYPES[dtype]
+    with _matmul_precision(precision):
+        return _configs.stack_config(kind, width, _configs.stack_operand_class(tdtype), (cc // 10, cc % 10))
+
+
 def gate_configs(kind: str, dtype: str, two_level: bool = False) -> list[triton.Config]:
     """The configs the autotuner keeps for ``kind``, ``dtype`` and the row layout: its own
     ``early_config_prune`` on its own config list, with the example launch's arguments (checked
@@ -230,7 +279,10 @@ def config_dict(config: triton.Config) -> dict:
 
 
 def config_name(kind: str, config: triton.Config) -> str:
-    """Output tile rows x cols x reduction step, warps, stages: ``128x128x64 w8 s3``."""
+    """Output tile rows x cols x reduction step, warps, stages: ``128x128x64 w8 s3``; a stack
+    kernel's tile: ``BLOCK_M=128 DW_COLS=64 w8 s2``."""
+    if kind in STACK_KINDS:
+        return " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
     rows, cols, red = (config.kwargs.get(n, "?") for n in _configs._TILE_NAMES[kind])
     return f"{rows}x{cols}x{red} w{config.num_warps} s{config.num_stages}"
 
@@ -250,11 +302,15 @@ def config_from_name(kind: str, name: str) -> triton.Config:
 # Compile one config
 
 
-def _bind(fn, kind: str, config: triton.Config, dtype: str, backend, two_level: bool, features: str = "base"):
+def _bind(fn, kind: str, config: triton.Config, dtype: str, backend, two_level: bool, features: str = "base",
+          width: int | None = None):
     """Signature, constexprs, attrs and options, derived as ``JITFunction.run`` derives them."""
     from triton.runtime.jit import create_function_from_signature
 
-    args, consts = example_launch(kind, dtype, two_level, features=features)
+    if kind in STACK_KINDS:
+        args, consts = stack_example_launch(kind, dtype, width, features)
+    else:
+        args, consts = example_launch(kind, dtype, two_level, features=features)
     kwargs = {**consts, **config.all_kwargs()}        # what Autotuner.run passes to the JIT function
     kwargs["debug"] = kwargs.get("debug", fn.debug) or triton.knobs.runtime.debug   # what run() adds
     for k in ("instrumentation_mode", "fpsan_homomorphic_casts"):
@@ -325,7 +381,8 @@ def parse_ptxas_log(log: str) -> tuple[int, int, int, list[str]]:
 
 
 def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: str = "sm_90", *,
-                   two_level: bool = False, features: str = "base", kernel=None, keep_ir: bool = False) -> dict:
+                   two_level: bool = False, features: str = "base", width: int | None = None, kernel=None,
+                   keep_ir: bool = False) -> dict:
     """Compile ``kind`` (``"fwd"``, ``"dx"``, ``"dw"``) in ``config`` for ``dtype`` (a key of
     :data:`DTYPES`) and ``arch`` (a key of :data:`ARCHS`) and return its record. ``kernel``
     replaces the shipped kernel (same signature), to test the gate itself.
@@ -343,20 +400,21 @@ def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: 
         input_precision = _configs.gemm_flags(tdtype)["INPUT_PRECISION"]
     rec = dict(kernel=kind, arch=arch, dtype=str(tdtype).removeprefix("torch.").replace("float", "fp")
                .replace("bfp16", "bf16"), variant=dtype, input_precision=input_precision, two_level=two_level,
-               features=features,
+               features=features, width=width,
                config=config_dict(config), config_name=config_name(kind, config),
                registers=None, spill_bytes=None, spill_stores=None, spill_loads=None, stack_bytes=None,
                local_bytes=None, shared_bytes=None, shared_limit=a.shared_limit, tensor_core=False,
-               tensor_core_instr=None, tensor_core_expected=expected_tensor_core(arch, dtype), advisories=[],
+               tensor_core_instr=None, tensor_core_expected=None if kind == "stack_reduce" else expected_tensor_core(arch, dtype), advisories=[],
+               scalar_loads=None, vector_loads=None, atomics=None, non_relaxed_atomics=None,
                divisible_by_16=None, equal_to_1=None, enable_fp_fusion=None, compile_s=None, error=None,
                failures=[], ok=False)
     target = GPUTarget("cuda", a.cc, 32)
     backend = make_backend(target)
-    fn = _jit_fn(kernel if kernel is not None else TUNED[kind])
+    fn = _jit_fn(kernel if kernel is not None else TUNED[kind] if kind in KINDS else _STACK_KERNELS[kind])
     t0 = time.perf_counter()
     stdout = io.StringIO()
     try:
-        options, signature, constexprs, attrs = _bind(fn, kind, config, dtype, backend, two_level, features)
+        options, signature, constexprs, attrs = _bind(fn, kind, config, dtype, backend, two_level, features, width)
         names = fn.arg_names
         rec.update(divisible_by_16=[names[p[0]] for p, v in attrs.items() if ["tt.divisibility", 16] in v],
                    equal_to_1=[names[p[0]] for p, v in constexprs.items()
@@ -393,6 +451,8 @@ def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: 
                    tensor_core=want in found if want else bool(found),
                    tensor_core_instr=(want if want in found else found[0]) if found else None,
                    advisories=advisories)
+        if kind in STACK_KINDS:
+            rec.update(memory_instructions(ptx))
         if keep_ir:
             rec["ttir"], rec["ptx"] = compiled.asm["ttir"], ptx
     except Exception as e:  # noqa: BLE001
@@ -401,6 +461,32 @@ def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: 
     rec["failures"] = failures(rec)
     rec["ok"] = not rec["failures"]
     return rec
+
+
+_STACK_KERNELS = {"stack_fwd": _stack.residual_stack_fwd_kernel, "stack_bwd": _stack.residual_stack_bwd_kernel,
+                  "stack_reduce": _stack.residual_stack_reduce_kernel}
+_GLOBAL_LOAD = re.compile(r"^\s*(?:@%p\d+\s+)?(ld\.global\S*|cp\.async\.\w+\.shared\.global\s.*?,\s*(0x[0-9a-f]+|\d+))",
+                          re.MULTILINE)
+_ATOMIC = re.compile(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.\S+", re.MULTILINE)
+
+
+def memory_instructions(ptx: str) -> dict:
+    """The stack kernels' global loads and atomics in the PTX: ``vector_loads`` move 128 bits
+    (``ld.global.v4.b32``, ``.v2.b64``, or a 16-byte ``cp.async``), ``scalar_loads`` move 16 bits
+    or less (what a kernel compiled without the 16-byte alignment hints does for 2-byte
+    activations), and every atomic that is not ``.relaxed``."""
+    vector = scalar = 0
+    for instr, cp_bytes in _GLOBAL_LOAD.findall(ptx):
+        if cp_bytes:
+            size = int(cp_bytes, 0) * 8
+        else:
+            m = re.search(r"\.v(\d)\.[a-z]*(\d+)", instr) or re.search(r"()\.[a-z]*(\d+)$", instr)
+            size = int(m.group(1) or 1) * int(m.group(2))
+        vector += size >= 128
+        scalar += size <= 16
+    atomics = [a.strip() for a in _ATOMIC.findall(ptx)]
+    return dict(vector_loads=vector, scalar_loads=scalar, atomics=len(atomics),
+                non_relaxed_atomics=sorted({a for a in atomics if ".relaxed" not in a}))
 
 
 def failures(rec: dict) -> list[str]:
@@ -415,6 +501,15 @@ def failures(rec: dict) -> list[str]:
     if rec["tensor_core_expected"] and not rec["tensor_core"]:
         out.append(f"no {rec['tensor_core_expected']}")
     out += [f"ptxas {a}" for a in rec["advisories"] if _FATAL_ADVISORY.search(a)]
+    if rec["kernel"] in STACK_KINDS:
+        # Every load of a stack kernel is a whole aligned row segment: a scalar load means the
+        # alignment the launcher guarantees did not reach the compiler.
+        if rec["scalar_loads"]:
+            out.append(f"{rec['scalar_loads']} scalar 16-bit global loads")
+        if not rec["vector_loads"]:
+            out.append("no 128-bit global loads")
+        if rec["non_relaxed_atomics"]:
+            out.append(f"non-relaxed atomics {rec['non_relaxed_atomics']}")
     return out
 
 
@@ -422,12 +517,18 @@ def failures(rec: dict) -> list[str]:
 # The gate
 
 
-def gate_jobs(kinds=KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_level=(False,), configs=None,
-              features=FEATURES):
-    """Every (kind, config, dtype, arch, two_level, features) to compile: the autotuner's configs,
-    or the ``configs`` given as names (``"64x64x32 w4 s3"``)."""
+def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_level=(False,), configs=None,
+              features=FEATURES, widths=STACK_WIDTHS):
+    """Every (kind, config, dtype, arch, two_level, features, width) to compile: the autotuner's
+    configs, or the ``configs`` given as names (``"64x64x32 w4 s3"``); for the stack kernels,
+    the shipped config of each width in ``widths`` and each variant (``width`` is None for the
+    single-block kernels)."""
     jobs = []
     for kind in kinds:
+        if kind in STACK_KINDS:
+            jobs += [(kind, stack_gate_config(kind, width, arch, dtype), dtype, arch, False, variant, width)
+                     for dtype in dtypes for width in widths for variant in STACK_VARIANTS[kind] for arch in archs]
+            continue
         for dtype in dtypes:
             for tl_ in two_level:
                 cfgs = (gate_configs(kind, dtype, tl_) if configs is None
@@ -435,21 +536,21 @@ def gate_jobs(kinds=KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_level
                 for feats in features:
                     for config in cfgs:
                         for arch in archs:
-                            jobs.append((kind, config, dtype, arch, tl_, feats))
+                            jobs.append((kind, config, dtype, arch, tl_, feats, None))
     return jobs
 
 
 def _run_job(job):
-    kind, config, dtype, arch, two_level, features = job
-    return compile_config(kind, config, dtype, arch, two_level=two_level, features=features)
+    kind, config, dtype, arch, two_level, features, width = job
+    return compile_config(kind, config, dtype, arch, two_level=two_level, features=features, width=width)
 
 
-def run_gate(kinds=KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_level=(False,), *, configs=None,
-             features=FEATURES, jobs: int = 1, progress=None) -> list[dict]:
+def run_gate(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_level=(False,), *, configs=None,
+             features=FEATURES, widths=STACK_WIDTHS, jobs: int = 1, progress=None) -> list[dict]:
     """Compile every combination; the records come back in a fixed order. ``jobs > 1`` compiles
     in that many worker processes (spawned: Triton's compiler is not fork-safe)."""
     _require_compiler()
-    todo = gate_jobs(kinds, archs, dtypes, two_level, configs, features)
+    todo = gate_jobs(kinds, archs, dtypes, two_level, configs, features, widths)
     records: list = [None] * len(todo)
     if jobs <= 1:
         for i, job in enumerate(todo):
@@ -481,7 +582,9 @@ def format_table(records: list[dict]) -> str:
         dtype = r["variant"] if r["variant"] != "fp32" else "fp32 (ieee)"
         if r["two_level"]:
             dtype += " 2lvl"
-        if r.get("features", "base") != "base":
+        if r.get("width"):
+            dtype += f" D={r['width']} {r['features']}"
+        elif r.get("features", "base") != "base":
             dtype += " +" + r["features"]
         if r["error"] is not None:
             rows.append((r["kernel"], r["arch"], dtype, r["config_name"], "-", "-", "-", "-",
@@ -519,7 +622,10 @@ def main(argv=None) -> int:
         description="Compile every shipped kernel config for real GPU targets (no GPU needed) and check "
                     "registers, spills, shared memory, tensor-core instructions and ptxas advisories. "
                     "Exit status 1 if any config fails.")
-    parser.add_argument("--kernels", default=KINDS, type=_choices(KINDS), help="comma list of fwd,dx,dw (all)")
+    parser.add_argument("--kernels", default=ALL_KINDS, type=_choices(ALL_KINDS),
+                        help=f"comma list of {','.join(ALL_KINDS)} (all)")
+    parser.add_argument("--widths", default=STACK_WIDTHS, type=_choices([str(w) for w in STACK_WIDTHS]),
+                        help="stack kernels: the widths D to compile (all of 16,32,64,128)")
     parser.add_argument("--archs", "--arch", default=DEFAULT_ARCHS, type=_choices(ARCHS),
                         help=f"comma list of {','.join(ARCHS)} (default {','.join(DEFAULT_ARCHS)})")
     parser.add_argument("--dtypes", default=DEFAULT_DTYPES, type=_choices(DTYPES),
@@ -549,13 +655,16 @@ def main(argv=None) -> int:
     def progress(rec, n, total):
         if not args.quiet or not rec["ok"]:
             state = "ok" if rec["ok"] else "FAIL: " + ", ".join(rec["failures"])
-            print(f"[{n}/{total}] {rec['kernel']} {rec['arch']} {rec['variant']} {rec['features']} {rec['config_name']}: "
+            width = f" D={rec['width']}" if rec["width"] else ""
+            print(f"[{n}/{total}] {rec['kernel']}{width} {rec['arch']} {rec['variant']} {rec['features']} "
+                  f"{rec['config_name']}: "
                   f"{state}",
                   file=sys.stderr, flush=True)
 
     records = run_gate(args.kernels, args.archs, args.dtypes,
                        {"no": (False,), "yes": (True,), "both": (False, True)}[args.two_level],
-                       configs=args.config, features=args.features, jobs=max(1, args.jobs), progress=progress)
+                       configs=args.config, features=args.features, widths=tuple(int(w) for w in args.widths),
+                       jobs=max(1, args.jobs), progress=progress)
     wall = time.perf_counter() - t0
     if args.json:
         with open(args.json, "w") as f:
@@ -567,7 +676,8 @@ def main(argv=None) -> int:
           f"{','.join(args.dtypes)}), {len(failed)} failed, {wall:.0f} s with {args.jobs} jobs; "
           f"triton {triton.__version__}; ptxas {_ptxas_versions(args.archs)}")
     for r in failed:
-        print(f"FAIL {r['kernel']} {r['arch']} {r['variant']} {r['config_name']} ({r['features']}): "
+        print(f"FAIL {r['kernel']}{' D=%s' % r['width'] if r['width'] else ''} {r['arch']} {r['variant']} "
+              f"{r['config_name']} ({r['features']}): "
               f"{', '.join(r['failures'])}"
               + (f"\n    {error_summary(r['error'])}" if r["error"] else ""))
     return 1 if failed else 0

@@ -5,9 +5,10 @@ from torch import nn
 
 from .module import FusedResidualBlock
 from .reference import ResidualBlock
+from .stack import STACK_WIDTHS, FusedResidualStack, _stackable
 
 
-def fuse(model: nn.Module) -> nn.Module:
+def fuse(model: nn.Module, *, stacks: bool = False) -> nn.Module:
     """Replace, in place, every submodule ``fuse`` can recognise without guessing, and return
     ``model``. The replacement shares the original's parameters (no copy): optimizers, tied
     weights and hooks on the parameters keep working.
@@ -17,6 +18,13 @@ def fuse(model: nn.Module) -> nn.Module:
     - :class:`fusedres.ResidualBlock` (exactly that class: a subclass may have changed
       ``forward``) becomes :class:`fusedres.FusedResidualBlock`.
 
+    With ``stacks=True``, runs of two or more consecutive blocks inside an ``nn.Sequential`` (the
+    one container whose execution order is its order) that a :class:`fusedres.FusedResidualStack`
+    computes exactly (square, one width in {16, 32, 64, 128}, all with or all without bias, one
+    dtype and device, a fixed alpha of 1) become one stack, named after the run's first block.
+    The stack owns its ``[depth, dim, dim]`` weight, so those parameters are copied, not shared:
+    build the optimizer after ``fuse``. Blocks outside such runs are converted as above.
+
     A hand-written ``x + linear(relu(x))`` inside some other module's ``forward`` is not
     recognised: that would need guessing at code. Wrap it as a ``ResidualBlock`` or use
     ``FusedResidualBlock.from_linear``.
@@ -24,9 +32,38 @@ def fuse(model: nn.Module) -> nn.Module:
     if type(model) is ResidualBlock:
         raise TypeError("fuse: the model itself is a ResidualBlock; use "
                         "FusedResidualBlock.from_block(model) to convert a single block")
+    if stacks and isinstance(model, nn.Sequential):
+        _fold_stacks(model)
     for name, child in model.named_children():
         if type(child) is ResidualBlock:
             setattr(model, name, FusedResidualBlock.from_block(child))
         else:
-            fuse(child)
+            fuse(child, stacks=stacks)
     return model
+
+
+def _stack_key(block: nn.Module):
+    """What must agree along a run of blocks for one stack to compute them (None: not stackable)."""
+    if not _stackable(block) or block.dim not in STACK_WIDTHS:
+        return None
+    return block.dim, block.bias is None, block.weight.dtype, block.weight.device
+
+
+def _fold_stacks(seq: nn.Sequential) -> None:
+    items = list(seq._modules.items())
+    runs, start = [], 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or _stack_key(items[i][1]) is None or _stack_key(items[i][1]) != _stack_key(items[start][1]):
+            if _stack_key(items[start][1]) is not None and i - start >= 2:
+                runs.append((start, i))
+            start = i
+    if not runs:
+        return
+    folded, i = [], 0
+    for a, b in runs:
+        folded += items[i:a]
+        folded.append((items[a][0], FusedResidualStack.from_blocks([m for _, m in items[a:b]])))
+        i = b
+    folded += items[i:]
+    seq._modules.clear()
+    seq._modules.update(folded)

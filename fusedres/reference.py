@@ -132,3 +132,44 @@ class ResidualBlock(_ResidualParameters):
 
     def forward(self, x: Tensor) -> Tensor:
         return residual_reference(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# The narrow stack: L square blocks without alpha, ``weight [L, D, D]``, ``bias [L, D]``
+
+
+def stack_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The definition of the stack in plain PyTorch: ``x_{l+1} = x_l + relu(x_l) @ W_l.T + b_l``."""
+    for l in range(weight.shape[0]):
+        x = residual_reference(x, weight[l], None if bias is None else bias[l])
+    return x
+
+
+def eager_stack_forward(x: Tensor, weight: Tensor, bias: Tensor | None, save: bool) -> tuple[Tensor, Tensor]:
+    """``(x_L, saved)`` as eager computes them, block after block in the dtypes the kernels see;
+    ``saved`` is ``[L-1, M, D]`` holding ``x_1 .. x_{L-1}`` with ``save``, else empty."""
+    xs = []
+    for l in range(weight.shape[0]):
+        if l:
+            xs.append(x)
+        x = eager_forward(x, weight[l], None if bias is None else bias[l])
+    saved = torch.stack(xs) if save and xs else x.new_empty(0, *x.shape)
+    return x, saved
+
+
+def eager_stack_backward(grad: Tensor, x: Tensor, saved: Tensor, weight: Tensor, has_bias: bool, need_dx: bool,
+                         need_params: bool):
+    """``(dx, dW, db)`` as eager autograd computes them given the saved activations: each layer's
+    backward (:func:`eager_backward`) from ``x_l`` and the incoming gradient, top layer first. In
+    fp64 on fp64 copies of the same saved activations this is the backward's reference (end to
+    end, relu-mask flips near zero would dominate any low-precision comparison)."""
+    L = weight.shape[0]
+    dws, dbs = [None] * L, [None] * L
+    g = grad
+    for l in reversed(range(L)):
+        x_l = x if l == 0 else saved[l - 1]
+        g, dws[l], dbs[l], _, _ = eager_backward(g, x_l, weight[l], None, None, None, True, need_params,
+                                                  need_params and has_bias, False, False)
+    dw = torch.stack(dws) if need_params else None
+    db = torch.stack(dbs) if need_params and has_bias else None
+    return (g if need_dx else None), dw, db

@@ -192,3 +192,60 @@ def launch(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, c
             kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
                          num_stages=config.num_stages)
     record_launch("residual_" + kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# The narrow stack (residual_stack.py): one config per (kernel, operand class, width, arch), no
+# autotuning. The forward is one launch per step and the backward grid is persistent, sized to
+# the GPU: the row tile is what there is to choose, and ``python -m fusedres.aot`` compiles every
+# entry below for sm_80 and sm_90 (no spills, tensor cores, 128-bit loads, relaxed atomics only).
+#
+# Operand classes: "16bit" (fp16, bf16 on tensor cores), "tf32", "ieee" (fp32 under torch's
+# default matmul precision: FMA on CUDA cores, where each thread holds its rows of relu(x) for the
+# whole reduction over D), "fp64" (interpreter-sized work; gradcheck).
+# Forward: (BLOCK_M, warps, stages). Backward: (BLOCK_M, warps, stages, DW_COLS).
+STACK_FWD_TILES = {
+    "16bit": {16: (128, 4, 3), 32: (128, 4, 3), 64: (128, 4, 3), 128: (128, 8, 3)},
+    "tf32": {16: (128, 4, 3), 32: (128, 4, 3), 64: (128, 4, 3), 128: (128, 8, 3)},
+    "ieee": {16: (128, 4, 3), 32: (128, 4, 3), 64: (128, 4, 3), 128: (128, 8, 3)},
+    "fp64": {16: (32, 4, 1), 32: (32, 4, 1), 64: (32, 4, 1), 128: (32, 4, 1)},
+}
+STACK_BWD_TILES = {
+    "16bit": {16: (128, 4, 2, 16), 32: (128, 4, 2, 32), 64: (128, 8, 2, 64), 128: (64, 8, 2, 64)},
+    "tf32": {16: (128, 4, 2, 16), 32: (128, 4, 2, 32), 64: (128, 8, 2, 64), 128: (64, 8, 2, 64)},
+    "ieee": {16: (128, 4, 2, 16), 32: (128, 4, 2, 32), 64: (128, 8, 2, 64), 128: (64, 8, 2, 64)},
+    "fp64": {16: (32, 4, 1, 16), 32: (32, 4, 1, 32), 64: (32, 4, 1, 32), 128: (32, 4, 1, 32)},
+}
+#: sm_80 entries that differ from the lists above (ptxas 12.x there caps registers lower)
+STACK_FWD_TILES_SM80: dict = {"16bit": {}, "tf32": {}, "ieee": {}, "fp64": {}}
+STACK_BWD_TILES_SM80: dict = {"16bit": {}, "tf32": {}, "ieee": {}, "fp64": {}}
+STACK_REDUCE_BLOCK, STACK_REDUCE_WARPS = 1024, 4
+
+
+def stack_operand_class(dtype: torch.dtype) -> str:
+    """The operand class of a stack whose weights are ``dtype``, under the current fp32 matmul
+    precision (see :func:`gemm_flags`)."""
+    if dtype == torch.float64:
+        return "fp64"
+    if dtype == torch.float32:
+        return "ieee" if gemm_flags(dtype)["INPUT_PRECISION"] == "ieee" else "tf32"
+    return "16bit"
+
+
+def stack_config(kind: str, D: int, operands: str = "16bit", capability: tuple[int, int] | None = None
+                 ) -> triton.Config:
+    """The shipped config of a stack kernel (``"stack_fwd"``, ``"stack_bwd"``, ``"stack_reduce"``)
+    at width ``D`` for an operand class (:func:`stack_operand_class`) on a GPU of compute
+    ``capability`` (None: the sm_90 entries, which the interpreter also uses)."""
+    if kind == "stack_reduce":
+        return triton.Config({"BLOCK": STACK_REDUCE_BLOCK}, num_warps=STACK_REDUCE_WARPS, num_stages=1)
+    sm80 = capability is not None and capability[0] < 9
+    if kind == "stack_fwd":
+        tiles = {**STACK_FWD_TILES[operands], **(STACK_FWD_TILES_SM80[operands] if sm80 else {})}
+        m, w, s = tiles[D]
+        return triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
+    if kind == "stack_bwd":
+        tiles = {**STACK_BWD_TILES[operands], **(STACK_BWD_TILES_SM80[operands] if sm80 else {})}
+        m, w, s, cols = tiles[D]
+        return triton.Config({"BLOCK_M": m, "DW_COLS": cols}, num_warps=w, num_stages=s)
+    raise ValueError(f"unknown stack kernel {kind!r}")
