@@ -47,6 +47,16 @@ def _size(v: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected MxD, e.g. 2048x512, got {v!r}")
 
 
+def _stack_size(v: str) -> tuple[int, int, int]:
+    try:
+        m, d, l = (int(s) for s in v.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MxDxL, e.g. 1024x64x8, got {v!r}")
+    if d not in (16, 32, 64, 128):
+        raise argparse.ArgumentTypeError(f"the stack's D must be 16, 32, 64 or 128, got {d}")
+    return m, d, l
+
+
 def build_parser() -> argparse.ArgumentParser:
     impls = ("fused", "eager", "compile", "compile-max-autotune")
     p = argparse.ArgumentParser(
@@ -82,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernel's configs, sm_90, bf16), full (the gate's own defaults), off")
     c.add_argument("--gate-json", type=Path, metavar="PATH",
                    help="summarise this existing python -m fusedres.aot --json output instead of running the gate")
+    c.add_argument("--stack", type=_stack_size, default=(1024, 64, 8), metavar="MxDxL",
+                   help="narrow-stack section: M rows, width D (16/32/64/128), depth L (default 1024x64x8, bf16)")
+    c.add_argument("--no-stack", action="store_true", help="skip the narrow-stack section")
     c.add_argument("--no-inductor-probe", action="store_true",
                    help="skip reading what torch.compile generates on this CPU")
     return p
@@ -216,6 +229,15 @@ def cpu_main(args) -> int:
               "at small sizes it dominates a real GPU run, so read these as ratios; the ceiling table below is the "
               "large-M limit.", "", cpu.projection_table(res, args.project_dtype), "",
               "## Ceiling speedup of the fused kernels, fwd+bwd, bf16, M=65536 (MODEL)", "", cpu.ceiling_table(), ""]
+    stack_exact = True
+    if not args.no_stack:
+        from . import stack
+        t0 = time.perf_counter()
+        sm = stack.measure(*args.stack, seed=args.seed)
+        res.timings["narrow stack"] = time.perf_counter() - t0
+        stack_lines, stack_exact = stack.section(sm)
+        lines += stack_lines
+        recs += stack.records(sm)
     lines += ["## Parity", "", cpu.parity_line(res), ""]
     if res.violations:
         lines += [f"BOUNDS: {len(res.violations)} out-of-bounds accesses recorded in the fused kernels:"]
@@ -248,4 +270,4 @@ def cpu_main(args) -> int:
     e = ELEMENT_SIZE[args.dtype]
     within = all(abs(res.traffic[("fused", m)].unique_bytes / minimum_bytes(m, M, D, e) - 1) <= 0.01
                  for m in ("fwd", "bwd"))
-    return 0 if all_ok(res.parity) and within and not res.violations else 1
+    return 0 if all_ok(res.parity) and within and stack_exact and not res.violations else 1

@@ -223,16 +223,19 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     return args, consts
 
 
-def stack_example_launch(kind: str, dtype: str, width: int, variant: str):
+def stack_example_launch(kind: str, dtype: str, width: int, variant: str, misaligned: bool = False):
     """``(args, consts)`` of a stack launch at ``width``, from the stack launchers' own argument
     builders: contiguous operands as ``fusedres`` hands them over, bias, M = 2**16, L = 8.
-    ``variant``: ``train``/``inference`` (forward), ``deterministic``/``atomic`` (backward)."""
+    ``variant``: ``train``/``inference`` (forward), ``deterministic``/``atomic`` (backward).
+    ``misaligned`` (to test the gate) offsets the activations by one element, as a launch
+    without the wrapper's alignment guarantee would see them."""
     if variant not in STACK_VARIANTS[kind]:
         raise ValueError(f"{kind}: unknown variant {variant!r}; one of {STACK_VARIANTS[kind]}")
     tdtype, precision = DTYPES[dtype]
     M, L, D = STACK_EXAMPLE_M, STACK_EXAMPLE_L, width
     acc = torch.float64 if tdtype == torch.float64 else torch.float32
-    x, w, b = torch.empty(M, D, dtype=tdtype), torch.empty(L, D, D, dtype=tdtype), torch.empty(L, D, dtype=tdtype)
+    w, b = torch.empty(L, D, D, dtype=tdtype), torch.empty(L, D, dtype=tdtype)
+    x = torch.empty(M * D + 1, dtype=tdtype)[1:].view(M, D) if misaligned else torch.empty(M, D, dtype=tdtype)
     with _matmul_precision(precision):
         config = _configs.stack_config(kind, D, _configs.stack_operand_class(tdtype))
         if kind == "stack_fwd":
@@ -303,12 +306,12 @@ def config_from_name(kind: str, name: str) -> triton.Config:
 
 
 def _bind(fn, kind: str, config: triton.Config, dtype: str, backend, two_level: bool, features: str = "base",
-          width: int | None = None):
+          width: int | None = None, misaligned: bool = False):
     """Signature, constexprs, attrs and options, derived as ``JITFunction.run`` derives them."""
     from triton.runtime.jit import create_function_from_signature
 
     if kind in STACK_KINDS:
-        args, consts = stack_example_launch(kind, dtype, width, features)
+        args, consts = stack_example_launch(kind, dtype, width, features, misaligned)
     else:
         args, consts = example_launch(kind, dtype, two_level, features=features)
     kwargs = {**consts, **config.all_kwargs()}        # what Autotuner.run passes to the JIT function
@@ -382,10 +385,12 @@ def parse_ptxas_log(log: str) -> tuple[int, int, int, list[str]]:
 
 def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: str = "sm_90", *,
                    two_level: bool = False, features: str = "base", width: int | None = None, kernel=None,
-                   keep_ir: bool = False) -> dict:
-    """Compile ``kind`` (``"fwd"``, ``"dx"``, ``"dw"``) in ``config`` for ``dtype`` (a key of
-    :data:`DTYPES`) and ``arch`` (a key of :data:`ARCHS`) and return its record. ``kernel``
-    replaces the shipped kernel (same signature), to test the gate itself.
+                   keep_ir: bool = False, misaligned: bool = False) -> dict:
+    """Compile ``kind`` (``"fwd"``, ``"dx"``, ``"dw"``, or a stack kernel of :data:`STACK_KINDS`
+    at ``width``, with ``features`` one of its :data:`STACK_VARIANTS`) in ``config`` for
+    ``dtype`` (a key of :data:`DTYPES`) and ``arch`` (a key of :data:`ARCHS`) and return its
+    record. ``kernel`` replaces the shipped kernel (same signature), and ``misaligned`` shifts a
+    stack launch's input off 16-byte alignment, to test the gate itself.
 
     Never raises for a kernel that fails to compile: the record then has ``ok=False`` and the
     error. ``keep_ir`` adds the TTIR and PTX to the record. Needs a process without
@@ -414,7 +419,8 @@ def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: 
     t0 = time.perf_counter()
     stdout = io.StringIO()
     try:
-        options, signature, constexprs, attrs = _bind(fn, kind, config, dtype, backend, two_level, features, width)
+        options, signature, constexprs, attrs = _bind(fn, kind, config, dtype, backend, two_level, features, width,
+                                                      misaligned)
         names = fn.arg_names
         rec.update(divisible_by_16=[names[p[0]] for p, v in attrs.items() if ["tt.divisibility", 16] in v],
                    equal_to_1=[names[p[0]] for p, v in constexprs.items()

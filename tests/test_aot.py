@@ -34,13 +34,13 @@ def _run(args, *, interpret=False, timeout=900):
 
 def _key(r):
     return (r["kernel"], json.dumps(r["config"], sort_keys=True), r["variant"], r["arch"], r["two_level"],
-            r["features"])
+            r["features"], r["width"])
 
 
 def _expected(dtypes, two_level, features):
     """Every (kernel, config, dtype, arch, layout, variant) the gate must cover, from the shipped lists."""
     return {
-        (kind, json.dumps(aot.config_dict(c), sort_keys=True), dtype, arch, tl_, feats)
+        (kind, json.dumps(aot.config_dict(c), sort_keys=True), dtype, arch, tl_, feats, None)
         for kind in aot.KINDS
         for dtype in dtypes
         for tl_ in two_level
@@ -50,8 +50,27 @@ def _expected(dtypes, two_level, features):
     }
 
 
+def _expected_stack(dtypes):
+    """Every (stack kernel, config, dtype, arch, variant, width): one shipped config per width and arch."""
+    out = set()
+    for kind in aot.STACK_KINDS:
+        for dtype in dtypes:
+            tdtype, precision = aot.DTYPES[dtype]
+            with aot._matmul_precision(precision):
+                operands = configs.stack_operand_class(tdtype)
+            for arch in aot.DEFAULT_ARCHS:
+                cc = aot.ARCHS[arch].cc
+                for width in (16, 32, 64, 128):
+                    c = configs.stack_config(kind, width, operands, (cc // 10, cc % 10))
+                    for variant in aot.STACK_VARIANTS[kind]:
+                        out.add((kind, json.dumps(aot.config_dict(c), sort_keys=True), dtype, arch, False, variant,
+                                 width))
+    return out
+
+
 #: The default gate (contiguous rows, every dtype, both kernel variants: base, and residual scale
-#: with projection) plus two-level rows for the fp32 variants, which have their own list.
+#: with projection; and every stack kernel at every width in each of its variants) plus two-level
+#: rows for the single-block fp32 variants, which have their own list.
 #: ``python -m fusedres.aot --two-level both`` covers every layout x dtype.
 RUNS = [(aot.DEFAULT_DTYPES, (False,), aot.FEATURES), (("fp32", "tf32"), (True,), ("base",))]
 
@@ -62,11 +81,13 @@ def gate(tmp_path_factory):
     runs = []
     for i, (dtypes, two_level, features) in enumerate(RUNS):
         path = tmp_path_factory.mktemp("aot") / f"gate{i}.json"
+        stack = two_level == (False,)     # the stack kernels take contiguous rows only
+        kinds = aot.ALL_KINDS if stack else aot.KINDS
         proc = _run(["-m", "fusedres.aot", "-q", "-j", str(os.cpu_count() or 2), "--dtypes", ",".join(dtypes),
                      "--two-level", "yes" if two_level == (True,) else "no", "--features", ",".join(features),
-                     "--json", str(path)])
+                     "--kernels", ",".join(kinds), "--json", str(path)])
         runs.append((proc, json.loads(path.read_text()) if path.exists() else None,
-                     _expected(dtypes, two_level, features)))
+                     _expected(dtypes, two_level, features) | (_expected_stack(dtypes) if stack else set())))
     return runs
 
 
@@ -88,6 +109,9 @@ def _check_record(r):
     assert 0 < r["shared_bytes"] <= r["shared_limit"], where
     assert r["shared_limit"] == {"sm_80": 166912, "sm_90": 232448}[r["arch"]]
     assert not any("C75" in a for a in r["advisories"]), where
+    if r["kernel"] in aot.STACK_KINDS:
+        _check_stack_record(r, where)
+        return
     if r["variant"] == "fp32" and r["input_precision"] == "ieee":
         # torch's default matmul precision 'highest': IEEE fp32 on CUDA cores, no tensor core
         assert r["tensor_core_expected"] is None, where
@@ -97,6 +121,24 @@ def _check_record(r):
     # the signature was specialised as a real launch specialises it
     assert "x_ptr" in r["divisible_by_16"], where
     assert any(n.startswith("stride_") for n in r["equal_to_1"]), where
+
+
+def _check_stack_record(r, where):
+    """The stack kernels: tensor cores in both GEMM kernels (none expected in the reduce, nor for
+    IEEE fp32), 128-bit global loads and no 16-bit scalar ones, and only relaxed atomics, which
+    appear in the backward's atomic variant only; the operands compiled as 16-byte aligned."""
+    where += f" D={r['width']} {r['features']}"
+    ieee = r["variant"] == "fp32" and r["input_precision"] == "ieee"
+    if r["kernel"] == "stack_reduce" or ieee:
+        assert r["tensor_core_expected"] is None, where
+    else:
+        want = {"sm_80": "mma.sync", "sm_90": "wgmma.mma_async"}[r["arch"]]
+        assert r["tensor_core"] and r["tensor_core_instr"] == want == r["tensor_core_expected"], where
+    assert r["vector_loads"] > 0 and r["scalar_loads"] == 0, where
+    assert r["non_relaxed_atomics"] == [], where
+    assert (r["atomics"] > 0) == (r["features"] == "atomic"), where
+    first = {"stack_fwd": "x_ptr", "stack_bwd": "g_ptr", "stack_reduce": "ws_ptr"}[r["kernel"]]
+    assert first in r["divisible_by_16"], where
 
 
 def test_gate_derives_the_launch_specialisation(gate):
@@ -134,6 +176,10 @@ _BROKEN = textwrap.dedent('''
     spec.loader.exec_module(m)
     out["c7515"] = aot.compile_config("fwd", aot.config_from_name("fwd", "128x128x64 w8 s3"), "fp16", "sm_90",
                                       kernel=m.residual_fwd_kernel)
+    # the stack's forward without the wrapper's 16-byte alignment: no vector loads of x
+    cfg = aot.stack_gate_config("stack_fwd", 64, "sm_90", "bf16")
+    out["misaligned"] = aot.compile_config("stack_fwd", cfg, "bf16", "sm_90", features="train", width=64,
+                                           misaligned=True)
     json.dump(out, sys.stdout)
 ''')
 
@@ -151,6 +197,23 @@ def test_gate_fails_broken_configs():
     assert not c7515["ok"] and c7515["tensor_core_instr"] == "wgmma.mma_async" and c7515["spill_bytes"] == 0
     assert any("C7515" in a for a in c7515["advisories"])
     assert any("C7515" in f for f in c7515["failures"])
+    misaligned = out["misaligned"]
+    assert not misaligned["ok"] and "x_ptr" not in misaligned["divisible_by_16"]
+    assert misaligned["scalar_loads"] > 0 and any("scalar 16-bit" in f for f in misaligned["failures"])
+
+
+def test_memory_instruction_scan():
+    ptx = "\n".join([
+        "\t@%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];",
+        "\tld.global.b16 { %rs1 }, [ %rd2 + 0 ];",
+        "\tld.global.b32 { %r5 }, [ %rd3 + 0 ];",
+        "\tcp.async.cg.shared.global [ %r6 + 0 ], [ %rd4 + 0 ], 0x10, %r7;",
+        "\t@%p2 red.global.gpu.relaxed.add.f32 [ %rd5 + 0 ], %r8;",
+        "\tatom.global.gpu.acq_rel.add.f32 %r9, [ %rd6 + 0 ], %r10;",
+    ])
+    got = aot.memory_instructions(ptx)
+    assert got == dict(vector_loads=2, scalar_loads=1, atomics=2,
+                       non_relaxed_atomics=["atom.global.gpu.acq_rel.add.f32"])
 
 
 def test_cli_exits_nonzero_on_a_broken_config_and_reexecs_without_interpreter(tmp_path):

@@ -108,7 +108,8 @@ def test_gradcheck_fp64(device):
     x = x + 0.1   # keep away from relu's kink, where finite differences are meaningless
     x[:, ::5] = 0.5
     assert torch.autograd.gradcheck(lambda *t: fused_residual_stack(*t),
-                                    tuple(t.requires_grad_() for t in (x, w, b)), eps=1e-6, atol=1e-5)
+                                    tuple(t.requires_grad_() for t in (x, w, b)), eps=1e-6, atol=1e-5,
+                                    fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -144,7 +145,7 @@ def test_same_as_a_list_of_blocks(dtype, device):
 
 
 def test_backward_is_bitwise_deterministic(device):
-    x, w, b, g = make_stack_inputs(700, 64, 8, torch.bfloat16, device, seed=4)
+    x, w, b, g = make_stack_inputs(400, 64, 5, torch.bfloat16, device, seed=4)
     _, saved = torch.ops.fusedres.stack_forward(x, w, b, True, True)
     runs = [ks.residual_stack_bwd(g, x, saved, w, has_bias=True, need_dx=True, need_params=True, chunk=c)
             for c in (None, None, 3, 1)]

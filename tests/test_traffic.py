@@ -218,3 +218,54 @@ def test_fused_kernels_move_exactly_the_compulsory_minimum(M, D):
     assert t.violations == []
     # requests include tile re-reads: never fewer than the unique bytes
     assert t.bytes_read() + t.bytes_written() >= t.unique_bytes()
+
+
+@pytest.mark.parametrize("D,L,chunk", [(32, 5, None), (64, 3, 2)])
+def test_stack_kernels_move_exactly_the_model(D, L, chunk):
+    """Per argument, the stack's kernels touch exactly the model's bytes (bench/stack.py): the
+    forward reads x, W, b once and writes x_1..x_{L-1} and y; the backward reads g, x_0, the
+    saved activations and W once, writes dx and the partials once (and re-reads only its own
+    partials, the L2-resident read-modify-write); the reduce reads the partials and writes dW, db.
+    With two layer chunks, g's fp32 carry adds one write and one read of [M, D]."""
+    from bench import stack as bench_stack
+    from fusedres.kernels import residual_stack as ks
+
+    M, e, a = 300, 2, 4
+    gen = torch.Generator().manual_seed(0)
+    x, g = (torch.randn(M, D, generator=gen).to(torch.bfloat16) for _ in range(2))
+    w = (torch.randn(L, D, D, generator=gen) / D ** 0.5).to(torch.bfloat16)
+    b = torch.randn(L, D, generator=gen).to(torch.bfloat16)
+    y, saved = torch.empty_like(x), torch.empty(L - 1, M, D, dtype=torch.bfloat16)
+    with InterpreterTraffic() as t:
+        ks.residual_stack_fwd(x, w, b, y, saved)
+        ks.residual_stack_bwd(g, x, saved, w, has_bias=True, need_dx=True, need_params=True, chunk=chunk)
+    P = ks.INTERPRETER_PROGRAMS
+    ws = a * P * L * (D * D + D)
+    (fwd,) = t.select(["residual_stack_fwd_kernel"])
+    (bwd,) = t.select(["residual_stack_bwd_kernel"])
+    (red,) = t.select(["residual_stack_reduce_kernel"])
+
+    def per_arg(launch):
+        return {n: (v.unique_read, v.unique_written) for n, v in launch.args.items() if v.unique_read or v.unique_written}
+
+    assert per_arg(fwd) == {"x_ptr": (e * M * D, 0), "w_ptr": (e * L * D * D, 0), "b_ptr": (e * L * D, 0),
+                            "saved_ptr": (0, e * (L - 1) * M * D), "y_ptr": (0, e * M * D)}
+    # a program re-reads its partials from its second row tile on
+    tiles = -(-M // ks.stack_config("stack_bwd", D).kwargs["BLOCK_M"])
+    rereading = sum(len(range(p, tiles, P)) >= 2 for p in range(P))
+    assert rereading >= 1
+    reread = ws // P * rereading
+    expect_bwd = {"g_ptr": (e * M * D, 0), "x_ptr": (e * M * D, 0), "saved_ptr": (e * (L - 1) * M * D, 0),
+                  "w_ptr": (e * L * D * D, 0), "dx_ptr": (0, e * M * D), "ws_ptr": (reread, ws)}
+    if chunk is not None:
+        expect_bwd["carry_ptr"] = (a * M * D, a * M * D)
+    assert per_arg(bwd) == expect_bwd
+    assert per_arg(red) == {"ws_ptr": (ws, 0), "dw_ptr": (0, e * L * D * D), "db_ptr": (0, e * L * D)}
+    # the model: everything above but the partials' re-read, which stays in L2
+    l2 = 50 * 2 ** 20 if chunk is None else 2 * P * chunk * (D * D + D) * a   # an L2 that forces the chunking
+    assert bench_stack.chunks(L, D, P, l2) == (1 if chunk is None else -(-L // chunk))
+    for mode, launches in (("fwd", [fwd]), ("bwd", [bwd, red])):
+        measured = sum(lc.unique_bytes for lc in launches) - (reread if mode == "bwd" else 0)
+        assert measured == bench_stack.model_bytes("stack", mode, M, D, L, e, P, l2)
+    assert t.dot_flops("residual_stack_fwd_kernel") >= 2 * L * M * D * D
+    assert t.violations == []

@@ -1,0 +1,214 @@
+"""The narrow stack in ``python -m bench``: L blocks of width D <= 128 as one fused stack, as L
+single-block fused kernels, and as eager PyTorch.
+
+CPU mode MEASURES the bytes of all three at one size (the stack and the single blocks through
+the interpreter instrument, eager through the aten dispatch counter) and checks the stack's
+against its MODEL, byte for byte. The ceilings are the roofline MODEL of the three kernel lists
+on named GPUs at a large M: never a measured time.
+
+Model of the stack (``e`` element size, ``a`` the partials' accumulator size, 4; ``P`` backward
+programs, one per SM; the bias included):
+
+- forward, training: read ``x, W, b``: ``e(MD + LD^2 + LD)``; write ``x_1 .. x_{L-1}`` and ``y``: ``e LMD``;
+- forward, inference: ``e(2MD + LD^2 + LD)``;
+- backward kernel: read ``g, x_0, x_1 .. x_{L-1}, W``: ``e((L+1)MD + LD^2)``; write ``dx``: ``e MD``, and the
+  partials ``a P L (D^2 + D)`` once (a program re-reads its own partials for every further row tile:
+  that read-modify-write is sized to stay in L2 by the layer chunks, so it is not HBM traffic;
+  the interpreter counts it, as ``ws re-read``);
+- reduce: read the partials ``a P L (D^2 + D)``; write ``dW, db``: ``e(LD^2 + LD)``;
+- when the layers need more than one chunk, ``g`` waits in an fp32 ``[M, D]`` buffer between chunks:
+  ``2 a MD`` per chunk boundary.
+
+FLOPs: ``2 L M D^2`` forward, ``4 L M D^2`` backward, as L blocks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import model
+from .model import Kernel
+
+#: Streaming multiprocessors and L2 bytes of the projection GPUs (datasheets): the backward's
+#: programs and its layer chunks.
+GPU_SMS_L2 = {"H100 SXM": (132, 50 * 2 ** 20), "A100 SXM 80GB": (108, 40 * 2 ** 20), "H200 SXM": (132, 50 * 2 ** 20)}
+IMPLS = ("stack", "blocks", "eager")
+MODES = ("fwd", "bwd", "full", "nograd")
+DESCRIPTIONS = {"stack": "FusedResidualStack: one forward kernel, one backward kernel + reduce",
+                "blocks": "L FusedResidualBlocks: L x (forward; dx + dW kernels)",
+                "eager": "L eager ResidualBlocks, op by op"}
+
+
+def chunks(L: int, D: int, programs: int, l2_bytes: int, acc: int = 4) -> int:
+    """Layer chunks of the deterministic backward (fusedres.kernels.residual_stack.layers_per_chunk)."""
+    per = max(1, min(L, (l2_bytes // 2) // (programs * (D * D + D) * acc)))
+    return math.ceil(L / per)
+
+
+def stack_kernels(impl: str, mode: str, M: int, D: int, L: int, e: int, programs: int = 132,
+                  l2_bytes: int = 50 * 2 ** 20, acc: int = 4) -> list[Kernel]:
+    """The MODEL's kernels of ``impl`` ("stack", "blocks", "eager") for ``mode`` ("fwd" is the
+    training forward, "nograd" the inference forward, "bwd", "full" = fwd + bwd)."""
+    if impl in ("blocks", "eager"):
+        per_block = model.kernels("fused-min" if impl == "blocks" else "eager", mode, M, D, e)
+        return [Kernel(f"layer {l}: {k.name}", k.read, k.written, k.flops) for l in range(L) for k in per_block]
+    if impl != "stack":
+        raise ValueError(f"unknown impl {impl!r}; one of {IMPLS}")
+    ws = acc * programs * L * (D * D + D)
+    fwd = [Kernel("stack fwd (training: saves x_1..x_{L-1})", e * (M * D + L * D * D + L * D), e * L * M * D,
+                  2 * L * M * D * D)]
+    nograd = [Kernel("stack fwd (inference)", e * (M * D + L * D * D + L * D), e * M * D, 2 * L * M * D * D)]
+    carry = 2 * acc * M * D * (chunks(L, D, programs, l2_bytes, acc) - 1)
+    bwd = [Kernel("stack bwd (dx; dW/db partials)", e * ((L + 1) * M * D + L * D * D) + carry // 2,
+                  e * M * D + ws + carry // 2, 4 * L * M * D * D),
+           Kernel("stack reduce (fixed order)", ws, e * (L * D * D + L * D), 0)]
+    return {"fwd": fwd, "nograd": nograd, "bwd": bwd, "full": fwd + bwd}[mode]
+
+
+@dataclass
+class StackMeasurement:
+    M: int
+    D: int
+    L: int
+    dtype: str
+    programs: int
+    #: (impl, mode) -> unique bytes per call (interpreter for stack/blocks; aten counter for eager)
+    measured: dict
+    #: the stack's partials re-read inside its backward kernel (L2-resident by design, see above)
+    ws_reread: int
+    flops: dict
+    launches: dict
+
+
+def measure(M: int = 4096, D: int = 64, L: int = 8, dtype: str = "bf16", seed: int = 0) -> StackMeasurement:
+    """Run the stack, L single blocks and eager once each (training forward + backward, and
+    inference forward) under the byte counters. Needs the interpreter (``python -m bench`` sets it)."""
+    import fusedres
+    from fusedres.kernels import residual_stack as ks
+    from fusedres.traffic import InterpreterTraffic
+
+    from .counters import DispatchTraffic
+
+    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    gen = torch.Generator().manual_seed(seed)
+    stack = fusedres.FusedResidualStack(D, L)
+    with torch.no_grad():
+        stack.weight.copy_(torch.empty(L, D, D).uniform_(-D ** -0.5, D ** -0.5, generator=gen))
+    stack = stack.to(tdtype)
+    x = torch.randn(M, D, generator=gen).to(tdtype)
+    g = torch.randn(M, D, generator=gen).to(tdtype)
+    blocks = torch.nn.Sequential(*stack.to_blocks())
+    eager = torch.nn.Sequential(*stack.to_blocks(fusedres.ResidualBlock))
+    measured, flops, launches = {}, {}, {}
+
+    stack_k = {"fwd": ["residual_stack_fwd_kernel"], "nograd": ["residual_stack_fwd_kernel"],
+               "bwd": ["residual_stack_bwd_kernel", "residual_stack_reduce_kernel"]}
+    block_k = {"fwd": ["residual_fwd_kernel"], "nograd": ["residual_fwd_kernel"],
+               "bwd": ["residual_dx_kernel", "residual_dw_kernel"]}
+    ws_reread = 0
+    for impl, module, names in (("stack", stack, stack_k), ("blocks", blocks, block_k)):
+        xs = x.clone().requires_grad_()
+        with InterpreterTraffic() as t:
+            y = module(xs)
+            torch.autograd.grad(y, [xs, *module.parameters()], g)
+            with torch.no_grad():
+                module(x)
+        train_fwd = [lc for lc in t.select(names["fwd"])][:len(t.select(names["fwd"])) // 2]
+        infer_fwd = [lc for lc in t.select(names["fwd"])][len(t.select(names["fwd"])) // 2:]
+        bwd = t.select(names["bwd"])
+        for mode, launches_ in (("fwd", train_fwd), ("nograd", infer_fwd), ("bwd", bwd)):
+            measured[(impl, mode)] = sum(lc.unique_bytes for lc in launches_)
+            flops[(impl, mode)] = sum(lc.dot_flops for lc in launches_)
+            launches[(impl, mode)] = len(launches_)
+        if impl == "stack":
+            ws_reread = sum(lc.args["ws_ptr"].unique_read for lc in t.select(["residual_stack_bwd_kernel"]))
+    xs = x.clone().requires_grad_()
+    with DispatchTraffic() as fwd:
+        y = eager(xs)
+    with DispatchTraffic() as bwd:
+        torch.autograd.grad(y, [xs, *eager.parameters()], g)
+    with torch.no_grad(), DispatchTraffic() as nograd:
+        eager(x)
+    for mode, ops in (("fwd", fwd.ops), ("bwd", bwd.ops), ("nograd", nograd.ops)):
+        measured[("eager", mode)] = sum(o.bytes for o in ops)
+        flops[("eager", mode)] = sum(o.flops for o in ops)
+        launches[("eager", mode)] = len(ops)
+    for impl in IMPLS:
+        measured[(impl, "full")] = measured[(impl, "fwd")] + measured[(impl, "bwd")]
+        flops[(impl, "full")] = flops[(impl, "fwd")] + flops[(impl, "bwd")]
+        launches[(impl, "full")] = launches[(impl, "fwd")] + launches[(impl, "bwd")]
+    return StackMeasurement(M, D, L, dtype, ks.stack_programs(M, D, "cpu", ks.stack_config("stack_bwd", D)),
+                            measured, ws_reread, flops, launches)
+
+
+def model_bytes(impl: str, mode: str, M: int, D: int, L: int, e: int, programs: int, l2_bytes: int) -> int:
+    return sum(k.bytes for k in stack_kernels(impl, mode, M, D, L, e, programs, l2_bytes))
+
+
+def measured_table(m: StackMeasurement) -> str:
+    e = model.ELEMENT_SIZE[m.dtype]
+    rows = ["| impl | mode | launches | measured bytes | per row | MODEL bytes | measured / MODEL |",
+            "|---|---|---|---|---|---|---|"]
+    for impl in IMPLS:
+        for mode in MODES:
+            got = m.measured[(impl, mode)]
+            if impl == "stack" and mode in ("bwd", "full"):
+                got -= m.ws_reread
+            want = model_bytes(impl, mode, m.M, m.D, m.L, e, m.programs, 50 * 2 ** 20)
+            rows.append(f"| {impl} | {mode} | {m.launches[(impl, mode)]} | {got:,} | {got / m.M:,.0f} | {want:,} | "
+                        f"{got / want:.3f} |")
+    return "\n".join(rows)
+
+
+def ceiling_table(M: int = 2 ** 20, widths=(64, 128), L: int = 8, dtype: str = "bf16") -> str:
+    """MODEL: roofline time of eager and of L single blocks over the stack's, per GPU and mode."""
+    e = model.ELEMENT_SIZE[dtype]
+    rows = ["| GPU | D | mode | stack bytes/row | blocks bytes/row | eager bytes/row | stack over blocks | "
+            "stack over eager |", "|---|---|---|---|---|---|---|---|"]
+    for spec in model.PROJECTION_GPUS:
+        sms, l2 = GPU_SMS_L2[spec.name]
+        for D in widths:
+            for mode in MODES:
+                t = {impl: model.roofline_time_s(stack_kernels(impl, mode, M, D, L, e, sms, l2), spec, dtype)
+                     for impl in IMPLS}
+                b = {impl: model_bytes(impl, mode, M, D, L, e, sms, l2) / M for impl in IMPLS}
+                rows.append(f"| {spec.name} | {D} | {mode} | {b['stack']:,.0f} | {b['blocks']:,.0f} | "
+                            f"{b['eager']:,.0f} | {t['blocks'] / t['stack']:.2f}x | {t['eager'] / t['stack']:.1f}x |")
+    return "\n".join(rows)
+
+
+def section(m: StackMeasurement) -> list[str]:
+    e = model.ELEMENT_SIZE[m.dtype]
+    exact = all(m.measured[("stack", mode)] - (m.ws_reread if mode in ("bwd", "full") else 0)
+                == model_bytes("stack", mode, m.M, m.D, m.L, e, m.programs, 50 * 2 ** 20)
+                for mode in MODES)
+    return [
+        f"## Narrow stack: L={m.L} blocks of D={m.D}, M={m.M}, {m.dtype}", "",
+        "Bytes MEASURED per call (stack and single blocks: unique bytes per launch through the interpreter "
+        "instrument; eager: aten dispatch counter), against the MODEL's formulas (bench/stack.py). The stack's "
+        f"backward runs {m.programs} persistent programs here (one per SM on a GPU); its partials' read-modify-"
+        f"write inside the backward kernel ({m.ws_reread:,} B re-read here) is L2-resident by design and left "
+        "out of the HBM bytes. fwd = training forward, nograd = inference forward.", "",
+        measured_table(m), "",
+        f"- stack bytes equal the MODEL exactly: {'yes' if exact else 'NO'}",
+        "", f"## Narrow stack: ceiling speedups, M=2^20, L={m.L}, bf16 (roofline MODEL, not a measurement)", "",
+        "Per kernel max(bytes / bandwidth, FLOPs / peak), summed; P = the GPU's SM count, layer chunks from half "
+        "its L2. Launch latency is not modelled (it favours the stack further: 1-2 launches instead of 2L-3L).", "",
+        ceiling_table(L=m.L), "",
+    ], exact
+
+
+def records(m: StackMeasurement) -> list[dict]:
+    """JSON records of the stack section: measured bytes with their MODEL; no time (ms: None)."""
+    e = model.ELEMENT_SIZE[m.dtype]
+    out = []
+    for impl in IMPLS:
+        for mode in MODES:
+            got = m.measured[(impl, mode)] - (m.ws_reread if impl == "stack" and mode in ("bwd", "full") else 0)
+            out.append(dict(section="stack", impl=impl, mode=mode, M=m.M, D=m.D, L=m.L, dtype=m.dtype,
+                            launches=m.launches[(impl, mode)], bytes=got, bytes_source="measured",
+                            model_bytes=model_bytes(impl, mode, m.M, m.D, m.L, e, m.programs, 50 * 2 ** 20),
+                            ms=None, measured=False))
+    return out
