@@ -156,12 +156,21 @@ def test_cpu_mode_end_to_end(tmp_path):
     from bench.cli import main
     out = tmp_path / "out"
     js = tmp_path / "records.json"
-    rc = main(["--mode", "cpu", "--size", "128x64", "--gate", "off", "--no-inductor-probe", "--no-progress",
-               "--out", str(out), "--json", str(js)])
+    rc = main(["--mode", "cpu", "--size", "128x64", "--stack", "200x16x3", "--gate", "off", "--no-inductor-probe",
+               "--no-progress", "--out", str(out), "--json", str(js)])
     assert rc == 0
     for name in ("cpu_traffic.md", "cpu_bytes.png", "cpu_model_time.png", "cpu_records.json"):
         assert (out / name).stat().st_size > 0
     recs = json.loads(js.read_text())
+    stack = {(r["impl"], r["mode"]): r for r in recs if r.get("section") == "stack"}
+    recs = [r for r in recs if r.get("section") != "stack"]
+    assert set(stack) == {(i, m) for i in ("stack", "blocks", "eager") for m in ("fwd", "bwd", "full", "nograd")}
+    for r in stack.values():
+        assert r["ms"] is None and r["bytes_source"] == "measured"
+    for mode in ("fwd", "bwd", "full", "nograd"):
+        assert stack[("stack", mode)]["bytes"] == stack[("stack", mode)]["model_bytes"]
+        assert stack[("blocks", mode)]["bytes"] > stack[("stack", mode)]["bytes"]
+    assert stack[("stack", "fwd")]["launches"] == 1 and stack[("stack", "bwd")]["launches"] == 2
     assert {r["impl"] for r in recs} >= {"fused", "eager", "compile", "compile-max-autotune"}
     assert {r["mode"] for r in recs} == {"fwd", "bwd", "full"}
     for r in recs:
@@ -178,6 +187,7 @@ def test_cpu_mode_end_to_end(tmp_path):
     text = (out / "cpu_traffic.md").read_text()
     assert "parity" in text and "PASS" in text and "MODEL" in text
     assert " ms" not in text.replace("ms: null", "")     # no millisecond figure anywhere in CPU mode
+    assert "Narrow stack" in text and "stack bytes equal the MODEL exactly: yes" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,3 +233,26 @@ def test_csv_upsert_keys(tmp_path):
     with open(path) as f:
         rows = list(csv.DictReader(f))
     assert [(r["gpu"], r["ms"]) for r in rows] == [("X", "2"), ("Y", "1")]
+
+
+def test_stack_ceilings_match_the_design_study():
+    """bench/stack.py's MODEL at the issue's point (H100, M = 2^20, D = 64, L = 8, bf16): the
+    design study's 6.2x (training forward), 28x and 8x (inference) and 7.5x (fwd+bwd) over eager and
+    over L single-block kernels where its single-block model agrees with ours (the forward)."""
+    from bench import model, stack
+    M, D, L, e = 2 ** 20, 64, 8, 2
+    sms, l2 = stack.GPU_SMS_L2["H100 SXM"]
+
+    def ratio(peer, mode):
+        t = {i: model.roofline_time_s(stack.stack_kernels(i, mode, M, D, L, e, sms, l2), model.H100, "bf16")
+             for i in ("stack", peer)}
+        return t[peer] / t["stack"]
+
+    assert ratio("eager", "fwd") == pytest.approx(6.2, abs=0.05)
+    assert ratio("blocks", "fwd") == pytest.approx(1.78, abs=0.01)
+    assert ratio("eager", "nograd") == pytest.approx(28.0, abs=0.05)
+    assert ratio("blocks", "nograd") == pytest.approx(8.0, abs=0.01)
+    assert ratio("eager", "full") == pytest.approx(7.5, abs=0.05)
+    # bytes per row: the study's 256 (inference) and 2432 + the partials (training)
+    assert stack.model_bytes("stack", "nograd", M, D, L, e, sms, l2) == pytest.approx(256 * M, rel=0.001)
+    assert stack.model_bytes("stack", "full", M, D, L, e, sms, l2) == pytest.approx(2432 * M, rel=0.02)
