@@ -201,24 +201,51 @@ def launch(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, c
 # entry below for sm_80 and sm_90 (no spills, tensor cores, 128-bit loads, relaxed atomics only).
 #
 # Operand classes: "16bit" (fp16, bf16 on tensor cores), "tf32", "ieee" (fp32 under torch's
-# default matmul precision: FMA on CUDA cores, where each thread holds its rows of relu(x) for the
-# whole reduction over D), "fp64" (interpreter-sized work; gradcheck).
+# default matmul precision: FMA on CUDA cores, where each thread holds its rows of the A operand
+# for the whole reduction over D), "fp64" (interpreter-sized work; gradcheck; not in the gate).
 # Forward: (BLOCK_M, warps, stages). Backward: (BLOCK_M, warps, stages, DW_COLS).
+#
+# Chosen by compiling candidates (BLOCK_M 128..16, warps 4/8/16, stages 3..1, DW_COLS D..16) for
+# sm_90 and sm_80, and keeping the largest row tile that passes the gate, then the fewest warps:
+# - 16-bit forward at 4 warps on sm_90 draws ptxas's C7517 (a wgmma.wait_group injected) at
+#   D = 32 and 64 with 128-row tiles: 8 warps there, or 64 rows at D = 16.
+# - IEEE fp32 needs smaller row tiles (128 rows spill from D = 32 up: 2-140 KB).
+# - sm_80's ptxas caps registers lower: the backward spills at 128 rows with 2 stages from D = 32
+#   (48-744 B), so it runs 1 stage, 32-column dW slices, and 32/16-row tiles at D = 128.
+# - IEEE fp32 backward at D = 128 spills in every tile tried (3.6-170 KB, BLOCK_M 16-64, 2-16 warps,
+#   DW_COLS 16-128): the FMA dot holds a [128, 128] operand per thread group. It is not shipped to
+#   GPUs: see STACK_BWD_NOT_SHIPPED.
 STACK_FWD_TILES = {
-    "16bit": {16: (128, 4, 3), 32: (128, 4, 3), 64: (128, 4, 3), 128: (128, 8, 3)},
-    "tf32": {16: (128, 4, 3), 32: (128, 4, 3), 64: (128, 4, 3), 128: (128, 8, 3)},
-    "ieee": {16: (128, 4, 3), 32: (128, 4, 3), 64: (128, 4, 3), 128: (128, 8, 3)},
+    "16bit": {16: (64, 4, 3), 32: (128, 8, 3), 64: (128, 8, 3), 128: (128, 8, 3)},
+    "tf32": {16: (128, 8, 3), 32: (128, 8, 3), 64: (128, 8, 3), 128: (64, 8, 3)},
+    "ieee": {16: (128, 4, 3), 32: (128, 4, 2), 64: (64, 4, 3), 128: (32, 16, 3)},
     "fp64": {16: (32, 4, 1), 32: (32, 4, 1), 64: (32, 4, 1), 128: (32, 4, 1)},
 }
 STACK_BWD_TILES = {
-    "16bit": {16: (128, 4, 2, 16), 32: (128, 4, 2, 32), 64: (128, 8, 2, 64), 128: (64, 8, 2, 64)},
-    "tf32": {16: (128, 4, 2, 16), 32: (128, 4, 2, 32), 64: (128, 8, 2, 64), 128: (64, 8, 2, 64)},
-    "ieee": {16: (128, 4, 2, 16), 32: (128, 4, 2, 32), 64: (128, 8, 2, 64), 128: (64, 8, 2, 64)},
+    "16bit": {16: (128, 4, 2, 16), 32: (128, 4, 2, 32), 64: (128, 8, 2, 64), 128: (64, 8, 1, 128)},
+    "tf32": {16: (128, 4, 2, 16), 32: (128, 8, 2, 32), 64: (128, 8, 2, 64), 128: (32, 4, 2, 16)},
+    # ieee 128: the interpreter's tile only (not shipped to GPUs)
+    "ieee": {16: (64, 4, 2, 16), 32: (64, 4, 1, 16), 64: (16, 4, 2, 32), 128: (16, 8, 1, 16)},
     "fp64": {16: (32, 4, 1, 16), 32: (32, 4, 1, 32), 64: (32, 4, 1, 32), 128: (32, 4, 1, 32)},
 }
 #: sm_80 entries that differ from the lists above (ptxas 12.x there caps registers lower)
-STACK_FWD_TILES_SM80: dict = {"16bit": {}, "tf32": {}, "ieee": {}, "fp64": {}}
-STACK_BWD_TILES_SM80: dict = {"16bit": {}, "tf32": {}, "ieee": {}, "fp64": {}}
+STACK_FWD_TILES_SM80: dict = {
+    "16bit": {16: (128, 4, 3), 32: (128, 4, 3), 64: (128, 4, 3), 128: (64, 8, 3)},
+    "tf32": {16: (128, 4, 3), 32: (128, 4, 3), 128: (32, 8, 3)},
+    "ieee": {64: (64, 8, 3), 128: (32, 8, 3)},
+    "fp64": {},
+}
+STACK_BWD_TILES_SM80: dict = {
+    "16bit": {32: (128, 4, 1, 32), 64: (128, 8, 1, 32), 128: (32, 4, 1, 32)},
+    "tf32": {16: (128, 4, 1, 16), 32: (128, 8, 1, 16), 64: (64, 8, 1, 32), 128: (16, 4, 2, 32)},
+    "ieee": {64: (32, 8, 2, 32)},
+    "fp64": {},
+}
+#: (operand class, width) whose fused stack backward spills on every GPU target: on a GPU the
+#: stack's backward runs there as L single-block backward launches (dx and dW kernels, layer by
+#: layer, from the same saved activations). Use tf32 (``torch.set_float32_matmul_precision("high")``)
+#: or bf16 to keep D = 128 fp32 fully fused.
+STACK_BWD_NOT_SHIPPED = {("ieee", 128)}
 STACK_REDUCE_BLOCK, STACK_REDUCE_WARPS = 1024, 4
 
 
