@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="summarise this existing python -m fusedres.aot --json output instead of running the gate")
     c.add_argument("--stack", type=_stack_size, default=(1024, 64, 8), metavar="MxDxL",
                    help="narrow-stack section: M rows, width D (16/32/64/128), depth L (default 1024x64x8, bf16)")
-    c.add_argument("--no-stack", action="store_true", help="skip the narrow-stack section")
+    c.add_argument("--no-stack", action="store_true", help="skip the narrow-stack section (both modes)")
+    g.add_argument("--stack-gpu", type=_stack_size, default=(65536, 64, 8), metavar="MxDxL",
+                   help="GPU mode: the narrow stack timed against L single-block kernels and eager "
+                        "(default 65536x64x8, bf16; written to OUT/gpu_stack.md)")
     c.add_argument("--no-inductor-probe", action="store_true",
                    help="skip reading what torch.compile generates on this CPU")
     return p
@@ -152,19 +155,27 @@ def gpu_main(args) -> int:
     paths = gpu.write_outputs(rows, args.out, args.csv, plots=not args.no_plots)
     print()
     print(gpu.markdown(rows))
+    stack_rows = []
+    if not args.no_stack:
+        from . import stack
+        M, D, L = args.stack_gpu
+        stack_rows = stack.time_stack(device, M, D, L, "bf16", seed=args.seed, meta=meta)
+        text = stack.gpu_markdown(stack_rows)
+        (Path(args.out) / "gpu_stack.md").write_text(text + "\n")
+        print("\n" + text)
     print("\nGB/s is the fused compulsory minimum of bytes over the measured time (an effective bandwidth); "
           "% roofline compares the measured time with the roofline MODEL of the fused minimum on this GPU's "
           "datasheet peaks.")
     if args.json:
-        write_json(args.json, rows)
+        write_json(args.json, rows + stack_rows)
     print(f"\nwrote {paths['csv']} (upserted), {paths['markdown']}, {len(paths['plots'])} plots in "
           f"{Path(args.out) / 'plots'}" + (f", {args.json}" if args.json else ""))
-    bad = [r for r in rows if r.get("parity") not in ("ok",)]
+    bad = [r for r in rows + stack_rows if r.get("parity") not in ("ok",)]
     for r in bad:
         print(f"  {r['impl']} {r['mode']} {r['dtype']} M={r['M']} D={r['D']}: parity {r.get('parity')}: "
               f"{r.get('error') or r.get('parity_detail')}")
     print(f"bench wall time {time.perf_counter() - t0:.0f} s")
-    return 1 if any(r["impl"] == "fused" for r in bad) else 0
+    return 1 if any(r["impl"] in ("fused", "stack") for r in bad) else 0
 
 
 def cpu_main(args) -> int:

@@ -212,3 +212,78 @@ def records(m: StackMeasurement) -> list[dict]:
                             model_bytes=model_bytes(impl, mode, m.M, m.D, m.L, e, m.programs, 50 * 2 ** 20),
                             ms=None, measured=False))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU mode: real timings (only on a GPU; ``measured`` is the device's ``is_gpu``)
+
+
+def time_stack(device, M: int = 65536, D: int = 64, L: int = 8, dtype: str = "bf16", seed: int = 0,
+               meta: dict | None = None) -> list[dict]:
+    """Time the stack, L single-block fused kernels and eager in fwd/bwd/full/nograd with the
+    device's timer (``bench.gpu.Device``). Each implementation's forward is first held to the
+    parity rule against the fp64 chain; one that fails is reported and not timed."""
+    import fusedres
+    from fusedres.validate import parity
+
+    from .gpu import DTYPES as GPU_DTYPES, mode_fn
+
+    tdtype = GPU_DTYPES[dtype]
+    gen = torch.Generator(device=device.torch_device).manual_seed(seed)
+    bound = D ** -0.5
+    x = torch.randn(M, D, generator=gen, device=device.torch_device).to(tdtype)
+    w = ((torch.rand(L, D, D, generator=gen, device=device.torch_device) * 2 - 1) * bound).to(tdtype)
+    b = ((torch.rand(L, D, generator=gen, device=device.torch_device) * 2 - 1) * bound).to(tdtype)
+    g = torch.randn(M, D, generator=gen, device=device.torch_device).to(tdtype)
+
+    def blocks(x, w, b):
+        for l in range(w.shape[0]):
+            x = fusedres.fused_residual(x, w[l], b[l])
+        return x
+
+    impls = {"stack": fusedres.fused_residual_stack, "blocks": blocks, "eager": fusedres.stack_reference}
+    reference = fusedres.stack_reference(x.double(), w.double(), b.double())
+    eager_y = fusedres.stack_reference(x, w, b)
+    e = model.ELEMENT_SIZE[dtype]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device.is_gpu else 132
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if device.is_gpu else 50 * 2 ** 20
+    rows = []
+    for impl, fn in impls.items():
+        p = parity(fn(x, w, b), eager_y, reference)
+        for mode in MODES:
+            row = dict(section="stack", impl=impl, mode=mode, M=M, D=D, L=L, dtype=dtype, gpu=device.name,
+                       measured=device.is_gpu, ms=None, ms_p20=None, ms_p80=None, parity="ok" if p.ok else "FAIL",
+                       parity_detail=str(p), model_bytes=model_bytes(impl, mode, M, D, L, e, sms, l2), **(meta or {}))
+            if p.ok:
+                row["ms_p20"], row["ms"], row["ms_p80"] = device.time_ms(mode_fn(mode, fn, x, w, b, g))
+            rows.append(row)
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    for r in rows:
+        for peer in ("blocks", "eager"):
+            other = by[(peer, r["mode"])]["ms"]
+            r[f"speedup_vs_{peer}"] = other / r["ms"] if r["ms"] and other else None
+        spec = device.spec
+        r["ceiling_vs_blocks_model"] = r["ceiling_vs_eager_model"] = None
+        if spec is not None and r["impl"] == "stack":
+            t = {i: model.roofline_time_s(stack_kernels(i, r["mode"], M, D, L, e, sms, l2), spec, dtype)
+                 for i in IMPLS}
+            r["ceiling_vs_blocks_model"], r["ceiling_vs_eager_model"] = t["blocks"] / t["stack"], t["eager"] / t["stack"]
+    return rows
+
+
+def gpu_markdown(rows: list[dict]) -> str:
+    measured = all(r["measured"] for r in rows)
+    head = (f"## Narrow stack on {rows[0]['gpu']}: M={rows[0]['M']}, D={rows[0]['D']}, L={rows[0]['L']}, "
+            f"{rows[0]['dtype']}" + ("" if measured else " (NOT a GPU measurement: a CPU stand-in timer)"))
+    lines = [head, "", "| impl | mode | ms (p50) | speedup of the stack over it | stack's MODEL ceiling over it | parity |",
+             "|---|---|---|---|---|---|"]
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    for r in rows:
+        s = by[("stack", r["mode"])]
+        over = s.get(f"speedup_vs_{r['impl']}") if r["impl"] != "stack" else None
+        ceil = s.get(f"ceiling_vs_{r['impl']}_model") if r["impl"] != "stack" else None
+        ms = "-" if r["ms"] is None else f"{r['ms']:.4f}"
+        over = "-" if over is None else f"{over:.2f}x"
+        ceil = "-" if ceil is None else f"{ceil:.2f}x (MODEL)"
+        lines.append(f"| {r['impl']} | {r['mode']} | {ms} | {over} | {ceil} | {r['parity']} |")
+    return "\n".join(lines)

@@ -256,3 +256,16 @@ def test_stack_ceilings_match_the_design_study():
     # bytes per row: the study's 256 (inference) and 2432 + the partials (training)
     assert stack.model_bytes("stack", "nograd", M, D, L, e, sms, l2) == pytest.approx(256 * M, rel=0.001)
     assert stack.model_bytes("stack", "full", M, D, L, e, sms, l2) == pytest.approx(2432 * M, rel=0.02)
+
+
+@interpreted
+def test_stack_gpu_pipeline_with_a_cpu_standin():
+    from bench import stack
+    device = gpu.cpu_standin_device(name="fake-gpu (cpu stand-in)", reps=1)
+    rows = stack.time_stack(device, M=64, D=16, L=3, dtype="fp32")
+    assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in stack.IMPLS for m in stack.MODES}
+    assert all(r["parity"] == "ok" and r["ms"] is not None and r["measured"] is False for r in rows)
+    s = [r for r in rows if r["impl"] == "stack"]
+    assert all(r["speedup_vs_blocks"] > 0 and r["ceiling_vs_eager_model"] > 0 for r in s)
+    md = stack.gpu_markdown(rows)
+    assert "NOT a GPU measurement" in md and "(MODEL)" in md
