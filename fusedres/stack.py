@@ -96,10 +96,11 @@ def fused_residual_stack(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
                         + "; cast them to one dtype, or run under torch.autocast")
     D = weight.shape[-1]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    x2 = _aligned(x.reshape(-1, D))
+    # contiguous here (traceable); 16-byte alignment inside the ops (data pointers are opaque to Dynamo)
+    x2 = x.reshape(-1, D).contiguous()
     with torch.autocast(device_type, enabled=False):
-        y, _ = torch.ops.fusedres.stack_forward(x2, _aligned(weight), None if bias is None else _aligned(bias), save,
-                                                deterministic)
+        y, _ = torch.ops.fusedres.stack_forward(x2, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                                save, deterministic)
     return y.view(x.shape)
 
 
@@ -110,14 +111,15 @@ def fused_residual_stack(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
 @torch.library.custom_op("fusedres::stack_forward", mutates_args=())
 def stack_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], save: bool,
                   deterministic: bool) -> tuple[Tensor, Tensor]:
-    """``x`` ``[M, D]``, contiguous and aligned (``fused_residual_stack`` sees to it).
+    """``x`` ``[M, D]``; an operand that is not contiguous and 16-byte aligned is copied first.
     ``deterministic`` is only carried to the backward."""
     if backend_for(x.device) == "eager":
         return eager_stack_forward(x, weight, bias, save)
     L = weight.shape[0]
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     saved = x.new_empty(L - 1 if save else 0, *x.shape)
-    residual_stack_fwd(x, weight, bias, y, saved if save and L > 1 else None)
+    residual_stack_fwd(_aligned(x), _aligned(weight), None if bias is None else _aligned(bias), y,
+                       saved if save and L > 1 else None)
     return y, saved
 
 
@@ -135,7 +137,8 @@ def stack_backward(grad: Tensor, x: Tensor, saved: Tensor, weight: Tensor, has_b
     elif _gpu_rules(x.device) and not fused_backward_shipped(weight.dtype, weight.shape[-1]):
         dx, dw, db = _per_layer_backward(grad, x, saved, weight, has_bias, need_dx, need_params)
     else:
-        dx, dw, db = residual_stack_bwd(_aligned(grad), x, saved if saved.numel() else None, weight,
+        dx, dw, db = residual_stack_bwd(_aligned(grad), _aligned(x), _aligned(saved) if saved.numel() else None,
+                                        _aligned(weight),
                                         has_bias=has_bias, need_dx=need_dx, need_params=need_params,
                                         deterministic=deterministic)
     return tuple(t if t is not None else like.new_empty(0) for t, like in zip((dx, dw, db), (x, weight, weight)))

@@ -331,3 +331,47 @@ def test_per_layer_backward_where_the_fused_one_is_not_shipped(device, launches,
     ref = check_stack_parity(x, w, b, g)
     for a, o in zip(fused, ref):
         torch.testing.assert_close(a, o, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch(device):
+    stack = FusedResidualStack(16, 3, device=device)
+    x = torch.empty(0, 16, device=device, requires_grad=True)
+    y = stack(x)
+    y.sum().backward()
+    assert y.shape == (0, 16) and x.grad.shape == (0, 16)
+    assert torch.equal(stack.weight.grad, torch.zeros_like(stack.weight))
+    assert torch.equal(stack.bias.grad, torch.zeros_like(stack.bias))
+
+
+def test_nonfinite_values_land_where_eager_puts_them(device):
+    x, w, b, g = make_stack_inputs(40, 32, 3, torch.float32, device, seed=11)
+    x[3, 7], x[5, 1], x[9, 2] = float("nan"), float("inf"), -float("inf")
+    check_stack_parity(x, w, b, g)       # parity() requires the same NaN/Inf pattern as eager
+
+
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    stack = FusedResidualStack(32, 4, device=device)
+    x = torch.randn(50, 32, device=device, requires_grad=True)
+    compiled = torch.compile(stack, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    gx, gw = x.grad.clone(), stack.weight.grad.clone()
+    x.grad = None
+    stack.zero_grad()
+    stack(x).sum().backward()
+    assert torch.equal(y, stack(x)) and torch.equal(gx, x.grad) and torch.equal(gw, stack.weight.grad)
+
+
+def test_autocast_runs_the_gemms_in_bf16(device):
+    stack = FusedResidualStack(32, 3, device=device)
+    x = torch.randn(60, 32, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = stack(x)
+        expect = stack_reference(x, stack.weight, stack.bias)
+    assert y.dtype == expect.dtype == torch.float32
+    ref = stack_reference(x.double(), stack.weight.double(), stack.bias.double())
+    p = parity(y, expect, ref)
+    assert p.ok, p
+    y.sum().backward()
+    assert stack.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
