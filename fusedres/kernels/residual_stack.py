@@ -61,7 +61,8 @@ def residual_stack_fwd_kernel(
 
     ``saved`` is ``[L - 1, M, D]``: ``saved[l] = x_{l+1}``, written only with ``SAVE``. The
     per-layer sum runs in the order of the single-block kernel (GEMM, + bias, + residual), so in
-    fp32 a stack and L single-block launches give the same numbers.
+    fp32 a stack and L single-block launches differ only by the GEMM's internal summation order.
+    The last layer is peeled off the loop: it writes ``y`` instead of a saved activation.
     """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
