@@ -516,7 +516,7 @@ def failures(rec: dict) -> list[str]:
     if rec["tensor_core_expected"] and not rec["tensor_core"]:
         out.append(f"no {rec['tensor_core_expected']}")
     out += [f"ptxas {a}" for a in rec["advisories"] if _FATAL_ADVISORY.search(a)]
-    if rec["kernel"] in STACK_KINDS:
+    if rec.get("kernel") in STACK_KINDS:
         # Every load of a stack kernel is a whole aligned row segment: a scalar load means the
         # alignment the launcher guarantees did not reach the compiler.
         if rec["scalar_loads"]:
