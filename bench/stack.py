@@ -139,7 +139,8 @@ def measure(M: int = 4096, D: int = 64, L: int = 8, dtype: str = "bf16", seed: i
         measured[(impl, "full")] = measured[(impl, "fwd")] + measured[(impl, "bwd")]
         flops[(impl, "full")] = flops[(impl, "fwd")] + flops[(impl, "bwd")]
         launches[(impl, "full")] = launches[(impl, "fwd")] + launches[(impl, "bwd")]
-    return StackMeasurement(M, D, L, dtype, ks.stack_programs(M, D, "cpu", ks.stack_config("stack_bwd", D)),
+    config = ks.stack_config("stack_bwd", D, ks.stack_operand_class(tdtype))
+    return StackMeasurement(M, D, L, dtype, ks.stack_programs(M, D, "cpu", config),
                             measured, ws_reread, flops, launches)
 
 
