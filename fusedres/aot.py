@@ -255,15 +255,6 @@ def stack_example_launch(kind: str, dtype: str, width: int, variant: str, misali
     return args, consts
 
 
-def stack_shipped(kind: str, dtype: str, width: int) -> bool:
-    """False for the one stack kernel not shipped to GPUs: the IEEE fp32 backward at D = 128
-    (``configs.STACK_BWD_NOT_SHIPPED``; a GPU runs per-layer kernels there instead)."""
-    tdtype, precision = DTYPES[dtype]
-    with _matmul_precision(precision):
-        operands = _configs.stack_operand_class(tdtype)
-    return kind != "stack_bwd" or (operands, width) not in _configs.STACK_BWD_NOT_SHIPPED
-
-
 def stack_gate_config(kind: str, width: int, arch: str, dtype: str) -> triton.Config:
     """The config a launch of the stack kernel ``kind`` at ``width`` takes on ``arch`` for ``dtype``."""
     cc = ARCHS[arch].cc
@@ -542,8 +533,7 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
     for kind in kinds:
         if kind in STACK_KINDS:
             jobs += [(kind, stack_gate_config(kind, width, arch, dtype), dtype, arch, False, variant, width)
-                     for dtype in dtypes for width in widths for variant in STACK_VARIANTS[kind] for arch in archs
-                     if stack_shipped(kind, dtype, width)]
+                     for dtype in dtypes for width in widths for variant in STACK_VARIANTS[kind] for arch in archs]
             continue
         for dtype in dtypes:
             for tl_ in two_level:

@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from .kernels.residual_stack import STACK_WIDTHS, fused_backward_shipped, residual_stack_bwd, residual_stack_fwd
+from .kernels.residual_stack import STACK_WIDTHS, residual_stack_bwd, residual_stack_fwd
 from .op import SUPPORTED_DTYPES, backend_for
 from .reference import ResidualBlock, eager_stack_backward, eager_stack_forward
 
@@ -134,35 +134,12 @@ def stack_backward(grad: Tensor, x: Tensor, saved: Tensor, weight: Tensor, has_b
     """``(dx, dW, db)``; an empty tensor stands for each gradient not asked for."""
     if backend_for(x.device) == "eager":
         dx, dw, db = eager_stack_backward(grad, x, saved, weight, has_bias, need_dx, need_params)
-    elif _gpu_rules(x.device) and not fused_backward_shipped(weight.dtype, weight.shape[-1]):
-        dx, dw, db = _per_layer_backward(grad, x, saved, weight, has_bias, need_dx, need_params)
     else:
         dx, dw, db = residual_stack_bwd(_aligned(grad), _aligned(x), _aligned(saved) if saved.numel() else None,
                                         _aligned(weight),
                                         has_bias=has_bias, need_dx=need_dx, need_params=need_params,
                                         deterministic=deterministic)
     return tuple(t if t is not None else like.new_empty(0) for t, like in zip((dx, dw, db), (x, weight, weight)))
-
-
-def _gpu_rules(device: torch.device) -> bool:
-    """Whether what ships to GPUs decides the path (on a GPU; the interpreter runs every kernel)."""
-    return device.type == "cuda"
-
-
-def _per_layer_backward(grad, x, saved, weight, has_bias, need_dx, need_params):
-    """The documented path where the fused backward does not ship (IEEE fp32 at D = 128): the
-    single-block dx and dW kernels, layer by layer, from the same saved activations (2 launches
-    per layer; g rounds to fp32 between layers, which is the I/O dtype there)."""
-    L = weight.shape[0]
-    dws, dbs = [None] * L, [None] * L
-    g = grad
-    for l in reversed(range(L)):
-        x_l = x if l == 0 else saved[l - 1]
-        g, dws[l], dbs[l], _, _ = torch.ops.fusedres.residual_backward(
-            g, x_l, weight[l], None, None, None, l > 0 or need_dx, need_params, need_params and has_bias, False,
-            False)
-    return (g if need_dx else None), (torch.stack(dws) if need_params else None), (
-        torch.stack(dbs) if need_params and has_bias else None)
 
 
 @stack_backward.register_fake

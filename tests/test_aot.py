@@ -61,8 +61,6 @@ def _expected_stack(dtypes):
             for arch in aot.DEFAULT_ARCHS:
                 cc = aot.ARCHS[arch].cc
                 for width in (16, 32, 64, 128):
-                    if kind == "stack_bwd" and (operands, width) in configs.STACK_BWD_NOT_SHIPPED:
-                        continue
                     c = configs.stack_config(kind, width, operands, (cc // 10, cc % 10))
                     for variant in aot.STACK_VARIANTS[kind]:
                         out.add((kind, json.dumps(aot.config_dict(c), sort_keys=True), dtype, arch, False, variant,
@@ -124,12 +122,6 @@ def _check_record(r):
     # the signature was specialised as a real launch specialises it
     assert "x_ptr" in r["divisible_by_16"], where
     assert any(n.startswith("stride_") for n in r["equal_to_1"]), where
-
-
-def test_only_the_documented_stack_backward_is_not_shipped():
-    assert configs.STACK_BWD_NOT_SHIPPED == {("ieee", 128)}
-    assert not aot.stack_shipped("stack_bwd", "fp32", 128) and aot.stack_shipped("stack_bwd", "tf32", 128)
-    assert aot.stack_shipped("stack_fwd", "fp32", 128)
 
 
 def _check_stack_record(r, where):

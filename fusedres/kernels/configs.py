@@ -205,16 +205,25 @@ def launch(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, c
 # for the whole reduction over D), "fp64" (interpreter-sized work; gradcheck; not in the gate).
 # Forward: (BLOCK_M, warps, stages). Backward: (BLOCK_M, warps, stages, DW_COLS).
 #
-# Chosen by compiling candidates (BLOCK_M 128..16, warps 4/8/16, stages 3..1, DW_COLS D..16) for
-# sm_90 and sm_80, and keeping the largest row tile that passes the gate, then the fewest warps:
-# - 16-bit forward at 4 warps on sm_90 draws ptxas's C7517 (a wgmma.wait_group injected) at
-#   D = 32 and 64 with 128-row tiles: 8 warps there, or 64 rows at D = 16.
-# - IEEE fp32 needs smaller row tiles (128 rows spill from D = 32 up: 2-140 KB).
-# - sm_80's ptxas caps registers lower: the backward spills at 128 rows with 2 stages from D = 32
-#   (48-744 B), so it runs 1 stage, 32-column dW slices, and 32/16-row tiles at D = 128.
-# - IEEE fp32 backward at D = 128 spills in every tile tried (3.6-170 KB, BLOCK_M 16-64, 2-16 warps,
-#   DW_COLS 16-128): the FMA dot holds a [128, 128] operand per thread group. It is not shipped to
-#   GPUs: see STACK_BWD_NOT_SHIPPED.
+# Chosen with the compile gate (fusedres.aot, sm_90 and sm_80, both feature variants of each
+# kernel; candidates BLOCK_M 128..16, warps 4/8/16, stages 3..1, DW_COLS D..16): the largest
+# BLOCK_M with no spills, shared memory in the limit, no ptxas advisory and no scalar 16-bit
+# loads; then the fewest warps; then 2-3 stages over 1; then the widest DW_COLS.
+# - fwd 16bit/tf32 sm_90: 128 rows at 4 warps draw C7517 (wgmma.wait_group injected) at every
+#   num_stages (1-3); 8 warps do not. 16bit D=16 at (128, 8) emits scalar 16-bit loads: (64, 4).
+#   tf32 D=128 spills at 128 rows (712+ B, also at 16 warps, where the register cap is 128).
+# - fwd ieee (FMA, each thread holds its rows for the whole reduction over D): D=32 spills
+#   16-40 B at 3 stages, not at 2; D=64 spills at 128 rows (16 B at 8 warps; sm_80 also at 64
+#   rows with 4 warps); D=128 passes only at 32 rows (8 warps sm_80, 16 warps sm_90).
+# - fwd sm_80 (ptxas caps registers lower): 16bit D=128 spills 108-200 B at (128, 8);
+#   tf32 D=128 spills at 64 rows (24-184 B at 8 or 16 warps).
+# - bwd: g, x, gW and the dW slice share the registers; a narrower DW_COLS relieves them.
+#   tf32 D=128 spills at 64 rows (32-636 B; over shared memory at 2 stages on sm_90), on sm_80
+#   also at 32 rows. bf16 on sm_80 spills at D=32 (48 B, DW_COLS=32), D=64 (DW_COLS 32-64) and
+#   D=128 (64 rows: 344-800 B; (32, 4, 2, 16): 64 B), hence (32, 4, 1, 32) there.
+# - bwd ieee: dW is an FMA dot with K = BLOCK_M, so small row tiles; at 4 warps ptxas falls back
+#   to 32 registers and spills tens of KB. D=128 spills at 32 rows (23-78 KB) and at (16, 8, 1, 16)
+#   (3.6 KB), but compiles clean at (16, 8, 2, 32) on both archs (246/228 registers).
 STACK_FWD_TILES = {
     "16bit": {16: (64, 4, 3), 32: (128, 8, 3), 64: (128, 8, 3), 128: (128, 8, 3)},
     "tf32": {16: (128, 8, 3), 32: (128, 8, 3), 64: (128, 8, 3), 128: (64, 8, 3)},
@@ -222,10 +231,9 @@ STACK_FWD_TILES = {
     "fp64": {16: (32, 4, 1), 32: (32, 4, 1), 64: (32, 4, 1), 128: (32, 4, 1)},
 }
 STACK_BWD_TILES = {
-    "16bit": {16: (128, 4, 2, 16), 32: (128, 4, 2, 32), 64: (128, 8, 2, 64), 128: (64, 8, 1, 128)},
+    "16bit": {16: (128, 4, 2, 16), 32: (128, 4, 2, 32), 64: (128, 8, 2, 64), 128: (64, 8, 2, 64)},
     "tf32": {16: (128, 4, 2, 16), 32: (128, 8, 2, 32), 64: (128, 8, 2, 64), 128: (32, 4, 2, 16)},
-    # ieee 128: the interpreter's tile only (not shipped to GPUs)
-    "ieee": {16: (64, 4, 2, 16), 32: (64, 4, 1, 16), 64: (16, 4, 2, 32), 128: (16, 8, 1, 16)},
+    "ieee": {16: (64, 4, 2, 16), 32: (64, 4, 1, 16), 64: (32, 8, 2, 32), 128: (16, 8, 2, 32)},
     "fp64": {16: (32, 4, 1, 16), 32: (32, 4, 1, 32), 64: (32, 4, 1, 32), 128: (32, 4, 1, 32)},
 }
 #: sm_80 entries that differ from the lists above (ptxas 12.x there caps registers lower)
@@ -236,16 +244,11 @@ STACK_FWD_TILES_SM80: dict = {
     "fp64": {},
 }
 STACK_BWD_TILES_SM80: dict = {
-    "16bit": {32: (128, 4, 1, 32), 64: (128, 8, 1, 32), 128: (32, 4, 1, 32)},
-    "tf32": {16: (128, 4, 1, 16), 32: (128, 8, 1, 16), 64: (64, 8, 1, 32), 128: (16, 4, 2, 32)},
-    "ieee": {64: (32, 8, 2, 32)},
+    "16bit": {32: (128, 4, 2, 16), 64: (128, 8, 2, 16), 128: (32, 4, 1, 32)},
+    "tf32": {16: (128, 4, 1, 16), 32: (128, 8, 1, 16), 64: (64, 8, 2, 16), 128: (16, 4, 2, 32)},
+    "ieee": {},
     "fp64": {},
 }
-#: (operand class, width) whose fused stack backward spills on every GPU target: on a GPU the
-#: stack's backward runs there as L single-block backward launches (dx and dW kernels, layer by
-#: layer, from the same saved activations). Use tf32 (``torch.set_float32_matmul_precision("high")``)
-#: or bf16 to keep D = 128 fp32 fully fused.
-STACK_BWD_NOT_SHIPPED = {("ieee", 128)}
 STACK_REDUCE_BLOCK, STACK_REDUCE_WARPS = 1024, 4
 
 

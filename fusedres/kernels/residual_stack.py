@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ._common import record_launch, relu_nan, store_rounded, to_gemm_operand
-from .configs import STACK_BWD_NOT_SHIPPED, _launch_lock, gemm_flags, stack_config, stack_operand_class
+from .configs import _launch_lock, gemm_flags, stack_config, stack_operand_class
 
 #: Widths the stack kernels are built for: a row tile of activations fits in registers.
 STACK_WIDTHS = (16, 32, 64, 128)
@@ -228,13 +228,6 @@ DEFAULT_L2_BYTES = 50 * 1024 * 1024
 
 def _capability(t):
     return tuple(torch.cuda.get_device_capability(t.device)) if t.device.type == "cuda" else None
-
-
-def fused_backward_shipped(dtype: torch.dtype, D: int) -> bool:
-    """Whether the fused stack backward ships to GPUs for weights of ``dtype`` (under the current
-    fp32 matmul precision) at width ``D``: False for IEEE fp32 at D = 128, whose backward spills
-    in every tile (``configs.STACK_BWD_NOT_SHIPPED``)."""
-    return (stack_operand_class(dtype), D) not in STACK_BWD_NOT_SHIPPED
 
 
 def _check_operands(**tensors) -> None:
