@@ -34,6 +34,8 @@ from .model import Kernel
 #: Streaming multiprocessors and L2 bytes of the projection GPUs (datasheets): the backward's
 #: programs and its layer chunks.
 GPU_SMS_L2 = {"H100 SXM": (132, 50 * 2 ** 20), "A100 SXM 80GB": (108, 40 * 2 ** 20), "H200 SXM": (132, 50 * 2 ** 20)}
+#: the L2 the launcher assumes without a GPU (fusedres.kernels.residual_stack.DEFAULT_L2_BYTES)
+DEFAULT_L2 = 50 * 2 ** 20
 IMPLS = ("stack", "blocks", "eager")
 MODES = ("fwd", "bwd", "full", "nograd")
 DESCRIPTIONS = {"stack": "FusedResidualStack: one forward kernel, one backward kernel + reduce",
@@ -42,13 +44,13 @@ DESCRIPTIONS = {"stack": "FusedResidualStack: one forward kernel, one backward k
 
 
 def chunks(L: int, D: int, programs: int, l2_bytes: int, acc: int = 4) -> int:
-    """Layer chunks of the deterministic backward (fusedres.kernels.residual_stack.layers_per_chunk)."""
-    per = max(1, min(L, (l2_bytes // 2) // (programs * (D * D + D) * acc)))
-    return math.ceil(L / per)
+    """Layer chunks of the deterministic backward, by the launcher's own rule."""
+    from fusedres.kernels.residual_stack import layers_per_chunk
+    return math.ceil(L / layers_per_chunk(L, D, programs, acc, l2_bytes))
 
 
 def stack_kernels(impl: str, mode: str, M: int, D: int, L: int, e: int, programs: int = 132,
-                  l2_bytes: int = 50 * 2 ** 20, acc: int = 4) -> list[Kernel]:
+                  l2_bytes: int = DEFAULT_L2, acc: int = 4) -> list[Kernel]:
     """The MODEL's kernels of ``impl`` ("stack", "blocks", "eager") for ``mode`` ("fwd" is the
     training forward, "nograd" the inference forward, "bwd", "full" = fwd + bwd)."""
     if impl in ("blocks", "eager"):
@@ -80,6 +82,16 @@ class StackMeasurement:
     ws_reread: int
     flops: dict
     launches: dict
+
+    def hbm_bytes(self, impl: str, mode: str) -> int:
+        """Measured bytes less the stack's in-kernel partial re-reads (L2-resident by design)."""
+        reread = self.ws_reread if impl == "stack" and mode in ("bwd", "full") else 0
+        return self.measured[(impl, mode)] - reread
+
+    def model(self, impl: str, mode: str) -> int:
+        """The MODEL's bytes at this measurement's size and programs (the interpreter's L2: one chunk)."""
+        return model_bytes(impl, mode, self.M, self.D, self.L, model.ELEMENT_SIZE[self.dtype], self.programs,
+                           DEFAULT_L2)
 
 
 def measure(M: int = 4096, D: int = 64, L: int = 8, dtype: str = "bf16", seed: int = 0) -> StackMeasurement:
@@ -115,8 +127,8 @@ def measure(M: int = 4096, D: int = 64, L: int = 8, dtype: str = "bf16", seed: i
             torch.autograd.grad(y, [xs, *module.parameters()], g)
             with torch.no_grad():
                 module(x)
-        train_fwd = [lc for lc in t.select(names["fwd"])][:len(t.select(names["fwd"])) // 2]
-        infer_fwd = [lc for lc in t.select(names["fwd"])][len(t.select(names["fwd"])) // 2:]
+        forwards = t.select(names["fwd"])          # the training forward's launches, then the inference one's
+        train_fwd, infer_fwd = forwards[:len(forwards) // 2], forwards[len(forwards) // 2:]
         bwd = t.select(names["bwd"])
         for mode, launches_ in (("fwd", train_fwd), ("nograd", infer_fwd), ("bwd", bwd)):
             measured[(impl, mode)] = sum(lc.unique_bytes for lc in launches_)
@@ -149,15 +161,11 @@ def model_bytes(impl: str, mode: str, M: int, D: int, L: int, e: int, programs: 
 
 
 def measured_table(m: StackMeasurement) -> str:
-    e = model.ELEMENT_SIZE[m.dtype]
     rows = ["| impl | mode | launches | measured bytes | per row | MODEL bytes | measured / MODEL |",
             "|---|---|---|---|---|---|---|"]
     for impl in IMPLS:
         for mode in MODES:
-            got = m.measured[(impl, mode)]
-            if impl == "stack" and mode in ("bwd", "full"):
-                got -= m.ws_reread
-            want = model_bytes(impl, mode, m.M, m.D, m.L, e, m.programs, 50 * 2 ** 20)
+            got, want = m.hbm_bytes(impl, mode), m.model(impl, mode)
             rows.append(f"| {impl} | {mode} | {m.launches[(impl, mode)]} | {got:,} | {got / m.M:,.0f} | {want:,} | "
                         f"{got / want:.3f} |")
     return "\n".join(rows)
@@ -181,10 +189,7 @@ def ceiling_table(M: int = 2 ** 20, widths=(64, 128), L: int = 8, dtype: str = "
 
 
 def section(m: StackMeasurement) -> list[str]:
-    e = model.ELEMENT_SIZE[m.dtype]
-    exact = all(m.measured[("stack", mode)] - (m.ws_reread if mode in ("bwd", "full") else 0)
-                == model_bytes("stack", mode, m.M, m.D, m.L, e, m.programs, 50 * 2 ** 20)
-                for mode in MODES)
+    exact = all(m.hbm_bytes("stack", mode) == m.model("stack", mode) for mode in MODES)
     return [
         f"## Narrow stack: L={m.L} blocks of D={m.D}, M={m.M}, {m.dtype}", "",
         "Bytes MEASURED per call (stack and single blocks: unique bytes per launch through the interpreter "
@@ -203,15 +208,12 @@ def section(m: StackMeasurement) -> list[str]:
 
 def records(m: StackMeasurement) -> list[dict]:
     """JSON records of the stack section: measured bytes with their MODEL; no time (ms: None)."""
-    e = model.ELEMENT_SIZE[m.dtype]
     out = []
     for impl in IMPLS:
         for mode in MODES:
-            got = m.measured[(impl, mode)] - (m.ws_reread if impl == "stack" and mode in ("bwd", "full") else 0)
             out.append(dict(section="stack", impl=impl, mode=mode, M=m.M, D=m.D, L=m.L, dtype=m.dtype,
-                            launches=m.launches[(impl, mode)], bytes=got, bytes_source="measured",
-                            model_bytes=model_bytes(impl, mode, m.M, m.D, m.L, e, m.programs, 50 * 2 ** 20),
-                            ms=None, measured=False))
+                            launches=m.launches[(impl, mode)], bytes=m.hbm_bytes(impl, mode), bytes_source="measured",
+                            model_bytes=m.model(impl, mode), ms=None, measured=False))
     return out
 
 
@@ -247,7 +249,7 @@ def time_stack(device, M: int = 65536, D: int = 64, L: int = 8, dtype: str = "bf
     eager_y = fusedres.stack_reference(x, w, b)
     e = model.ELEMENT_SIZE[dtype]
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device.is_gpu else 132
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size if device.is_gpu else 50 * 2 ** 20
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if device.is_gpu else DEFAULT_L2
     rows = []
     for impl, fn in impls.items():
         p = parity(fn(x, w, b), eager_y, reference)

@@ -182,8 +182,6 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     """``(args, consts)`` of a real launch of ``kind``, made by the launcher's own code from CPU
     tensors: ``plan_rows`` (as ``fusedres.op`` calls it), then ``*_launch_args``."""
     tdtype, precision = DTYPES[dtype]
-    if kind in STACK_KINDS:
-        return stack_example_launch(kind, dtype, D if D != EXAMPLE_D else 64, features)
     if features not in FEATURES:
         raise ValueError(f"unknown features {features!r}; one of {FEATURES}")
     extra = features == "alpha+proj"

@@ -47,6 +47,42 @@ def backend_for(device: torch.device | str) -> str:
     return "triton" if runs_triton else "eager"
 
 
+def check_tensor_types(who: str, named: list[tuple[str, Tensor]]) -> None:
+    """Each ``(name, tensor)`` is a tensor of a supported floating dtype, or a clear TypeError."""
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{who}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{who}: {name} has dtype {t.dtype}; supported: "
+                            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
+
+
+def check_one_device(who: str, named: list[tuple[str, Tensor]]) -> None:
+    if len({t.device for _, t in named}) > 1:
+        raise ValueError(f"{who}: all tensors must be on one device; got "
+                         + ", ".join(f"{n} on {t.device}" for n, t in named))
+
+
+def gemm_operands(who: str, x: Tensor, params: list[tuple[str, Optional[Tensor]]]) -> list[Optional[Tensor]]:
+    """The parameters as the GEMMs take them. Under ``torch.autocast`` they are cast to the
+    autocast dtype, as ``F.linear`` casts them (so fp32 parameters get fp32 gradients; ``x`` keeps
+    its dtype and is cast inside the kernels). Outside it, every dtype must be ``x``'s."""
+    device_type = x.device.type
+    tensors = [t for _, t in params]
+    if torch.is_autocast_enabled(device_type):
+        gemm_dtype = torch.get_autocast_dtype(device_type)
+        if tensors[0].dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return [t.to(gemm_dtype) if t is not None else None for t in tensors]
+        return tensors
+    if any(t is not None and t.dtype != x.dtype for t in tensors):
+        raise TypeError(f"{who}: dtypes differ: x {x.dtype}, "
+                        + ", ".join(f"{n} {t.dtype}" for n, t in params if t is not None)
+                        + "; cast them to one dtype, or run under torch.autocast")
+    return tensors
+
+
 def _check_inputs(x, weight, bias, alpha, proj_weight) -> None:
     """Raise a clear error for input the kernels cannot take, before anything is launched."""
     named = [("x", x), ("weight", weight)] + [(n, t) for n, t in (("bias", bias), ("proj_weight", proj_weight))
@@ -55,14 +91,7 @@ def _check_inputs(x, weight, bias, alpha, proj_weight) -> None:
         named.append(("alpha", alpha))
     elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"fused_residual: alpha must be a float or a one-element tensor, got {type(alpha).__name__}")
-    for name, t in named:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"fused_residual: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"fused_residual: {name} must be a floating-point tensor, got {t.dtype}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"fused_residual: {name} has dtype {t.dtype}; supported: "
-                            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
+    check_tensor_types("fused_residual", named)
     if x.dim() == 0:
         raise ValueError("fused_residual: x must have shape (..., D); got a 0-dim tensor")
     if weight.dim() != 2:
@@ -81,10 +110,7 @@ def _check_inputs(x, weight, bias, alpha, proj_weight) -> None:
         raise ValueError(f"fused_residual: bias must have shape [{N}], got {list(bias.shape)}")
     if isinstance(alpha, Tensor) and alpha.numel() != 1:
         raise ValueError(f"fused_residual: alpha must have one element, got shape {list(alpha.shape)}")
-    devices = {t.device for _, t in named}
-    if len(devices) > 1:
-        raise ValueError("fused_residual: all tensors must be on one device; got "
-                         + ", ".join(f"{n} on {t.device}" for n, t in named))
+    check_one_device("fused_residual", named)
 
 
 def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, alpha: float | Tensor = 1.0,
@@ -109,18 +135,8 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     """
     _check_inputs(x, weight, bias, alpha, proj_weight)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        gemm_dtype = torch.get_autocast_dtype(device_type)
-        if weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            weight, bias, proj_weight = (t.to(gemm_dtype) if t is not None else None
-                                         for t in (weight, bias, proj_weight))
-    else:
-        others = [t for t in (bias, proj_weight) if t is not None]
-        if x.dtype != weight.dtype or any(t.dtype != weight.dtype for t in others):
-            raise TypeError(f"fused_residual: dtypes differ: x {x.dtype}, weight {weight.dtype}"
-                            + (f", bias {bias.dtype}" if bias is not None else "")
-                            + (f", proj_weight {proj_weight.dtype}" if proj_weight is not None else "")
-                            + "; cast them to one dtype, or run under torch.autocast")
+    weight, bias, proj_weight = gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias),
+                                                                    ("proj_weight", proj_weight)])
     if not isinstance(alpha, Tensor):
         alpha = None if alpha == 1.0 else torch.tensor(float(alpha), device=x.device)
     with torch.autocast(device_type, enabled=False):

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from .kernels.residual_stack import STACK_WIDTHS, residual_stack_bwd, residual_stack_fwd
-from .op import SUPPORTED_DTYPES, backend_for
+from .module import FusedResidualBlock
+from .op import backend_for, check_one_device, check_tensor_types, gemm_operands
 from .reference import ResidualBlock, eager_stack_backward, eager_stack_forward
 
 __all__ = ["FusedResidualStack", "fused_residual_stack", "STACK_WIDTHS"]
@@ -38,12 +39,7 @@ def _width_error(who: str, dim) -> ValueError:
 
 def _check_inputs(x, weight, bias) -> None:
     named = [("x", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
-    for name, t in named:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"fused_residual_stack: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"fused_residual_stack: {name} has dtype {t.dtype}; supported: "
-                            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
+    check_tensor_types("fused_residual_stack", named)
     if weight.dim() != 3 or weight.shape[1] != weight.shape[2] or weight.shape[0] < 1:
         raise ValueError(f"fused_residual_stack: weight must be [depth, dim, dim] with depth >= 1, got "
                          f"{list(weight.shape)}")
@@ -55,10 +51,7 @@ def _check_inputs(x, weight, bias) -> None:
                          f"got {list(x.shape)}")
     if bias is not None and tuple(bias.shape) != (L, D):
         raise ValueError(f"fused_residual_stack: bias must have shape [{L}, {D}], got {list(bias.shape)}")
-    devices = {t.device for _, t in named}
-    if len(devices) > 1:
-        raise ValueError("fused_residual_stack: all tensors must be on one device; got "
-                         + ", ".join(f"{n} on {t.device}" for n, t in named))
+    check_one_device("fused_residual_stack", named)
 
 
 def _aligned(t: Tensor) -> Tensor:
@@ -86,14 +79,7 @@ def fused_residual_stack(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     """
     _check_inputs(x, weight, bias)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        gemm_dtype = torch.get_autocast_dtype(device_type)
-        if weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            weight, bias = (t.to(gemm_dtype) if t is not None else None for t in (weight, bias))
-    elif x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(f"fused_residual_stack: dtypes differ: x {x.dtype}, weight {weight.dtype}"
-                        + (f", bias {bias.dtype}" if bias is not None else "")
-                        + "; cast them to one dtype, or run under torch.autocast")
+    weight, bias = gemm_operands("fused_residual_stack", x, [("weight", weight), ("bias", bias)])
     D = weight.shape[-1]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     # contiguous here (traceable); 16-byte alignment inside the ops (data pointers are opaque to Dynamo)
@@ -187,13 +173,8 @@ stack_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, 
 
 def _stackable(block: nn.Module) -> bool:
     """A block the stack computes exactly: square, no projection, alpha a fixed 1."""
-    return (type(block) in (ResidualBlock, _fused_block_type()) and block.proj_weight is None
+    return (type(block) in (ResidualBlock, FusedResidualBlock) and block.proj_weight is None
             and not isinstance(block.alpha, nn.Parameter) and bool(block.alpha.eq(1).all()))
-
-
-def _fused_block_type():
-    from .module import FusedResidualBlock
-    return FusedResidualBlock
 
 
 class FusedResidualStack(nn.Module):
@@ -276,7 +257,7 @@ class FusedResidualStack(nn.Module):
     def to_blocks(self, block_type: type | None = None) -> list[nn.Module]:
         """The stack as ``depth`` separate blocks (``FusedResidualBlock`` by default, or
         ``fusedres.ResidualBlock``), with the weights copied out."""
-        block_type = block_type or _fused_block_type()
+        block_type = block_type or FusedResidualBlock
         blocks = []
         for l in range(self.depth):
             b = block_type(self.dim, bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)

@@ -180,9 +180,10 @@ def test_chunked_layers_match_one_chunk(device, launches):
 def test_layers_per_chunk_follows_half_of_l2():
     l2 = ks.DEFAULT_L2_BYTES
     # H100 (132 SMs, 50 MiB L2), fp32 partials: the design note's 11 layers at D=64 and 3 at D=128
-    assert ks.layers_per_chunk(64, 64, 132, 4, "cpu") == 11
-    assert ks.layers_per_chunk(64, 128, 132, 4, "cpu") == 3
-    assert ks.layers_per_chunk(8, 64, 132, 4, "cpu", deterministic=False) == 8
+    assert ks.l2_bytes("cpu") == l2
+    assert ks.layers_per_chunk(64, 64, 132, 4, l2) == 11
+    assert ks.layers_per_chunk(64, 128, 132, 4, l2) == 3
+    assert ks.layers_per_chunk(8, 64, 132, 4, l2, deterministic=False) == 8
     assert 132 * 11 * (64 * 64 + 64) * 4 <= l2 // 2 < 132 * 12 * (64 * 64 + 64) * 4
 
 

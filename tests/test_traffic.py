@@ -263,6 +263,7 @@ def test_stack_kernels_move_exactly_the_model(D, L, chunk):
     assert per_arg(red) == {"ws_ptr": (ws, 0), "dw_ptr": (0, e * L * D * D), "db_ptr": (0, e * L * D)}
     # the model: everything above but the partials' re-read, which stays in L2
     l2 = 50 * 2 ** 20 if chunk is None else 2 * P * chunk * (D * D + D) * a   # an L2 that forces the chunking
+    assert bench_stack.DEFAULT_L2 == ks.DEFAULT_L2_BYTES
     assert bench_stack.chunks(L, D, P, l2) == (1 if chunk is None else -(-L // chunk))
     for mode, launches in (("fwd", [fwd]), ("bwd", [bwd, red])):
         measured = sum(lc.unique_bytes for lc in launches) - (reread if mode == "bwd" else 0)

@@ -274,13 +274,19 @@ def stack_programs(M: int, D: int, device, config: triton.Config, programs: int 
     return max(1, min(programs, triton.cdiv(M, config.kwargs["BLOCK_M"])))
 
 
-def layers_per_chunk(L: int, D: int, programs: int, acc_size: int, device, deterministic: bool = True) -> int:
+def l2_bytes(device) -> int:
+    """The L2 cache of ``device``'s GPU; for the interpreter, :data:`DEFAULT_L2_BYTES`."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    return DEFAULT_L2_BYTES
+
+
+def layers_per_chunk(L: int, D: int, programs: int, acc_size: int, l2: int, deterministic: bool = True) -> int:
     """Layers whose partials (``programs * (D*D + D)`` accumulator elements each) fit in half of
-    the L2 cache: the slice of the workspace that the row tiles update while they stream by."""
+    an ``l2``-byte L2 cache: the slice of the workspace that the row tiles update while they
+    stream by. Atomics keep no per-program partials: one chunk."""
     if not deterministic:
         return max(L, 1)
-    l2 = (torch.cuda.get_device_properties(device).L2_cache_size if torch.device(device).type == "cuda"
-          else DEFAULT_L2_BYTES)
     return max(1, min(L, (l2 // 2) // (programs * (D * D + D) * acc_size)))
 
 
@@ -329,7 +335,7 @@ def residual_stack_bwd(grad, x, saved, weight, *, has_bias: bool, need_dx: bool,
     if not (need_dx or need_params):
         return dx, dw, db
     P = stack_programs(M, D, x.device, config, programs)
-    chunk = chunk or layers_per_chunk(L, D, P, acc.itemsize, x.device, deterministic)
+    chunk = chunk or layers_per_chunk(L, D, P, acc.itemsize, l2_bytes(x.device), deterministic)
     chunk = max(1, min(chunk, L))
     ws = None
     if need_params:
