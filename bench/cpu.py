@@ -392,6 +392,17 @@ def parity_line(res: CpuResult) -> str:
 # Plots
 
 
+def _save_bars(fig, ax, path: Path) -> Path:
+    """The bar charts' common finish: legend, grid, tight layout, PNG, figure closed."""
+    from .report import _pyplot
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_cpu(res: CpuResult, out_dir: Path, project_dtype: str) -> list[Path]:
     from .report import _pyplot
     plt = _pyplot()
@@ -420,13 +431,7 @@ def plot_cpu(res: CpuResult, out_dir: Path, project_dtype: str) -> list[Path]:
     ax.set_xticks(xs, model.MODES)
     ax.set_ylabel("MB per call")
     ax.set_title(f"Memory traffic per call, M={res.M} D={res.D} {res.dtype}: measured on CPU; hatched = MODEL")
-    ax.legend(fontsize=7)
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    p = out_dir / "cpu_bytes.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save_bars(fig, ax, out_dir / "cpu_bytes.png"))
 
     impls = ["fused", "eager", "compile", "compile-max-autotune", "compile-max-autotune+prologue"]
     fig, ax = plt.subplots(figsize=(10, 4.8))
@@ -441,11 +446,5 @@ def plot_cpu(res: CpuResult, out_dir: Path, project_dtype: str) -> list[Path]:
     ax.set_ylabel("projected us per fwd+bwd (MODEL)")
     ax.set_title(f"MODEL, not a measurement: roofline projection of fwd+bwd, {project_dtype}, "
                  f"M={res.M} D={res.D}")
-    ax.legend(fontsize=7)
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    p = out_dir / "cpu_model_time.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save_bars(fig, ax, out_dir / "cpu_model_time.png"))
     return paths
