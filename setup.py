@@ -12,9 +12,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fusedres", "fusedres.*"]),
     package_data={"fusedres": ["py.typed"]},
-    # Tested with torch 2.13.0 and triton 3.9.0 (constraints.txt pins them for CI). The kernels use
-    # Triton APIs of 3.9 (tl.PropagateNan, input_precision, tl.range); older releases are untested.
-    install_requires=["torch>=2.13", "triton>=3.9"],
+    # The range holds every triton a supported torch pins (torch 2.13 -> 3.7.1, 2.14 -> 3.8.x) and
+    # 3.9, each tested (README, "Support matrix"), so pip keeps the triton the user's torch brought.
+    # Below 3.7 the kernels' APIs are missing; 3.10 and later are untested.
+    install_requires=["torch>=2.13", "triton>=3.7.1,<3.10"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy", "scikit-learn>=1.3",
                  "matplotlib>=3.7", "tqdm>=4.60"],

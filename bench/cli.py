@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the records as a JSON list to PATH")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="CUDA only: compiled parity of every kernel variant and dtype with pinned configs, a quick "
+                        "timing at 2 sizes beside the MODEL, a JSON report (OUT/gpu_check.json or --json); minutes")
     g = p.add_argument_group("GPU mode")
     g.add_argument("--sweep", choices=("quick", "full"), default="quick",
                    help="quick (default): D 1024,4096 x M 8192, bf16; full: D 256..8192 x M 8192,65536 x bf16,fp16,fp32")
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
+    if args.gpu_check:
+        from . import gpucheck
+        return gpucheck.main(args)
     mode = args.mode if args.mode != "auto" else ("gpu" if cuda else "cpu")
     if mode == "gpu":
         if not cuda:
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def gpu_main(args) -> int:
     from . import gpu
-    from .report import versions, write_json
+    from .report import PLOTS_HINT, have_matplotlib, versions, write_json
 
     t0 = time.perf_counter()
     sweep = gpu.SWEEPS[args.sweep]
@@ -170,7 +176,9 @@ def gpu_main(args) -> int:
         write_json(args.json, rows + stack_rows)
     print(f"\nwrote {paths['csv']} (upserted), {paths['markdown']}, {len(paths['plots'])} plots in "
           f"{Path(args.out) / 'plots'}" + (f", {args.json}" if args.json else ""))
-    bad = [r for r in rows + stack_rows if r.get("parity") not in ("ok",)]
+    if not args.no_plots and not have_matplotlib():
+        print(PLOTS_HINT)
+    bad = [r for r in rows + stack_rows if r.get("parity") not in ("ok", "skipped")]
     for r in bad:
         print(f"  {r['impl']} {r['mode']} {r['dtype']} M={r['M']} D={r['D']}: parity {r.get('parity')}: "
               f"{r.get('error') or r.get('parity_detail')}")
@@ -181,7 +189,7 @@ def gpu_main(args) -> int:
 def cpu_main(args) -> int:
     from . import cpu, gate
     from .model import PROJECTION_GPUS
-    from .report import versions, write_json
+    from .report import PLOTS_HINT, versions, write_json
 
     t_start = time.perf_counter()
     M, D = args.size
@@ -262,7 +270,6 @@ def cpu_main(args) -> int:
         lines += [f"compile gate: {gate_note}"]
     lines += [""]
 
-    pngs = cpu.plot_cpu(res, out, args.project_dtype)
     md = out / "cpu_traffic.md"
     json_path = args.json or out / "cpu_records.json"
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items())
@@ -274,7 +281,10 @@ def cpu_main(args) -> int:
     if args.json and args.json != out / "cpu_records.json":
         write_json(out / "cpu_records.json", recs)
     print("\n" + "\n".join(lines[len(header) + 1:]))
-    print(f"wrote {md}, {json_path}, " + ", ".join(str(p) for p in pngs))
+    pngs = cpu.plot_cpu(res, out, args.project_dtype)        # after the records: plots are optional
+    print(f"wrote {md}, {json_path}" + "".join(f", {p}" for p in pngs))
+    if not pngs:
+        print(PLOTS_HINT)
 
     from .model import ELEMENT_SIZE, minimum_bytes
     from .parity import all_ok

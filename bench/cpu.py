@@ -123,9 +123,8 @@ def measure_fused(x, w, b, g, progress: bool = True):
 class _ProgramBar:
     """A tqdm bar over interpreted programs, one segment per kernel launch."""
 
-    def __init__(self):
-        from tqdm import tqdm
-        self.bar = tqdm(total=0, desc="fused kernels in the Triton interpreter", unit="program", leave=False)
+    def __init__(self, bar):
+        self.bar = bar
         self.launch = None
 
     def update(self, kernel: str, index: int, total: int) -> None:
@@ -141,10 +140,13 @@ class _ProgramBar:
 def _program_bar(progress: bool):
     if not progress:
         return None
-    try:
-        return _ProgramBar()
-    except ImportError:
+    from .report import progress_bar
+    bar = progress_bar(total=0, desc="fused kernels in the Triton interpreter", unit="program", leave=False)
+    if bar is None or bar.disable:          # no tqdm, or stderr is not a TTY: no per-program callback
+        if bar is not None:
+            bar.close()
         return None
+    return _ProgramBar(bar)
 
 
 def fused_traffic(t, mode: str) -> Traffic:
@@ -203,12 +205,10 @@ def run_cpu(M: int = 2048, D: int = 512, dtype: str = "fp32", seed: int = 0, pro
         modes = ("default", "max-autotune")
         it = modes
         if progress:
-            try:
-                from tqdm import tqdm
-                it = tqdm(modes, desc="torch.compile on this CPU (read the generated code)", unit="mode",
-                          leave=False)
-            except ImportError:
-                pass
+            from .report import progress_bar
+            bar = progress_bar(iterable=modes, desc="torch.compile on this CPU (read the generated code)",
+                               unit="mode", leave=False)
+            it = modes if bar is None else bar
         res.probes = [run_probe(m) for m in it]
         res.timings["inductor probe"] = time.perf_counter() - t0
 
@@ -404,7 +404,10 @@ def _save_bars(fig, ax, path: Path) -> Path:
 
 
 def plot_cpu(res: CpuResult, out_dir: Path, project_dtype: str) -> list[Path]:
-    from .report import _pyplot
+    """The two bar charts; none (``[]``) without matplotlib (see report.PLOTS_HINT)."""
+    from .report import _pyplot, have_matplotlib
+    if not have_matplotlib():
+        return []
     plt = _pyplot()
     import numpy as np
 

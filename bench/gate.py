@@ -73,20 +73,19 @@ def collect(run: GateRun, timeout: float = 600, progress: bool = True) -> tuple[
     bar = None
     pattern = re.compile(r"^\[(\d+)/(\d+)\]")
     tail = collections.deque(maxlen=20)
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
+    from .report import progress_bar
     deadline = time.perf_counter() + timeout
     for line in run.proc.stderr:
         tail.append(line.rstrip())
         m = pattern.match(line)
-        if m and tqdm is not None and progress:
+        if m and progress:
             n, total = int(m.group(1)), int(m.group(2))
             if bar is None:
-                bar = tqdm(total=total, desc="compile gate (fusedres.aot)", unit="compile", leave=False)
-            bar.n = n
-            bar.refresh()
+                bar = progress_bar(total=total, desc="compile gate (fusedres.aot)", unit="compile", leave=False)
+                progress = bar is not None      # no tqdm: no bar
+            if bar is not None:
+                bar.n = n
+                bar.refresh()
         if time.perf_counter() > deadline:
             run.proc.kill()
             break

@@ -1,8 +1,10 @@
 """GPU mode: real timings of the fused kernels against eager and torch.compile.
 
 For each case (dtype, M, D) and implementation (fused, eager, torch.compile default, torch.compile
-max-autotune), the outputs and gradients are first checked against the fp64 reference under the
-parity rule; an implementation that fails is reported and not timed. Then each mode is timed with
+max-autotune without CUDA graphs, as every other implementation runs), the outputs and gradients
+are first checked against the fp64 reference under the parity rule; an implementation that fails
+is reported and not timed. A case whose fp64 reference would not fit in the free GPU memory
+(:func:`baseline_bytes`) is skipped with a message. Then each mode is timed with
 ``triton.testing.do_bench`` (L2 flushed between runs, quantiles 0.2/0.5/0.8):
 
 - ``fwd``: the forward with autograd recording (inputs require grad), as in training;
@@ -25,6 +27,7 @@ import datetime
 import math
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,9 @@ from . import model
 from .model import ELEMENT_SIZE, GpuSpec
 
 IMPLS = ("fused", "eager", "compile", "compile-max-autotune")
+#: torch.compile mode per peer. "max-autotune" also captures CUDA graphs, which would time that peer
+#: without the launch overheads every other implementation pays: its autotuning without graphs.
+COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune-no-cudagraphs"}
 MODES = ("fwd", "bwd", "full", "nograd")
 SWEEP_D = (256, 512, 1024, 2048, 4096, 8192)
 SWEEP_M = (8192, 65536)
@@ -50,6 +56,7 @@ QUANTILES = (0.2, 0.5, 0.8)
 CSV_COLUMNS = ["impl", "mode", "M", "D", "dtype", "gpu", "measured", "ms", "ms_p20", "ms_p80", "tflops", "gbs",
                "roofline_pct", "roofline_ms_model", "speedup_vs_eager", "speedup_vs_compile",
                "speedup_vs_compile-max-autotune", "speedup_vs_fused", "peak_mem_mb", "extra_mem_mb", "parity",
+               "compile_mode",
                "parity_detail", "min_bytes_model", "flops", "fp32_precision", "gpu_spec", "driver", "torch", "triton",
                "cuda", "python", "git_commit", "timestamp", "error"]
 
@@ -63,6 +70,7 @@ class Device:
     spec: GpuSpec | None                        # datasheet peaks for % of roofline, if known
     time_ms: Callable[[Callable], tuple]        # fn -> (p20, p50, p80) in ms
     peak_memory: Callable[[Callable], tuple] | None = None   # fn -> (peak bytes, bytes over the start)
+    free_memory: Callable[[], int] | None = None              # -> free device bytes (the fp64 size check)
 
 
 def cuda_device(spec_override: GpuSpec | None = None) -> Device:
@@ -85,7 +93,7 @@ def cuda_device(spec_override: GpuSpec | None = None) -> Device:
         return peak, peak - base
 
     return Device(name, "cuda", True, _driver_version(), spec_override or model.detect_gpu(name), time_ms,
-                  peak_memory)
+                  peak_memory, free_memory=lambda: torch.cuda.mem_get_info()[0])
 
 
 def cpu_standin_device(name: str = "cpu-standin (not a GPU)", reps: int = 3) -> Device:
@@ -137,8 +145,7 @@ def make_impl(name: str) -> Callable:
         # backward compiled with donated buffers. Donation saves memory, not time; it is switched
         # off for this process (a scoped config.patch does not reach the cached compile).
         torch._functorch.config.donated_buffer = False
-        return torch.compile(fusedres.residual_reference, dynamic=False,
-                             mode="max-autotune" if name == "compile-max-autotune" else None)
+        return torch.compile(fusedres.residual_reference, dynamic=False, mode=COMPILE_MODES[name])
     raise ValueError(f"unknown implementation {name!r}; choose from {IMPLS}")
 
 
@@ -186,6 +193,25 @@ def make_inputs(M, D, dtype, device, seed=0):
     return x, w, b, g
 
 
+def baseline_bytes(M: int, D: int) -> int:
+    """Bytes the fp64 parity baseline takes at its peak (``bench.parity.Baseline``: eager outputs,
+    fp64 copies, the fp64 reference and its absolute-value scale, with their autograd
+    intermediates): measured on the CPU as 13-14.4 fp64 ``M x D`` tensors and 6-7 fp64 ``D x D``,
+    rounded up. M = 65536, D = 8192: 64 GiB."""
+    return 8 * (15 * M * D + 8 * D * D)
+
+
+def _baseline_skip(device: Device, M: int, D: int) -> str | None:
+    """Why the fp64 baseline of this case is not built (it would not fit), or None."""
+    if device.free_memory is None:
+        return None
+    need, free = baseline_bytes(M, D), device.free_memory()
+    if need <= 0.9 * free:
+        return None
+    return (f"skipped: the fp64 parity baseline needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free "
+            "(not timed: parity could not be checked)")
+
+
 def run_gpu(cfg: GpuConfig, device: Device, meta: dict | None = None, progress: bool = True) -> list[dict]:
     """Check and time every (dtype, M, D, impl, mode); returns the rows (not yet written)."""
     from . import parity as parity_mod
@@ -198,11 +224,8 @@ def run_gpu(cfg: GpuConfig, device: Device, meta: dict | None = None, progress: 
     total = len(cases) * len(cfg.impls)
     bar = None
     if progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=total, desc=f"timing on {device.name}", unit="impl")
-        except ImportError:
-            bar = None
+        from .report import progress_bar        # None without tqdm; off when stderr is not a TTY
+        bar = progress_bar(total=total, desc=f"timing on {device.name}", unit="impl")
     rows: list[dict] = []
     for dt, M, D in cases:
         e = ELEMENT_SIZE[dt]
@@ -211,9 +234,20 @@ def run_gpu(cfg: GpuConfig, device: Device, meta: dict | None = None, progress: 
         # peers). The fp64 reference is freed before anything is timed, so that it neither
         # crowds the GPU nor shows in the peak-memory figures.
         torch._dynamo.reset()
-        baseline = parity_mod.Baseline(x, w, b, g)
+        skip = _baseline_skip(device, M, D)
+        baseline = None
+        if skip is None:
+            try:
+                baseline = parity_mod.Baseline(x, w, b, g)
+            except Exception as exc:  # out of memory, typically: this case only
+                skip = f"skipped: the fp64 parity baseline failed: {type(exc).__name__}: {str(exc)[:200]}"
+        if skip is not None:
+            print(f"\n{dt} M={M} D={D}: {skip}", file=sys.stderr, flush=True)
         checked = {}
         for impl in cfg.impls:
+            if skip is not None:
+                checked[impl] = (None, False, "", skip)
+                continue
             if bar:
                 bar.set_postfix_str(f"{dt} M={M} D={D} {impl}: parity")
             try:
@@ -233,11 +267,13 @@ def run_gpu(cfg: GpuConfig, device: Device, meta: dict | None = None, progress: 
                 bar.set_postfix_str(f"{dt} M={M} D={D} {impl}: timing")
             base = {"impl": impl, "M": M, "D": D, "dtype": dt, "gpu": device.name, "measured": device.is_gpu,
                     "driver": device.driver, "fp32_precision": precision, "timestamp": stamp,
+                    "compile_mode": COMPILE_MODES.get(impl) or "",
                     "gpu_spec": device.spec.name if device.spec else "unknown", **meta}
             for mode in cfg.modes:
                 row = {**base, "mode": mode, "min_bytes_model": model.minimum_bytes(mode, M, D, e),
                        "flops": model.gemm_flops(mode, M, D), "ms": None,
-                       "parity": "error" if error else ("ok" if par_ok else "FAIL"), "parity_detail": par_detail}
+                       "parity": ("skipped" if error == skip else "error") if error else ("ok" if par_ok else "FAIL"),
+                       "parity_detail": par_detail}
                 if error or not par_ok:
                     row["error"] = error or "parity rule broken: not timed"
                     case_rows.append(row)

@@ -9,8 +9,9 @@ import platform
 import subprocess
 from pathlib import Path
 
-# The CSV key: one row per (impl, mode, M, D, dtype, gpu); a new run replaces its own rows.
-CSV_KEY = ("impl", "mode", "M", "D", "dtype", "gpu")
+# The CSV key: one row per (impl, mode, M, D, dtype, gpu, fp32 matmul precision); a new run
+# replaces its own rows. fp32 under 'highest' (IEEE) and under 'high' (tf32) are different rows.
+CSV_KEY = ("impl", "mode", "M", "D", "dtype", "gpu", "fp32_precision")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,12 +47,14 @@ def versions() -> dict[str, str]:
 
 
 def _key(row: dict) -> tuple:
-    return tuple(str(row.get(k, "")) for k in CSV_KEY)
+    # the fp32 matmul precision changes only fp32 rows: 16-bit rows share one key whatever it was
+    return tuple("" if k == "fp32_precision" and str(row.get("dtype")) != "fp32" else str(row.get(k, ""))
+                 for k in CSV_KEY)
 
 
 def upsert_csv(path: Path, rows: list[dict], columns: list[str]) -> list[dict]:
-    """Merge ``rows`` into the CSV at ``path``: a row whose key (impl, mode, M, D, dtype, gpu) is
-    already there replaces it; the rest are appended. Returns every row now in the file."""
+    """Merge ``rows`` into the CSV at ``path``: a row whose key (:data:`CSV_KEY`) is already there
+    replaces it; the rest are appended. Returns every row now in the file."""
     path = Path(path)
     existing: list[dict] = []
     if path.exists():
@@ -112,6 +115,20 @@ def _md(v) -> str:
 # Plots
 
 
+#: What to print when the plots are skipped for want of matplotlib (the ``bench`` extra).
+PLOTS_HINT = "plots skipped: matplotlib is not installed; for the plots: pip install -e '.[bench]'"
+
+
+def have_matplotlib() -> bool:
+    """Whether the plots can be drawn. Plots are optional: without matplotlib (the ``bench``
+    extra) the bench still writes its JSON, CSV and markdown, prints :data:`PLOTS_HINT` and exits 0."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg", force=True)
@@ -119,14 +136,31 @@ def _pyplot():
     return plt
 
 
+def progress_bar(**kwargs):
+    """A tqdm bar, or None without tqdm (the ``bench`` extra). ``disable=None``: tqdm turns the bar
+    off when its stream (stderr) is not a TTY, so CI logs and redirected output get no
+    carriage-return updates."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    kwargs.setdefault("disable", None)
+    return tqdm(**kwargs)
+
+
 def slug(s: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in s).strip("_").lower() or "x"
 
 
 def plot_gpu(rows: list[dict], out_dir: Path, gpu: str) -> list[Path]:
-    """Per (dtype, mode): fused speedup over each peer against D, and TFLOP/s of each impl against D."""
+    """Per (dtype, mode): fused speedup over each peer against D, and TFLOP/s of each impl against D.
+    None drawn (``[]``) without matplotlib."""
+    if not have_matplotlib():
+        return []
     plt = _pyplot()
-    rows = [r for r in rows if r.get("gpu") == gpu and _f(r.get("ms")) is not None]
+    # fp32 timed under tf32 is its own plot ("tf32"), not points among the IEEE ones
+    rows = [dict(r, dtype="tf32") if r.get("dtype") == "fp32" and r.get("fp32_precision") not in (None, "", "highest")
+            else r for r in rows if r.get("gpu") == gpu and _f(r.get("ms")) is not None]
     paths = []
     for dtype in sorted({r["dtype"] for r in rows}):
         for mode in sorted({r["mode"] for r in rows if r["dtype"] == dtype}):

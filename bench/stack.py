@@ -221,13 +221,46 @@ def records(m: StackMeasurement) -> list[dict]:
 # GPU mode: real timings (only on a GPU; ``measured`` is the device's ``is_gpu``)
 
 
+def stack_parity(impl: str, fn, x, w, b, g, eager_y, reference_y) -> tuple[bool, str]:
+    """``impl``'s forward and backward under the parity rule: ``y`` against the fp64 chain from the
+    same rounded inputs; ``dx``, ``dW``, ``db`` against an fp64 backward given the layer inputs the
+    implementation itself produced, beside eager's backward from the same (end to end, relu-mask
+    flips near zero would dominate any low-precision comparison), with the rule's floor at the
+    scale of that backward on absolute values. ``eager`` is that reference: its forward only.
+    Returns (ok, detail)."""
+    from fusedres.reference import eager_stack_backward
+    from fusedres.validate import parity
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    packed, inputs = [], []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = fn(*leaves, inputs=inputs) if impl == "blocks" else fn(*leaves)
+    checks = {"y": parity(y, eager_y, reference_y)}
+    if impl != "eager":
+        y.backward(g)
+        L, D = w.shape[0], w.shape[-1]
+        if impl == "stack":   # x_1 .. x_{L-1}, as the stack's forward saved them
+            saved = [t for t in packed if t.dim() == 3 and t.shape[0] == L - 1 and t.shape[1:] == x.shape]
+            saved = saved[0] if L > 1 else x.new_empty(0, *x.shape)
+        else:
+            saved = torch.stack(inputs[1:]) if L > 1 else x.new_empty(0, *x.shape)
+        eager = eager_stack_backward(g, x, saved, w, True, True, True)
+        d = [t.detach().double() for t in (g, x, saved, w)]
+        ref = eager_stack_backward(*d, True, True, True)
+        # the parity rule's scale: the same backward on absolute values
+        scale = eager_stack_backward(*(t.abs() for t in d), True, True, True)
+        for name, f, e, r, sc in zip(("dx", "dW", "db"), (t.grad for t in leaves), eager, ref, scale):
+            checks[name] = parity(f, e, r, sc)
+    ok = all(p.ok for p in checks.values())
+    return ok, "; ".join(f"{n} {'ok' if p.ok else 'FAIL'} ({p})" for n, p in checks.items())
+
+
 def time_stack(device, M: int = 65536, D: int = 64, L: int = 8, dtype: str = "bf16", seed: int = 0,
                meta: dict | None = None) -> list[dict]:
     """Time the stack, L single-block fused kernels and eager in fwd/bwd/full/nograd with the
-    device's timer (``bench.gpu.Device``). Each implementation's forward is first held to the
-    parity rule against the fp64 chain; one that fails is reported and not timed."""
+    device's timer (``bench.gpu.Device``). Each implementation's forward and backward are first
+    held to the parity rule (:func:`stack_parity`); one that fails is reported and not timed."""
     import fusedres
-    from fusedres.validate import parity
 
     from .gpu import DTYPES as GPU_DTYPES, mode_fn
 
@@ -239,8 +272,10 @@ def time_stack(device, M: int = 65536, D: int = 64, L: int = 8, dtype: str = "bf
     b = ((torch.rand(L, D, generator=gen, device=device.torch_device) * 2 - 1) * bound).to(tdtype)
     g = torch.randn(M, D, generator=gen, device=device.torch_device).to(tdtype)
 
-    def blocks(x, w, b):
+    def blocks(x, w, b, inputs=None):
         for l in range(w.shape[0]):
+            if inputs is not None:
+                inputs.append(x.detach())
             x = fusedres.fused_residual(x, w[l], b[l])
         return x
 
@@ -252,12 +287,12 @@ def time_stack(device, M: int = 65536, D: int = 64, L: int = 8, dtype: str = "bf
     l2 = torch.cuda.get_device_properties(0).L2_cache_size if device.is_gpu else DEFAULT_L2
     rows = []
     for impl, fn in impls.items():
-        p = parity(fn(x, w, b), eager_y, reference)
+        ok, detail = stack_parity(impl, fn, x, w, b, g, eager_y, reference)
         for mode in MODES:
             row = dict(section="stack", impl=impl, mode=mode, M=M, D=D, L=L, dtype=dtype, gpu=device.name,
-                       measured=device.is_gpu, ms=None, ms_p20=None, ms_p80=None, parity="ok" if p.ok else "FAIL",
-                       parity_detail=str(p), model_bytes=model_bytes(impl, mode, M, D, L, e, sms, l2), **(meta or {}))
-            if p.ok:
+                       measured=device.is_gpu, ms=None, ms_p20=None, ms_p80=None, parity="ok" if ok else "FAIL",
+                       parity_detail=detail, model_bytes=model_bytes(impl, mode, M, D, L, e, sms, l2), **(meta or {}))
+            if ok:
                 row["ms_p20"], row["ms"], row["ms_p80"] = device.time_ms(mode_fn(mode, fn, x, w, b, g))
             rows.append(row)
     by = {(r["impl"], r["mode"]): r for r in rows}

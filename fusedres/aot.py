@@ -95,8 +95,13 @@ DTYPES = {
     "fp32": (torch.float32, None),      # what a default user gets: 'highest' -> IEEE, CUDA-core FMA
     "tf32": (torch.float32, "high"),    # fp32 after torch.set_float32_matmul_precision('high')
     "fp64": (torch.float64, None),      # opt-in
+    # torch.autocast: fp32 activations (x, y, g, dx) meet 16-bit weights (and dW, db, dP)
+    "autocast-bf16": (torch.bfloat16, None),
+    "autocast-fp16": (torch.float16, None),
 }
-DEFAULT_DTYPES = ("fp16", "bf16", "fp32", "tf32")
+#: the activations' dtype where it is not the weights' (DTYPES gives the weights')
+ACTIVATIONS = {"autocast-bf16": torch.float32, "autocast-fp16": torch.float32}
+DEFAULT_DTYPES = ("fp16", "bf16", "fp32", "tf32", "autocast-bf16", "autocast-fp16")
 KINDS = ("fwd", "dx", "dw")
 #: The narrow stack's kernels (``fusedres.kernels.residual_stack``): one config per width and
 #: arch, compiled at every width of ``STACK_WIDTHS`` in each of its variants.
@@ -120,8 +125,8 @@ EXAMPLE_M, EXAMPLE_D, EXAMPLE_B = 8192, 1024, 8
 #: Kernel variants the example launch takes: ``base`` (bias; dW with db) and ``alpha+proj`` (the
 #: residual scale with its dalpha partials, and a projection shortcut widening D to 2D: the second
 #: K loop in the forward and dx, dP tiles in dW). Every constexpr branch a user can reach is in one
-#: of the two.
-FEATURES = ("base", "alpha+proj")
+#: of them. ``alpha-value``: a Python-float alpha, passed by value (a tensor alpha is a pointer).
+FEATURES = ("base", "alpha+proj", "alpha-value")
 
 #: ptxas advisories that fail the gate: wgmma serialised (C7515 and its siblings, e.g. C7511 when
 #: too few registers are left for the wgmma pipeline), by code or by text.
@@ -182,6 +187,7 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     """``(args, consts)`` of a real launch of ``kind``, made by the launcher's own code from CPU
     tensors: ``plan_rows`` (as ``fusedres.op`` calls it), then ``*_launch_args``."""
     tdtype, precision = DTYPES[dtype]
+    act_dtype = ACTIVATIONS.get(dtype, tdtype)     # x, y, g, dx (and a module's alpha)
     if features not in FEATURES:
         raise ValueError(f"unknown features {features!r}; one of {FEATURES}")
     extra = features == "alpha+proj"
@@ -189,22 +195,22 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
 
     def act(width):
         if two_level:   # [T, B, D] view of a [B, T, D] tensor: its rows need two strides
-            return torch.empty(EXAMPLE_B, M // EXAMPLE_B, width, dtype=tdtype).transpose(0, 1)
-        return torch.empty(M, width, dtype=tdtype)
+            return torch.empty(EXAMPLE_B, M // EXAMPLE_B, width, dtype=act_dtype).transpose(0, 1)
+        return torch.empty(M, width, dtype=act_dtype)
 
     w, b = torch.empty(N, D, dtype=tdtype), torch.empty(N, dtype=tdtype)
-    alpha = torch.empty((), dtype=tdtype) if extra else None
+    alpha = torch.empty((), dtype=act_dtype) if extra else 0.5 if features == "alpha-value" else None
     proj = torch.empty(N, D, dtype=tdtype) if extra else None
     with _matmul_precision(precision):
         if kind == "fwd":
             x = act(D)
             rows, (xs,), (xk,) = plan_rows(x)
-            y = torch.empty(rows.M, N, dtype=tdtype)
+            y = torch.empty(rows.M, N, dtype=act_dtype)
             args, consts, _ = fwd_launch_args(xk, xs, w, b, y, rows, alpha, proj)
         elif kind == "dx":
             g, x = act(N), act(D)
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
-            dx = torch.empty(rows.M, D, dtype=tdtype)
+            dx = torch.empty(rows.M, D, dtype=act_dtype)
             args, consts, _ = dx_launch_args(gk, gs, xk, xs, w, dx, rows, alpha, proj)
         elif kind == "dw":
             g, x = act(N), act(D)
@@ -261,15 +267,16 @@ def stack_gate_config(kind: str, width: int, arch: str, dtype: str) -> triton.Co
         return _configs.stack_config(kind, width, _configs.stack_operand_class(tdtype), (cc // 10, cc % 10))
 
 
-def gate_configs(kind: str, dtype: str, two_level: bool = False) -> list[triton.Config]:
-    """The configs the autotuner keeps for ``kind``, ``dtype`` and the row layout: its own
-    ``early_config_prune`` on its own config list, with the example launch's arguments (checked
-    against ``shipped_configs``)."""
+def gate_configs(kind: str, dtype: str, two_level: bool = False, features: str = "base") -> list[triton.Config]:
+    """The configs the autotuner keeps for ``kind``, ``dtype``, the row layout and the variant:
+    its own ``early_config_prune`` on its own config list, with the example launch's arguments
+    (checked against ``shipped_configs``)."""
     tuned = TUNED[kind]
-    args, consts = example_launch(kind, dtype, two_level)
+    args, consts = example_launch(kind, dtype, two_level, features=features)
     named = dict(zip(tuned.arg_names, args))
     kept = tuned.early_config_prune(tuned.configs, named, **consts) if tuned.early_config_prune else tuned.configs
-    expected = _configs.shipped_configs(kind, DTYPES[dtype][0].itemsize, two_level)
+    elem_size, operand_sizes = _configs.launch_operand_sizes(kind, {**named, **consts})
+    expected = _configs.shipped_configs(kind, elem_size, two_level, operand_sizes, consts["HAS_PROJ"])
     if [id(c) for c in kept] != [id(c) for c in expected]:
         raise AssertionError(f"{kind}: the autotuner's prune and shipped_configs disagree")
     return list(kept)
@@ -402,7 +409,9 @@ def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: 
     with _matmul_precision(precision):
         input_precision = _configs.gemm_flags(tdtype)["INPUT_PRECISION"]
     rec = dict(kernel=kind, arch=arch, dtype=str(tdtype).removeprefix("torch.").replace("float", "fp")
-               .replace("bfp16", "bf16"), variant=dtype, input_precision=input_precision, two_level=two_level,
+               .replace("bfp16", "bf16"), variant=dtype,
+               activations=str(ACTIVATIONS.get(dtype, tdtype)).removeprefix("torch.").replace("float", "fp")
+               .replace("bfp16", "bf16"), input_precision=input_precision, two_level=two_level,
                features=features, width=width,
                config=config_dict(config), config_name=config_name(kind, config),
                registers=None, spill_bytes=None, spill_stores=None, spill_loads=None, stack_bytes=None,
@@ -530,14 +539,16 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
     jobs = []
     for kind in kinds:
         if kind in STACK_KINDS:
+            # (the stack's autocast variant is not in the gate yet: its example launch is same-dtype)
             jobs += [(kind, stack_gate_config(kind, width, arch, dtype), dtype, arch, False, variant, width)
-                     for dtype in dtypes for width in widths for variant in STACK_VARIANTS[kind] for arch in archs]
+                     for dtype in dtypes if dtype not in ACTIVATIONS
+                     for width in widths for variant in STACK_VARIANTS[kind] for arch in archs]
             continue
         for dtype in dtypes:
             for tl_ in two_level:
-                cfgs = (gate_configs(kind, dtype, tl_) if configs is None
-                        else [config_from_name(kind, n) for n in configs])
                 for feats in features:
+                    cfgs = (gate_configs(kind, dtype, tl_, feats) if configs is None
+                            else [config_from_name(kind, n) for n in configs])
                     for config in cfgs:
                         for arch in archs:
                             jobs.append((kind, config, dtype, arch, tl_, feats, None))
@@ -639,8 +650,8 @@ def main(argv=None) -> int:
                         help="rows of the example launch: contiguous (no, default), a [B,T,D].transpose(0,1) "
                              "view (yes), or both")
     parser.add_argument("--features", default=FEATURES, type=_choices(FEATURES),
-                        help="kernel variants: base (bias, db) and alpha+proj (residual scale with dalpha, "
-                             "projection shortcut); default both")
+                        help="kernel variants: base (bias, db), alpha+proj (tensor residual scale with dalpha, "
+                             "projection shortcut) and alpha-value (a Python-float alpha, by value); default all")
     parser.add_argument("--config", action="append", metavar="'RxCxK wW sS'",
                         help="compile this config instead of the shipped ones (repeatable), e.g. '64x64x32 w4 s3'")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (CPUs)")

@@ -2,8 +2,12 @@
 
 Two custom ops carry the work, so that ``torch.compile`` sees opaque, shape-known nodes:
 
-- ``fusedres::residual_forward(x, weight, bias) -> y``
-- ``fusedres::residual_backward(grad, x, weight, need_dx, need_weight, need_bias) -> (dx, dW, db)``
+- ``fusedres::residual_forward(x, weight, bias, alpha, proj_weight, alpha_value) -> y``
+- ``fusedres::residual_backward(grad, x, weight, bias, alpha, proj_weight, need_*..., alpha_value)
+  -> (dx, dW, db, dalpha, dP)``
+
+``alpha`` is a one-element tensor (a pointer for the kernels, maybe learnable) or None; a Python
+float alpha travels as ``alpha_value`` instead, a scalar kernel argument: no host-to-device copy.
 
 The autograd formula saves ``x`` and ``weight`` only: ``relu(x)`` is recomputed in the kernels,
 so training keeps no ``M x D`` tensor beyond the input it already holds.
@@ -137,14 +141,24 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     device_type = x.device.type
     weight, bias, proj_weight = gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias),
                                                                     ("proj_weight", proj_weight)])
+    # A Python float goes by value (no host-to-device copy, nothing to capture); a tensor by pointer.
+    alpha_value = 1.0
     if not isinstance(alpha, Tensor):
-        alpha = None if alpha == 1.0 else torch.tensor(float(alpha), device=x.device)
+        alpha, alpha_value = None, float(alpha)
     with torch.autocast(device_type, enabled=False):
-        return torch.ops.fusedres.residual_forward(x, weight, bias, alpha, proj_weight)
+        return torch.ops.fusedres.residual_forward(x, weight, bias, alpha, proj_weight, alpha_value)
 
 
 # ---------------------------------------------------------------------------------------------
 # The custom ops
+
+
+def _scale(alpha: Optional[Tensor], alpha_value: float):
+    """The residual scale as the kernels and the eager reference take it: the tensor, the float,
+    or None for 1."""
+    if alpha is not None:
+        return alpha
+    return None if alpha_value == 1.0 else alpha_value
 
 
 def _empty_like_output(x: Tensor, weight: Tensor) -> Tensor:
@@ -153,7 +167,8 @@ def _empty_like_output(x: Tensor, weight: Tensor) -> Tensor:
 
 @torch.library.custom_op("fusedres::residual_forward", mutates_args=())
 def residual_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
-                     proj_weight: Optional[Tensor]) -> Tensor:
+                     proj_weight: Optional[Tensor], alpha_value: float = 1.0) -> Tensor:
+    alpha = _scale(alpha, alpha_value)
     if backend_for(x.device) == "eager":
         return eager_forward(x, weight, bias, alpha, proj_weight)
     rows, (xs,), (xk,) = plan_rows(x)
@@ -165,17 +180,19 @@ def residual_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: O
 
 
 @residual_forward.register_fake
-def _(x, weight, bias, alpha, proj_weight):
+def _(x, weight, bias, alpha, proj_weight, alpha_value=1.0):
     return _empty_like_output(x, weight)
 
 
 @torch.library.custom_op("fusedres::residual_backward", mutates_args=())
 def residual_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
                       proj_weight: Optional[Tensor], need_dx: bool, need_weight: bool, need_bias: bool,
-                      need_alpha: bool, need_proj: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      need_alpha: bool, need_proj: bool, alpha_value: float = 1.0
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``residual_forward`` with respect to (x, weight, bias, alpha, proj_weight); an
     empty tensor stands for each gradient not asked for (and its kernel is not launched)."""
     needs = (need_dx, need_weight, need_bias, need_alpha, need_proj)
+    alpha = _scale(alpha, alpha_value)
     if backend_for(x.device) == "eager":
         grads = eager_backward(grad, x, weight, bias, alpha, proj_weight, *needs)
     else:
@@ -199,24 +216,30 @@ def _triton_backward(grad, x, weight, bias, alpha, proj_weight, need_dx, need_we
         dw = weight.new_empty(N, K)
         db = weight.new_empty(N) if need_bias else None
         dp = weight.new_empty(N, K) if need_proj else None
-        partials = (torch.zeros(kernels.dalpha_workspace_size(N, K, need_proj), device=x.device, dtype=acc)
+        # no zero fill: only the partials of the launch's own programs are summed
+        partials = (torch.empty(kernels.dalpha_workspace_size(N, K, need_proj), device=x.device, dtype=acc)
                     if need_alpha else None)
-        kernels.residual_dw(gk, gs, xk, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
-                            dalpha_partials=partials, dp=dp)
+        programs = kernels.residual_dw(gk, gs, xk, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
+                                       dalpha_partials=partials, dp=dp)
         if need_alpha:
-            dalpha = partials.sum().to(alpha.dtype).reshape(alpha.shape)
+            dalpha = partials[:programs].sum().to(alpha.dtype).reshape(alpha.shape)
         if not need_weight:
             dw = None
     elif need_bias:
         # db alone is a column sum: a native reduction, with no GEMM to fold it into.
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         db = grad.reshape(-1, N).sum(0, dtype=acc)
-        db = (db * alpha.to(acc) if alpha is not None else db).to(weight.dtype)
+        if isinstance(alpha, Tensor):
+            db = db * alpha.to(acc)
+        elif alpha is not None:
+            db = db * alpha
+        db = db.to(weight.dtype)
     return dx, dw, db, dalpha, dp
 
 
 @residual_backward.register_fake
-def _(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha, need_proj):
+def _(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha, need_proj,
+      alpha_value=1.0):
     N, K = weight.shape
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             weight.new_empty(N, K) if need_weight else weight.new_empty(0),
@@ -226,8 +249,9 @@ def _(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, alpha, proj_weight = inputs
+    x, weight, bias, alpha, proj_weight, alpha_value = inputs
     ctx.has = tuple(t is not None for t in (bias, alpha, proj_weight))
+    ctx.alpha_value = alpha_value
     # Saved: x, the weights, and alpha; the bias only when alpha needs its gradient (dalpha's
     # <g.sum(0), b> term). Never relu(x) or any other M x D tensor.
     keep_bias = bias if (alpha is not None and alpha.requires_grad) else None
@@ -237,10 +261,11 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad):
     x, weight, bias, alpha, proj_weight = ctx.saved_tensors
     has_bias, has_alpha, has_proj = ctx.has
-    need_dx, need_weight, need_bias, need_alpha, need_proj = ctx.needs_input_grad
+    need_dx, need_weight, need_bias, need_alpha, need_proj = ctx.needs_input_grad[:5]
     needs = (need_dx, need_weight, need_bias and has_bias, need_alpha and has_alpha, need_proj and has_proj)
-    grads = torch.ops.fusedres.residual_backward(grad, x, weight, bias, alpha, proj_weight, *needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
+    grads = torch.ops.fusedres.residual_backward(grad, x, weight, bias, alpha, proj_weight, *needs,
+                                                 ctx.alpha_value)
+    return (*(g if need else None for g, need in zip(grads, needs)), None)
 
 
 def _no_double_backward(ctx, *grads):

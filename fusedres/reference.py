@@ -99,7 +99,23 @@ class _ResidualParameters(nn.Module):
             self.alpha = nn.Parameter(alpha_t)
         else:
             self.register_buffer("alpha", alpha_t)
+        self._alpha_init = float(alpha)
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A checkpoint without ``alpha`` (an nn.Linear's, or a {weight, bias} block's) keeps this
+        # module's own alpha, as _BatchNorm keeps its num_batches_tracked: the key is filled in
+        # with the current value (a fresh one of the constructor's value on the meta device, so
+        # that ``assign=True`` materialises it). Every other key is checked as usual.
+        key = prefix + "alpha"
+        if key not in state_dict:
+            alpha = self.alpha
+            if alpha.device.type == "meta":
+                alpha = torch.tensor(getattr(self, "_alpha_init", 1.0), dtype=alpha.dtype)
+            state_dict[key] = alpha
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def dim(self) -> int:

@@ -191,7 +191,8 @@ class FusedResidualStack(nn.Module):
     Parameters ``weight [depth, dim, dim]`` and ``bias [depth, dim]``; layer ``l`` is initialised
     as ``nn.Linear(dim, dim)`` is. ``load_state_dict`` also takes the state_dict of an
     ``nn.Sequential`` of ``depth`` :class:`ResidualBlock`\\ s or :class:`FusedResidualBlock`\\ s
-    (keys ``0.weight``, ``0.bias``, ``0.alpha``, ...; every alpha must be 1).
+    (keys ``0.weight``, ``0.bias``, ``0.alpha``, ...; every alpha must be 1, and may be absent, as in an
+    ``nn.Sequential`` of ``nn.Linear(dim, dim)``\\ s).
     ``forward(x)``: ``(..., dim) -> (..., dim)``, fp16, bf16, fp32 or fp64.
     """
 
@@ -287,5 +288,5 @@ class FusedResidualStack(nn.Module):
             if state_dict.get(f"{prefix}{i}.proj_weight") is not None:
                 raise RuntimeError(f"{type(self).__name__}: block {i} of the state_dict has a projection")
         state_dict[prefix + "weight"] = torch.stack([state_dict.pop(f"{prefix}{i}.weight") for i in range(n)])
-        if f"{prefix}0.bias" in state_dict:
+        if all(f"{prefix}{i}.bias" in state_dict for i in range(n)):     # else strict names what is missing
             state_dict[prefix + "bias"] = torch.stack([state_dict.pop(f"{prefix}{i}.bias") for i in range(n)])

@@ -18,8 +18,9 @@ Triton's interpreter (``TRITON_INTERPRET=1``) is recorded, launch by launch:
   :class:`BoundsViolation` *before* the access runs, which is what a sanitizer needs (the
   interpreter would otherwise read and write the real heap).
 
-How it works (triton 3.9's private interpreter; ``triton==3.9.0`` is pinned and the instrument
-is tested in ``tests/test_traffic.py``):
+How it works (Triton's private interpreter, as in triton 3.7, 3.8 and 3.9: the releases CI runs the
+instrument's own tests on, ``tests/test_traffic.py``; on any other release :func:`supported` is
+False and the tests that need the instrument say so and skip):
 
 - ``GridExecutor.__call__`` (the launch entry) is wrapped: it binds the launch's arguments and
   names every tensor argument;
@@ -50,7 +51,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["InterpreterTraffic", "LaunchTraffic", "ArgTraffic", "Violation", "BoundsViolation"]
+__all__ = ["supported", "InterpreterTraffic", "LaunchTraffic", "ArgTraffic", "Violation", "BoundsViolation"]
 
 _TAG = "_fusedres_traffic_src"
 _MAX_SAMPLES = 8
@@ -374,28 +375,32 @@ def _violation(launch: _Launch, op, name, scope, addrs: np.ndarray, base: int, s
         raise BoundsViolation(v)
 
 
-def _masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+# The wrappers take the leading arguments they need by position and pass the rest through: the
+# cache arguments differ between supported Triton releases (3.7/3.8: ``cache_modifier,
+# eviction_policy``; 3.9: ``cache_policy``), the operands the instrument reads do not.
+
+def _masked_load(self, ptrs, mask, *rest, **kwargs):
     if _current is not None:
         _record_access(ptrs, mask, "load", write=False, read=True)
-    return _originals["create_masked_load"](self, ptrs, mask, other, cache_policy, is_volatile)
+    return _originals["create_masked_load"](self, ptrs, mask, *rest, **kwargs)
 
 
-def _masked_store(self, ptrs, value, mask, cache_policy):
+def _masked_store(self, ptrs, value, mask, *rest, **kwargs):
     if _current is not None:
         _record_access(ptrs, mask, "store", write=True, read=False)
-    return _originals["create_masked_store"](self, ptrs, value, mask, cache_policy)
+    return _originals["create_masked_store"](self, ptrs, value, mask, *rest, **kwargs)
 
 
-def _atomic_rmw(self, rmwOp, ptr, val, mask, sem, scope):
+def _atomic_rmw(self, rmwOp, ptr, val, mask, *rest, **kwargs):
     if _current is not None:
         _record_access(ptr, mask, "atomic", write=True, read=True)
-    return _originals["create_atomic_rmw"](self, rmwOp, ptr, val, mask, sem, scope)
+    return _originals["create_atomic_rmw"](self, rmwOp, ptr, val, mask, *rest, **kwargs)
 
 
-def _atomic_cas(self, ptr, cmp, val, sem, scope):
+def _atomic_cas(self, ptr, *rest, **kwargs):
     if _current is not None:
         _record_access(ptr, None, "atomic", write=True, read=True)
-    return _originals["create_atomic_cas"](self, ptr, cmp, val, sem, scope)
+    return _originals["create_atomic_cas"](self, ptr, *rest, **kwargs)
 
 
 def _dot_flops(a_shape, b_shape) -> int:
@@ -405,22 +410,22 @@ def _dot_flops(a_shape, b_shape) -> int:
     return 2 * batch * m * n * k
 
 
-def _dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+def _dot(self, a, b, *rest, **kwargs):
     if _current is not None:
         _current.dot_flops += _dot_flops(a.data.shape, b.data.shape)
         _current.dots += 1
-    return _originals["create_dot"](self, a, b, d, input_precision, max_num_imprecise_acc)
+    return _originals["create_dot"](self, a, b, *rest, **kwargs)
 
 
 def _dot_scaled(self, lhs, lhs_scale, lhs_format, rhs, rhs_scale, rhs_format, fast_math, lhs_k_pack, rhs_k_pack,
-                acc):
+                acc, *rest, **kwargs):
     if _current is not None:
         # best effort: K is the lhs's last dim, doubled when fp4 (e2m1) values are packed two a byte along K
         k = lhs.data.shape[-1] * (2 if "E2M1" in str(lhs_format) and lhs_k_pack else 1)
         _current.dot_flops += 2 * int(np.prod(acc.data.shape)) * k
         _current.dots += 1
     return _originals["create_dot_scaled"](self, lhs, lhs_scale, lhs_format, rhs, rhs_scale, rhs_format, fast_math,
-                                           lhs_k_pack, rhs_k_pack, acc)
+                                           lhs_k_pack, rhs_k_pack, acc, *rest, **kwargs)
 
 
 def _implicit_cvt(arg):
@@ -495,6 +500,11 @@ def _grid_call(self, *args_dev, **kwargs):
 _SPECIAL = {"create_masked_load": _masked_load, "create_masked_store": _masked_store,
             "create_atomic_rmw": _atomic_rmw, "create_atomic_cas": _atomic_cas,
             "create_dot": _dot, "create_dot_scaled": _dot_scaled}
+#: What the instrument cannot work without (``create_dot_scaled`` is absent from triton 3.7's
+#: interpreter, and no fusedres kernel uses it).
+_REQUIRED = ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas", "create_dot")
+#: The triton releases whose interpreter internals the instrument is written and tested against.
+SUPPORTED_TRITON = ("3.7", "3.8", "3.9")
 # These delegate to create_masked_load / create_masked_store: wrapping them would count twice.
 _DELEGATING = {"create_load", "create_store", "create_atomic_load", "create_atomic_store",
                "create_descriptor_load", "create_descriptor_store", "create_descriptor_gather",
@@ -504,10 +514,10 @@ _DELEGATING = {"create_load", "create_store", "create_atomic_load", "create_atom
 def _install() -> None:
     interp = _interp()
     builder = interp.InterpreterBuilder
-    for name in _SPECIAL:
+    for name in _REQUIRED:
         if not hasattr(builder, name):
             raise RuntimeError(f"fusedres.traffic: triton's InterpreterBuilder has no {name}; the instrument "
-                               "is written against triton 3.9's interpreter")
+                               f"supports the interpreters of triton {', '.join(SUPPORTED_TRITON)}")
     for name in dir(builder):
         if not name.startswith("create_") or name in _DELEGATING:
             continue
@@ -534,6 +544,19 @@ def _uninstall() -> None:
     for name, orig in list(_originals.items()):
         setattr(interp.InterpreterBuilder, name, orig)
     _originals.clear()
+
+
+def supported() -> tuple[bool, str]:
+    """``(ok, why)``: whether the installed triton's interpreter is one the instrument supports."""
+    import triton
+    version = ".".join(triton.__version__.split(".")[:2])
+    if version not in SUPPORTED_TRITON:
+        return False, (f"fusedres.traffic supports the interpreters of triton {', '.join(SUPPORTED_TRITON)}; "
+                       f"this is triton {triton.__version__}")
+    missing = [name for name in _REQUIRED if not hasattr(_interp().InterpreterBuilder, name)]
+    if missing:
+        return False, f"triton {triton.__version__}'s InterpreterBuilder lacks {', '.join(missing)}"
+    return True, ""
 
 
 class InterpreterTraffic:

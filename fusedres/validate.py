@@ -83,8 +83,10 @@ def _shapes(**tensors: Tensor) -> str:
     return ", ".join(f"{n} {list(t.shape)}" for n, t in tensors.items())
 
 
-def _double(t: Tensor | None, absolute: bool = False) -> Tensor | None:
-    return None if t is None else t.double().abs() if absolute else t.double()
+def _double(t: Tensor | float | None, absolute: bool = False) -> Tensor | float | None:
+    if not isinstance(t, Tensor):   # None, or a float alpha
+        return abs(t) if absolute and t is not None else t
+    return t.double().abs() if absolute else t.double()
 
 
 def check_forward(y: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight) -> None:

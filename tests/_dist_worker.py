@@ -26,9 +26,18 @@ def train(model, rank, steps=6):
     return losses
 
 
+def _as_on_a_gpu_machine():
+    """Report CUDA as the accelerator, as a GPU machine does, so that anything relying on a
+    default device (FSDP2's default mesh is the accelerator's) fails here as it would there."""
+    if not torch.cuda.is_available():
+        torch._C._get_accelerator = lambda: torch.device("cuda")
+
+
 def main(rank, world, port, wrapper, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    if os.environ.get("FUSEDRES_TEST_ACCELERATOR") == "cuda":
+        _as_on_a_gpu_machine()
     try:
         import fusedres
         from fusedres import kernels
@@ -41,10 +50,13 @@ def main(rank, world, port, wrapper, out):
             if wrapper == "ddp":
                 model = nn.parallel.DistributedDataParallel(model)
             else:
+                from torch.distributed.device_mesh import init_device_mesh
                 from torch.distributed.fsdp import fully_shard
+                # FSDP2's default mesh is the accelerator's (CUDA on a GPU machine): these ranks train on the CPU
+                mesh = init_device_mesh("cpu", (world,))
                 for block in model.blocks:
-                    fully_shard(block)
-                fully_shard(model)
+                    fully_shard(block, mesh=mesh)
+                fully_shard(model, mesh=mesh)
             results["fused" if fused else "eager"] = train(model, rank)
         results["launches"] = kernels.launch_counts()
         if rank == 0:

@@ -49,6 +49,45 @@ def _clean_env(monkeypatch):
     assert fusedres.backend_for(DEVICE) == "triton", "the parity suite must run the Triton kernels"
 
 
+#: FUSEDRES_PIN_CONFIGS=1: every single-block launch takes one config per kernel and operand dtypes
+#: (fusedres.kernels.configs.pin_configs) instead of autotuning among the shipped ones. For GPU runs:
+#: a first run then compiles each kernel variant once instead of benchmarking every candidate.
+PIN_CONFIGS = os.environ.get("FUSEDRES_PIN_CONFIGS", "0") == "1"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _pinned_configs():
+    if not PIN_CONFIGS:
+        yield
+        return
+    from fusedres.kernels import configs
+    with configs.pin_configs():
+        yield
+
+
+def _instrument_support() -> tuple[bool, str]:
+    if DEVICE != "cpu":
+        return False, "no interpreter on a CUDA machine"
+    from fusedres import traffic
+    return traffic.supported()
+
+
+_INSTRUMENT = _instrument_support()
+
+
+def pytest_report_header(config):
+    import triton
+    state = "on" if _INSTRUMENT[0] and os.environ.get("FUSEDRES_SANITIZE", "1") != "0" else "OFF"
+    why = "" if _INSTRUMENT[0] else f" ({_INSTRUMENT[1]})"
+    return f"fusedres: torch {torch.__version__}, triton {triton.__version__}, device {DEVICE}, sanitizer {state}{why}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if DEVICE == "cpu" and not _INSTRUMENT[0]:
+        terminalreporter.write_line(f"fusedres: the bounds sanitizer was OFF for this run: {_INSTRUMENT[1]}",
+                                    yellow=True)
+
+
 @pytest.fixture(autouse=True)
 def _sanitized(request):
     """Every interpreted launch of every test runs under the bounds sanitizer (fusedres.traffic):
@@ -58,6 +97,9 @@ def _sanitized(request):
         yield
         return
     from fusedres.traffic import InterpreterTraffic
+    if not _INSTRUMENT[0]:
+        yield
+        return
 
     with InterpreterTraffic(track_unique=False, raise_on_violation=True) as sanitizer:
         yield

@@ -2,9 +2,13 @@
 the same dtype, fp64 on the same rounded inputs), and the parity rule."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import triton
 
 from fusedres import fused_residual, residual_reference
+from fusedres.kernels import configs
 from fusedres.validate import parity
 
 NAMES = ("y", "dx", "dweight", "dbias", "dalpha", "dproj_weight")
@@ -87,3 +91,21 @@ def check_parity(x, w, b, g=None, *, alpha=None, proj=None, names=NAMES):
         p = parity(f, e, r, sc)
         assert p.ok, f"{name} [{x.dtype}, x {list(x.shape)} strides {x.stride()}]: {p}"
     return fused
+
+
+@contextlib.contextmanager
+def small_tiles(block: int = 16, group: int = 2):
+    """Every single-block launch in the block takes ``block``-wide tiles in every dimension and
+    grouped order ``group``, compiled on a GPU as in the interpreter (no autotuning): several
+    K-loop trips and tiles per dimension at test sizes. Yields the ``(kind, config)`` launched.
+    (16x16x16 at 4 warps, 2 stages compiles for sm_80 and sm_90, with mma.sync on both.)"""
+    used = []
+
+    def choose(kind, named_args):
+        tiles = {name: block for name in configs._TILE_NAMES[kind]}
+        config = triton.Config({**tiles, configs.GROUP_NAME[kind]: group}, num_warps=4, num_stages=2)
+        used.append((kind, config))
+        return config
+
+    with configs.config_override(choose):
+        yield used

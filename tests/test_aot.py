@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from fusedres import aot
 from fusedres.kernels import configs
@@ -37,6 +38,14 @@ def _key(r):
             r["features"], r["width"])
 
 
+def _operand_sizes(kind, dtype):
+    """(GEMM, (A, B)) element sizes of a launch, from the dtypes alone: the activations (x, g) are
+    fp32 under autocast, the weights in the GEMM dtype."""
+    w = aot.DTYPES[dtype][0].itemsize
+    act = aot.ACTIVATIONS.get(dtype, aot.DTYPES[dtype][0]).itemsize
+    return w, {"fwd": (act, w), "dx": (act, w), "dw": (act, act)}[kind]
+
+
 def _expected(dtypes, two_level, features):
     """Every (kernel, config, dtype, arch, layout, variant) the gate must cover, from the shipped lists."""
     return {
@@ -44,9 +53,10 @@ def _expected(dtypes, two_level, features):
         for kind in aot.KINDS
         for dtype in dtypes
         for tl_ in two_level
-        for c in configs.shipped_configs(kind, aot.DTYPES[dtype][0].itemsize, tl_)
-        for arch in aot.DEFAULT_ARCHS
         for feats in features
+        for c in configs.shipped_configs(kind, *_operand_sizes(kind, dtype)[:1], tl_, _operand_sizes(kind, dtype)[1],
+                                         proj=feats == "alpha+proj")
+        for arch in aot.DEFAULT_ARCHS
     }
 
 
@@ -72,7 +82,10 @@ def _expected_stack(dtypes):
 #: with projection; and every stack kernel at every width in each of its variants) plus two-level
 #: rows for the single-block fp32 variants, which have their own list.
 #: ``python -m fusedres.aot --two-level both`` covers every layout x dtype.
-RUNS = [(aot.DEFAULT_DTYPES, (False,), aot.FEATURES), (("fp32", "tf32"), (True,), ("base",))]
+#: The autocast variants (fp32 activations, 16-bit GEMMs) are in the default gate, not in this run:
+#: they would add about 240 compiles to CI; test_autocast_variant_compiles samples them.
+RUNS = [(tuple(d for d in aot.DEFAULT_DTYPES if d not in aot.ACTIVATIONS), (False,), aot.FEATURES),
+        (("fp32", "tf32"), (True,), ("base",))]
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +299,68 @@ def test_row_offsets_are_64_bit_in_the_compiled_kernels():
         assert len(bases) >= 2, name
         assert all(t == "i64" for _, _, t in bases), (name, bases)
         assert re.search(r"arith\.extsi %stride_\w+ : i32 to i64", ttir), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Autocast: fp32 activations meet 16-bit weights
+
+
+def test_autocast_variant_is_gated_and_pruned_by_its_shared_memory():
+    """The default gate compiles fwd, dx and dW with fp32 activations and bf16 / fp16 GEMMs on
+    sm_80 and sm_90, in exactly the configs the autotuner's prune keeps for that operand mix: the
+    dW pipeline then holds fp32 tiles of x and g, and 128x128x64 at 4 stages needs 200,704 B on
+    sm_80 (limit 166,912), so the prune drops it; every other 16-bit config stays."""
+    assert {"autocast-bf16", "autocast-fp16"} <= set(aot.DEFAULT_DTYPES)
+    jobs = aot.gate_jobs(kinds=aot.KINDS, dtypes=("autocast-bf16", "autocast-fp16"))
+    assert {(k, d, a) for k, _, d, a, *_ in jobs} == {(k, d, a) for k in aot.KINDS for a in ("sm_80", "sm_90")
+                                                      for d in ("autocast-bf16", "autocast-fp16")}
+    big = "128x128x64 w8 s4"
+    for dtype in ("autocast-bf16", "autocast-fp16"):
+        args, _ = aot.example_launch("dx", dtype)
+        named = dict(zip(aot.TUNED["dx"].arg_names, args))
+        assert named["x_ptr"].dtype == named["g_ptr"].dtype == named["dx_ptr"].dtype == torch.float32
+        assert named["w_ptr"].dtype == aot.DTYPES[dtype][0]
+        dw = [aot.config_name("dw", c) for c in aot.gate_configs("dw", dtype)]    # the autotuner's own prune
+        assert big not in dw and len(dw) == len(configs.shipped_configs("dw", 2)) - 1
+        for kind in ("fwd", "dx"):
+            assert len(aot.gate_configs(kind, dtype)) == len(configs.shipped_configs(kind, 2))
+    assert big in [aot.config_name("dw", c) for c in aot.gate_configs("dw", "bf16")]
+    assert {d for _, _, d, *_ in aot.gate_jobs(kinds=aot.STACK_KINDS)} == {"fp16", "bf16", "fp32", "tf32"}
+
+
+_AUTOCAST = textwrap.dedent('''
+    import json, sys
+    from fusedres import aot
+    out = {}
+    for name, (kind, config, dtype, arch) in {
+        "dropped": ("dw", "128x128x64 w8 s4", "autocast-bf16", "sm_80"),     # what the prune drops
+        "dw80": ("dw", "128x128x64 w8 s3", "autocast-bf16", "sm_80"),        # the largest it keeps
+        "dw90": ("dw", "64x128x64 w4 s4", "autocast-fp16", "sm_90"),
+        "fwd90": ("fwd", "128x128x64 w8 s4", "autocast-bf16", "sm_90"),
+        "dx80": ("dx", "128x64x64 w4 s4", "autocast-fp16", "sm_80"),         # the most registers
+    }.items():
+        r = aot.compile_config(kind, aot.config_from_name(kind, config), dtype, arch, keep_ir=True)
+        r["x_fp32"] = "%x_ptr: !tt.ptr<f32>" in r.pop("ttir")
+        r.pop("ptx")
+        out[name] = r
+    json.dump(out, sys.stdout)
+''')
+
+
+def test_autocast_variant_compiles():
+    """A sample of the autocast variant compiled for real targets (the default gate compiles all
+    of it): the kept configs pass with tensor cores and fp32 x in the signature, and the config
+    the prune drops really overflows sm_80's shared memory."""
+    proc = _run(["-c", _AUTOCAST], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout)
+    dropped = out.pop("dropped")
+    assert dropped["error"] is None and dropped["shared_bytes"] > dropped["shared_limit"] == 166912
+    assert any(f.startswith("shared memory") for f in dropped["failures"])
+    for name, r in out.items():
+        assert r["ok"] and r["activations"] == "fp32" and r["x_fp32"], (name, r["failures"])
+        assert r["tensor_core_instr"] == {"sm_80": "mma.sync", "sm_90": "wgmma.mma_async"}[r["arch"]], name
+        kind, config = r["kernel"], aot.config_from_name(r["kernel"], r["config_name"])
+        elem, ops = _operand_sizes(kind, r["variant"])
+        # the prune's model is within a tile of what the compiler allocates
+        assert abs(configs.pipeline_smem_bytes(kind, config, elem, ops) - r["shared_bytes"]) <= 32 * 1024, name

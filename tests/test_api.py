@@ -120,6 +120,54 @@ def test_state_dict_moves_both_ways(device):
         FusedResidualBlock(32, bias=False).load_state_dict(eager.state_dict())
 
 
+@pytest.mark.parametrize("cls", [FusedResidualBlock, ResidualBlock])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_state_dict_without_alpha_keeps_the_modules_alpha(cls, learnable):
+    """A {weight, bias} checkpoint (an nn.Linear's) loads, strict, and keeps the module's own alpha,
+    as BatchNorm keeps num_batches_tracked; any other missing or unexpected key still fails."""
+    lin = nn.Linear(40, 40)
+    block = cls(40, alpha=0.25, learnable_alpha=learnable)
+    alpha_before = block.alpha
+    result = block.load_state_dict(lin.state_dict())
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(block.weight, lin.weight) and torch.equal(block.bias, lin.bias)
+    assert block.alpha is alpha_before and block.alpha.item() == 0.25
+    assert isinstance(block.alpha, nn.Parameter) == learnable
+    sd = lin.state_dict()
+    assert list(sd) == ["weight", "bias"]                  # the caller's dict is left as it was
+    # a checkpoint with alpha still sets it
+    block.load_state_dict({**sd, "alpha": torch.tensor(3.0)})
+    assert block.alpha.item() == 3.0
+    # strict still catches every other missing or unexpected key
+    with pytest.raises(RuntimeError, match='Missing key.*"bias"'):
+        cls(40).load_state_dict({"weight": lin.weight.detach()})
+    with pytest.raises(RuntimeError, match='Unexpected key.*"extra"'):
+        cls(40).load_state_dict({**sd, "extra": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match='Missing key.*"proj_weight"'):
+        cls(40, 24).load_state_dict(nn.Linear(40, 24).state_dict())
+    # strict=False reports only what is really missing
+    result = cls(40).load_state_dict({"weight": lin.weight.detach()}, strict=False)
+    assert result.missing_keys == ["bias"] and result.unexpected_keys == []
+    # on the meta device, assign=True materialises the constructor's alpha
+    meta = cls(40, alpha=0.5, learnable_alpha=learnable, device="meta")
+    meta.load_state_dict(sd, assign=True)
+    assert meta.alpha.device.type == "cpu" and meta.alpha.item() == 0.5
+    assert isinstance(meta.alpha, nn.Parameter) == learnable
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_mlp_state_dict_without_alpha_keys(fused):
+    src = fusedres.ResidualMLP(8, 16, 3, 4, fused=fused)
+    sd = {k: v for k, v in src.state_dict().items() if not k.endswith(".alpha")}
+    dst = fusedres.ResidualMLP(8, 16, 3, 4, fused=fused, alpha=0.5)
+    assert dst.load_state_dict(sd).missing_keys == []
+    assert all(b.alpha.item() == 0.5 for b in dst.blocks)
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in sd.items())
+    del sd["blocks.1.weight"]
+    with pytest.raises(RuntimeError, match='Missing key.*"blocks.1.weight"'):
+        dst.load_state_dict(sd)
+
+
 def test_block_dtype_device_and_repr(device, launches):
     block = FusedResidualBlock(16, bias=False, device=device, dtype=torch.float16)
     assert block.weight.dtype == torch.float16 and block.bias is None

@@ -1,6 +1,7 @@
 """The benchmark harness (bench/): byte counters, the model, the CPU pipeline end to end at a tiny
 size, and the GPU pipeline exercised on a CPU with a stand-in timer (its rows never claim a GPU)."""
 import csv
+import io
 import json
 import os
 import sys
@@ -148,6 +149,92 @@ def test_gate_degrades_without_the_module(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Progress bars: off when stderr is not a TTY (CI, log files), as tqdm's disable=None
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_are_off_when_stderr_is_not_a_tty(monkeypatch, tmp_path):
+    from bench.report import progress_bar
+    log = io.StringIO()                                   # a log file: isatty() is False
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = progress_bar(total=300, desc="x")
+    assert bar.disable
+    for _ in range(300):
+        bar.update(1)
+    bar.close()
+    assert cpu._program_bar(True) is None                 # not even a per-program callback
+    # the compile gate's bar, fed 300 "[n/total]" lines
+    js, out = tmp_path / "gate.json", tmp_path / "gate.log"
+    js.write_text("[]")
+    out.write_text("")
+
+    class Proc:
+        stderr = iter(f"[{i}/300] compiling\n" for i in range(1, 301))
+
+        def wait(self, timeout=None):
+            return 0
+
+    run = gate.GateRun("quick", [], proc=Proc(), json_path=str(js), stdout_path=str(out))
+    records, _ = gate.collect(run, progress=True)
+    assert records == []
+    assert log.getvalue() == ""
+
+
+def test_progress_bars_draw_on_a_tty(monkeypatch):
+    from bench.report import progress_bar
+    tty = _Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    bar = progress_bar(total=3, desc="x")
+    assert not bar.disable
+    bar.update(3)
+    bar.close()
+    assert "\r" in tty.getvalue()
+    pb = cpu._program_bar(True)
+    assert pb is not None
+    pb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Without matplotlib (the bench extra not installed): records first, plots skipped, exit 0
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)      # import matplotlib -> ImportError
+
+
+@interpreted
+def test_cpu_mode_without_matplotlib(tmp_path, capsys, no_matplotlib):
+    from bench.cli import main
+    from bench.report import PLOTS_HINT
+    out = tmp_path / "out"
+    rc = main(["--mode", "cpu", "--size", "64x32", "--no-stack", "--gate", "off", "--no-inductor-probe",
+               "--no-progress", "--out", str(out)])
+    assert rc == 0
+    assert (out / "cpu_traffic.md").stat().st_size > 0
+    assert json.loads((out / "cpu_records.json").read_text())
+    assert not list(out.glob("*.png"))
+    stdout = capsys.readouterr().out
+    assert PLOTS_HINT in stdout and "pip install -e '.[bench]'" in stdout
+
+
+@interpreted
+def test_gpu_outputs_without_matplotlib(tmp_path, no_matplotlib):
+    device = gpu.cpu_standin_device(name="fake-gpu (cpu stand-in)", reps=1)
+    cfg = gpu.GpuConfig(D=(32,), M=(16,), dtypes=("fp32",), modes=("fwd",), impls=("fused", "eager"))
+    rows = gpu.run_gpu(cfg, device, {"torch": torch.__version__, "triton": "t", "cuda": "none", "python": "p",
+                                          "git_commit": "abc"}, progress=False)
+    paths = gpu.write_outputs(rows, tmp_path, plots=True)
+    assert paths["plots"] == [] and not (tmp_path / "plots").exists()
+    assert paths["csv"].stat().st_size > 0 and "| fused" in paths["markdown"].read_text()
+
+
+# ---------------------------------------------------------------------------------------------
 # CPU mode, end to end at a tiny size
 
 
@@ -269,3 +356,209 @@ def test_stack_gpu_pipeline_with_a_cpu_standin():
     assert all(r["speedup_vs_blocks"] > 0 and r["ceiling_vs_eager_model"] > 0 for r in s)
     md = stack.gpu_markdown(rows)
     assert "NOT a GPU measurement" in md and "(MODEL)" in md
+
+
+@interpreted
+def test_stack_gpu_rows_check_the_backward(monkeypatch):
+    """A stack whose forward is right and whose backward is wrong is reported, not timed."""
+    import fusedres
+    from bench import stack
+
+    class WrongGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            return y.view_as(y)
+
+        @staticmethod
+        def backward(ctx, g):
+            return 1.5 * g
+
+    right = fusedres.fused_residual_stack
+    monkeypatch.setattr(fusedres, "fused_residual_stack", lambda x, w, b: WrongGrad.apply(right(x, w, b)))
+    device = gpu.cpu_standin_device(name="fake-gpu (cpu stand-in)", reps=1)
+    rows = stack.time_stack(device, M=64, D=16, L=3, dtype="fp32")
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    assert all(by[("stack", m)]["parity"] == "FAIL" and by[("stack", m)]["ms"] is None for m in stack.MODES)
+    assert "dx FAIL" in by[("stack", "fwd")]["parity_detail"] and "y ok" in by[("stack", "fwd")]["parity_detail"]
+    assert all(by[("blocks", m)]["parity"] == "ok" for m in stack.MODES)
+    assert "dW ok" in by[("blocks", "bwd")]["parity_detail"]
+
+
+def test_max_autotune_peer_runs_without_cuda_graphs(monkeypatch):
+    """mode="max-autotune" captures CUDA graphs; every other implementation runs without them."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    gpu.make_impl("compile-max-autotune")
+    gpu.make_impl("compile")
+    assert seen[0]["mode"] == "max-autotune-no-cudagraphs" and seen[1]["mode"] is None
+    from torch._inductor import list_mode_options
+    options = list_mode_options()[seen[0]["mode"]]
+    assert options.get("max_autotune") and not options.get("triton.cudagraphs")
+
+
+def test_fp64_baseline_size_check_skips_what_would_not_fit(monkeypatch, tmp_path):
+    """The issue's case (M = 65536, D = 8192) needs 55-60 GiB of fp64 baseline: checked against the
+    free memory before anything is built, and a case that does not fit is skipped with a message;
+    a baseline that fails anyway skips its case only."""
+    from bench import parity
+    assert 55 * 2 ** 30 <= gpu.baseline_bytes(65536, 8192) <= 66 * 2 ** 30
+    built = []
+
+    class Baseline(parity.Baseline):
+        def __init__(self, x, *rest):
+            built.append(x.shape)
+            if x.shape[1] == 32:
+                raise torch.OutOfMemoryError("CUDA out of memory (planted)")
+            super().__init__(x, *rest)
+
+    monkeypatch.setattr(parity, "Baseline", Baseline)
+    device = gpu.cpu_standin_device(reps=1)
+    device.free_memory = lambda: gpu.baseline_bytes(64, 60)          # room for D = 48, not for D = 64
+    monkeypatch.setenv("FUSEDRES_BACKEND", "eager")                   # the pipeline, not the kernels
+    cfg = gpu.GpuConfig(D=(32, 48, 64), M=(64,), dtypes=("fp32",), impls=("fused", "eager"), modes=("fwd",))
+    rows = gpu.run_gpu(cfg, device, {"git_commit": "x"}, progress=False)
+    assert built == [(64, 32), (64, 48)]                               # D = 64 was never built
+    by = {(r["D"], r["impl"]): r for r in rows}
+    for D in (32, 64):
+        for impl in ("fused", "eager"):
+            r = by[(D, impl)]
+            assert r["parity"] == "skipped" and r["ms"] is None and r["error"].startswith("skipped: the fp64")
+    assert "GiB are free" in by[(64, "fused")]["error"] and "planted" in by[(32, "fused")]["error"]
+    assert by[(48, "fused")]["parity"] == "ok" and by[(48, "fused")]["ms"] is not None
+
+
+def test_csv_key_keeps_tf32_and_ieee_rows_apart(tmp_path):
+    from bench.report import CSV_KEY
+    assert "fp32_precision" in CSV_KEY
+    path = tmp_path / "r.csv"
+    cols = ["impl", "mode", "M", "D", "dtype", "gpu", "fp32_precision", "ms"]
+    row = {"impl": "fused", "mode": "fwd", "M": 1, "D": 2, "dtype": "fp32", "gpu": "X", "fp32_precision": "highest",
+           "ms": 1.0}
+    upsert_csv(path, [row], cols)
+    upsert_csv(path, [dict(row, fp32_precision="high", ms=2.0)], cols)
+    bf16 = dict(row, dtype="bf16", ms=3.0)
+    upsert_csv(path, [bf16], cols)
+    upsert_csv(path, [dict(bf16, fp32_precision="high", ms=4.0)], cols)   # 16-bit: the precision is moot
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["dtype"], r["fp32_precision"], r["ms"]) for r in rows] == [
+        ("fp32", "highest", "1"), ("fp32", "high", "2"), ("bf16", "high", "4")]
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m bench --gpu-check, in the interpreter with a stand-in timer
+
+_TINY_CHECK = dict(M=40, D=32, stack_widths=(16, 32), stack_width=16, stack_M=130, stack_L=2,
+                   timing_sizes=((64, 32), (96, 32)))
+
+
+def _specialisation(named: dict) -> tuple:
+    """What a GPU compile is keyed on, as far as these launches differ: dtypes, 16-byte alignment,
+    16-divisible or unit integers, and every other value (constexprs)."""
+    out = []
+    for k, v in named.items():
+        if isinstance(v, torch.Tensor):
+            out.append((k, str(v.dtype), v.data_ptr() % 16 == 0))
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            out.append((k, repr(v)))
+        elif isinstance(v, int):
+            out.append((k, v % 16 == 0, v == 1))
+    return tuple(out)
+
+
+@interpreted
+def test_gpu_check_runs_every_variant_with_a_standin(monkeypatch, tmp_path):
+    """Every single-block variant x dtype and every stack case passes parity with pinned configs, the
+    Triton kernels ran each time, the timing rows carry the MODEL beside a stand-in time that never
+    claims a GPU, and the specialisations launched are the planned compile count."""
+    from bench import gpucheck
+    from bench.report import write_json
+    from fusedres.kernels import configs, residual_stack as ks
+
+    specs = set()
+    pinned = configs.pinned_config
+
+    def spy_pinned(kind, named):
+        config = pinned(kind, named)
+        specs.add((kind, _specialisation(named), str(config)))
+        return config
+
+    launch = ks._launch
+
+    def spy_launch(kernel, name, grid, args, consts, config):
+        specs.add((name, _specialisation(dict(zip(kernel.arg_names, args))), repr(sorted(consts.items())), str(config)))
+        return launch(kernel, name, grid, args, consts, config)
+
+    monkeypatch.setattr(configs, "pinned_config", spy_pinned)
+    monkeypatch.setattr(ks, "_launch", spy_launch)
+    plan = gpucheck.CheckPlan(**_TINY_CHECK)
+    res = gpucheck.run_check(gpu.cpu_standin_device(reps=1), plan, {"git_commit": "x"}, log=lambda s: None)
+    assert res.ok, [c for c in res.cases if not c["ok"]]
+    assert {(c["variant"], c["dtype"]) for c in res.cases if c["section"] == "block"} == \
+        {(v, d) for v in gpucheck.BLOCK_VARIANTS for d in gpucheck.DTYPES}
+    assert {(c["variant"], c["dtype"], c["D"]) for c in res.cases if c["section"] == "stack"} >= \
+        {("train", "bf16", 32)} | {(v, d, 16) for v in gpucheck.STACK_VARIANTS for d in gpucheck.STACK_DTYPES}
+    block = next(c for c in res.cases if c["variant"] == "projection" and c["dtype"] == "autocast-bf16")
+    assert set(block["checks"]) == {"y", "dx", "dweight", "dbias", "dalpha", "dproj_weight"}
+    assert len(specs) == res.planned_compiles == gpucheck.planned_compiles(plan)
+    assert len(res.timing) == 2 * 3
+    for r in res.timing:
+        assert r["measured"] is False and "not a GPU" in r["gpu"] and r["fused_ms"] and r["eager_ms"]
+        assert r["model_ms"] > 0 and r["model_gpu"] == model.H100.name
+    assert "NOT a GPU" in gpucheck.timing_table(res.timing) and "MODEL" in gpucheck.timing_table(res.timing)
+    write_json(tmp_path / "check.json", res.as_json())
+    doc = json.loads((tmp_path / "check.json").read_text())
+    assert doc["ok"] and doc["measured"] is False and len(doc["cases"]) == len(res.cases)
+
+
+@interpreted
+def test_gpu_check_fails_a_wrong_variant(monkeypatch):
+    """A kernel path that breaks one variant (here: a Python-float alpha applied twice) fails that
+    variant's cases and no other."""
+    import fusedres
+    from bench import gpucheck
+    right = fusedres.fused_residual
+
+    def wrong(x, w, b=None, *, alpha=1.0, proj_weight=None):
+        y = right(x, w, b, alpha=alpha, proj_weight=proj_weight)
+        return y + (alpha - 1) * 0.25 * y if isinstance(alpha, float) and alpha != 1.0 else y
+
+    monkeypatch.setattr(fusedres, "fused_residual", wrong)
+    plan = gpucheck.CheckPlan(**dict(_TINY_CHECK, stack_widths=(), timing_sizes=()), dtypes=("fp32", "bf16"))
+    plan.stack_cases = lambda: []
+    res = gpucheck.run_check(gpu.cpu_standin_device(reps=1), plan, log=lambda s: None)
+    failed = {(c["variant"], c["dtype"]) for c in res.cases if not c["ok"]}
+    assert failed == {("alpha-float-nobias", "fp32"), ("alpha-float-nobias", "bf16")} and not res.ok
+
+
+@interpreted
+def test_gpu_check_pins_configs_on_the_gpu_launch_path(monkeypatch):
+    """On the GPU launch path (the interpreter switch off, as on CUDA) nothing autotunes."""
+    from bench import gpucheck
+    from fusedres import tuning
+    from fusedres.kernels import configs
+
+    monkeypatch.setattr(configs, "INTERPRET", False)
+    for tuned in tuning.TUNED_KERNELS.values():
+        monkeypatch.setattr(tuned, "_bench", lambda *a, **k: pytest.fail("autotuned under pinned configs"))
+    plan = gpucheck.CheckPlan(**dict(_TINY_CHECK, timing_sizes=()), dtypes=("fp32",))
+    plan.stack_cases = lambda: []
+    res = gpucheck.run_check(gpu.cpu_standin_device(reps=1), plan, log=lambda s: None)
+    assert res.ok and len(res.cases) == len(gpucheck.BLOCK_VARIANTS)
+    assert all(not t.cache for t in tuning.TUNED_KERNELS.values())
+
+
+def test_gpu_check_needs_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run")
+    from bench.cli import main
+    assert main(["--gpu-check"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_check_plan_compile_count():
+    """The default plan's compile count, from which the README's runtime estimate is made."""
+    from bench import gpucheck
+    plan = gpucheck.CheckPlan()
+    assert len(plan.block_cases()) == 30 and len(plan.stack_cases()) == 15
+    assert gpucheck.planned_compiles(plan) == 124

@@ -1,5 +1,6 @@
 """Data-parallel training with fused blocks: DDP and FSDP2, 2 CPU processes over gloo, with the
-Triton kernels in the interpreter. The processes are launched here and always reaped."""
+Triton kernels in the interpreter, on a CPU-only and a CUDA machine alike. The processes are
+launched here and always reaped."""
 import json
 import os
 import socket
@@ -21,7 +22,9 @@ def _run_two_ranks(wrapper, tmp_path, timeout=300):
     out = tmp_path / "result.json"
     port = _free_port()
     worker = Path(__file__).with_name("_dist_worker.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    # The ranks run on the CPU (gloo, kernels in the interpreter) on any machine; they report CUDA as
+    # the accelerator, as a GPU machine would, so that a CUDA default (FSDP2's mesh) fails here too.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "FUSEDRES_TEST_ACCELERATOR": "cuda"}
     procs = [subprocess.Popen([sys.executable, str(worker), str(rank), "2", str(port), wrapper, str(out)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(2)]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fusedres import FusedResidualBlock, ResidualBlock, fused_residual, kernels, residual_reference
-from helpers import check_parity, make_params, make_x
+from helpers import check_parity, make_params, make_x, small_tiles
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -37,20 +37,15 @@ def test_projection_parity(out, dtype, device, launches):
     assert launches() == {"residual_fwd": 1, "residual_dx": 1, "residual_dw": 1}
 
 
-def test_projection_small_tiles(device, monkeypatch):
-    """Several K tiles in both halves of the projection's concatenated reduction."""
-    from fusedres.kernels import configs
-    default = configs.interpreter_config
-
-    def small(kind, M, D):
-        c = default(kind, M, D)
-        return type(c)({k: (16 if k.startswith("BLOCK_") else 2) for k in c.kwargs}, num_warps=4, num_stages=1)
-
-    monkeypatch.setattr(configs, "interpreter_config", small)
+def test_projection_small_tiles(device):
+    """Several K tiles in both halves of the projection's concatenated reduction (explicit 16-wide
+    tiles on a GPU as in the interpreter)."""
     x = make_x((37, 50), torch.float32, device)
     w, b = make_params(50, torch.float32, device)
     p = torch.randn(33, 50, device=device) / 7
-    check(x, w[:33].contiguous(), b[:33].contiguous(), torch.tensor(1.5, device=device), p)
+    with small_tiles() as used:
+        check(x, w[:33].contiguous(), b[:33].contiguous(), torch.tensor(1.5, device=device), p)
+    assert {kind for kind, _ in used} == {"fwd", "dx", "dw"}
 
 
 def test_gradcheck_alpha_and_projection(device):

@@ -5,7 +5,7 @@ import torch
 
 from fusedres import kernels
 from fusedres.kernels import configs
-from helpers import LAYOUTS, check_parity, make_params, make_x
+from helpers import LAYOUTS, check_parity, make_params, make_x, small_tiles
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ALL_THREE = {"residual_fwd": 1, "residual_dx": 1, "residual_dw": 1}
@@ -53,22 +53,16 @@ def test_parity_noncontiguous_grad(dtype, device, launches):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_parity_small_tiles(dtype, device, launches, monkeypatch):
+def test_parity_small_tiles(dtype, device, launches):
     """16x16x16 tiles, so every kernel runs several K-loop trips, several tiles per dimension,
-    ragged edges on all of them, and the grouped tile order (GROUP 2 over 5 row tiles)."""
-    default = configs.interpreter_config
-
-    def small(kind, M, D):
-        c = default(kind, M, D)
-        sizes = {k: 16 for k in c.kwargs if k.startswith("BLOCK_")}
-        group = {k: 2 for k in c.kwargs if k.startswith("GROUP_")}
-        return type(c)({**sizes, **group}, num_warps=4, num_stages=1)
-
-    monkeypatch.setattr(configs, "interpreter_config", small)
+    ragged edges on all of them, and the grouped tile order (GROUP 2 over 5 row tiles); the
+    same explicit config on a GPU as in the interpreter."""
     x = make_x((70, 50), dtype, device)
     w, b = make_params(50, dtype, device)
-    check_parity(x, w, b)
+    with small_tiles() as used:
+        check_parity(x, w, b)
     assert launches() == ALL_THREE
+    assert {kind for kind, _ in used} == {"fwd", "dx", "dw"}
 
 
 def test_parity_tiny_width(device, launches):

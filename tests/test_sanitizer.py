@@ -10,13 +10,15 @@ planted out-of-bounds access.
 import pytest
 import torch
 
-from fusedres import fused_residual, kernels
+from fusedres import fused_residual, kernels, traffic
 from fusedres._layout import plan_rows
 from fusedres.kernels import configs
 from fusedres.traffic import BoundsViolation, InterpreterTraffic
 from helpers import check_parity, make_params, make_x
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the sanitizer instruments Triton's interpreter")
+pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="the sanitizer instruments Triton's interpreter"),
+              pytest.mark.skipif(not torch.cuda.is_available() and not traffic.supported()[0],
+                                 reason=traffic.supported()[1])]
 
 CASES = [
     ((1, 16), torch.float32, "contiguous", True),

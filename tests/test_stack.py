@@ -63,12 +63,23 @@ def check_stack_parity(x, w, b, g, *, deterministic=True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("L", (1, 5, 8))
 @pytest.mark.parametrize("D", ks.STACK_WIDTHS)
-def test_parity(D, L, dtype, device, launches):
+def test_parity(D, L, dtype, device, launches, monkeypatch):
     # M = 300: ragged against every row tile (64 and 128), and more tiles than the backward's
-    # persistent programs, so that programs accumulate partials over several tiles.
+    # persistent programs, so that programs accumulate partials over several tiles. A GPU gives
+    # one program per SM (132 on an H100: one tile each at this M), so the programs are capped
+    # at 2 on every machine (the interpreter's default).
+    default, used = ks.stack_programs, []
+
+    def two_programs(M, D, device, config, programs=None):
+        used.append((default(M, D, device, config, programs or 2), -(-M // config.kwargs["BLOCK_M"])))
+        return used[-1][0]
+
+    monkeypatch.setattr(ks, "stack_programs", two_programs)
     x, w, b, g = make_stack_inputs(300, D, L, dtype, device, seed=D + L)
     check_stack_parity(x, w, b, g)
     assert launches() == {"residual_stack_fwd": 1, "residual_stack_bwd": 1, "residual_stack_reduce": 1}
+    ((programs, tiles),) = used
+    assert tiles > programs == 2
 
 
 @pytest.mark.parametrize("D", ks.STACK_WIDTHS)
@@ -246,6 +257,24 @@ def test_from_blocks_to_blocks_and_sequential_state_dict(device):
     x = torch.randn(20, 64, device=device)
     p = parity(stack(x), blocks(x), stack_reference(x.double(), stack.weight.double(), stack.bias.double()))
     assert p.ok, p
+
+
+def test_stack_loads_sequential_state_dicts_without_alpha(device):
+    """A Sequential of nn.Linear (no alpha keys) loads into the stack; strict still fails on a
+    missing or unexpected key, with a RuntimeError naming it."""
+    linears = nn.Sequential(*[nn.Linear(32, 32, device=device) for _ in range(3)])
+    stack = FusedResidualStack(32, 3, device=device)
+    assert stack.load_state_dict(linears.state_dict()).missing_keys == []
+    assert torch.equal(stack.weight, torch.stack([l.weight for l in linears]))
+    assert torch.equal(stack.bias, torch.stack([l.bias for l in linears]))
+    blocks = nn.Sequential(*[FusedResidualBlock(32, device=device) for _ in range(3)])
+    sd = {k: v for k, v in blocks.state_dict().items() if not k.endswith("alpha")}
+    FusedResidualStack(32, 3, device=device).load_state_dict(sd)
+    del sd["1.bias"]
+    with pytest.raises(RuntimeError, match='Missing key.*"bias"'):
+        FusedResidualStack(32, 3, device=device).load_state_dict(sd)
+    with pytest.raises(RuntimeError, match='Unexpected key.*"extra"'):
+        FusedResidualStack(32, 3, device=device).load_state_dict({**linears.state_dict(), "extra": torch.ones(1)})
 
 
 def test_state_dict_and_from_blocks_errors(device):

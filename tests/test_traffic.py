@@ -1,7 +1,7 @@
 """The interpreter instrument (fusedres.traffic) on kernels of known traffic, then on the fused kernels.
 
-It patches private internals of triton 3.9's interpreter, so these tests are what tells a triton
-upgrade broke it. They need the interpreter (TRITON_INTERPRET=1, set by conftest without CUDA).
+It patches private internals of Triton's interpreter (3.7, 3.8 and 3.9 supported), so these tests
+are what tells a triton upgrade broke it: CI runs them on each supported triton. They need the interpreter (TRITON_INTERPRET=1, set by conftest without CUDA).
 """
 import os
 
@@ -11,12 +11,14 @@ import triton
 import triton.language as tl
 
 import fusedres
+from fusedres import traffic
 from fusedres.traffic import BoundsViolation, InterpreterTraffic
 
 # these tests plant out-of-bounds accesses and install/remove the instrument themselves, so the
 # suite-wide sanitizer (tests/conftest.py) stays out of them
 pytestmark = [pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
                                  reason="the traffic instrument needs Triton's interpreter"),
+              pytest.mark.skipif(not traffic.supported()[0], reason=traffic.supported()[1]),
               pytest.mark.no_sanitizer]
 
 

@@ -8,11 +8,13 @@ fails on spills, shared-memory overflow or a missing tensor-core instruction.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.driver import driver as _triton_driver
 
 from ._common import INTERPRET, record_launch
 
@@ -60,6 +62,50 @@ _TILES_TWO_LEVEL = {
     4: [(64, 64, 16, 4, 4)],
     8: [(32, 64, 16, 4, 3)],
 }
+# fp32 activations meeting a 16-bit GEMM (autocast) keep fp32 tiles of x or g in registers until
+# the cast. With a projection's second K loop or two-level row offsets on top, these 16-bit tiles
+# spill (compile gate, sm_80 and sm_90, fp16 and bf16, triton 3.7.1, 3.8.0 and 3.9.0: 8-460 B,
+# the union over releases); without either, every 16-bit tile compiles clean with fp32 activations.
+_MIXED_HEAVY_SPILLS = {
+    "fwd": {(128, 64, 64, 4, 4), (64, 128, 64, 4, 4)},
+    "dx": {(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+           (64, 128, 64, 4, 4)},
+    "dw": {(64, 64, 64, 4, 4)},
+}
+#: The installed triton, (major, minor): each supported release compiles a few tiles differently.
+TRITON_VERSION: tuple[int, int] = tuple(int(p) for p in triton.__version__.split(".")[:2])
+#: Supported releases: the triton each supported torch pins (2.13 -> 3.7.1, 2.14 -> 3.8.x), and 3.9.
+SUPPORTED_TRITON = ((3, 7), (3, 8), (3, 9))
+if TRITON_VERSION not in SUPPORTED_TRITON:
+    import warnings
+    warnings.warn(f"fusedres is tested with triton {', '.join('%d.%d' % v for v in SUPPORTED_TRITON)}; this is "
+                  f"triton {triton.__version__}. Run `python -m fusedres.aot` and the test suite to check this pair.",
+                  RuntimeWarning, stacklevel=2)
+# Tiles a release's compiler spills on that the lists above take from 3.9 (compile gate, sm_80 and
+# sm_90, every dtype and feature variant; each an 8 B spill on one arch in one variant). They are
+# dropped on that release for every arch: the autotuner's prune cannot tell archs apart. Keyed by
+# (element size, two-level rows).
+# - triton 3.7.1 (ptxas 12.8 for both archs): fwd 16-bit 128x64x64 w4 s4 (alpha+proj, sm_80);
+#   dx fp32 64x64x16 w4 s4 (alpha+proj, sm_90); dW fp32 128x128x16 w8 s4 (sm_80) and 64x64x16
+#   w4 s4 (sm_90), which leaves dW fp32 one tile.
+# - triton 3.8.0: dx fp32 64x64x16 w4 s4 (alpha+proj, sm_90), dW fp32 64x64x16 w4 s4 (float
+#   alpha, sm_90).
+_DROPPED_BY_TRITON: dict[tuple[int, int], dict[str, dict[tuple[int, bool], set]]] = {
+    (3, 7): {"fwd": {(2, False): {(128, 64, 64, 4, 4)}},
+             "dx": {(4, False): {(64, 64, 16, 4, 4)}},
+             "dw": {(4, False): {(128, 128, 16, 8, 4), (64, 64, 16, 4, 4)}}},
+    (3, 8): {"dx": {(4, False): {(64, 64, 16, 4, 4)}},
+             "dw": {(4, False): {(64, 64, 16, 4, 4)}}},
+}
+
+
+def dropped_tiles(kind: str, elem_size: int, version: tuple[int, int] | None = None, two_level: bool = False
+                  ) -> set:
+    """The tiles of ``kind`` at ``elem_size`` (with ``two_level`` rows) that triton ``version``
+    (default: the installed one) does not ship."""
+    return _DROPPED_BY_TRITON.get(version or TRITON_VERSION, {}).get(kind, {}).get((elem_size, two_level), set())
+
+
 _ALL_TILES = list(dict.fromkeys(t for tiles in (_TILES, _TILES_TWO_LEVEL) for size in sorted(tiles)
                                 for t in tiles[size]))
 GROUP = 8
@@ -84,10 +130,18 @@ CONFIGS = {"fwd": FWD_CONFIGS, "dx": DX_CONFIGS, "dw": DW_CONFIGS}
 GROUP_NAME = {"fwd": "GROUP_M", "dx": "GROUP_M", "dw": "GROUP_K"}
 
 
-def pipeline_smem_bytes(kind: str, config: triton.Config, elem_size: int) -> int:
-    """Operand bytes the software pipeline keeps in shared memory: stages x (A tile + B tile)."""
+def pipeline_smem_bytes(kind: str, config: triton.Config, elem_size: int,
+                        operand_sizes: tuple[int, int] | None = None) -> int:
+    """Shared memory of the operand pipeline: ``num_stages - 1`` buffers of (A tile + B tile), each
+    tile at its operand's element size as loaded (``operand_sizes``, default ``elem_size``: under
+    autocast fp32 activations meet 16-bit weights and are cast after the load), plus one tile in
+    the GEMM dtype (``elem_size``: the cast operand sm_90's wgmma reads, or sm_80's epilogue
+    scratch). Fitted to what triton 3.7-3.9 allocate for these kernels (compile gate, sm_80 and
+    sm_90); the gate checks the compiled figure of every config the prune keeps."""
     rows, cols, red = (config.kwargs[n] for n in _TILE_NAMES[kind])
-    return config.num_stages * (rows * red + red * cols) * elem_size
+    a, b = operand_sizes or (elem_size, elem_size)
+    a_tile, b_tile = rows * red, red * cols
+    return max(config.num_stages - 1, 1) * (a_tile * a + b_tile * b) + max(a_tile, b_tile) * elem_size
 
 
 def _tile(kind: str, config: triton.Config) -> tuple:
@@ -95,29 +149,46 @@ def _tile(kind: str, config: triton.Config) -> tuple:
     return rows, cols, red, config.num_warps, config.num_stages
 
 
-def shipped_configs(kind: str, elem_size: int, two_level: bool = False) -> list[triton.Config]:
-    """The configs of ``kind`` that a GEMM with ``elem_size``-byte operands (and two-level rows,
-    if ``two_level``) may run: the tiles listed for it (all tiles for an unlisted element size)
-    whose pipeline fits."""
+def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
+                    operand_sizes: tuple[int, int] | None = None, proj: bool = False) -> list[triton.Config]:
+    """The configs of ``kind`` that a GEMM in an ``elem_size``-byte dtype (and two-level rows, if
+    ``two_level``; a projection shortcut, if ``proj``) may run: the tiles listed for it (all tiles
+    for an unlisted element size) whose pipeline fits, with its A and B tiles loaded at
+    ``operand_sizes`` bytes per element (default ``elem_size``; see :func:`pipeline_smem_bytes`)."""
     listed = (_TILES_TWO_LEVEL.get(elem_size) if two_level else None) or _TILES.get(elem_size)
-    fits = [c for c in CONFIGS[kind] if (listed is None or _tile(kind, c) in listed)
-            and pipeline_smem_bytes(kind, c, elem_size) <= SMEM_BUDGET]
-    return fits or [min(CONFIGS[kind], key=lambda c: pipeline_smem_bytes(kind, c, elem_size))]
+    mixed = operand_sizes is not None and max(operand_sizes) > elem_size
+    spills = _MIXED_HEAVY_SPILLS[kind] if mixed and (proj or two_level) else set()
+
+    def smem(c):
+        return pipeline_smem_bytes(kind, c, elem_size, operand_sizes)
+    fits = [c for c in CONFIGS[kind] if (listed is None or _tile(kind, c) in listed) and smem(c) <= SMEM_BUDGET
+            and _tile(kind, c) not in spills and _tile(kind, c) not in dropped_tiles(kind, elem_size, two_level=two_level)]
+    return fits or [min(CONFIGS[kind], key=smem)]
+
+
+def launch_operand_sizes(kind: str, named_args: dict) -> tuple[int, tuple[int, int]]:
+    """``(GEMM element size, (A, B) operand element sizes as loaded)`` of a launch's arguments."""
+    return (named_args[_GEMM_DTYPE_FROM[kind]].element_size(),
+            tuple(named_args[n].element_size() for n in _GEMM_TILES_FROM[kind]))
 
 
 def prune_for(kind: str):
     """``early_config_prune`` for ``triton.autotune``: keep :func:`shipped_configs` for the
-    launch's operand element size and row layout (``TWO_LEVEL_ROWS``, a launch constexpr)."""
+    launch's GEMM dtype, operand dtypes, row layout and projection (``TWO_LEVEL_ROWS`` and
+    ``HAS_PROJ``, launch constexprs)."""
     def prune(configs, named_args, **kwargs):
-        elem_size = _GEMM_OPERAND[kind](named_args).element_size()
+        elem_size, operand_sizes = launch_operand_sizes(kind, named_args)
         two_level = bool(named_args.get("TWO_LEVEL_ROWS", kwargs.get("TWO_LEVEL_ROWS", False)))
-        keep = {id(c) for c in shipped_configs(kind, elem_size, two_level)}
+        proj = bool(named_args.get("HAS_PROJ", kwargs.get("HAS_PROJ", False)))
+        keep = {id(c) for c in shipped_configs(kind, elem_size, two_level, operand_sizes, proj)}
         return [c for c in configs if id(c) in keep] or configs[-1:]
     return prune
 
 
-# Which launch argument carries the GEMM's operand dtype, per kernel.
-_GEMM_OPERAND = {"fwd": lambda a: a["w_ptr"], "dx": lambda a: a["w_ptr"], "dw": lambda a: a["dw_ptr"]}
+# Which launch argument carries the GEMM's dtype, and which the A and B tiles of its pipelined
+# loop are loaded from, per kernel (the projection's loop loads the same dtypes).
+_GEMM_DTYPE_FROM = {"fwd": "w_ptr", "dx": "w_ptr", "dw": "dw_ptr"}
+_GEMM_TILES_FROM = {"fwd": ("x_ptr", "w_ptr"), "dx": ("g_ptr", "w_ptr"), "dw": ("x_ptr", "g_ptr")}
 
 
 def interpreter_config(kind: str, M: int, D: int) -> triton.Config:
@@ -168,30 +239,128 @@ def autotune_key(tuned, args: tuple, kwargs: dict) -> tuple:
     return tuple(key)
 
 
-def _check_capture_safe(kind: str, tuned, args: tuple, kwargs: dict) -> None:
-    """Autotuning launches every candidate several times: never during CUDA-graph capture."""
+_NO_GUARD = contextlib.nullcontext()
+
+
+def device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device and its current stream, whatever device the
+    pointers are on: make that the tensor's device (and so its current stream). A no-op off CUDA."""
+    if device.type != "cuda":
+        return _NO_GUARD
+    return torch.cuda.device(device)
+
+
+def _jit_function(kernel):
+    """The JITFunction under an Autotuner/Heuristics chain; None for the interpreter's functions."""
+    fn = kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = getattr(fn, "fn", None)
+        if fn is None:
+            return None
+    return fn
+
+
+def jit_compiled(kernel, args: tuple, kwargs: dict) -> bool | None:
+    """Whether ``kernel[grid](*args, **kwargs)`` finds its compiled specialisation in the JIT
+    cache of the current device, computed as ``JITFunction.run`` computes it (triton 3.7-3.9):
+    binder -> specialisation (dtypes, 16-divisibility, constexprs) + options -> cache key. None
+    when it cannot tell (the interpreter, or unknown Triton internals)."""
+    fn = _jit_function(kernel)
+    caches = getattr(fn, "device_caches", None)
+    if caches is None or getattr(triton.knobs.runtime, "add_stages_inspection_hook", None) is not None:
+        return None
+    try:
+        entry = caches.get(_triton_driver.active.get_current_device())   # .get: do not create one
+        if entry is None:
+            return False
+        kernel_cache, kernel_key_cache, _target, _backend, binder = entry
+        # the options JITFunction.run adds before binding; the cache key depends on their order
+        kw = dict(kwargs)
+        kw["debug"] = kw.get("debug", fn.debug) or triton.knobs.runtime.debug
+        for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+            if hasattr(triton.knobs.compilation, name):
+                kw[name] = getattr(triton.knobs.compilation, name)
+        _bound, specialization, options = binder(*args, **kw)
+        key = triton.runtime.jit.compute_cache_key(kernel_key_cache, specialization, options)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return key in kernel_cache
+
+
+def _check_capture_safe(kind: str, kernel, args: tuple, kwargs: dict, tuned=None) -> None:
+    """Nothing may autotune or compile during CUDA-graph capture: autotuning launches every
+    candidate several times, and compiling loads a module, which CUDA refuses under the default
+    (global) capture mode. So the tuned choice and the exact compiled specialisation must exist.
+    ``tuned``: the Autotuner when the launch goes through it (``kernel`` is then the same)."""
     if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return
-    key = autotune_key(tuned, args, kwargs)
-    if len(tuned.configs) > 1 and key not in tuned.cache:
+    if tuned is not None:
+        key = autotune_key(tuned, args, kwargs)
+        config = tuned.cache.get(key) if len(tuned.configs) > 1 else tuned.configs[0]
+        if config is None:
+            raise RuntimeError(
+                f"fusedres: the {kind} kernel would autotune during CUDA-graph capture (key {key}). Run "
+                "fusedres.warmup(model, example_inputs) before capturing (or fusedres.load_tuning(path), then "
+                "warmup).")
+        kwargs = {**kwargs, **config.all_kwargs()}       # what Autotuner.run passes to the JIT function
+    if jit_compiled(kernel, args, kwargs) is False:
         raise RuntimeError(
-            f"fusedres: the {kind} kernel would autotune during CUDA-graph capture (key {key}). Run "
-            "fusedres.warmup(...) for this shape and dtype before capturing, or fusedres.load_tuning(path).")
+            f"fusedres: the {kind} kernel would compile during CUDA-graph capture: this exact specialisation "
+            "(dtypes, flags such as alpha or projection, sizes and strides divisible by 16 or not) was never "
+            "launched on this device. Run fusedres.warmup(model, example_inputs) with the inputs you capture "
+            "with, in the same autocast and grad mode, before capturing.")
 
 
-def launch(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, config=None) -> None:
+#: ``(kind, named launch arguments) -> triton.Config``, or None: when set, it picks the config of
+#: every single-block launch that has none, on a GPU and in the interpreter alike (no autotuning).
+_config_override = None
+
+
+@contextlib.contextmanager
+def config_override(choose):
+    """Within the block, ``choose(kind, named_args)`` gives every launch its config (tests pin
+    small tiles with it on both kinds of machine; :func:`pin_configs` uses it)."""
+    global _config_override
+    saved, _config_override = _config_override, choose
+    try:
+        yield
+    finally:
+        _config_override = saved
+
+
+def pinned_config(kind: str, named_args: dict) -> triton.Config:
+    """One config per kernel, operand dtypes and row layout: the first that the autotuner's prune
+    keeps (the largest tile that fits), so a GPU compiles each variant once and benchmarks nothing."""
+    elem_size, operand_sizes = launch_operand_sizes(kind, named_args)
+    return shipped_configs(kind, elem_size, bool(named_args["TWO_LEVEL_ROWS"]), operand_sizes,
+                           bool(named_args["HAS_PROJ"]))[0]
+
+
+def pin_configs():
+    """Context manager: every single-block launch takes :func:`pinned_config` (``FUSEDRES_PIN_CONFIGS=1``
+    in the test suite; ``python -m bench --gpu-check``)."""
+    return config_override(pinned_config)
+
+
+def launch(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, config=None) -> triton.Config:
     """Launch ``kernel`` with ``config``, or the autotuned ``tuned`` on a GPU, or the interpreter's
-    per-size config when interpreting."""
+    per-size config when interpreting; on the device of the first argument. Returns the config
+    the launch ran with (after autotuning: the chosen one, not the last one benchmarked)."""
+    if config is None and _config_override is not None:
+        config = _config_override(kind, {**dict(zip(tuned.arg_names, args)), **consts})
     if config is None and INTERPRET:
         config = interpreter_config(kind, M, D)
-    with _launch_lock:
+    with _launch_lock, device_guard(args[0].device):
         if config is None:
-            _check_capture_safe(kind, tuned, args, consts)
+            _check_capture_safe(kind, tuned, args, consts, tuned=tuned)
             tuned[grid](*args, **consts)
+            config = tuned.best_config       # set by Autotuner.run for the launch it makes (3.7-3.9)
         else:
-            kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
-                         num_stages=config.num_stages)
+            kw = {**consts, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            _check_capture_safe(kind, kernel, args, kw)
+            kernel[grid](*args, **kw)
     record_launch("residual_" + kind)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,20 +431,47 @@ def stack_operand_class(dtype: torch.dtype) -> str:
     return "16bit"
 
 
-def stack_config(kind: str, D: int, operands: str = "16bit", capability: tuple[int, int] | None = None
-                 ) -> triton.Config:
+# Per triton release, the stack entries that differ from the lists above: (kernel, arch) ->
+# operand class -> {width: tile}; the reduce's entry is (BLOCK, warps). Found with the same sweep
+# and rule as above, on that release's compiler, where the 3.9 entry spills:
+# - triton 3.7.1 (ptxas 12.8): fwd ieee sm_90 D=64 (64, 4, 3) spills 168-1888 B and D=128
+#   (32, 16, 3) 4296 B; bwd tf32 sm_90 D=64 (128, 8, 2, 64) 48-96 B, D=128 (32, 4, 2, 16) 80 B;
+#   bwd ieee sm_80 D=16 (64, 4, 2, 16) 16 B; the reduce at 4 warps spills 20 B on sm_80 (fp32).
+# - triton 3.8.0: fwd ieee sm_90 D=32 (128, 4, 2) 40 B, D=64 (64, 4, 3) 1624-1888 B, D=128
+#   (32, 16, 3) 2320-4240 B; bwd tf32 sm_90 D=64 (128, 8, 2, 64) 64 B, D=128 (32, 4, 2, 16) 24 B.
+STACK_BY_TRITON: dict[tuple[int, int], dict[tuple[str, str], dict]] = {
+    (3, 7): {
+        ("stack_fwd", "sm_90"): {"ieee": {64: (64, 8, 3), 128: (32, 8, 3)}},
+        ("stack_bwd", "sm_90"): {"tf32": {64: (128, 8, 1, 16), 128: (32, 8, 2, 128)}},
+        ("stack_bwd", "sm_80"): {"ieee": {16: (128, 8, 2, 16)}},
+        ("stack_reduce", "sm_80"): (STACK_REDUCE_BLOCK, 8),
+    },
+    (3, 8): {
+        ("stack_fwd", "sm_90"): {"ieee": {32: (128, 8, 3), 64: (64, 8, 2), 128: (16, 16, 2)}},
+        ("stack_bwd", "sm_90"): {"tf32": {64: (128, 8, 1, 64), 128: (32, 8, 2, 128)}},
+    },
+}
+
+
+def stack_config(kind: str, D: int, operands: str = "16bit", capability: tuple[int, int] | None = None,
+                 version: tuple[int, int] | None = None) -> triton.Config:
     """The shipped config of a stack kernel (``"stack_fwd"``, ``"stack_bwd"``, ``"stack_reduce"``)
     at width ``D`` for an operand class (:func:`stack_operand_class`) on a GPU of compute
-    ``capability`` (None: the sm_90 entries, which the interpreter also uses)."""
-    if kind == "stack_reduce":
-        return triton.Config({"BLOCK": STACK_REDUCE_BLOCK}, num_warps=STACK_REDUCE_WARPS, num_stages=1)
+    ``capability`` (None: the sm_90 entries, which the interpreter also uses), as triton
+    ``version`` (default: the installed one) ships it."""
     sm80 = capability is not None and capability[0] < 9
+    overrides = STACK_BY_TRITON.get(version or TRITON_VERSION, {})
+    arch = "sm_80" if sm80 else "sm_90"
+    if kind == "stack_reduce":
+        block, warps = overrides.get((kind, arch), (STACK_REDUCE_BLOCK, STACK_REDUCE_WARPS))
+        return triton.Config({"BLOCK": block}, num_warps=warps, num_stages=1)
+    release = overrides.get((kind, arch), {}).get(operands, {})
     if kind == "stack_fwd":
-        tiles = {**STACK_FWD_TILES[operands], **(STACK_FWD_TILES_SM80[operands] if sm80 else {})}
+        tiles = {**STACK_FWD_TILES[operands], **(STACK_FWD_TILES_SM80[operands] if sm80 else {}), **release}
         m, w, s = tiles[D]
         return triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
     if kind == "stack_bwd":
-        tiles = {**STACK_BWD_TILES[operands], **(STACK_BWD_TILES_SM80[operands] if sm80 else {})}
+        tiles = {**STACK_BWD_TILES[operands], **(STACK_BWD_TILES_SM80[operands] if sm80 else {}), **release}
         m, w, s, cols = tiles[D]
         return triton.Config({"BLOCK_M": m, "DW_COLS": cols}, num_warps=w, num_stages=s)
     raise ValueError(f"unknown stack kernel {kind!r}")

@@ -30,11 +30,12 @@ from ._common import (
     to_gemm_operand,
 )
 from .configs import DW_CONFIGS, DX_CONFIGS, gemm_flags, launch, prune_for
+from .residual_fwd import alpha_args, residual_scale
 
 
 @triton.jit
 def residual_dx_kernel(
-    g_ptr, x_ptr, w_ptr, p_ptr, alpha_ptr, dx_ptr,
+    g_ptr, x_ptr, w_ptr, p_ptr, alpha_ptr, alpha_value: tl.float64, dx_ptr,
     M, N, K, T, M_BUCKET,
     stride_go, stride_gm, stride_gn,
     stride_xo, stride_xm, stride_xk,
@@ -42,6 +43,7 @@ def residual_dx_kernel(
     stride_pn, stride_pk,
     stride_dxm, stride_dxk,
     HAS_ALPHA: tl.constexpr,
+    ALPHA_IS_PTR: tl.constexpr,
     HAS_PROJ: tl.constexpr,
     TWO_LEVEL_ROWS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -80,7 +82,7 @@ def residual_dx_kernel(
 
     mask = mask_m[:, None] & mask_k[None, :]
     if HAS_ALPHA:
-        acc = acc * tl.load(alpha_ptr).to(ACC_DTYPE)
+        acc = acc * residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
     x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(ACC_DTYPE)
     acc = tl.where(x <= 0, 0.0, acc)
     if HAS_PROJ:
@@ -102,7 +104,7 @@ def residual_dx_kernel(
 
 @triton.jit
 def residual_dw_kernel(
-    g_ptr, x_ptr, w_ptr, b_ptr, alpha_ptr, dw_ptr, dp_ptr, db_ptr, dalpha_ptr,
+    g_ptr, x_ptr, w_ptr, b_ptr, alpha_ptr, alpha_value: tl.float64, dw_ptr, dp_ptr, db_ptr, dalpha_ptr,
     M, N, K, T, M_BUCKET,
     stride_go, stride_gm, stride_gn,
     stride_xo, stride_xm, stride_xk,
@@ -112,6 +114,7 @@ def residual_dw_kernel(
     HAS_DB: tl.constexpr,
     SUM_G: tl.constexpr,
     HAS_ALPHA: tl.constexpr,
+    ALPHA_IS_PTR: tl.constexpr,
     NEED_DALPHA: tl.constexpr,
     DALPHA_BIAS: tl.constexpr,
     HAS_PROJ: tl.constexpr,
@@ -132,8 +135,10 @@ def residual_dw_kernel(
 
     db is folded in without atomics: the programs of the first K tile also sum their g tiles over
     the rows they already load (``SUM_G``), so each db element has exactly one writer and a fixed
-    reduction order. Each program writes its own dalpha partial. The results are bitwise
-    reproducible for a given config.
+    reduction order. Each program writes its own dalpha partial: only the launch's own programs'
+    slots are to be summed (``residual_dw`` returns how many), since autotuning runs configs with
+    more programs on the same workspace first. The results are bitwise reproducible for a given
+    config.
 
     The column sum loads the g tile a second time, 16 rows at a time, inside the ``pid_k == 0``
     branch, instead of summing the ``g`` the dot consumes. Measured with ``python -m fusedres.aot``
@@ -195,7 +200,7 @@ def residual_dw_kernel(
 
     tile_mask = mask_k[:, None] & mask_n[None, :]
     if HAS_ALPHA:
-        alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
+        alpha = residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
     if NEED_DALPHA:
         wt = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                      mask=tile_mask, other=0.0).to(ACC_DTYPE)
@@ -227,10 +232,11 @@ def residual_dw_kernel(
 
 
 residual_dx_kernel_tuned = triton.autotune(
-    configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_PROJ"],
+    configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_PROJ", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_for("dx")})(residual_dx_kernel)
 residual_dw_kernel_tuned = triton.autotune(
-    configs=DW_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_DB", "HAS_PROJ"],
+    configs=DW_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_DB", "HAS_PROJ",
+                                   "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_for("dw")})(residual_dw_kernel)
 
 
@@ -239,10 +245,12 @@ def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows,
     launcher and the compile gate, ``fusedres.aot``)."""
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
-    args = (g, x, weight, p, alpha if alpha is not None else weight, dx, rows.M, N, K, rows.T,
+    alpha_ptr, alpha_value, has_alpha, alpha_is_ptr = alpha_args(alpha, weight)
+    args = (g, x, weight, p, alpha_ptr, alpha_value, dx, rows.M, N, K, rows.T,
             next_pow2_bucket(rows.M), *gs, *xs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1),
             dx.stride(0), dx.stride(1))
-    consts = dict(HAS_ALPHA=alpha is not None, HAS_PROJ=proj_weight is not None, TWO_LEVEL_ROWS=rows.two_level,
+    consts = dict(HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr, HAS_PROJ=proj_weight is not None,
+                  TWO_LEVEL_ROWS=rows.two_level,
                   **gemm_flags(weight.dtype, g.dtype, x.dtype, dx.dtype))
 
     def grid(meta):
@@ -252,8 +260,9 @@ def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows,
 
 
 def dalpha_workspace_size(N: int, K: int, proj: bool) -> int:
-    """Room for one dalpha partial per dW program under any config (tiles are at least 16 wide);
-    programs past the chosen config's grid leave their zero in place."""
+    """Room for one dalpha partial per dW program under any config (tiles are at least 16 wide).
+    A launch writes the first ``P`` of them, ``P`` its program count (``residual_dw`` returns it):
+    sum those only, the rest may hold another config's values (autotuning) or garbage."""
     return triton.cdiv(K, 16) * (2 if proj else 1) * triton.cdiv(N, 16)
 
 
@@ -261,17 +270,21 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
                    alpha=None, dalpha_partials=None, dp=None):
     """The dW kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
     launcher and the compile gate, ``fusedres.aot``). ``weight`` (and ``bias``, if any) are read
-    only for the dalpha partials, which go to ``dalpha_partials`` (one fp32 per program)."""
+    only for the dalpha partials, which go to ``dalpha_partials`` (:func:`dalpha_workspace_size`
+    slots, fp32, or fp64 for fp64). ``alpha``: a one-element tensor, a Python float or None."""
     N, K = dw.shape
     w = weight if weight is not None else dw
     dpt = dp if dp is not None else dw
     need_dalpha = dalpha_partials is not None
-    args = (g, x, w, bias if bias is not None else dw, alpha if alpha is not None else dw, dw, dpt,
+    alpha_ptr, alpha_value, has_alpha, alpha_is_ptr = alpha_args(alpha, dw)
+    if need_dalpha and not alpha_is_ptr:
+        raise ValueError("residual_dw: dalpha needs alpha as a tensor")
+    args = (g, x, w, bias if bias is not None else dw, alpha_ptr, alpha_value, dw, dpt,
             db if db is not None else dw, dalpha_partials if need_dalpha else dw,
             rows.M, N, K, rows.T, next_pow2_bucket(rows.M),
             *gs, *xs, w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
     consts = dict(HAS_DB=db is not None, SUM_G=db is not None or (need_dalpha and bias is not None),
-                  HAS_ALPHA=alpha is not None, NEED_DALPHA=need_dalpha,
+                  HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr, NEED_DALPHA=need_dalpha,
                   DALPHA_BIAS=need_dalpha and bias is not None, HAS_PROJ=dp is not None,
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(dw.dtype, g.dtype, x.dtype))
 
@@ -291,13 +304,18 @@ def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *,
 
 
 def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None, alpha=None,
-                dalpha_partials=None, dp=None, config: triton.Config | None = None) -> None:
+                dalpha_partials=None, dp=None, config: triton.Config | None = None) -> int:
     """Launch the dW kernel: ``dw = alpha * g.T @ relu(x)``, ``db = alpha * g.sum(0)`` if ``db`` is
     given, ``dp = g.T @ x`` if ``dp`` is given, and per-program dalpha partials if
-    ``dalpha_partials`` is given (zeros, :func:`dalpha_workspace_size` long, fp32 or fp64).
+    ``dalpha_partials`` is given (:func:`dalpha_workspace_size` long, fp32 or fp64, needs ``alpha``
+    as a tensor; any contents). Returns the number of programs ``P`` it launched: dalpha is
+    ``dalpha_partials[:P].sum()``. (Summing the whole workspace would add the partials that
+    autotuning's other configs, with smaller tiles and so more programs, left behind.)
 
     It runs for M == 0 too, so that the gradients come out as zeros, as in eager.
     """
     args, consts, grid = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
                                         dalpha_partials=dalpha_partials, dp=dp)
-    launch(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid, args, consts, rows.M, max(dw.shape), config)
+    used = launch(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid, args, consts, rows.M, max(dw.shape),
+                  config)
+    return grid(used.kwargs)[0]

@@ -34,8 +34,30 @@ from .configs import FWD_CONFIGS, gemm_flags, launch, prune_for
 
 
 @triton.jit
+def residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """alpha in the accumulator dtype: read from a one-element tensor (which may be learnable), or
+    the Python float passed by value, so that it costs no host-to-device copy. The float arrives as
+    fp64 and is rounded here as eager rounds a Python scalar (to the fp32 opmath of fp16/bf16/fp32).
+    """
+    if ALPHA_IS_PTR:
+        return tl.load(alpha_ptr).to(ACC_DTYPE)
+    else:
+        return tl.full((), alpha_value, ACC_DTYPE)
+
+
+def alpha_args(alpha, placeholder) -> tuple:
+    """``(alpha_ptr, alpha_value, HAS_ALPHA, ALPHA_IS_PTR)`` for an alpha that is a one-element
+    tensor (a pointer), a Python float (by value) or None (no scale)."""
+    if alpha is None:
+        return placeholder, 1.0, False, False
+    if hasattr(alpha, "data_ptr"):
+        return alpha, 1.0, True, True
+    return placeholder, float(alpha), True, False
+
+
+@triton.jit
 def residual_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, p_ptr, alpha_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, p_ptr, alpha_ptr, alpha_value: tl.float64, y_ptr,
     M, N, K, T, M_BUCKET,
     stride_xo, stride_xm, stride_xk,
     stride_wn, stride_wk,
@@ -43,6 +65,7 @@ def residual_fwd_kernel(
     stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
     HAS_ALPHA: tl.constexpr,
+    ALPHA_IS_PTR: tl.constexpr,
     HAS_PROJ: tl.constexpr,
     TWO_LEVEL_ROWS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -83,7 +106,7 @@ def residual_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     if HAS_ALPHA:
-        acc = acc * tl.load(alpha_ptr).to(ACC_DTYPE)
+        acc = acc * residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
     if HAS_PROJ:
         p_cols = offs_n.to(tl.int64) * stride_pn
         for kt in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):
@@ -104,7 +127,7 @@ def residual_fwd_kernel(
 
 
 residual_fwd_kernel_tuned = triton.autotune(
-    configs=FWD_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_PROJ"],
+    configs=FWD_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_PROJ", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_for("fwd")})(residual_fwd_kernel)
 
 
@@ -116,10 +139,12 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
     """
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
-    args = (x, weight, bias if bias is not None else weight, p, alpha if alpha is not None else weight, y,
+    alpha_ptr, alpha_value, has_alpha, alpha_is_ptr = alpha_args(alpha, weight)
+    args = (x, weight, bias if bias is not None else weight, p, alpha_ptr, alpha_value, y,
             rows.M, N, K, rows.T, next_pow2_bucket(rows.M),
             *xs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), y.stride(0), y.stride(1))
-    consts = dict(HAS_BIAS=bias is not None, HAS_ALPHA=alpha is not None, HAS_PROJ=proj_weight is not None,
+    consts = dict(HAS_BIAS=bias is not None, HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr,
+                  HAS_PROJ=proj_weight is not None,
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, x.dtype, y.dtype))
 
     def grid(meta):
@@ -133,8 +158,8 @@ def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, 
     """Launch the forward kernel.
 
     ``x`` ``(..., K)`` is addressed through ``rows`` and its strides ``xs``; ``weight`` (and
-    ``proj_weight``) are ``[N, K]``; ``bias`` ``[N]`` or None; ``alpha`` a one-element tensor or
-    None (1); ``y`` is a ``[M, N]`` 2-D view. Without ``proj_weight``, ``N == K``.
+    ``proj_weight``) are ``[N, K]``; ``bias`` ``[N]`` or None; ``alpha`` a one-element tensor, a
+    Python float (passed by value) or None (1); ``y`` is a ``[M, N]`` 2-D view. Without ``proj_weight``, ``N == K``.
     """
     if rows.M == 0:
         return

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ._common import record_launch, relu_nan, store_rounded, to_gemm_operand
+from . import configs as _configs
 from .configs import _launch_lock, gemm_flags, stack_config, stack_operand_class
 
 #: Widths the stack kernels are built for: a row tile of activations fits in registers.
@@ -238,8 +239,11 @@ def _check_operands(**tensors) -> None:
 
 
 def _launch(kernel, name: str, grid, args, consts: dict, config: triton.Config) -> None:
-    with _launch_lock:
-        kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    """Launch on the first argument's device; never compile during CUDA-graph capture."""
+    kw = {**consts, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    with _launch_lock, _configs.device_guard(args[0].device):
+        _configs._check_capture_safe(name, kernel, args, kw)
+        kernel[grid](*args, **kw)
     record_launch(name)
 
 
@@ -348,7 +352,7 @@ def residual_stack_bwd(grad, x, saved, weight, *, has_bias: bool, need_dx: bool,
                                                deterministic=deterministic, programs=P, config=config)
     _launch(residual_stack_bwd_kernel, "residual_stack_bwd", grid, args, consts, config)
     if need_params:
-        rconfig = stack_config("stack_reduce", D)
+        rconfig = stack_config("stack_reduce", D, capability=_capability(x))
         args, consts, grid = reduce_launch_args(ws, dw, db, P if deterministic else 1, rconfig)
         _launch(residual_stack_reduce_kernel, "residual_stack_reduce", grid, args, consts, rconfig)
     return dx, dw, db
