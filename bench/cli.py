@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stack-gpu", type=_stack_size, default=(65536, 64, 8), metavar="MxDxL",
                    help="GPU mode: the narrow stack timed against L single-block kernels and eager "
                         "(default 65536x64x8, bf16; written to OUT/gpu_stack.md)")
+    p.add_argument("--no-host", action="store_true",
+                   help="skip the host-overhead section (both modes): host us per call, fused vs eager")
     c.add_argument("--no-inductor-probe", action="store_true",
                    help="skip reading what torch.compile generates on this CPU")
     return p
@@ -169,11 +171,20 @@ def gpu_main(args) -> int:
         text = stack.gpu_markdown(stack_rows)
         (Path(args.out) / "gpu_stack.md").write_text(text + "\n")
         print("\n" + text)
+    host_rows = []
+    if not args.no_host:
+        from . import host
+        host_rows = host.measure("cuda")
+        for r in host_rows:
+            r.update(meta)
+        text = host.table(host_rows, host.triton_launch_us("cuda", 8192, 1024))
+        (Path(args.out) / "gpu_host.md").write_text(text + "\n")
+        print("\n## Host overhead per call\n\n" + text)
     print("\nGB/s is the fused compulsory minimum of bytes over the measured time (an effective bandwidth); "
           "% roofline compares the measured time with the roofline MODEL of the fused minimum on this GPU's "
           "datasheet peaks.")
     if args.json:
-        write_json(args.json, rows + stack_rows)
+        write_json(args.json, rows + stack_rows + host_rows)
     print(f"\nwrote {paths['csv']} (upserted), {paths['markdown']}, {len(paths['plots'])} plots in "
           f"{Path(args.out) / 'plots'}" + (f", {args.json}" if args.json else ""))
     if not args.no_plots and not have_matplotlib():
@@ -257,6 +268,13 @@ def cpu_main(args) -> int:
         stack_lines, stack_exact = stack.section(sm)
         lines += stack_lines
         recs += stack.records(sm)
+    if not args.no_host:
+        from . import host
+        t0 = time.perf_counter()
+        host_recs = host.measure("cpu")
+        res.timings["host overhead"] = time.perf_counter() - t0
+        lines += ["## Host overhead per call (device work excluded)", "", host.table(host_recs), ""]
+        recs += host_recs
     lines += ["## Parity", "", cpu.parity_line(res), ""]
     if res.violations:
         lines += [f"BOUNDS: {len(res.violations)} out-of-bounds accesses recorded in the fused kernels:"]

@@ -79,3 +79,22 @@ def test_interpreter_traffic_overhead(benchmark, inputs):
         return t
     t = _bench(benchmark, counted)
     assert t.unique_bytes() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Host overhead per call (bench/host.py): on a CPU, tiny tensors with every Triton launch of
+# fusedres stubbed to a no-op, so the figure is the host work only; on CUDA, the real CPU-side
+# time of a call at the same tiny size (no synchronisation per call). Reported, never asserted.
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+@pytest.mark.parametrize("case", ["host_fwd", "host_fwd_grad", "host_full", "host_stack"])
+def test_host(benchmark, case, impl):
+    import contextlib
+
+    from bench import host
+    stub = host.no_triton_launch() if not CUDA else contextlib.nullcontext()
+    with stub:
+        fn = host._calls(impl, case, DEVICE, 8, 16, 4)
+        benchmark.extra_info["mode"] = case
+        benchmark(fn)

@@ -4,11 +4,11 @@ from __future__ import annotations
 from .convert import fuse
 from .mlp import ResidualMLP
 from .module import FusedResidualBlock
-from .op import SUPPORTED_DTYPES, backend_for, fused_residual
+from .op import SUPPORTED_DTYPES, backend_for, fused_residual, get_backend, set_backend
 from .reference import ResidualBlock, residual_reference, stack_reference
 from .stack import STACK_WIDTHS, FusedResidualStack, fused_residual_stack
 from .tuning import load_tuning, save_tuning, warmup
-from .validate import ParityError
+from .validate import ParityError, set_validate
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,9 @@ __all__ = [
     "fused_residual",
     "residual_reference",
     "backend_for",
+    "set_backend",
+    "get_backend",
+    "set_validate",
     "warmup",
     "save_tuning",
     "load_tuning",

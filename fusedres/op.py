@@ -23,30 +23,63 @@ from torch import Tensor
 from . import kernels
 from ._layout import plan_rows
 from .reference import eager_backward, eager_forward
+from . import validate as _validate
 from .validate import check_backward, check_forward
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKENDS = ("eager", "triton")
 
 
+def read_environment() -> None:
+    """Read ``FUSEDRES_BACKEND`` and ``FUSEDRES_VALIDATE`` (done once, at import: no call reads the
+    environment). Call it again after changing them in ``os.environ``; or use :func:`set_backend`
+    and :func:`fusedres.set_validate`."""
+    global _forced
+    _forced = os.environ.get("FUSEDRES_BACKEND", "").strip().lower() or None
+    _validate.read_environment()
+
+
+_forced: Optional[str] = None     # "eager", "triton", None (the default rule), or a bad value from the env
+read_environment()
+
+
+def set_backend(backend: Optional[str]) -> Optional[str]:
+    """Force the path every later call takes, at run time: ``"eager"``, ``"triton"``, or None (or
+    ``"auto"``) for the default rule of :func:`backend_for`. Returns the previous setting.
+    ``FUSEDRES_BACKEND`` sets the initial value, read once at import."""
+    global _forced
+    value = None if backend is None else str(backend).strip().lower()
+    if value == "auto" or value == "":
+        value = None
+    if value is not None and value not in _BACKENDS:
+        raise ValueError(f"fusedres.set_backend: backend must be one of {_BACKENDS} or None, got {backend!r}")
+    previous, _forced = _forced, value
+    return previous
+
+
+def get_backend() -> Optional[str]:
+    """The forced path (``"eager"`` or ``"triton"``), or None for the default rule."""
+    return _forced
+
+
 def backend_for(device: torch.device | str) -> str:
     """Which path a tensor on ``device`` takes: ``"triton"`` or ``"eager"``.
 
-    - ``FUSEDRES_BACKEND=eager`` or ``=triton`` forces one;
+    - :func:`fusedres.set_backend` (initially ``FUSEDRES_BACKEND``, read at import) may force one;
     - otherwise CUDA tensors run the compiled Triton kernels, CPU tensors run them in Triton's
       interpreter when ``TRITON_INTERPRET=1`` was set before import, and the eager reference
       when it was not (on a CPU the interpreter is a correctness tool, far slower than eager).
     """
-    device = torch.device(device)
-    forced = os.environ.get("FUSEDRES_BACKEND", "").strip().lower()
-    if forced and forced not in _BACKENDS:
-        raise ValueError(f"FUSEDRES_BACKEND must be one of {_BACKENDS}, got {forced!r}")
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    forced = _forced
     if forced == "eager":
         return "eager"
-    runs_triton = device.type == "cuda" or (device.type == "cpu" and kernels.INTERPRET)
+    if forced is not None and forced != "triton":
+        raise ValueError(f"FUSEDRES_BACKEND must be one of {_BACKENDS}, got {forced!r}")
+    runs_triton = kind == "cuda" or (kind == "cpu" and kernels.INTERPRET)
     if forced == "triton" and not runs_triton:
         raise RuntimeError(
-            f"FUSEDRES_BACKEND=triton, but Triton cannot run on a {device.type} tensor here: CUDA tensors "
+            f"FUSEDRES_BACKEND=triton, but Triton cannot run on a {kind} tensor here: CUDA tensors "
             "need a GPU, CPU tensors need TRITON_INTERPRET=1 set before fusedres is imported")
     return "triton" if runs_triton else "eager"
 
@@ -137,6 +170,15 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     weights and bias are cast (so fp32 parameters get fp32 gradients), ``x`` is cast inside the
     kernel, and the residual add keeps ``x``'s precision.
     """
+    if torch.compiler.is_compiling():
+        return _through_custom_op(x, weight, bias, alpha, proj_weight)
+    return _lean(x, weight, bias, alpha, proj_weight)
+
+
+def _through_custom_op(x, weight, bias, alpha, proj_weight) -> Tensor:
+    """What ``torch.compile`` traces (and any tensor subclass or dispatch mode meets): the
+    ``fusedres::residual_forward`` custom op, whose registered autograd calls
+    ``fusedres::residual_backward``."""
     _check_inputs(x, weight, bias, alpha, proj_weight)
     device_type = x.device.type
     weight, bias, proj_weight = gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias),
@@ -147,6 +189,80 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
         alpha, alpha_value = None, float(alpha)
     with torch.autocast(device_type, enabled=False):
         return torch.ops.fusedres.residual_forward(x, weight, bias, alpha, proj_weight, alpha_value)
+
+
+# Input signatures that passed _check_inputs (and, outside autocast, gemm_operands' dtype rule):
+# validated once, then a dict lookup. Bounded: cleared when it grows past _SEEN_MAX.
+_seen: set = set()
+_SEEN_MAX = 4096
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _lean(x, weight, bias, alpha, proj_weight) -> Tensor:
+    """The eager-mode path: the same kernels and the same numbers as the custom ops, without
+    their per-call Python dispatch (``torch.library.custom_op``'s autograd and redispatch cost
+    10-30 us a call). Inputs are checked once per signature; no grad needed, no autograd node."""
+    if (type(x) not in _PLAIN or type(weight) not in _PLAIN or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()):
+        return _through_custom_op(x, weight, bias, alpha, proj_weight)   # subclasses, modes: the op
+    device = x.device
+    autocast = torch.is_autocast_enabled(device.type)
+    key = (autocast, x.dtype, device, x.dim() and x.shape[-1], weight.shape, weight.dtype, weight.device,
+           _meta(bias), _meta(alpha) if isinstance(alpha, Tensor) else type(alpha), _meta(proj_weight))
+    if key not in _seen:
+        _check_inputs(x, weight, bias, alpha, proj_weight)
+        gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias), ("proj_weight", proj_weight)])
+        if len(_seen) >= _SEEN_MAX:
+            _seen.clear()
+        _seen.add(key)
+    if autocast:
+        weight, bias, proj_weight = gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias),
+                                                                        ("proj_weight", proj_weight)])
+    if isinstance(alpha, Tensor):
+        alpha_value = 1.0
+    else:
+        alpha, alpha_value = None, float(alpha)
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad)
+                                         or (alpha is not None and alpha.requires_grad)
+                                         or (proj_weight is not None and proj_weight.requires_grad))):
+        if autocast:
+            with torch.autocast(device.type, enabled=False):
+                return _forward_impl(x, weight, bias, alpha, proj_weight, alpha_value)
+        return _forward_impl(x, weight, bias, alpha, proj_weight, alpha_value)
+    if autocast:
+        with torch.autocast(device.type, enabled=False):
+            return _FusedResidual.apply(x, weight, bias, alpha, proj_weight, alpha_value)
+    return _FusedResidual.apply(x, weight, bias, alpha, proj_weight, alpha_value)
+
+
+class _FusedResidual(torch.autograd.Function):
+    """The eager-mode autograd node: the custom ops' forward, saved tensors and backward, called
+    directly. Under ``create_graph=True`` the backward goes through ``fusedres::residual_backward``,
+    whose autograd makes a second backward the same clear error as on the custom-op path."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, alpha, proj_weight, alpha_value):
+        y = _forward_impl(x, weight, bias, alpha, proj_weight, alpha_value)
+        _setup_context(ctx, (x, weight, bias, alpha, proj_weight, alpha_value), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, alpha, proj_weight = ctx.saved_tensors
+        has_bias, has_alpha, has_proj = ctx.has
+        need_dx, need_weight, need_bias, need_alpha, need_proj = ctx.needs_input_grad[:5]
+        needs = (need_dx, need_weight, need_bias and has_bias, need_alpha and has_alpha, need_proj and has_proj)
+        if torch.is_grad_enabled():
+            grads = torch.ops.fusedres.residual_backward(grad, x, weight, bias, alpha, proj_weight, *needs,
+                                                         ctx.alpha_value)
+        else:
+            grads = _backward_impl(grad, x, weight, bias, alpha, proj_weight, *needs, ctx.alpha_value)
+        return (*(g if need else None for g, need in zip(grads, needs)), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,18 +281,23 @@ def _empty_like_output(x: Tensor, weight: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
+def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
+                  proj_weight: Optional[Tensor], alpha_value: float = 1.0) -> Tensor:
+    if backend_for(x.device) == "eager":
+        return eager_forward(x, weight, bias, _scale(alpha, alpha_value), proj_weight)
+    rows, (xs,), (xk,) = plan_rows(x)
+    y = _empty_like_output(x, weight)
+    kernels.residual_fwd(xk, xs, weight, bias, y.view(rows.M, weight.shape[0]), rows,
+                         alpha=_scale(alpha, alpha_value), proj_weight=proj_weight)
+    if _validate.ENABLED:
+        check_forward(y, x, weight, bias, _scale(alpha, alpha_value), proj_weight)
+    return y
+
+
 @torch.library.custom_op("fusedres::residual_forward", mutates_args=())
 def residual_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
                      proj_weight: Optional[Tensor], alpha_value: float = 1.0) -> Tensor:
-    alpha = _scale(alpha, alpha_value)
-    if backend_for(x.device) == "eager":
-        return eager_forward(x, weight, bias, alpha, proj_weight)
-    rows, (xs,), (xk,) = plan_rows(x)
-    y = _empty_like_output(x, weight)
-    kernels.residual_fwd(xk, xs, weight, bias, y.view(rows.M, weight.shape[0]), rows, alpha=alpha,
-                         proj_weight=proj_weight)
-    check_forward(y, x, weight, bias, alpha, proj_weight)
-    return y
+    return _forward_impl(x, weight, bias, alpha, proj_weight, alpha_value)
 
 
 @residual_forward.register_fake
@@ -191,15 +312,24 @@ def residual_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``residual_forward`` with respect to (x, weight, bias, alpha, proj_weight); an
     empty tensor stands for each gradient not asked for (and its kernel is not launched)."""
-    needs = (need_dx, need_weight, need_bias, need_alpha, need_proj)
-    alpha = _scale(alpha, alpha_value)
-    if backend_for(x.device) == "eager":
-        grads = eager_backward(grad, x, weight, bias, alpha, proj_weight, *needs)
-    else:
-        grads = _triton_backward(grad, x, weight, bias, alpha, proj_weight, *needs)
-        check_backward(grads, grad, x, weight, bias, alpha, proj_weight)
+    grads = _backward_impl(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha,
+                           need_proj, alpha_value)
     return tuple(t if t is not None else like.new_empty(0)
                  for t, like in zip(grads, (x, weight, weight, weight, weight)))
+
+
+def _backward_impl(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha,
+                   need_proj, alpha_value=1.0):
+    """(dx, dW, db, dalpha, dP), None for each not asked for: both paths' backward."""
+    alpha = _scale(alpha, alpha_value)
+    if backend_for(x.device) == "eager":
+        return eager_backward(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias,
+                              need_alpha, need_proj)
+    grads = _triton_backward(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias,
+                             need_alpha, need_proj)
+    if _validate.ENABLED:
+        check_backward(grads, grad, x, weight, bias, alpha, proj_weight)
+    return grads
 
 
 def _triton_backward(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha,

@@ -68,8 +68,30 @@ def parity(fused: Tensor, eager: Tensor, reference: Tensor, scale: Tensor | None
     return Parity(max_abs(f - r), max_abs(e - r), floor, same_nan and same_inf)
 
 
+#: Whether every fused call is checked against eager: ``FUSEDRES_VALIDATE=1`` at import, or
+#: :func:`set_validate` at run time (no call reads the environment).
+ENABLED = False
+
+
+def read_environment() -> None:
+    """Read ``FUSEDRES_VALIDATE`` (once at import; again when called)."""
+    global ENABLED
+    ENABLED = os.environ.get("FUSEDRES_VALIDATE", "0") == "1"
+
+
+read_environment()
+
+
+def set_validate(on: bool) -> bool:
+    """Turn the parity check of every fused call on or off at run time; returns the previous
+    setting. ``FUSEDRES_VALIDATE=1`` sets the initial value, read once at import."""
+    global ENABLED
+    previous, ENABLED = ENABLED, bool(on)
+    return previous
+
+
 def enabled() -> bool:
-    return os.environ.get("FUSEDRES_VALIDATE", "0") == "1"
+    return ENABLED
 
 
 def _raise_if_broken(op, name, fused, eager, reference, scale, shapes: str) -> None:
@@ -90,7 +112,7 @@ def _double(t: Tensor | float | None, absolute: bool = False) -> Tensor | float 
 
 
 def check_forward(y: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight) -> None:
-    if not enabled():
+    if not ENABLED:
         return
     eager = eager_forward(x, weight, bias, alpha, proj_weight)
     reference = eager_forward(*(_double(t) for t in (x, weight, bias, alpha, proj_weight)))
@@ -99,7 +121,7 @@ def check_forward(y: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight
 
 
 def check_backward(grads, grad: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight) -> None:
-    if not enabled():
+    if not ENABLED:
         return
     needs = [g is not None for g in grads]
     inputs = (grad, x, weight, bias, alpha, proj_weight)

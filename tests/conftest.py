@@ -43,10 +43,17 @@ def launches():
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    """Each test starts from the default dispatch, whatever the caller's shell has set."""
+    """Each test starts from the default dispatch, whatever the caller's shell has set, and
+    leaves it so: fusedres reads FUSEDRES_BACKEND and FUSEDRES_VALIDATE once, at import, so a
+    test changes them with fusedres.set_backend / fusedres.set_validate (reset here)."""
     monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
     monkeypatch.delenv("FUSEDRES_VALIDATE", raising=False)
+    fusedres.set_backend(None)
+    fusedres.set_validate(False)
     assert fusedres.backend_for(DEVICE) == "triton", "the parity suite must run the Triton kernels"
+    yield
+    fusedres.set_backend(None)
+    fusedres.set_validate(False)
 
 
 #: FUSEDRES_PIN_CONFIGS=1: every single-block launch takes one config per kernel and operand dtypes

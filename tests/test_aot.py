@@ -80,12 +80,15 @@ def _expected_stack(dtypes):
 
 #: The default gate (contiguous rows, every dtype, both kernel variants: base, and residual scale
 #: with projection; and every stack kernel at every width in each of its variants) plus two-level
-#: rows for the single-block fp32 variants, which have their own list.
+#: rows for the single-block fp32 variants and fp16 with a projection, which have their own lists.
 #: ``python -m fusedres.aot --two-level both`` covers every layout x dtype.
 #: The autocast variants (fp32 activations, 16-bit GEMMs) are in the default gate, not in this run:
 #: they would add about 240 compiles to CI; test_autocast_variant_compiles samples them.
+#: 16-bit two-level rows have their own list too (a projection spills 128x64x64 at 4 warps on sm_80):
+#: fp16 with the projection checks it.
 RUNS = [(tuple(d for d in aot.DEFAULT_DTYPES if d not in aot.ACTIVATIONS), (False,), aot.FEATURES),
-        (("fp32", "tf32"), (True,), ("base",))]
+        (("fp32", "tf32"), (True,), ("base",)),
+        (("fp16",), (True,), ("alpha+proj",))]
 
 
 @pytest.fixture(scope="module")

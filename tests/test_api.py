@@ -38,17 +38,37 @@ def test_bad_input_is_a_clear_error_before_any_launch(case, device, launches):
     assert launches() == {}
 
 
-def test_backend_env(device, launches, monkeypatch):
+def test_set_backend(device, launches):
     x, w, b = _inputs(device)
-    monkeypatch.setenv("FUSEDRES_BACKEND", "eager")
-    assert fusedres.backend_for(device) == "eager"
+    assert fusedres.set_backend("eager") is None
+    assert fusedres.backend_for(device) == "eager" and fusedres.get_backend() == "eager"
     y = fused_residual(x, w, b)
     assert launches() == {}
     torch.testing.assert_close(y, fusedres.residual_reference(x, w, b), rtol=0, atol=0)
-    monkeypatch.setenv("FUSEDRES_BACKEND", "triton")
+    assert fusedres.set_backend("triton") == "eager"
     fused_residual(x, w, b)
     assert launches() == {"residual_fwd": 1}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fusedres.set_backend("cuda-please")
+    assert fusedres.get_backend() == "triton"          # a bad value changes nothing
+    fusedres.set_backend("auto")
+    assert fusedres.get_backend() is None
+
+
+def test_backend_env_is_read_at_import(device, launches, monkeypatch):
+    """FUSEDRES_BACKEND and FUSEDRES_VALIDATE are read once, at import (fusedres.op.read_environment):
+    setting them later changes nothing until they are read again; no call reads the environment."""
+    from fusedres import op, validate
+    x, w, b = _inputs(device)
+    monkeypatch.setenv("FUSEDRES_BACKEND", "eager")
+    monkeypatch.setenv("FUSEDRES_VALIDATE", "1")
+    assert fusedres.backend_for(device) == "triton" and not validate.enabled()    # not read per call
+    op.read_environment()                                                          # what import does
+    assert fusedres.backend_for(device) == "eager" and validate.enabled()
+    fused_residual(x, w, b)
+    assert launches() == {}
     monkeypatch.setenv("FUSEDRES_BACKEND", "cuda-please")
+    op.read_environment()
     with pytest.raises(ValueError, match="FUSEDRES_BACKEND"):
         fused_residual(x, w, b)
 
@@ -58,13 +78,13 @@ def test_default_dispatch_rule(monkeypatch):
     assert fusedres.backend_for("cuda") == "triton"
     monkeypatch.setattr(kernels, "INTERPRET", False)
     assert fusedres.backend_for("cpu") == "eager"
-    monkeypatch.setenv("FUSEDRES_BACKEND", "triton")
+    fusedres.set_backend("triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         fusedres.backend_for("cpu")
 
 
 def test_validate_mode_passes_correct_kernels(device, monkeypatch, launches):
-    monkeypatch.setenv("FUSEDRES_VALIDATE", "1")
+    fusedres.set_validate(True)
     x = make_x((30, 40), torch.bfloat16, device)
     w, b = make_params(40, torch.bfloat16, device)
     check_parity(x, w, b)
@@ -86,7 +106,7 @@ def test_validate_mode_catches_a_wrong_kernel(which, index, name, device, monkey
     w, b = make_params(40, torch.float32, device)
     w.requires_grad_()
     fused_residual(x, w, b).sum().backward()  # off by default: the corruption passes silently
-    monkeypatch.setenv("FUSEDRES_VALIDATE", "1")
+    fusedres.set_validate(True)
     with pytest.raises(ParityError, match=rf"residual_\w+ broke the parity rule for {name}: .*\[30, 40\].*float32"):
         fused_residual(x, w, b).sum().backward()
 

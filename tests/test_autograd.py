@@ -100,3 +100,35 @@ def test_opcheck_forward_and_backward(variant, device):
     plain = [t.detach() if t is not None else None for t in leaf]
     for needs in [(True, True, True, alpha is not None, p is not None), (False, True, False, False, False)]:
         torch.library.opcheck(torch.ops.fusedres.residual_backward, (g, *plain, *needs))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, "tensor"])
+def test_lean_eager_path_matches_the_custom_ops(device, launches, alpha):
+    """Eager calls take the lean path (a torch.autograd.Function, checks once per signature, a
+    cached launch plan under the interpreter): the same kernels, launched as often, with bitwise
+    the custom ops' results, call after call (torch.compile keeps the custom ops: test_dropin)."""
+    from fusedres import op
+    x = make_x((24, 32), torch.float32, device)
+    w, b = make_params(32, torch.float32, device)
+    g = torch.randn(24, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    a = torch.tensor(0.7, device=device) if alpha == "tensor" else alpha
+
+    def run(fn):
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        y = fn(xs, ws, bs)
+        return (y.detach(), *torch.autograd.grad(y, (xs, ws, bs), g)), type(y.grad_fn).__name__
+
+    lean, node = run(lambda *t: fused_residual(*t, alpha=a))
+    assert node == "_FusedResidualBackward"
+    assert launches() == {"residual_fwd": 1, "residual_dx": 1, "residual_dw": 1}
+    through_op, node = run(lambda *t: op._through_custom_op(*t, a, None))
+    assert node != "_FusedResidualBackward"
+    assert launches() == {"residual_fwd": 2, "residual_dx": 2, "residual_dw": 2}
+    again, _ = run(lambda *t: fused_residual(*t, alpha=a))           # the cached plan and signature
+    assert launches() == {"residual_fwd": 3, "residual_dx": 3, "residual_dw": 3}
+    with torch.no_grad():
+        y = fused_residual(x, w, b, alpha=a)
+    assert launches()["residual_fwd"] == 4
+    for p, q, r in zip(lean, through_op, again):
+        assert torch.equal(p, q) and torch.equal(p, r)
+    assert torch.equal(y, lean[0])

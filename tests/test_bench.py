@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # bench/ is a top-level package of the repository, not installed
     sys.path.insert(0, str(ROOT))
 
+import fusedres  # noqa: E402
 from bench import cpu, gate, gpu, model  # noqa: E402
 from bench.counters import DispatchTraffic, tensor_bytes  # noqa: E402
 from bench.inductor_probe import parse_wrapper  # noqa: E402
@@ -250,7 +251,12 @@ def test_cpu_mode_end_to_end(tmp_path):
         assert (out / name).stat().st_size > 0
     recs = json.loads(js.read_text())
     stack = {(r["impl"], r["mode"]): r for r in recs if r.get("section") == "stack"}
-    recs = [r for r in recs if r.get("section") != "stack"]
+    host = {(r["impl"], r["mode"]): r for r in recs if r.get("section") == "host"}
+    recs = [r for r in recs if r.get("section") not in ("stack", "host")]
+    assert set(host) == {(i, m) for i in ("fused", "eager")
+                         for m in ("host_fwd", "host_fwd_grad", "host_full", "host_stack")}
+    for r in host.values():                                  # a host time, reported, never asserted
+        assert r["host_us"] > 0 and "stubbed" in r["how"] and r["fused_over_eager"] > 0
     assert set(stack) == {(i, m) for i in ("stack", "blocks", "eager") for m in ("fwd", "bwd", "full", "nograd")}
     for r in stack.values():
         assert r["ms"] is None and r["bytes_source"] == "measured"
@@ -414,7 +420,7 @@ def test_fp64_baseline_size_check_skips_what_would_not_fit(monkeypatch, tmp_path
     monkeypatch.setattr(parity, "Baseline", Baseline)
     device = gpu.cpu_standin_device(reps=1)
     device.free_memory = lambda: gpu.baseline_bytes(64, 60)          # room for D = 48, not for D = 64
-    monkeypatch.setenv("FUSEDRES_BACKEND", "eager")                   # the pipeline, not the kernels
+    fusedres.set_backend("eager")                                     # the pipeline, not the kernels (reset by conftest)
     cfg = gpu.GpuConfig(D=(32, 48, 64), M=(64,), dtypes=("fp32",), impls=("fused", "eager"), modes=("fwd",))
     rows = gpu.run_gpu(cfg, device, {"git_commit": "x"}, progress=False)
     assert built == [(64, 32), (64, 48)]                               # D = 64 was never built

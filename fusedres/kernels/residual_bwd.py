@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    cdiv,
     Rows,
     RowStrides,
     grouped_tile,
@@ -254,7 +255,7 @@ def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows,
                   **gemm_flags(weight.dtype, g.dtype, x.dtype, dx.dtype))
 
     def grid(meta):
-        return (triton.cdiv(rows.M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+        return (cdiv(rows.M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
 
     return args, consts, grid
 
@@ -263,7 +264,7 @@ def dalpha_workspace_size(N: int, K: int, proj: bool) -> int:
     """Room for one dalpha partial per dW program under any config (tiles are at least 16 wide).
     A launch writes the first ``P`` of them, ``P`` its program count (``residual_dw`` returns it):
     sum those only, the rest may hold another config's values (autotuning) or garbage."""
-    return triton.cdiv(K, 16) * (2 if proj else 1) * triton.cdiv(N, 16)
+    return cdiv(K, 16) * (2 if proj else 1) * cdiv(N, 16)
 
 
 def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None,
@@ -289,7 +290,7 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(dw.dtype, g.dtype, x.dtype))
 
     def grid(meta):
-        return (triton.cdiv(K, meta["BLOCK_K"]) * (2 if dp is not None else 1) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(K, meta["BLOCK_K"]) * (2 if dp is not None else 1) * cdiv(N, meta["BLOCK_N"]),)
 
     return args, consts, grid
 

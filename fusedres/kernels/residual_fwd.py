@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    cdiv,
     Rows,
     RowStrides,
     grouped_tile,
@@ -148,13 +149,13 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, x.dtype, y.dtype))
 
     def grid(meta):
-        return (triton.cdiv(rows.M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(rows.M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     return args, consts, grid
 
 
 def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, proj_weight=None,
-                 config: triton.Config | None = None) -> None:
+                 config: triton.Config | None = None):
     """Launch the forward kernel.
 
     ``x`` ``(..., K)`` is addressed through ``rows`` and its strides ``xs``; ``weight`` (and
@@ -162,7 +163,9 @@ def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, 
     Python float (passed by value) or None (1); ``y`` is a ``[M, N]`` 2-D view. Without ``proj_weight``, ``N == K``.
     """
     if rows.M == 0:
-        return
+        return None
     args, consts, grid = fwd_launch_args(x, xs, weight, bias, y, rows, alpha, proj_weight)
-    launch(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M, max(weight.shape),
-           config)
+    config = launch(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M,
+                    max(weight.shape), config)
+    return config, args, consts, grid
+

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import record_launch, relu_nan, store_rounded, to_gemm_operand
+from ._common import cdiv, record_launch, relu_nan, store_rounded, to_gemm_operand
 from . import configs as _configs
 from .configs import _launch_lock, gemm_flags, stack_config, stack_operand_class
 
@@ -243,7 +243,7 @@ def _launch(kernel, name: str, grid, args, consts: dict, config: triton.Config) 
     kw = {**consts, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     with _launch_lock, _configs.device_guard(args[0].device):
         _configs._check_capture_safe(name, kernel, args, kw)
-        kernel[grid](*args, **kw)
+        _configs.run_kernel(kernel, grid, args, kw)
     record_launch(name)
 
 
@@ -256,7 +256,7 @@ def stack_fwd_launch_args(x, weight, bias, saved, y, config: triton.Config):
     args = (x, weight, bias if bias is not None else weight, saved if saved is not None else y, y, M, L)
     consts = dict(HAS_BIAS=bias is not None, SAVE=saved is not None, D=D,
                   **gemm_flags(weight.dtype, x.dtype, y.dtype))
-    return args, consts, (triton.cdiv(M, config.kwargs["BLOCK_M"]),)
+    return args, consts, (cdiv(M, config.kwargs["BLOCK_M"]),)
 
 
 def residual_stack_fwd(x, weight, bias, y, saved=None, *, config: triton.Config | None = None) -> None:
@@ -275,7 +275,7 @@ def stack_programs(M: int, D: int, device, config: triton.Config, programs: int 
     if programs is None:
         programs = (torch.cuda.get_device_properties(device).multi_processor_count
                     if torch.device(device).type == "cuda" else INTERPRETER_PROGRAMS)
-    return max(1, min(programs, triton.cdiv(M, config.kwargs["BLOCK_M"])))
+    return max(1, min(programs, cdiv(M, config.kwargs["BLOCK_M"])))
 
 
 def l2_bytes(device) -> int:
@@ -309,7 +309,7 @@ def reduce_launch_args(ws, dw, db, programs: int, config: triton.Config):
     L, D, _ = dw.shape
     args = (ws, dw, db if db is not None else dw, programs, L)
     consts = dict(HAS_BIAS=db is not None, D=D, EMULATE_BF16=gemm_flags(dw.dtype)["EMULATE_BF16"])
-    return args, consts, (triton.cdiv(L * (D * D + D), config.kwargs["BLOCK"]),)
+    return args, consts, (cdiv(L * (D * D + D), config.kwargs["BLOCK"]),)
 
 
 def residual_stack_bwd(grad, x, saved, weight, *, has_bias: bool, need_dx: bool, need_params: bool,
