@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-check", action="store_true",
                    help="CUDA only: compiled parity of every kernel variant and dtype with pinned configs, a quick "
                         "timing at 2 sizes beside the MODEL, a JSON report (OUT/gpu_check.json or --json); minutes")
+    p.add_argument("--plan", action="store_true",
+                   help="print the launch plan (programs, splits, waves, fill) of every kernel in every shipped "
+                        "config for --gpu at --size and --dtype, and exit; runs no kernel")
+    p.add_argument("--gpu", choices=("h100", "a100", "h200"), default="h100", help="--plan: the GPU (default h100)")
     g = p.add_argument_group("GPU mode")
     g.add_argument("--sweep", choices=("quick", "full"), default="quick",
                    help="quick (default): D 1024,4096 x M 8192, bf16; full: D 256..8192 x M 8192,65536 x bf16,fp16,fp32")
@@ -116,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
+    if args.plan:
+        from . import plan
+        return plan.main(args)
     if args.gpu_check:
         from . import gpucheck
         return gpucheck.main(args)

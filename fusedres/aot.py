@@ -55,7 +55,14 @@ import triton
 from . import kernels
 from ._layout import plan_rows
 from .kernels import configs as _configs
-from .kernels.residual_bwd import dw_launch_args, dx_launch_args
+from .kernels import plan as _plan
+from .kernels.residual_bwd import (
+    dw_launch_args,
+    dw_reduce_launch_args,
+    dw_split_workspaces,
+    dx_launch_args,
+    residual_dw_reduce_kernel,
+)
 from .kernels.residual_fwd import fwd_launch_args
 from .kernels import residual_stack as _stack
 from .tuning import TUNED_KERNELS
@@ -127,6 +134,15 @@ EXAMPLE_M, EXAMPLE_D, EXAMPLE_B = 8192, 1024, 8
 #: K loop in the forward and dx, dP tiles in dW). Every constexpr branch a user can reach is in one
 #: of them. ``alpha-value``: a Python-float alpha, passed by value (a tensor alpha is a pointer).
 FEATURES = ("base", "alpha+proj", "alpha-value")
+#: dW only: the split-M variant (``SPLIT_M``: fp32 partial slabs, no epilogue) of the dW kernel, in
+#: every shipped dW config, plus its reduce kernel (``dw_reduce``, :data:`fusedres.kernels.plan.REDUCE_CONFIGS`):
+#: ``split`` (bias: db partials) and ``split+alpha+proj`` (dP's slab rows; the reduce with a tensor
+#: alpha, dalpha partials and dP). The CLI compiles them by default; fwd and dx skip them.
+SPLIT_FEATURES = ("split", "split+alpha+proj")
+#: The reduce kernel, compiled with each split variant of dW (not a ``--kernels`` choice of its own).
+REDUCE_KIND = "dw_reduce"
+#: The example split: S slabs, with a ragged tile count per split (not 1, not a multiple of 16).
+EXAMPLE_SPLITS, EXAMPLE_TILES_PER_SPLIT = 4, 5
 
 #: ptxas advisories that fail the gate: wgmma serialised (C7515 and its siblings, e.g. C7511 when
 #: too few registers are left for the wgmma pipeline), by code or by text.
@@ -188,9 +204,12 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     tensors: ``plan_rows`` (as ``fusedres.op`` calls it), then ``*_launch_args``."""
     tdtype, precision = DTYPES[dtype]
     act_dtype = ACTIVATIONS.get(dtype, tdtype)     # x, y, g, dx (and a module's alpha)
-    if features not in FEATURES:
-        raise ValueError(f"unknown features {features!r}; one of {FEATURES}")
-    extra = features == "alpha+proj"
+    if features not in FEATURES + SPLIT_FEATURES:
+        raise ValueError(f"unknown features {features!r}; one of {FEATURES + SPLIT_FEATURES}")
+    split = features in SPLIT_FEATURES
+    if split and kind not in ("dw", REDUCE_KIND):
+        raise ValueError(f"{kind}: the split variants are dW's and its reduce's only")
+    extra = features in ("alpha+proj", "split+alpha+proj")
     N = 2 * D if extra else D
 
     def act(width):
@@ -212,14 +231,21 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
             dx = torch.empty(rows.M, D, dtype=act_dtype)
             args, consts, _ = dx_launch_args(gk, gs, xk, xs, w, dx, rows, alpha, proj)
-        elif kind == "dw":
+        elif kind in ("dw", REDUCE_KIND):
             g, x = act(N), act(D)
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
             dw, db = torch.empty(N, D, dtype=tdtype), torch.empty(N, dtype=tdtype)
             partials = torch.empty(kernels.dalpha_workspace_size(N, D, extra), dtype=torch.float32) if extra else None
             dp = torch.empty(N, D, dtype=tdtype) if extra else None
-            args, consts, _ = dw_launch_args(gk, gs, xk, xs, dw, db, rows, weight=w, bias=b, alpha=alpha,
-                                             dalpha_partials=partials, dp=dp)
+            slabs = dw_split_workspaces(dw, EXAMPLE_SPLITS, proj=extra, sum_g=True) if split else None
+            if kind == REDUCE_KIND:
+                args, consts, _ = dw_reduce_launch_args(*slabs, EXAMPLE_SPLITS, dw, db, weight=w, bias=b, alpha=alpha,
+                                                        dalpha_partials=partials, dp=dp)
+            else:
+                args, consts, _ = dw_launch_args(gk, gs, xk, xs, dw, db, rows, weight=w, bias=b, alpha=alpha,
+                                                 dalpha_partials=partials, dp=dp,
+                                                 split=(*slabs, EXAMPLE_SPLITS, EXAMPLE_TILES_PER_SPLIT)
+                                                 if split else None)
         else:
             raise ValueError(f"unknown kernel {kind!r}; one of {KINDS}")
     if rows.two_level != two_level:
@@ -236,21 +262,22 @@ def stack_example_launch(kind: str, dtype: str, width: int, variant: str, misali
     if variant not in STACK_VARIANTS[kind]:
         raise ValueError(f"{kind}: unknown variant {variant!r}; one of {STACK_VARIANTS[kind]}")
     tdtype, precision = DTYPES[dtype]
+    act = ACTIVATIONS.get(dtype, tdtype)      # under autocast: fp32 x, saved x_l, grad and dx; 16-bit W
     M, L, D = STACK_EXAMPLE_M, STACK_EXAMPLE_L, width
     acc = torch.float64 if tdtype == torch.float64 else torch.float32
     w, b = torch.empty(L, D, D, dtype=tdtype), torch.empty(L, D, dtype=tdtype)
-    x = torch.empty(M * D + 1, dtype=tdtype)[1:].view(M, D) if misaligned else torch.empty(M, D, dtype=tdtype)
+    x = torch.empty(M * D + 1, dtype=act)[1:].view(M, D) if misaligned else torch.empty(M, D, dtype=act)
     with _matmul_precision(precision):
-        config = _configs.stack_config(kind, D, _configs.stack_operand_class(tdtype))
+        config = _configs.stack_config(kind, D, _configs.stack_operand_class(tdtype, act))
         if kind == "stack_fwd":
-            saved = torch.empty(L - 1, M, D, dtype=tdtype) if variant == "train" else None
+            saved = torch.empty(L - 1, M, D, dtype=act) if variant == "train" else None
             args, consts, _ = _stack.stack_fwd_launch_args(x, w, b, saved, torch.empty_like(x), config)
         elif kind == "stack_bwd":
             det = variant == "deterministic"
             P = 132
             ws = torch.empty((P if det else 1) * L * (D * D + D), dtype=acc)
             args, consts, _ = _stack.stack_bwd_launch_args(
-                torch.empty_like(x), x, torch.empty(L - 1, M, D, dtype=tdtype), w, torch.empty_like(x),
+                torch.empty_like(x), x, torch.empty(L - 1, M, D, dtype=act), w, torch.empty_like(x),
                 torch.empty(M, D, dtype=acc), ws, chunk=3, need_dx=True, need_params=True, has_bias=True,
                 deterministic=det, programs=P, config=config)
         else:
@@ -264,7 +291,8 @@ def stack_gate_config(kind: str, width: int, arch: str, dtype: str) -> triton.Co
     cc = ARCHS[arch].cc
     tdtype, precision = DTYPES[dtype]
     with _matmul_precision(precision):
-        return _configs.stack_config(kind, width, _configs.stack_operand_class(tdtype), (cc // 10, cc % 10))
+        return _configs.stack_config(kind, width, _configs.stack_operand_class(tdtype, ACTIVATIONS.get(dtype)),
+                                     (cc // 10, cc % 10))
 
 
 def gate_configs(kind: str, dtype: str, two_level: bool = False, features: str = "base") -> list[triton.Config]:
@@ -289,7 +317,7 @@ def config_dict(config: triton.Config) -> dict:
 def config_name(kind: str, config: triton.Config) -> str:
     """Output tile rows x cols x reduction step, warps, stages: ``128x128x64 w8 s3``; a stack
     kernel's tile: ``BLOCK_M=128 DW_COLS=64 w8 s2``."""
-    if kind in STACK_KINDS:
+    if kind in STACK_KINDS or kind == REDUCE_KIND:
         return " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
     rows, cols, red = (config.kwargs.get(n, "?") for n in _configs._TILE_NAMES[kind])
     return f"{rows}x{cols}x{red} w{config.num_warps} s{config.num_stages}"
@@ -416,13 +444,17 @@ def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: 
                config=config_dict(config), config_name=config_name(kind, config),
                registers=None, spill_bytes=None, spill_stores=None, spill_loads=None, stack_bytes=None,
                local_bytes=None, shared_bytes=None, shared_limit=a.shared_limit, tensor_core=False,
-               tensor_core_instr=None, tensor_core_expected=None if kind == "stack_reduce" else expected_tensor_core(arch, dtype), advisories=[],
+               tensor_core_instr=None,
+               tensor_core_expected=(None if kind in ("stack_reduce", REDUCE_KIND)
+                                     else expected_tensor_core(arch, dtype)),
+               advisories=[],
                scalar_loads=None, vector_loads=None, atomics=None, non_relaxed_atomics=None,
                divisible_by_16=None, equal_to_1=None, enable_fp_fusion=None, compile_s=None, error=None,
                failures=[], ok=False)
     target = GPUTarget("cuda", a.cc, 32)
     backend = make_backend(target)
-    fn = _jit_fn(kernel if kernel is not None else TUNED[kind] if kind in KINDS else _STACK_KERNELS[kind])
+    fn = _jit_fn(kernel if kernel is not None else TUNED[kind] if kind in KINDS
+                 else residual_dw_reduce_kernel if kind == REDUCE_KIND else _STACK_KERNELS[kind])
     t0 = time.perf_counter()
     stdout = io.StringIO()
     try:
@@ -539,19 +571,26 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
     jobs = []
     for kind in kinds:
         if kind in STACK_KINDS:
-            # (the stack's autocast variant is not in the gate yet: its example launch is same-dtype)
+            # Under autocast the stack's fwd and bwd carry fp32 activations beside 16-bit weights; its
+            # reduce sees only the fp32 partials and the weights' dtype, as in the 16-bit variant.
             jobs += [(kind, stack_gate_config(kind, width, arch, dtype), dtype, arch, False, variant, width)
-                     for dtype in dtypes if dtype not in ACTIVATIONS
+                     for dtype in dtypes if not (kind == "stack_reduce" and dtype in ACTIVATIONS)
                      for width in widths for variant in STACK_VARIANTS[kind] for arch in archs]
             continue
         for dtype in dtypes:
             for tl_ in two_level:
                 for feats in features:
+                    if feats in SPLIT_FEATURES and kind != "dw":
+                        continue
                     cfgs = (gate_configs(kind, dtype, tl_, feats) if configs is None
                             else [config_from_name(kind, n) for n in configs])
                     for config in cfgs:
                         for arch in archs:
                             jobs.append((kind, config, dtype, arch, tl_, feats, None))
+                    if feats in SPLIT_FEATURES and tl_ == two_level[0]:
+                        # the reduce reads no rows: once per dtype, variant and arch
+                        jobs += [(REDUCE_KIND, c, dtype, arch, False, feats, None)
+                                 for c in _plan.REDUCE_CONFIGS for arch in archs]
     return jobs
 
 
@@ -649,9 +688,10 @@ def main(argv=None) -> int:
     parser.add_argument("--two-level", choices=("no", "yes", "both"), default="no",
                         help="rows of the example launch: contiguous (no, default), a [B,T,D].transpose(0,1) "
                              "view (yes), or both")
-    parser.add_argument("--features", default=FEATURES, type=_choices(FEATURES),
+    parser.add_argument("--features", default=FEATURES + SPLIT_FEATURES, type=_choices(FEATURES + SPLIT_FEATURES),
                         help="kernel variants: base (bias, db), alpha+proj (tensor residual scale with dalpha, "
-                             "projection shortcut) and alpha-value (a Python-float alpha, by value); default all")
+                             "projection shortcut) and alpha-value (a Python-float alpha, by value); dW only: split "
+                             "and split+alpha+proj (split-M partials, plus the reduce kernel); default all")
     parser.add_argument("--config", action="append", metavar="'RxCxK wW sS'",
                         help="compile this config instead of the shipped ones (repeatable), e.g. '64x64x32 w4 s3'")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (CPUs)")

@@ -6,6 +6,7 @@ The gate cannot run in this process: conftest.py sets TRITON_INTERPRET=1 on a CP
 and the interpreter replaces the JIT functions. So every compile runs in a subprocess whose
 environment lacks TRITON_INTERPRET.
 """
+import inspect
 import json
 import os
 import subprocess
@@ -328,7 +329,15 @@ def test_autocast_variant_is_gated_and_pruned_by_its_shared_memory():
         for kind in ("fwd", "dx"):
             assert len(aot.gate_configs(kind, dtype)) == len(configs.shipped_configs(kind, 2))
     assert big in [aot.config_name("dw", c) for c in aot.gate_configs("dw", "bf16")]
-    assert {d for _, _, d, *_ in aot.gate_jobs(kinds=aot.STACK_KINDS)} == {"fp16", "bf16", "fp32", "tf32"}
+    # the stack's fwd and bwd are gated under autocast too (fp32 activations, 16-bit weights); its
+    # reduce, which sees no activation, only in the plain dtypes
+    stack = {(k, d) for k, _, d, *_ in aot.gate_jobs(kinds=aot.STACK_KINDS)}
+    plain = {"fp16", "bf16", "fp32", "tf32"}
+    assert {d for k, d in stack if k == "stack_reduce"} == plain
+    assert {d for k, d in stack if k != "stack_reduce"} == plain | {"autocast-bf16", "autocast-fp16"}
+    args, _ = aot.stack_example_launch("stack_bwd", "autocast-bf16", 64, "deterministic")
+    named = dict(zip(inspect.signature(aot._STACK_KERNELS["stack_bwd"].fn).parameters, args))
+    assert named["x_ptr"].dtype == torch.float32 and named["w_ptr"].dtype == torch.bfloat16
 
 
 _AUTOCAST = textwrap.dedent('''
@@ -367,3 +376,59 @@ def test_autocast_variant_compiles():
         elem, ops = _operand_sizes(kind, r["variant"])
         # the prune's model is within a tile of what the compiler allocates
         assert abs(configs.pipeline_smem_bytes(kind, config, elem, ops) - r["shared_bytes"]) <= 32 * 1024, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Split-M dW: the split variant of the dW kernel and its reduce
+
+
+def test_split_variants_are_gated():
+    """dW's split variants compile in every shipped dW config, plus the reduce (one config) once
+    per dtype, variant and arch; fwd and dx skip them; the CLI's default features include them."""
+    from fusedres.kernels import plan
+    jobs = aot.gate_jobs(kinds=aot.KINDS, dtypes=("bf16",), features=aot.SPLIT_FEATURES)
+    assert {k for k, *_ in jobs} == {"dw", aot.REDUCE_KIND}
+    for feats in aot.SPLIT_FEATURES:
+        dw = [j for j in jobs if j[0] == "dw" and j[5] == feats]
+        assert len(dw) == 2 * len(aot.gate_configs("dw", "bf16", features=feats))
+        red = [j for j in jobs if j[0] == aot.REDUCE_KIND and j[5] == feats]
+        assert [(j[1], j[3]) for j in red] == [(c, a) for c in plan.REDUCE_CONFIGS for a in aot.DEFAULT_ARCHS]
+    args, consts = aot.example_launch("dw", "bf16", features="split+alpha+proj")
+    assert consts["SPLIT_M"] and consts["HAS_PROJ"] and not consts["NEED_DALPHA"]
+    assert aot.gate_jobs(kinds=aot.KINDS, dtypes=("bf16",)) == aot.gate_jobs(kinds=aot.KINDS, dtypes=("bf16",),
+                                                                             features=aot.FEATURES)
+
+
+_SPLIT = textwrap.dedent('''
+    import json, sys
+    from fusedres import aot
+    from fusedres.kernels import configs, plan
+    out = []
+    for feats in aot.SPLIT_FEATURES:
+        for arch in ("sm_80", "sm_90"):
+            cfg = aot.gate_configs("dw", "bf16", features=feats)[0]
+            for kind, c in (("dw", cfg), *((aot.REDUCE_KIND, rc) for rc in plan.REDUCE_CONFIGS)):
+                r = aot.compile_config(kind, c, "bf16", arch, features=feats)
+                out.append({k: r[k] for k in ("kernel", "arch", "features", "ok", "failures", "spill_bytes",
+                                              "advisories", "tensor_core_instr")})
+    json.dump(out, sys.stdout)
+''')
+
+
+def plan_configs():
+    from fusedres.kernels import plan
+    return plan.REDUCE_CONFIGS
+
+
+def test_split_variant_and_reduce_compile():
+    """A sample (the largest bf16 tile, both split variants, both archs) of what the gate compiles:
+    no spills, no C75xx advisory, the split dW still on tensor cores."""
+    proc = _run(["-c", _SPLIT], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = json.loads(proc.stdout)
+    assert len(records) == 2 * 2 * (1 + len(plan_configs()))
+    for r in records:
+        assert r["ok"] and r["spill_bytes"] == 0, r
+        assert not any("C75" in a for a in r["advisories"]), r
+        if r["kernel"] == "dw":
+            assert r["tensor_core_instr"] == {"sm_80": "mma.sync", "sm_90": "wgmma.mma_async"}[r["arch"]], r

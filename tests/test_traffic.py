@@ -222,6 +222,31 @@ def test_fused_kernels_move_exactly_the_compulsory_minimum(M, D):
     assert t.bytes_read() + t.bytes_written() >= t.unique_bytes()
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+def test_split_dw_moves_the_compulsory_minimum_plus_its_partials(splits):
+    """Split-M dW (forced: the interpreter plans for one SM): the dW kernel writes S fp32 slabs of
+    dW.T and db partials (4 S (D^2 + D) bytes) instead of dW and db, and the reduce reads them back
+    and writes dW and db: the backward's unique bytes are the single launch's e(5MD + 2D^2 + D)
+    plus exactly 8 S (D^2 + D), per kernel as below."""
+    from fusedres.kernels import plan
+    M, D, e = 300, 96, 4       # 3 row tiles of 128: S = 2 reduces 2 + 1, S = 3 1 + 1 + 1
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(M, D, generator=gen, requires_grad=True)
+    w = (torch.randn(D, D, generator=gen) / D ** 0.5).requires_grad_()
+    b = torch.randn(D, generator=gen, requires_grad=True)
+    g = torch.randn(M, D, generator=gen)
+    with plan.force_splits(splits), InterpreterTraffic() as t:
+        y = fusedres.fused_residual(x, w, b)
+        torch.autograd.grad(y, (x, w, b), g)
+    slabs = 4 * splits * (D * D + D)
+    (dw,), (red,) = t.select("residual_dw_kernel"), t.select("residual_dw_reduce_kernel")
+    assert (dw.unique_read, dw.unique_written) == (e * 2 * M * D, slabs)
+    assert (red.unique_read, red.unique_written) == (slabs, e * (D * D + D))
+    bwd = t.unique_bytes(("residual_dx_kernel", "residual_dw_kernel", "residual_dw_reduce_kernel"))
+    assert bwd == e * (5 * M * D + 2 * D * D + D) + 2 * slabs
+    assert t.violations == []
+
+
 @pytest.mark.parametrize("D,L,chunk", [(32, 5, None), (64, 3, 2)])
 def test_stack_kernels_move_exactly_the_model(D, L, chunk):
     """Per argument, the stack's kernels touch exactly the model's bytes (bench/stack.py): the

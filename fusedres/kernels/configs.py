@@ -354,6 +354,16 @@ def run_kernel(kernel, grid, args: tuple, kwargs: dict):
     return kernel[grid](*args, **kwargs)
 
 
+def resolve_config(tuned, kind: str, args, consts: dict, M: int, D: int) -> triton.Config | None:
+    """The config :func:`launch` would give a launch that has none: the override's, else the
+    interpreter's per-size one; None where it would autotune (a GPU)."""
+    if _config_override is not None:
+        config = _config_override(kind, {**dict(zip(tuned.arg_names, args)), **consts})
+        if config is not None:
+            return config
+    return interpreter_config(kind, M, D) if INTERPRET else None
+
+
 def launch(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, config=None) -> triton.Config:
     """Launch ``kernel`` with ``config``, or the autotuned ``tuned`` on a GPU, or the interpreter's
     per-size config when interpreting; on the device of the first argument. Returns the config
@@ -433,14 +443,31 @@ STACK_BWD_TILES_SM80: dict = {
 STACK_REDUCE_BLOCK, STACK_REDUCE_WARPS = 1024, 4
 
 
-def stack_operand_class(dtype: torch.dtype) -> str:
-    """The operand class of a stack whose weights are ``dtype``, under the current fp32 matmul
-    precision (see :func:`gemm_flags`)."""
+def stack_operand_class(dtype: torch.dtype, activations: torch.dtype | None = None) -> str:
+    """The operand class of a stack whose weights are ``dtype`` (and activations
+    ``activations``, default the same), under the current fp32 matmul precision (see
+    :func:`gemm_flags`). 16-bit weights beside fp32 activations (autocast) are ``"autocast"``."""
     if dtype == torch.float64:
         return "fp64"
     if dtype == torch.float32:
         return "ieee" if gemm_flags(dtype)["INPUT_PRECISION"] == "ieee" else "tf32"
+    if activations is not None and activations.itemsize > dtype.itemsize:
+        return "autocast"
     return "16bit"
+
+
+# Under autocast the stack carries fp32 activations beside 16-bit weights: the fp32 x, g and
+# saved tiles cost registers the 16-bit entries had free. Compile gate on triton 3.7.1, 3.8.0 and
+# 3.9.0, autocast-bf16 and autocast-fp16, both variants of each kernel: the "16bit" entries spill
+# in the backward at D = 32 (sm_80 and sm_90: 96-344 B), 64 and 128 (sm_80: 8-388 B; sm_90 at 128:
+# 16-184 B), at D = 16 on sm_80 (32 B, 3.7.1 and 3.9.0), and in the forward at D = 64 on sm_80.
+# These entries, found with the sweep rule above, compile clean on all three releases; every
+# other (width, arch) keeps its 16-bit entry.
+STACK_AUTOCAST: dict[tuple[str, str], dict] = {
+    ("stack_fwd", "sm_80"): {64: (128, 8, 3)},
+    ("stack_bwd", "sm_80"): {16: (32, 4, 2, 16), 32: (128, 8, 2, 16), 64: (64, 4, 2, 16), 128: (16, 4, 2, 64)},
+    ("stack_bwd", "sm_90"): {32: (128, 8, 2, 32), 128: (64, 8, 2, 32)},
+}
 
 
 # Per triton release, the stack entries that differ from the lists above: (kernel, arch) ->
@@ -477,7 +504,11 @@ def stack_config(kind: str, D: int, operands: str = "16bit", capability: tuple[i
     if kind == "stack_reduce":
         block, warps = overrides.get((kind, arch), (STACK_REDUCE_BLOCK, STACK_REDUCE_WARPS))
         return triton.Config({"BLOCK": block}, num_warps=warps, num_stages=1)
-    release = overrides.get((kind, arch), {}).get(operands, {})
+    mixed = operands == "autocast"
+    if mixed:
+        operands = "16bit"
+    release = {**overrides.get((kind, arch), {}).get(operands, {}),
+               **(STACK_AUTOCAST.get((kind, arch), {}) if mixed else {})}
     if kind == "stack_fwd":
         tiles = {**STACK_FWD_TILES[operands], **(STACK_FWD_TILES_SM80[operands] if sm80 else {}), **release}
         m, w, s = tiles[D]

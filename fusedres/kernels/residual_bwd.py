@@ -16,6 +16,7 @@ with b), taken in the dW epilogue, one partial per program, summed in a fixed or
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -30,7 +31,8 @@ from ._common import (
     store_rounded,
     to_gemm_operand,
 )
-from .configs import DW_CONFIGS, DX_CONFIGS, gemm_flags, launch, prune_for
+from . import plan as _plan
+from .configs import DW_CONFIGS, DX_CONFIGS, gemm_flags, launch, pinned_config, prune_for, resolve_config
 from .residual_fwd import alpha_args, residual_scale
 
 
@@ -106,7 +108,8 @@ def residual_dx_kernel(
 @triton.jit
 def residual_dw_kernel(
     g_ptr, x_ptr, w_ptr, b_ptr, alpha_ptr, alpha_value: tl.float64, dw_ptr, dp_ptr, db_ptr, dalpha_ptr,
-    M, N, K, T, M_BUCKET,
+    part_ptr, dbpart_ptr,
+    M, N, K, T, M_BUCKET, TILES_PER_SPLIT,
     stride_go, stride_gm, stride_gn,
     stride_xo, stride_xm, stride_xk,
     stride_wn, stride_wk,
@@ -120,6 +123,7 @@ def residual_dw_kernel(
     DALPHA_BIAS: tl.constexpr,
     HAS_PROJ: tl.constexpr,
     TWO_LEVEL_ROWS: tl.constexpr,
+    SPLIT_M: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -152,6 +156,15 @@ def residual_dw_kernel(
     (spills on sm_80); 16-row pieces do not. (Splitting the loop into a db and a no-db copy also
     kept the pipeline, but Triton then allocates both loops' buffers: up to twice the shared
     memory.) The summation order is fixed: 16-row partial sums, in row order.
+
+    ``SPLIT_M`` (split-M, when the output tiles alone leave the GPU under one wave): the grid is
+    ``tiles x S``; program ``pid`` reduces row tiles ``[s * TILES_PER_SPLIT, (s + 1) *
+    TILES_PER_SPLIT)`` (clipped to M) of tile ``pid % tiles``, ``s = pid // tiles``, and stores
+    its unscaled fp32 sums into slab ``s`` of ``part_ptr`` (``[S, N, K]``; ``[S, 2N, K]`` with a
+    projection, dP's rows after dW's) and, with ``SUM_G``, its column sums of g into
+    ``dbpart_ptr`` (``[S, N]``). No alpha, no dalpha, no cast, no atomics: the reduce kernel
+    (:func:`residual_dw_reduce_kernel`) sums the slabs in the order s = 0..S-1 and runs the
+    epilogue. (The launcher passes HAS_DB, HAS_ALPHA, NEED_DALPHA and DALPHA_BIAS as False.)
     """
     GEMM_DTYPE: tl.constexpr = dw_ptr.dtype.element_ty
     num_k = tl.cdiv(K, BLOCK_K)
@@ -160,7 +173,17 @@ def residual_dw_kernel(
     else:
         num_k_tiles = num_k
     pid = tl.program_id(0)
-    pid_k, pid_n = grouped_tile(pid, num_k_tiles, tl.cdiv(N, BLOCK_N), GROUP_K)
+    if SPLIT_M:
+        num_tiles = num_k_tiles * tl.cdiv(N, BLOCK_N)
+        split = pid // num_tiles
+        m_tile0 = split * TILES_PER_SPLIT
+        m_trips = tl.maximum(tl.minimum(TILES_PER_SPLIT, tl.cdiv(M, BLOCK_M) - m_tile0), 1)
+        tile = pid % num_tiles
+    else:
+        m_tile0 = 0
+        m_trips = tl.maximum(tl.cdiv(M, BLOCK_M), 1)
+        tile = pid
+    pid_k, pid_n = grouped_tile(tile, num_k_tiles, tl.cdiv(N, BLOCK_N), GROUP_K)
     is_proj = pid_k >= num_k
     offs_k = (pid_k % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -170,7 +193,8 @@ def residual_dw_kernel(
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC_DTYPE)
     db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    for mt in range(0, tl.maximum(tl.cdiv(M, BLOCK_M), 1)):
+    for mi in range(0, m_trips):
+        mt = m_tile0 + mi
         m = mt * BLOCK_M + offs_m
         mask_m = m < M
         x_rows = row_offsets(m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
@@ -200,36 +224,127 @@ def residual_dw_kernel(
                     db += tl.sum(to_gemm_operand(g_db, GEMM_DTYPE, EMULATE_BF16).to(ACC_DTYPE), axis=0)
 
     tile_mask = mask_k[:, None] & mask_n[None, :]
+    if SPLIT_M:
+        # unscaled fp32 partials: row n of slab s (dP's rows after dW's: n + N)
+        if HAS_PROJ:
+            rows_per_slab = 2 * N
+        else:
+            rows_per_slab = N
+        slab = part_ptr + split.to(tl.int64) * rows_per_slab * K
+        part_rows = offs_n.to(tl.int64)
+        if HAS_PROJ:
+            part_rows = part_rows + tl.where(is_proj, N, 0)
+        tl.store(slab + part_rows[None, :] * K + offs_k[:, None], acc, mask=tile_mask)
+        if SUM_G:
+            if pid_k == 0:
+                tl.store(dbpart_ptr + split.to(tl.int64) * N + offs_n, db, mask=mask_n)
+    else:
+        if HAS_ALPHA:
+            alpha = residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
+        if NEED_DALPHA:
+            wt = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                         mask=tile_mask, other=0.0).to(ACC_DTYPE)
+            partial = tl.sum(tl.sum(acc * wt, axis=1), axis=0)
+            if HAS_PROJ:
+                partial = tl.where(is_proj, 0.0, partial)
+            if DALPHA_BIAS:
+                if pid_k == 0:
+                    partial += tl.sum(db * tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE), axis=0)
+            tl.store(dalpha_ptr + pid, partial)
+
+        scaled = acc
+        if HAS_ALPHA:
+            scaled = acc * alpha
+        dw_ptrs = dw_ptr + offs_n.to(tl.int64)[None, :] * stride_dwn + offs_k[:, None] * stride_dwk
+        if HAS_PROJ:
+            if is_proj:
+                dp_ptrs = dp_ptr + offs_n.to(tl.int64)[None, :] * stride_dpn + offs_k[:, None] * stride_dpk
+                store_rounded(dp_ptrs, acc, tile_mask, EMULATE_BF16)
+            else:
+                store_rounded(dw_ptrs, scaled, tile_mask, EMULATE_BF16)
+        else:
+            store_rounded(dw_ptrs, scaled, tile_mask, EMULATE_BF16)
+        if HAS_DB:
+            if pid_k == 0:
+                if HAS_ALPHA:
+                    db = db * alpha
+                store_rounded(db_ptr + offs_n, db, mask_n, EMULATE_BF16)
+
+
+@triton.jit
+def residual_dw_reduce_kernel(
+    part_ptr, dbpart_ptr, w_ptr, b_ptr, alpha_ptr, alpha_value: tl.float64, dw_ptr, dp_ptr, db_ptr, dalpha_ptr,
+    N, K, S,
+    stride_wn, stride_wk,
+    stride_dwn, stride_dwk,
+    stride_dpn, stride_dpk,
+    HAS_DB: tl.constexpr,
+    HAS_ALPHA: tl.constexpr,
+    ALPHA_IS_PTR: tl.constexpr,
+    NEED_DALPHA: tl.constexpr,
+    DALPHA_BIAS: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The second launch of a split-M dW: one [BLOCK_R, BLOCK_C] tile of the ``[N, K]`` gradient
+    (``[2N, K]`` with a projection: dW's rows, then dP's), summed over the ``S`` fp32 slabs in
+    the fixed order s = 0..S-1; then the epilogue the single-launch dW runs: dW = alpha * sum, dP
+    = sum, cast (rounded) to the parameter dtype; the programs of the first column tile also sum
+    the db slabs (db = alpha * sum). With ``NEED_DALPHA`` each program writes one dalpha partial,
+    ``<sum, W>`` over its dW rows (plus ``<db, b>`` over its db rows) into ``dalpha_ptr[pid]``:
+    the launcher returns this kernel's program count, so that op.py sums exactly those."""
+    pid = tl.program_id(0)
+    num_c = tl.cdiv(K, BLOCK_C)
+    pid_r = pid // num_c
+    pid_c = pid % num_c
+    if HAS_PROJ:
+        rows_total = 2 * N
+    else:
+        rows_total = N
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < K
+    mask = (offs_r < rows_total)[:, None] & mask_c[None, :]
+    slab_offs = offs_r.to(tl.int64)[:, None] * K + offs_c[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)
+    for s in range(0, S):
+        acc += tl.load(part_ptr + (s * rows_total).to(tl.int64) * K + slab_offs, mask=mask, other=0.0)
+
+    is_w = offs_r < N
+    w_rows = tl.where(is_w, offs_r, 0).to(tl.int64)
+    w_mask = mask & is_w[:, None]
     if HAS_ALPHA:
         alpha = residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
     if NEED_DALPHA:
-        wt = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                     mask=tile_mask, other=0.0).to(ACC_DTYPE)
-        partial = tl.sum(tl.sum(acc * wt, axis=1), axis=0)
-        if HAS_PROJ:
-            partial = tl.where(is_proj, 0.0, partial)
-        if DALPHA_BIAS:
-            if pid_k == 0:
-                partial += tl.sum(db * tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE), axis=0)
-        tl.store(dalpha_ptr + pid, partial)
-
+        w = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_c[None, :] * stride_wk, mask=w_mask,
+                    other=0.0).to(ACC_DTYPE)
+        partial = tl.sum(tl.sum(acc * w, axis=1), axis=0)
     scaled = acc
     if HAS_ALPHA:
         scaled = acc * alpha
-    dw_ptrs = dw_ptr + offs_n.to(tl.int64)[None, :] * stride_dwn + offs_k[:, None] * stride_dwk
+    store_rounded(dw_ptr + w_rows[:, None] * stride_dwn + offs_c[None, :] * stride_dwk, scaled, w_mask,
+                  EMULATE_BF16)
     if HAS_PROJ:
-        if is_proj:
-            dp_ptrs = dp_ptr + offs_n.to(tl.int64)[None, :] * stride_dpn + offs_k[:, None] * stride_dpk
-            store_rounded(dp_ptrs, acc, tile_mask, EMULATE_BF16)
-        else:
-            store_rounded(dw_ptrs, scaled, tile_mask, EMULATE_BF16)
-    else:
-        store_rounded(dw_ptrs, scaled, tile_mask, EMULATE_BF16)
-    if HAS_DB:
-        if pid_k == 0:
-            if HAS_ALPHA:
-                db = db * alpha
-            store_rounded(db_ptr + offs_n, db, mask_n, EMULATE_BF16)
+        p_rows = tl.where(is_w, 0, offs_r - N).to(tl.int64)
+        store_rounded(dp_ptr + p_rows[:, None] * stride_dpn + offs_c[None, :] * stride_dpk, acc,
+                      mask & (offs_r >= N)[:, None], EMULATE_BF16)
+    if HAS_DB or DALPHA_BIAS:
+        if pid_c == 0:
+            db_mask = offs_r < N
+            db = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+            for s in range(0, S):
+                db += tl.load(dbpart_ptr + s * N + w_rows, mask=db_mask, other=0.0)
+            if NEED_DALPHA:
+                if DALPHA_BIAS:
+                    partial += tl.sum(db * tl.load(b_ptr + w_rows, mask=db_mask, other=0.0).to(ACC_DTYPE), axis=0)
+            if HAS_DB:
+                if HAS_ALPHA:
+                    db = db * alpha
+                store_rounded(db_ptr + w_rows, db, db_mask, EMULATE_BF16)
+    if NEED_DALPHA:
+        tl.store(dalpha_ptr + pid, partial)
 
 
 residual_dx_kernel_tuned = triton.autotune(
@@ -264,15 +379,31 @@ def dalpha_workspace_size(N: int, K: int, proj: bool) -> int:
     """Room for one dalpha partial per dW program under any config (tiles are at least 16 wide).
     A launch writes the first ``P`` of them, ``P`` its program count (``residual_dw`` returns it):
     sum those only, the rest may hold another config's values (autotuning) or garbage."""
-    return cdiv(K, 16) * (2 if proj else 1) * cdiv(N, 16)
+    return max(cdiv(K, 16) * (2 if proj else 1) * cdiv(N, 16),
+               *(_plan.reduce_programs(N, K, c, proj) for c in _plan.REDUCE_CONFIGS))
 
 
 def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None,
-                   alpha=None, dalpha_partials=None, dp=None):
+                   alpha=None, dalpha_partials=None, dp=None, split=None):
     """The dW kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
     launcher and the compile gate, ``fusedres.aot``). ``weight`` (and ``bias``, if any) are read
     only for the dalpha partials, which go to ``dalpha_partials`` (:func:`dalpha_workspace_size`
-    slots, fp32, or fp64 for fp64). ``alpha``: a one-element tensor, a Python float or None."""
+    slots, fp32, or fp64 for fp64). ``alpha``: a one-element tensor, a Python float or None.
+
+    ``split``: ``(slab, db_slab, splits, tiles_per_split)`` for the first launch of a split-M dW
+    (``SPLIT_M``): the kernel then writes only the fp32 partials (:func:`dw_split_workspaces`),
+    and :func:`dw_reduce_launch_args` does the rest."""
+    if split is not None:
+        slab, db_slab, splits, per = split
+        args, consts, grid1 = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
+                                             dalpha_partials=dalpha_partials, dp=dp)
+        args = args[:10] + (slab, db_slab) + args[12:17] + (per,) + args[18:]
+        consts.update(HAS_DB=False, HAS_ALPHA=False, NEED_DALPHA=False, DALPHA_BIAS=False, SPLIT_M=True)
+
+        def split_grid(meta):
+            return (grid1(meta)[0] * splits,)
+
+        return args, consts, split_grid
     N, K = dw.shape
     w = weight if weight is not None else dw
     dpt = dp if dp is not None else dw
@@ -281,16 +412,49 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
     if need_dalpha and not alpha_is_ptr:
         raise ValueError("residual_dw: dalpha needs alpha as a tensor")
     args = (g, x, w, bias if bias is not None else dw, alpha_ptr, alpha_value, dw, dpt,
-            db if db is not None else dw, dalpha_partials if need_dalpha else dw,
-            rows.M, N, K, rows.T, next_pow2_bucket(rows.M),
+            db if db is not None else dw, dalpha_partials if need_dalpha else dw, dw, dw,
+            rows.M, N, K, rows.T, next_pow2_bucket(rows.M), 1,
             *gs, *xs, w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
     consts = dict(HAS_DB=db is not None, SUM_G=db is not None or (need_dalpha and bias is not None),
                   HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr, NEED_DALPHA=need_dalpha,
                   DALPHA_BIAS=need_dalpha and bias is not None, HAS_PROJ=dp is not None,
-                  TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(dw.dtype, g.dtype, x.dtype))
+                  TWO_LEVEL_ROWS=rows.two_level, SPLIT_M=False, **gemm_flags(dw.dtype, g.dtype, x.dtype))
 
     def grid(meta):
         return (cdiv(K, meta["BLOCK_K"]) * (2 if dp is not None else 1) * cdiv(N, meta["BLOCK_N"]),)
+
+    return args, consts, grid
+
+
+def dw_split_workspaces(dw, splits: int, *, proj: bool, sum_g: bool):
+    """The split-M dW's fp32 (fp64 for fp64) partials: ``(slab [S, N or 2N, K] flat, db slab [S, N]
+    flat)``; the db slab is ``slab`` itself (unused) when no column sum is needed. No zero fill:
+    every element is written by the first launch."""
+    N, K = dw.shape
+    acc = torch.float64 if dw.dtype == torch.float64 else torch.float32
+    slab = torch.empty(splits * (2 if proj else 1) * N * K, device=dw.device, dtype=acc)
+    db_slab = torch.empty(splits * N, device=dw.device, dtype=acc) if sum_g else slab
+    return slab, db_slab
+
+
+def dw_reduce_launch_args(slab, db_slab, splits: int, dw, db, *, weight=None, bias=None, alpha=None,
+                          dalpha_partials=None, dp=None):
+    """The split-M reduce's launch arguments: ``(args, consts, grid)`` (launcher and compile gate)."""
+    N, K = dw.shape
+    w = weight if weight is not None else dw
+    dpt = dp if dp is not None else dw
+    need_dalpha = dalpha_partials is not None
+    alpha_ptr, alpha_value, has_alpha, alpha_is_ptr = alpha_args(alpha, dw)
+    args = (slab, db_slab, w, bias if bias is not None else dw, alpha_ptr, alpha_value, dw, dpt,
+            db if db is not None else dw, dalpha_partials if need_dalpha else dw, N, K, splits,
+            w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
+    flags = gemm_flags(dw.dtype)
+    consts = dict(HAS_DB=db is not None, HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr, NEED_DALPHA=need_dalpha,
+                  DALPHA_BIAS=need_dalpha and bias is not None, HAS_PROJ=dp is not None,
+                  ACC_DTYPE=flags["ACC_DTYPE"], EMULATE_BF16=flags["EMULATE_BF16"])
+
+    def grid(meta):
+        return (cdiv((2 if dp is not None else 1) * N, meta["BLOCK_R"]) * cdiv(K, meta["BLOCK_C"]),)
 
     return args, consts, grid
 
@@ -304,8 +468,25 @@ def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *,
     launch(residual_dx_kernel, residual_dx_kernel_tuned, "dx", grid, args, consts, rows.M, max(weight.shape), config)
 
 
+_split_choice: dict = {}
+
+
+def _gpu_split_config(sms: int, M: int, N: int, K: int, named: dict, consts: dict):
+    """The config a GPU dW launch that would autotune runs instead, because the plan splits it (the
+    shipped config with the best fill, :func:`fusedres.kernels.plan.choose_dw`), or None (no split:
+    autotune as before). Cached per (SMs, sizes, dtypes, layout, projection): it runs on every backward."""
+    key = (sms, M, N, K, bool(consts["HAS_PROJ"]), bool(consts["TWO_LEVEL_ROWS"]),
+           *(str(named[n].dtype) for n in ("dw_ptr", "x_ptr", "g_ptr")))
+    if key not in _split_choice:
+        tuned = residual_dw_kernel_tuned
+        candidates = tuned.early_config_prune(tuned.configs, named, **consts)
+        best, best_plan = _plan.choose_dw(sms, M, N, K, candidates, proj=bool(consts["HAS_PROJ"]))
+        _split_choice[key] = best if best_plan.splits > 1 else None
+    return _split_choice[key]
+
+
 def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None, alpha=None,
-                dalpha_partials=None, dp=None, config: triton.Config | None = None) -> int:
+                dalpha_partials=None, dp=None, config: triton.Config | None = None, splits: int | None = None) -> int:
     """Launch the dW kernel: ``dw = alpha * g.T @ relu(x)``, ``db = alpha * g.sum(0)`` if ``db`` is
     given, ``dp = g.T @ x`` if ``dp`` is given, and per-program dalpha partials if
     ``dalpha_partials`` is given (:func:`dalpha_workspace_size` long, fp32 or fp64, needs ``alpha``
@@ -314,9 +495,46 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
     autotuning's other configs, with smaller tiles and so more programs, left behind.)
 
     It runs for M == 0 too, so that the gradients come out as zeros, as in eager.
+
+    Split-M: the launch plan (:func:`fusedres.kernels.plan.plan_dw`, on the SM count of the
+    tensors' GPU) splits the M reduction ``S`` ways when the output tiles would leave the GPU under
+    one full wave (``splits`` or :func:`fusedres.kernels.plan.force_splits` force ``S``). With ``S
+    > 1`` there are two launches, the dW kernel writing fp32 partials and the reduce summing them
+    in a fixed order, and the returned ``P`` is the reduce's program count (it writes the dalpha
+    partials then). With ``S == 1`` it is today's single launch. On a GPU a launch that splits
+    runs the plan's config (the shipped config with the best fill) instead of autotuning, since
+    the split count depends on the tile; a launch that does not split autotunes as before.
     """
     args, consts, grid = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
                                         dalpha_partials=dalpha_partials, dp=dp)
+    N, K = dw.shape
+    proj = dp is not None
+    forced = splits if splits is not None else _plan.forced_splits()
+    if config is None:
+        config = resolve_config(residual_dw_kernel_tuned, "dw", args, consts, rows.M, max(dw.shape))
+    sms = _plan.sm_count(dw.device)
+    if config is None:      # a GPU launch that would autotune
+        named = {**dict(zip(residual_dw_kernel_tuned.arg_names, args)), **consts}
+        if forced is not None and forced > 1:
+            config = pinned_config("dw", named)
+        elif forced is None:
+            config = _gpu_split_config(sms, rows.M, N, K, named, consts)
+    if config is not None:
+        p = _plan.plan_dw(sms, rows.M, N, K, config, proj=proj, splits=forced)
+        if p.splits > 1:
+            sum_g = bool(consts["SUM_G"])
+            slab, db_slab = dw_split_workspaces(dw, p.splits, proj=proj, sum_g=sum_g)
+            args1, consts1, grid1 = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
+                                                   dalpha_partials=dalpha_partials, dp=dp,
+                                                   split=(slab, db_slab, p.splits, p.tiles_per_split))
+            launch(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid1, args1, consts1, rows.M, max(dw.shape),
+                   config)
+            args2, consts2, grid2 = dw_reduce_launch_args(slab, db_slab, p.splits, dw, db, weight=weight, bias=bias,
+                                                          alpha=alpha, dalpha_partials=dalpha_partials, dp=dp)
+            reduce_config, _ = _plan.choose_reduce(sms, N, K, p.splits, proj=proj)
+            launch(residual_dw_reduce_kernel, residual_dw_reduce_kernel, "dw_reduce", grid2, args2, consts2, rows.M,
+                   max(dw.shape), reduce_config)
+            return grid2(reduce_config.kwargs)[0]
     used = launch(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid, args, consts, rows.M, max(dw.shape),
                   config)
     return grid(used.kwargs)[0]

@@ -264,7 +264,8 @@ def residual_stack_fwd(x, weight, bias, y, saved=None, *, config: triton.Config 
     _check_operands(x=x, weight=weight, bias=bias, y=y, saved=saved)
     if x.shape[0] == 0:
         return
-    config = config or stack_config("stack_fwd", weight.shape[-1], stack_operand_class(weight.dtype), _capability(x))
+    config = config or stack_config("stack_fwd", weight.shape[-1], stack_operand_class(weight.dtype, x.dtype),
+                                    _capability(x))
     args, consts, grid = stack_fwd_launch_args(x, weight, bias, saved, y, config)
     _launch(residual_stack_fwd_kernel, "residual_stack_fwd", grid, args, consts, config)
 
@@ -325,7 +326,7 @@ def residual_stack_bwd(grad, x, saved, weight, *, has_bias: bool, need_dx: bool,
     _check_operands(grad=grad, x=x, saved=saved, weight=weight)
     L, D, _ = weight.shape
     M = x.shape[0]
-    config = config or stack_config("stack_bwd", D, stack_operand_class(weight.dtype), _capability(x))
+    config = config or stack_config("stack_bwd", D, stack_operand_class(weight.dtype, x.dtype), _capability(x))
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     dx = torch.empty_like(x) if need_dx else None
     dw = torch.empty_like(weight) if need_params else None
