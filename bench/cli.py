@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the launch plan (programs, splits, waves, fill) of every kernel in every shipped "
                         "config for --gpu at --size and --dtype, and exit; runs no kernel")
     p.add_argument("--gpu", choices=("h100", "a100", "h200"), default="h100", help="--plan: the GPU (default h100)")
+    p.add_argument("--stack-table", action="store_true",
+                   help="with --plan: also print the MODEL v2 table of the narrow stack against L=8 single blocks "
+                        "(D 16..128, bf16 and tf32, H100 and A100, M 65536), with the backward's L2 partial traffic")
     g = p.add_argument_group("GPU mode")
     g.add_argument("--sweep", choices=("quick", "full"), default="quick",
                    help="quick (default): D 1024,4096 x M 8192, bf16; full: D 256..8192 x M 8192,65536 x bf16,fp16,fp32")

@@ -205,3 +205,150 @@ def ceiling_speedup(peer: str, mode: str, M: int, D: int, dtype: str, spec: GpuS
     fused = roofline_time_s(kernels("fused-min", mode, M, D, e), spec, dtype, fp32_precision)
     other = roofline_time_s(kernels(peer, mode, M, D, e), spec, dtype, fp32_precision)
     return other / fused
+
+
+# ---------------------------------------------------------------------------------------------
+# MODEL v2 (issue 14, item 2): wave-quantised compute, HBM and L2 terms, plus a launch latency
+#
+# The v1 byte ceiling above stays as it is (one column of the reports). v2 is per kernel launch:
+#
+#     time = max(compute, HBM, L2) + LAUNCH_US
+#     compute = waves * (FLOPs of one program) / (peak / SMs)      (one resident program per SM)
+#     HBM     = unique bytes / HBM bandwidth
+#     L2      = request bytes / L2 bandwidth
+#
+# Limits, stated: the HBM and L2 terms assume the grid issues enough requests to reach the full
+# bandwidth whatever its fill (an underfilled grid is slower still, so v2 can be optimistic for
+# an underfilled memory-bound kernel); occupancy above one program per SM is not modelled; pointwise
+# work and epilogues cost no compute. Eager's and Inductor's GEMMs (cuBLAS, Triton templates) are
+# modelled at full fill: cuBLAS picks its own split-K, so they have no wave term. Everything here
+# is a MODEL, never a measurement.
+
+
+@dataclass(frozen=True)
+class GpuV2:
+    """The v2 constants of one GPU. ``spec``: the datasheet peaks above (dense bf16 / tf32 TFLOP/s
+    and HBM TB/s, NVIDIA datasheets); ``sms``: SM count; ``l2_tbps``: L2 bandwidth, TB/s;
+    ``l2_mb``: L2 size; ``launch_us``: per-launch latency added to every kernel."""
+    key: str
+    spec: GpuSpec
+    sms: int
+    l2_tbps: float
+    l2_mb: int
+    launch_us: float
+
+
+#: Per-launch latency, us: ASSUMED (a few us between back-to-back launches on one stream is the
+#: usual order of magnitude; not measured for this package).
+LAUNCH_US = 3.0
+
+#: MODEL v2 GPUs. Sources:
+#: - H100 SXM: 989 TFLOP/s dense bf16, 494.7 tf32, 3.35 TB/s HBM3, 132 SMs, 50 MB L2 (NVIDIA H100
+#:   datasheet / Hopper whitepaper).
+#: - A100 SXM 80GB: 312 TFLOP/s dense bf16, 156 tf32, 2.04 TB/s HBM2e, 108 SMs, 40 MB L2 (NVIDIA A100
+#:   datasheet / Ampere whitepaper).
+#: - H200 SXM: 989 TFLOP/s dense bf16 (same GH100 compute as H100 SXM), 4.8 TB/s HBM3e, 132 SMs, 50 MB
+#:   L2 (NVIDIA H200 datasheet; L2 as H100's, same die).
+#: - L2 bandwidth: ASSUMED, all three. Not taken from a verified source in this repository. Published
+#:   microbenchmarks exist (Chips and Cheese, "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023,
+#:   measured an H100 PCIe and an A100-SXM4-40GB; Jia et al.-style dissections for earlier parts), but
+#:   their figures were not checked when these constants were written: H100 and H200 5.5 TB/s,
+#:   A100 4.0 TB/s are assumptions of "within a small factor of HBM" (issue 14), to be replaced by a
+#:   cited or measured figure.
+GPUS_V2 = {
+    "h100": GpuV2("h100", H100, sms=132, l2_tbps=5.5, l2_mb=50, launch_us=LAUNCH_US),
+    "a100": GpuV2("a100", A100, sms=108, l2_tbps=4.0, l2_mb=40, launch_us=LAUNCH_US),
+    "h200": GpuV2("h200", H200, sms=132, l2_tbps=5.5, l2_mb=50, launch_us=LAUNCH_US),
+}
+
+
+@dataclass(frozen=True)
+class KernelV2:
+    """MODEL v2 inputs of one launch: ``waves``, ``program_flops`` (FLOPs of one program, full tiles),
+    ``flops`` (the kernel's own useful FLOPs), ``hbm_bytes`` (unique bytes: each operand read once,
+    each result written once, split-M partial slabs included), ``l2_bytes`` (request bytes: every
+    program's tile loads and stores)."""
+    name: str
+    waves: int
+    program_flops: int
+    flops: int
+    hbm_bytes: int
+    l2_bytes: int
+
+
+def peak_tflops_v2(gpu: GpuV2, dtype: str) -> float:
+    """Dense tensor-core peak: bf16/fp16, or tf32 for fp32 operands (the kernels' default precision)."""
+    return gpu.spec.bf16 if dtype in ("bf16", "fp16") else gpu.spec.tf32
+
+
+def terms_us(k: KernelV2, gpu: GpuV2, dtype: str) -> dict:
+    """MODEL v2: the three terms of one launch, us (``compute`` wave-quantised)."""
+    per_sm = peak_tflops_v2(gpu, dtype) * 1e12 / gpu.sms
+    return {"compute": 1e6 * k.waves * k.program_flops / per_sm,
+            "hbm": 1e6 * k.hbm_bytes / (gpu.spec.tbps * 1e12),
+            "l2": 1e6 * k.l2_bytes / (gpu.l2_tbps * 1e12)}
+
+
+def time_us(k: KernelV2, gpu: GpuV2, dtype: str) -> float:
+    """MODEL v2 time of one launch: ``max(compute, HBM, L2) + launch latency``, us."""
+    return max(terms_us(k, gpu, dtype).values()) + gpu.launch_us
+
+
+def lower_bounds_us(k: KernelV2, gpu: GpuV2, dtype: str) -> tuple[float, float]:
+    """``(FLOPs / peak, unique bytes / HBM bandwidth)``, us: no v2 time may be below either."""
+    return (1e6 * k.flops / (peak_tflops_v2(gpu, dtype) * 1e12), 1e6 * k.hbm_bytes / (gpu.spec.tbps * 1e12))
+
+
+def _cd(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def v2_fwd(M: int, D: int, e: int, kw: dict, programs: int, waves: int) -> KernelV2:
+    """Forward ``y = relu(x) @ W.T + b + x`` (``N = K = D``), tile ``[BM, BN]`` over ``BK``.
+
+    unique bytes ``e(2MD + D^2 + D)``; request bytes per program ``e(BM K + BN K + 2 BM BN + BN)``:
+    its A row slab and B column slab re-read from L2 by every program that shares them, the residual
+    x tile, the y tile stored, the bias; FLOPs of one program ``2 BM BN K`` (K rounded up to BK)."""
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    kp = _cd(D, bk) * bk
+    return KernelV2("fwd", waves, 2 * bm * bn * kp, 2 * M * D * D, e * (2 * M * D + D * D + D),
+                    programs * e * (bm * kp + bn * kp + 2 * bm * bn + bn))
+
+
+def v2_dx(M: int, D: int, e: int, kw: dict, programs: int, waves: int) -> KernelV2:
+    """dx ``= g + (g @ W) * [x > 0]``, tile ``[BM, BK]`` over ``BN``.
+
+    unique bytes ``e(3MD + D^2)``; request bytes per program ``e(BM N + BK N + 3 BM BK)`` (g row slab,
+    W column slab, the g and x tiles of the epilogue, the dx tile); FLOPs ``2 BM BK N``."""
+    bm, bk, bn = kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"]
+    npad = _cd(D, bn) * bn
+    return KernelV2("dx", waves, 2 * bm * bk * npad, 2 * M * D * D, e * (3 * M * D + D * D),
+                    programs * e * (bm * npad + bk * npad + 3 * bm * bk))
+
+
+def v2_dw(M: int, D: int, e: int, kw: dict, programs: int, waves: int, splits: int, tiles_per_split: int) -> KernelV2:
+    """dW ``= relu(x).T @ g`` and db, tile ``[BK, BN]``, reducing ``tiles_per_split`` row tiles of ``BM``.
+
+    unique bytes ``e 2MD`` read, and written: ``e(D^2 + D)`` when ``S = 1``, else the fp32 partial
+    slabs ``4 S (D^2 + D)``; request bytes per program ``e rows (BK + BN)`` with
+    ``rows = tiles_per_split BM`` (its x and g row slabs), plus its output tile (``4 BK BN`` fp32
+    partial when split, ``e BK BN`` otherwise); FLOPs of one program ``2 BK BN rows``."""
+    bk, bn, bm = kw["BLOCK_K"], kw["BLOCK_N"], kw["BLOCK_M"]
+    rows = tiles_per_split * bm
+    out = 4 * splits * (D * D + D) if splits > 1 else e * (D * D + D)
+    tile_out = (4 if splits > 1 else e) * bk * bn
+    return KernelV2("dw", waves, 2 * bk * bn * rows, 2 * M * D * D, e * 2 * M * D + out,
+                    programs * (e * rows * (bk + bn) + tile_out))
+
+
+def v2_reduce(D: int, e: int, programs: int, waves: int, splits: int) -> KernelV2:
+    """The split-dW reduce: reads the ``S`` fp32 slabs once, writes dW and db: unique bytes =
+    request bytes = ``4 S (D^2 + D) + e (D^2 + D)``; no FLOPs counted. ``programs == 0``: no launch."""
+    b = (4 * splits + e) * (D * D + D) if programs else 0
+    return KernelV2("dw_reduce", waves, 0, 0, b, b)
+
+
+def stack_bwd_l2_bytes_per_row(D: int, block_m: int) -> float:
+    """MODEL: the narrow stack backward's fp32 partial read-modify-write through L2, bytes per row per
+    layer: ``8 D^2 / BLOCK_M`` (each BLOCK_M row tile reads and writes a ``D x D`` fp32 partial)."""
+    return 8 * D * D / block_m

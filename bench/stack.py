@@ -325,3 +325,66 @@ def gpu_markdown(rows: list[dict]) -> str:
         ceil = "-" if ceil is None else f"{ceil:.2f}x (MODEL)"
         lines.append(f"| {r['impl']} | {r['mode']} | {ms} | {over} | {ceil} | {r['parity']} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# MODEL v2 (bench.model): the stack against L single blocks, with the backward's L2 partial traffic
+
+
+def stack_v2_us(M: int, D: int, L: int, dtype: str, gpu: str) -> dict:
+    """MODEL v2 times, us, of the stack's training forward + backward + reduce at ``dtype``
+    ("bf16", or "tf32": fp32 operands on tf32 tensor cores) on ``gpu`` ("h100", "a100"), with the
+    shipped stack configs (sm_90 entries for h100/h200, sm_80 for a100).
+
+    - forward: ``cdiv(M, BLOCK_M)`` programs; one program's FLOPs ``2 L BLOCK_M D^2``; unique bytes as
+      :func:`stack_kernels`; request bytes = unique bytes + every program's re-read of the L weights
+      ``e L (D^2 + D)``;
+    - backward: ``P`` = SMs persistent programs, one wave, each ``cdiv(cdiv(M, BLOCK_M), P)`` row tiles of
+      ``4 L BLOCK_M D^2`` FLOPs; request bytes = unique bytes + per row tile the L weights ``e L D^2`` and
+      the fp32 partial read-modify-write ``8 L (D^2 + D)``, i.e. ``8 D^2 / BLOCK_M`` bytes per row per
+      layer (:func:`bench.model.stack_bwd_l2_bytes_per_row`);
+    - reduce: unique = request bytes, no FLOPs, one wave."""
+    from fusedres.kernels import configs
+    gv2 = model.GPUS_V2[gpu]
+    e = 2 if dtype == "bf16" else 4
+    cap = (8, 0) if gpu == "a100" else None
+    ops = "16bit" if dtype == "bf16" else "tf32"
+    mdt = "bf16" if dtype == "bf16" else "fp32"
+    sms, l2 = gv2.sms, gv2.l2_mb * 2 ** 20
+    fwd_k, bwd_k, red_k = stack_kernels("stack", "full", M, D, L, e, sms, l2)
+    bmf = configs.stack_config("stack_fwd", D, ops, cap).kwargs["BLOCK_M"]
+    bmb = configs.stack_config("stack_bwd", D, ops, cap).kwargs["BLOCK_M"]
+    pf = -(-M // bmf)
+    kf = model.KernelV2("stack fwd", -(-pf // sms), 2 * L * bmf * D * D, fwd_k.flops, fwd_k.bytes,
+                        fwd_k.bytes + pf * e * L * (D * D + D))
+    rt = -(-M // bmb)
+    l2_partials = rt * 8 * L * (D * D + D)
+    kb = model.KernelV2("stack bwd", 1, 4 * L * bmb * D * D * -(-rt // sms), bwd_k.flops, bwd_k.bytes,
+                        bwd_k.bytes + rt * e * L * D * D + l2_partials)
+    kr = model.KernelV2("stack reduce", 1, 0, 0, red_k.bytes, red_k.bytes)
+    t = {k.name: model.time_us(k, gv2, mdt) for k in (kf, kb, kr)}
+    stack = sum(t.values())
+    from .plan import plan_records
+    chosen = [r for r in plan_records(gpu, M, D, mdt) if r["chosen"]]
+    blocks = L * sum(r["model_us"] for r in chosen)
+    return dict(stack_us=stack, blocks_us=blocks, stack_bwd_us=t["stack bwd"],
+                bwd_terms=model.terms_us(kb, gv2, mdt), bwd_block_m=bmb,
+                l2_partial_per_row_layer=model.stack_bwd_l2_bytes_per_row(D, bmb), act_per_row_layer=e * D)
+
+
+def stack_v2_table(M: int = 65536, widths=(16, 32, 64, 128), L: int = 8) -> str:
+    """MODEL v2: the stack (fwd + bwd + reduce) against L single blocks (fwd, dx, dW and any reduce,
+    each in its plan-chosen config), bf16 and tf32, H100 and A100."""
+    rows = [f"MODEL v2 (no kernel run; L2 bandwidth and launch latency ASSUMED, bench/model.py): the narrow stack "
+            f"vs {L} single blocks, training fwd + bwd, M = {M}",
+            "| GPU | dtype | D | stack bwd BLOCK_M | L2 partials B/row/layer | act. B/row/layer | stack bwd bound | "
+            "stack us | blocks us | blocks / stack |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for gpu in ("h100", "a100"):
+        for dtype in ("bf16", "tf32"):
+            for D in widths:
+                r = stack_v2_us(M, D, L, dtype, gpu)
+                bound = max(r["bwd_terms"], key=r["bwd_terms"].get)
+                rows.append(f"| {gpu} | {dtype} | {D} | {r['bwd_block_m']} | {r['l2_partial_per_row_layer']:.0f} | "
+                            f"{r['act_per_row_layer']} | {bound} | {r['stack_us']:.1f} | {r['blocks_us']:.1f} | "
+                            f"{r['blocks_us'] / r['stack_us']:.2f}x |")
+    return "\n".join(rows)

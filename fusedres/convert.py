@@ -5,7 +5,15 @@ from torch import nn
 
 from .module import FusedResidualBlock
 from .reference import ResidualBlock
-from .stack import STACK_WIDTHS, FusedResidualStack, _stackable
+from .stack import FusedResidualStack, _stackable
+
+#: The widths ``fuse(..., stacks=True)`` folds into a stack. Not 128: there the stack's backward
+#: read-modify-writes a D x D fp32 partial per row tile and layer through L2 (8 D^2 / BLOCK_M bytes
+#: per row per layer), and model v2 (``python -m bench --plan --stack-table``, M = 65536, L = 8)
+#: puts the stack at 0.49-0.82x of 8 single blocks on A100 bf16/tf32 and H100 tf32, 1.05x on H100
+#: bf16: a MODEL with assumed L2 bandwidths, but no user should be steered to the slower path.
+#: ``FusedResidualStack(128, ...)`` still works when asked for by name.
+FUSE_STACK_WIDTHS = (16, 32, 64)
 
 
 def fuse(model: nn.Module, *, stacks: bool = False) -> nn.Module:
@@ -20,7 +28,8 @@ def fuse(model: nn.Module, *, stacks: bool = False) -> nn.Module:
 
     With ``stacks=True``, runs of two or more consecutive blocks inside an ``nn.Sequential`` (the
     one container whose execution order is its order) that a :class:`fusedres.FusedResidualStack`
-    computes exactly (square, one width in {16, 32, 64, 128}, all with or all without bias, one
+    computes exactly and faster (square, one width in {16, 32, 64}: see ``FUSE_STACK_WIDTHS``
+    for why not 128; all with or all without bias, one
     dtype and device, a fixed alpha of 1) become one stack, named after the run's first block.
     The stack owns its ``[depth, dim, dim]`` weight, so those parameters are copied, not shared:
     build the optimizer after ``fuse``. Blocks outside such runs are converted as above.
@@ -44,7 +53,7 @@ def fuse(model: nn.Module, *, stacks: bool = False) -> nn.Module:
 
 def _stack_key(block: nn.Module):
     """What must agree along a run of blocks for one stack to compute them (None: not stackable)."""
-    if not _stackable(block) or block.dim not in STACK_WIDTHS:
+    if not _stackable(block) or block.dim not in FUSE_STACK_WIDTHS:
         return None
     return block.dim, block.bias is None, block.weight.dtype, block.weight.device
 

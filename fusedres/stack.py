@@ -183,6 +183,10 @@ class FusedResidualStack(nn.Module):
 
     Args:
         dim: width, one of 16, 32, 64, 128 (other widths: :class:`fusedres.FusedResidualBlock`).
+            At 128 the training backward is modelled slower than single blocks on A100 and with
+            tf32 (its fp32 weight-gradient partials go through L2: ``python -m bench --plan
+            --stack-table``, a MODEL), so ``fuse(..., stacks=True)`` does not stack 128; inference
+            and the forward still gain.
         depth: number of blocks L >= 1.
         bias: learn ``bias [depth, dim]``.
         deterministic: bitwise-reproducible weight gradients (per-program partials, fixed-order

@@ -568,3 +568,62 @@ def test_gpu_check_plan_compile_count():
     plan = gpucheck.CheckPlan()
     assert len(plan.block_cases()) == 30 and len(plan.stack_cases()) == 15
     assert gpucheck.planned_compiles(plan) == 124
+
+
+# ---------------------------------------------------------------------------------------------
+# MODEL v2 in the launch plan (issue 14, items 1-2)
+
+_PLAN_SIZES = ((65536, 256), (65536, 512), (8192, 1024), (65536, 4096))
+
+
+@pytest.mark.parametrize("M,D", _PLAN_SIZES)
+def test_plan_model_v2_bounds_fill_and_splits(M, D):
+    """No model_us below its kernel's own compute (FLOPs / peak) or HBM (unique bytes / bandwidth)
+    lower bound; every chosen single-block kernel fills >= 0.9 of an H100; dW splits at D <= 512."""
+    from bench import plan as bplan
+    recs = bplan.plan_records("h100", M, D, "bf16")
+    gv2 = model.GPUS_V2["h100"]
+    for r, k in bplan.plan_kernels(recs):
+        assert r["model_us"] is not None
+        if r["kernel"] == "dw_reduce" and not r["programs"]:
+            continue
+        comp, hbm = model.lower_bounds_us(k, gv2, "bf16")
+        assert r["model_us"] >= comp and r["model_us"] >= hbm, r
+        assert r["model_us"] >= gv2.launch_us
+    chosen = {r["kernel"]: r for r in recs if r["chosen"]}
+    assert set(chosen) >= {"fwd", "dx", "dw"}
+    for kind in ("fwd", "dx", "dw"):
+        assert chosen[kind]["fill"] >= 0.9, chosen[kind]
+        same = [r for r in recs if r["kernel"] == kind]
+        cost = (lambda r: r["_total"]) if kind == "dw" else (lambda r: r["model_us"])   # dW: with its reduce
+        assert all(cost(chosen[kind]) <= cost(r) for r in same)
+    if D <= 512:
+        assert chosen["dw"]["splits"] > 1
+        assert chosen["dw_reduce"]["after"] == chosen["dw"]["config"]
+    assert all(set(r) >= {"kernel", "config", "gpu", "M", "D", "dtype", "programs", "splits", "waves", "fill",
+                          "model_us", "chosen"} for r in bplan.public(recs))
+
+
+def test_model_v2_terms():
+    """The v2 formula: wave-quantised compute, launch latency added once; an underfilled dW pays its
+    whole reduction in one program."""
+    gv2 = model.GPUS_V2["h100"]
+    kw = {"BLOCK_K": 128, "BLOCK_N": 128, "BLOCK_M": 64}
+    one = model.v2_dw(65536, 256, 2, kw, programs=4, waves=1, splits=1, tiles_per_split=1024)
+    t = model.terms_us(one, gv2, "bf16")
+    assert t["compute"] == pytest.approx(1e6 * 2 * 128 * 128 * 65536 / (989e12 / 132))
+    assert model.time_us(one, gv2, "bf16") == pytest.approx(max(t.values()) + model.LAUNCH_US)
+    split = model.v2_dw(65536, 256, 2, kw, programs=128, waves=1, splits=32, tiles_per_split=32)
+    assert model.time_us(split, gv2, "bf16") < model.time_us(one, gv2, "bf16") / 10
+    assert split.hbm_bytes - one.hbm_bytes == 4 * 32 * (256 * 256 + 256) - 2 * (256 * 256 + 256)
+
+
+def test_stack_v2_table_counts_the_l2_partials():
+    """The stack-vs-blocks MODEL v2 table: 16 rows; the backward's L2 partials are 8 D^2 / BLOCK_M bytes
+    per row per layer (2x the bf16 activation at D = 64 with 128-row tiles, as issue 14 says)."""
+    from bench import stack
+    rows = [r for r in stack.stack_v2_table().splitlines() if r.startswith("| h100") or r.startswith("| a100")]
+    assert len(rows) == 16
+    r = stack.stack_v2_us(65536, 64, 8, "bf16", "h100")
+    assert r["bwd_block_m"] == 128 and r["l2_partial_per_row_layer"] == 2 * r["act_per_row_layer"] == 256
+    assert r["stack_us"] > 0 and r["blocks_us"] > 0

@@ -306,6 +306,10 @@ def test_fuse_folds_runs_of_blocks_into_stacks(device):
     mlp = fusedres.ResidualMLP(4, 16, 5, 2, fused=False)
     fusedres.fuse(mlp, stacks=True)
     assert [type(m).__name__ for m in mlp.blocks] == ["FusedResidualStack"]
+    # at D = 128 the model puts the stack's L2-bound backward behind single blocks: not folded
+    wide = nn.Sequential(ResidualBlock(128), ResidualBlock(128))
+    fusedres.fuse(wide, stacks=True)
+    assert [type(m).__name__ for m in wide] == ["FusedResidualBlock", "FusedResidualBlock"]
 
 
 @pytest.mark.parametrize("bad", ("width", "shape", "bias", "dtype", "depth"))
