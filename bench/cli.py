@@ -131,13 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         return gpucheck.main(args)
     mode = args.mode if args.mode != "auto" else ("gpu" if cuda else "cpu")
     if mode == "gpu":
-        if not cuda:
-            print("python -m bench --mode gpu: no CUDA device here. GPU timings come only from a GPU; run without "
-                  "--mode gpu for the CPU traffic measurement and the roofline model.", file=sys.stderr)
-            return 2
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            print("python -m bench: TRITON_INTERPRET=1 is set, so the kernels would run in the interpreter, not on "
-                  "the GPU. Unset it to take GPU timings.", file=sys.stderr)
+        from .gpu import compiled_gpu_missing
+        why = compiled_gpu_missing("python -m bench --mode gpu", "GPU timings come only from a GPU; run without "
+                                   "--mode gpu for the CPU traffic measurement and the roofline model.")
+        if why:
+            print(why, file=sys.stderr)
             return 2
         return gpu_main(args)
     if os.environ.get("TRITON_INTERPRET", "0") != "1":

@@ -73,6 +73,19 @@ class Device:
     free_memory: Callable[[], int] | None = None              # -> free device bytes (the fp64 size check)
 
 
+def compiled_gpu_missing(command: str, without_gpu: str) -> str | None:
+    """Why ``command`` cannot time or check the compiled kernels here (None: it can): no CUDA
+    device (``without_gpu`` says what to run instead), or ``TRITON_INTERPRET=1``, under which the
+    kernels would run in the interpreter."""
+    import os
+    if not torch.cuda.is_available():
+        return f"{command}: no CUDA device here. {without_gpu}"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return (f"{command}: TRITON_INTERPRET=1 is set, so the kernels would run in the interpreter, not "
+                "compiled on the GPU. Unset it.")
+    return None
+
+
 def cuda_device(spec_override: GpuSpec | None = None) -> Device:
     """The real thing: ``triton.testing.do_bench`` and the CUDA caching allocator's peak."""
     import triton.testing

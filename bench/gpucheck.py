@@ -355,20 +355,16 @@ def timing_table(rows: list[dict]) -> str:
 
 def main(args) -> int:
     """``python -m bench --gpu-check`` (CUDA only): run the check, print it, write the JSON report."""
-    import os
     import sys
     from pathlib import Path
 
-    from .gpu import cuda_device
+    from .gpu import compiled_gpu_missing, cuda_device
     from .report import versions, write_json
 
-    if not torch.cuda.is_available():
-        print("python -m bench --gpu-check: no CUDA device here. It checks the compiled kernels on a GPU; on a CPU "
-              "the test suite runs the same check in Triton's interpreter (tests/test_bench.py).", file=sys.stderr)
-        return 2
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("python -m bench --gpu-check: TRITON_INTERPRET=1 is set, so the kernels would run in the interpreter, "
-              "not compiled. Unset it.", file=sys.stderr)
+    why = compiled_gpu_missing("python -m bench --gpu-check", "It checks the compiled kernels on a GPU; on a CPU "
+                               "the test suite runs the same check in Triton's interpreter (tests/test_bench.py).")
+    if why:
+        print(why, file=sys.stderr)
         return 2
     device = cuda_device()
     meta = versions()

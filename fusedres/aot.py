@@ -188,9 +188,9 @@ def expected_tensor_core(arch: str, dtype: str) -> str | None:
 
 
 def _jit_fn(kernel):
-    fn = kernel
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
+    fn = _configs.jit_function(kernel)
+    if fn is None:
+        raise RuntimeError(f"fusedres.aot: {kernel!r} is not a JIT function (an interpreted process?)")
     return fn
 
 
@@ -347,11 +347,8 @@ def _bind(fn, kind: str, config: triton.Config, dtype: str, backend, two_level: 
         args, consts = stack_example_launch(kind, dtype, width, features, misaligned)
     else:
         args, consts = example_launch(kind, dtype, two_level, features=features)
-    kwargs = {**consts, **config.all_kwargs()}        # what Autotuner.run passes to the JIT function
-    kwargs["debug"] = kwargs.get("debug", fn.debug) or triton.knobs.runtime.debug   # what run() adds
-    for k in ("instrumentation_mode", "fpsan_homomorphic_casts"):
-        if hasattr(triton.knobs.compilation, k):
-            kwargs[k] = getattr(triton.knobs.compilation, k)
+    # what Autotuner.run passes to the JIT function, then what JITFunction.run adds
+    kwargs = _configs.jit_run_kwargs(fn, {**consts, **config.all_kwargs()})
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     return fn._pack_args(backend, kwargs, bound, specialization, options)

@@ -556,7 +556,7 @@ def test_gpu_check_pins_configs_on_the_gpu_launch_path(monkeypatch):
 
 def test_gpu_check_needs_cuda(capsys):
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the check would run")
+        pytest.skip("tests the refusal on a machine without CUDA; here `--gpu-check` runs for real instead")
     from bench.cli import main
     assert main(["--gpu-check"]) == 2
     assert "no CUDA device" in capsys.readouterr().err

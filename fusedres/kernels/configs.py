@@ -255,7 +255,19 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device)
 
 
-def _jit_function(kernel):
+def jit_run_kwargs(fn, kwargs: dict) -> dict:
+    """``kwargs`` plus the options ``JITFunction.run`` adds before it binds (triton 3.7-3.9); the
+    cache key depends on them and on their order. The capture guard and the compile gate
+    (``fusedres.aot``) both bind through this."""
+    kw = dict(kwargs)
+    kw["debug"] = kw.get("debug", fn.debug) or triton.knobs.runtime.debug
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(triton.knobs.compilation, name):
+            kw[name] = getattr(triton.knobs.compilation, name)
+    return kw
+
+
+def jit_function(kernel):
     """The JITFunction under an Autotuner/Heuristics chain; None for the interpreter's functions."""
     fn = kernel
     while not isinstance(fn, triton.runtime.jit.JITFunction):
@@ -270,7 +282,7 @@ def jit_compiled(kernel, args: tuple, kwargs: dict) -> bool | None:
     cache of the current device, computed as ``JITFunction.run`` computes it (triton 3.7-3.9):
     binder -> specialisation (dtypes, 16-divisibility, constexprs) + options -> cache key. None
     when it cannot tell (the interpreter, or unknown Triton internals)."""
-    fn = _jit_function(kernel)
+    fn = jit_function(kernel)
     caches = getattr(fn, "device_caches", None)
     if caches is None or getattr(triton.knobs.runtime, "add_stages_inspection_hook", None) is not None:
         return None
@@ -279,13 +291,7 @@ def jit_compiled(kernel, args: tuple, kwargs: dict) -> bool | None:
         if entry is None:
             return False
         kernel_cache, kernel_key_cache, _target, _backend, binder = entry
-        # the options JITFunction.run adds before binding; the cache key depends on their order
-        kw = dict(kwargs)
-        kw["debug"] = kw.get("debug", fn.debug) or triton.knobs.runtime.debug
-        for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
-            if hasattr(triton.knobs.compilation, name):
-                kw[name] = getattr(triton.knobs.compilation, name)
-        _bound, specialization, options = binder(*args, **kw)
+        _bound, specialization, options = binder(*args, **jit_run_kwargs(fn, kwargs))
         key = triton.runtime.jit.compute_cache_key(kernel_key_cache, specialization, options)
     except (AttributeError, TypeError, ValueError):
         return None

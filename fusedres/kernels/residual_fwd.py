@@ -155,7 +155,7 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
 
 
 def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, proj_weight=None,
-                 config: triton.Config | None = None):
+                 config: triton.Config | None = None) -> None:
     """Launch the forward kernel.
 
     ``x`` ``(..., K)`` is addressed through ``rows`` and its strides ``xs``; ``weight`` (and
@@ -163,9 +163,8 @@ def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, 
     Python float (passed by value) or None (1); ``y`` is a ``[M, N]`` 2-D view. Without ``proj_weight``, ``N == K``.
     """
     if rows.M == 0:
-        return None
+        return
     args, consts, grid = fwd_launch_args(x, xs, weight, bias, y, rows, alpha, proj_weight)
-    config = launch(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M,
-                    max(weight.shape), config)
-    return config, args, consts, grid
+    launch(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M, max(weight.shape),
+           config)
 
