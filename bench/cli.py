@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stack-table", action="store_true",
                    help="with --plan: also print the MODEL v2 table of the narrow stack against L=8 single blocks "
                         "(D 16..128, bf16 and tf32, H100 and A100, M 65536), with the backward's L2 partial traffic")
+    p.add_argument("--small-m", action="store_true",
+                   help="with --plan: also print fill and MODEL time of fwd and dx at M 512, 2048, 8192 x D 1024, 4096, "
+                        "bf16, H100 and A100 (they tile over M and underfill at small M)")
+    p.add_argument("--stack-layers", type=int, default=8, metavar="L",
+                   help="with --plan at D <= 128: the narrow stack's depth for its rows (default 8; 0: no stack rows)")
     g = p.add_argument_group("GPU mode")
     g.add_argument("--sweep", choices=("quick", "full"), default="quick",
                    help="quick (default): D 1024,4096 x M 8192, bf16; full: D 256..8192 x M 8192,65536 x bf16,fp16,fp32")
@@ -265,8 +270,24 @@ def cpu_main(args) -> int:
               f"Bytes measured in {args.dtype} are scaled to {args.project_dtype} by the element size (exact: every "
               "tensor of the block has the one dtype). Kernel launch latency (a few us per kernel) is not modelled: "
               "at small sizes it dominates a real GPU run, so read these as ratios; the ceiling table below is the "
-              "large-M limit.", "", cpu.projection_table(res, args.project_dtype), "",
-              "## Ceiling speedup of the fused kernels, fwd+bwd, bf16, M=65536 (MODEL)", "", cpu.ceiling_table(), ""]
+              "large-M limit. The v1 us column is that byte roofline; beside it, MODEL v2 (bench/model.py): per "
+              "launch max(wave-quantised compute, HBM, L2) + launch latency, the fused kernels in the launch plan's "
+              "chosen config for that GPU, their L2 term from the request bytes measured here (table below); "
+              "eager's and torch.compile's GEMMs are modelled at full fill (cuBLAS picks its own split-K, so no "
+              "wave term), their L2 term = their bytes plus their GEMMs' operand re-reads at a 128 x 128 output tile "
+              "(the fused kernels' accounting). v2 speedup over eager = eager's v2 time / the row's.",
+              "", cpu.projection_table(res, args.project_dtype), "",
+              "### Fused request bytes: measured here vs the v2 formula", "",
+              "Every active lane of every load and store of each fused kernel, counted by the interpreter "
+              f"instrument at M={M}, D={D}, {args.dtype}, in the config the interpreter ran, against the formula "
+              "of bench/model.py (v2_fwd / v2_dx / v2_dw) at that config and size.", "", cpu.l2_check_table(res), "",
+              f"### MODEL v2 of the fused kernels per GPU, {args.project_dtype} (not a measurement)", "",
+              "L2 bytes from: measured = the request bytes counted here, scaled to the projection dtype (the "
+              "interpreter ran the same output tile, unsplit: request bytes do not depend on the reduction step); otherwise the formula at the chosen tile times measured / "
+              "formula at the interpreter's tile.", "", cpu.v2_kernel_table(res, args.project_dtype), "",
+              "## Ceiling speedup of the fused kernels, fwd+bwd, bf16, M=65536 (MODEL)", "",
+              "v1: byte roofline; v2: MODEL v2, fused in the plan's chosen configs (formulas), eager's kernels at "
+              "full fill (cuBLAS picks its own split-K), its GEMMs' L2 re-reads at a 128 x 128 output tile.", "", cpu.ceiling_table(), ""]
     stack_exact = True
     if not args.no_stack:
         from . import stack

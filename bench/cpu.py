@@ -250,10 +250,126 @@ def projected_us(tr: Traffic, spec, measured_dtype: str, project_dtype: str) -> 
     return model.roofline_time_s(ks, spec, dt, precision) * 1e6
 
 
+# ---------------------------------------------------------------------------------------------
+# MODEL v2 (bench.model, bench.plan): wave-quantised compute, HBM, L2, launch latency
+#
+# Fused: each kernel in its plan-chosen config on the named GPU (fwd; dx, dW and, if it splits, the
+# reduce). Its L2 term takes the interpreter's MEASURED request bytes (every active lane of every load
+# and store) where the interpreter ran the same output tile unsplit, scaled to the projection dtype; else the
+# request-bytes formula at the chosen tile, times the ratio measured / formula at the tile the
+# interpreter ran (:func:`fused_l2_check`; 1.000 when the formula is exact, which the tests check).
+# Eager and torch.compile: their kernels (eager: the measured aten ops; compile: the formulas) at FULL
+# FILL: cuBLAS picks its own split-K, so their GEMMs pay no wave quantisation; their L2 term is their
+# bytes plus their GEMMs' operand re-reads at a 128 x 128 output tile (bench.model.v2_full_fill), the
+# same accounting as the fused kernels'. MODEL, never a measurement.
+
+V2_GPUS = {"H100 SXM": "h100", "A100 SXM 80GB": "a100", "H200 SXM": "h200"}
+_V2_KINDS = {"fwd": ("fwd",), "bwd": ("dx", "dw", "dw_reduce"), "full": ("fwd", "dx", "dw", "dw_reduce")}
+
+
+def fused_l2_check(res: CpuResult) -> dict:
+    """Per fused kernel measured here (fwd, dx, dw): the config the interpreter ran (its per-size
+    config, checked against the launch grid), the MEASURED request bytes, the v2 formula's request
+    bytes at that config and size, and their ratio (None where the grid does not match the plan)."""
+    from fusedres.aot import config_name
+    from fusedres.kernels import configs, plan
+
+    e = ELEMENT_SIZE[res.dtype]
+    M, D = res.M, res.D
+    out = {}
+    for kind in ("fwd", "dx", "dw"):
+        launches = [lc for lc in res.fused_launches if lc.kernel == f"residual_{kind}_kernel"]
+        if not launches:
+            continue
+        measured = sum(lc.bytes_read + lc.bytes_written for lc in launches)
+        c = configs.interpreter_config(kind, M, D)
+        sms = plan.INTERPRETER_SMS
+        p = {"fwd": plan.plan_fwd, "dx": plan.plan_dx, "dw": plan.plan_dw}[kind](sms, M, D, D, c)
+        k = _v2_kernel(kind, M, D, e, c.kwargs, p)
+        grid_ok = len(launches) == 1 and math.prod(launches[0].grid or (0,)) == p.programs
+        out[kind] = dict(config=config_name(kind, c), tile=_tile_key(kind, c.kwargs), splits=p.splits,
+                         programs=p.programs, measured=measured, formula=k.l2_bytes,
+                         ratio=(measured / k.l2_bytes) if grid_ok and k.l2_bytes else None)
+    return out
+
+
+def _tile_key(kind: str, kw: dict) -> tuple:
+    """The output tile of a kernel's programs: its request bytes depend on it (and on dW's split
+    count), not on the reduction's step (bench.model.v2_fwd / v2_dx / v2_dw)."""
+    return tuple(kw[n] for n in {"fwd": ("BLOCK_M", "BLOCK_N"), "dx": ("BLOCK_M", "BLOCK_K"),
+                                 "dw": ("BLOCK_K", "BLOCK_N")}[kind])
+
+
+def _v2_kernel(kind, M, D, e, kw, p):
+    if kind == "fwd":
+        return model.v2_fwd(M, D, e, kw, p.programs, p.waves)
+    if kind == "dx":
+        return model.v2_dx(M, D, e, kw, p.programs, p.waves)
+    return model.v2_dw(M, D, e, kw, p.programs, p.waves, p.splits, p.tiles_per_split)
+
+
+def fused_v2_kernels(res: CpuResult, gpu: str, project_dtype: str, measured: bool = True) -> list[dict]:
+    """The fused kernels' MODEL v2 on ``gpu`` ("h100", "a100", "h200"): the plan's chosen records of
+    fwd, dx, dw and dw_reduce (if it launches), each with ``l2_source`` and ``model_us`` recomputed
+    with the L2 term described above (``measured=False``: the formulas only)."""
+    import dataclasses
+
+    from .plan import plan_records
+
+    dt = model.v2_dtype(project_dtype)
+    gv2 = model.GPUS_V2[gpu]
+    scale = ELEMENT_SIZE[dt] / ELEMENT_SIZE[res.dtype]
+    check = fused_l2_check(res) if measured else {}
+    out = []
+    for r in plan_records(gpu, res.M, res.D, dt, stack_layers=None):
+        if not r["chosen"] or r["kernel"] not in _V2_KINDS["full"]:
+            continue
+        k = r["_k"]
+        src = "formula"
+        c = check.get(r["kernel"])
+        if c is not None and c["ratio"] is not None:
+            kw = _config_kwargs(r["kernel"], r["config"], ELEMENT_SIZE[dt])
+            if kw is not None and _tile_key(r["kernel"], kw) == c["tile"] and r["splits"] == c["splits"]:
+                k = dataclasses.replace(k, l2_bytes=round(c["measured"] * scale))
+                src = "measured"
+            else:
+                k = dataclasses.replace(k, l2_bytes=round(k.l2_bytes * c["ratio"]))
+                src = f"formula x {c['ratio']:.3f} (measured / formula at the interpreter's tile)"
+        terms = model.terms_us(k, gv2, dt)
+        out.append(dict(kernel=r["kernel"], config=r["config"], programs=r["programs"], splits=r["splits"],
+                        waves=r["waves"], fill=r["fill"], l2_source=src, l2_bytes=k.l2_bytes,
+                        **{f"{t}_us": v for t, v in terms.items()}, model_us=model.time_us(k, gv2, dt), _k=k))
+    return out
+
+
+def _config_kwargs(kind: str, name: str, elem: int) -> dict | None:
+    from fusedres.aot import config_name
+    from fusedres.kernels import configs
+    for c in configs.shipped_configs(kind, elem):
+        if config_name(kind, c) == name:
+            return c.kwargs
+    return None
+
+
+def v2_us(res: CpuResult, impl: str, mode: str, gpu: str, project_dtype: str) -> float:
+    """MODEL v2 time, us, of ``impl`` in ``mode`` on ``gpu``: fused (measured L2) and fused-min
+    (formulas) from the plan's chosen configs; the peers' kernels at full fill."""
+    if impl in ("fused", "fused-min"):
+        ks = fused_v2_kernels(res, gpu, project_dtype, measured=impl == "fused")
+        return sum(k["model_us"] for k in ks if k["kernel"] in _V2_KINDS[mode])
+    dt = model.v2_dtype(project_dtype)
+    scale = ELEMENT_SIZE[dt] / ELEMENT_SIZE[res.dtype]
+    tr = res.traffic[(impl, mode)]
+    ks = [Kernel(k.name, round(k.read * scale), round(k.written * scale), k.flops) for k in tr.kernels]
+    return model.peer_v2_us(ks, model.GPUS_V2[gpu], dt, res.M, res.D)
+
+
 def records(res: CpuResult, project_dtype: str = "bf16") -> list[dict]:
     """The JSON records of CPU mode (``measured`` false and ``ms`` null throughout)."""
     out = []
     e = ELEMENT_SIZE[res.dtype]
+    v2 = {key: {name: round(v2_us(res, key[0], key[1], gpu, project_dtype), 3) for name, gpu in V2_GPUS.items()}
+          for key in res.traffic}
     for (impl, mode), tr in res.traffic.items():
         minimum = model.minimum_bytes(mode, res.M, res.D, e)
         proj = {spec.name: round(projected_us(tr, spec, res.dtype, project_dtype), 3) for spec in PROJECTION_GPUS}
@@ -277,6 +393,16 @@ def records(res: CpuResult, project_dtype: str = "bf16") -> list[dict]:
                 "dtype": project_dtype,
                 "time_us_model": proj,
                 "fused_speedup_model": {k: (proj[k] / fused_proj[k] if fused_proj[k] else None) for k in proj},
+            },
+            "model_v2": {
+                "note": "MODEL v2, not a measurement: per launch max(wave-quantised compute, HBM, L2) + launch "
+                        "latency, summed; fused kernels in the plan's chosen configs (L2: measured request bytes "
+                        "where the interpreter ran that tile, else the formula); eager's and torch.compile's "
+                        "kernels at full fill (cuBLAS picks its own split-K)",
+                "dtype": project_dtype,
+                "time_us_model": v2[(impl, mode)],
+                "speedup_over_eager_model": {k: (v2[("eager", mode)][k] / t if t else None)
+                                             for k, t in v2[(impl, mode)].items()},
             },
         })
     return out
@@ -349,37 +475,70 @@ def probe_table(res: CpuResult) -> str:
 
 
 def projection_table(res: CpuResult, project_dtype: str) -> str:
+    """Per impl and mode, per named GPU: the v1 byte-roofline time (one column), the MODEL v2 time and
+    the v2 speedup over eager (eager's v2 time / this one's; the fused rows' is the fused speedup)."""
     from .report import markdown_table
     rows = []
     order = ["fused", "eager", "compile", "compile-max-autotune", "compile-max-autotune+prologue", "fused-min"]
     for mode in model.MODES:
-        fused = {s.name: projected_us(res.traffic[("fused", mode)], s, res.dtype, project_dtype)
-                 for s in PROJECTION_GPUS}
+        eager_v2 = {s.name: v2_us(res, "eager", mode, V2_GPUS[s.name], project_dtype) for s in PROJECTION_GPUS}
         for impl in order:
             tr = res.traffic[(impl, mode)]
             row = [impl, mode, "measured" if tr.measured_bytes else "model"]
             for s in PROJECTION_GPUS:
-                t = projected_us(tr, s, res.dtype, project_dtype)
-                row.append(f"{t:.3g}")
-            for s in PROJECTION_GPUS:
-                t = projected_us(tr, s, res.dtype, project_dtype)
-                row.append(f"{t / fused[s.name]:.2f}x")
+                t2 = v2_us(res, impl, mode, V2_GPUS[s.name], project_dtype)
+                row += [f"{projected_us(tr, s, res.dtype, project_dtype):.3g}", f"{t2:.3g}",
+                        f"{eager_v2[s.name] / t2:.2f}x"]
             rows.append(row)
-    heads = ["impl", "mode", "bytes"] + [f"{s.name} us (MODEL)" for s in PROJECTION_GPUS] + \
-            [f"fused speedup {s.name} (MODEL)" for s in PROJECTION_GPUS]
+    heads = ["impl", "mode", "bytes"]
+    for s in PROJECTION_GPUS:
+        heads += [f"{s.name} v1 us", f"{s.name} v2 us", f"{s.name} v2 speedup over eager"]
     return markdown_table(heads, rows)
 
 
+def l2_check_table(res: CpuResult) -> str:
+    """The fused kernels' request bytes: MEASURED here against the v2 formula at the config run."""
+    from .report import markdown_table
+    rows = []
+    for kind, c in fused_l2_check(res).items():
+        rows.append([kind, c["config"], c["programs"], f"{c['measured']:,}", f"{c['formula']:,}",
+                     "-" if c["ratio"] is None else f"{c['ratio']:.4f}"])
+    return markdown_table(["kernel", "config run (interpreter)", "programs", "request bytes (measured)",
+                           "request bytes (v2 formula)", "measured / formula"], rows)
+
+
+def v2_kernel_table(res: CpuResult, project_dtype: str) -> str:
+    """The fused kernels' MODEL v2 per named GPU: chosen config, fill, the three terms, the L2 source."""
+    from .report import markdown_table
+    rows = []
+    for s in PROJECTION_GPUS:
+        for k in fused_v2_kernels(res, V2_GPUS[s.name], project_dtype):
+            rows.append([s.name, k["kernel"], k["config"], k["programs"], k["splits"], f"{k['fill']:.2f}",
+                         f"{k['compute_us']:.3g}", f"{k['hbm_us']:.3g}", f"{k['l2_us']:.3g}", f"{k['model_us']:.3g}",
+                         k["l2_source"]])
+    return markdown_table(["GPU", "kernel", "chosen config", "programs", "splits", "fill", "compute us", "HBM us",
+                           "L2 us", "v2 us (MODEL)", "L2 bytes from"], rows)
+
+
 def ceiling_table(M: int = 65536, dtype: str = "bf16") -> str:
+    """v1 ceiling speedups (byte roofline) and, beside them, the MODEL v2 speedups of the fused kernels
+    (plan-chosen configs, formulas) over eager (full fill), fwd+bwd."""
+    from .plan import fused_v2_us
     from .report import markdown_table
     rows = []
     H100, A100, H200 = PROJECTION_GPUS
     for D in (256, 512, 1024, 2048, 4096, 8192):
+        v2 = []
+        for gpu in ("h100", "a100", "h200"):
+            eager = model.peer_v2_us(model.kernels("eager", "full", M, D, ELEMENT_SIZE[dtype]), model.GPUS_V2[gpu],
+                                     dtype, M, D)
+            v2.append(f"{eager / fused_v2_us(gpu, M, D, dtype, 'full'):.2f}x")
         rows.append([D] + [f"{model.ceiling_speedup(p, 'full', M, D, dtype, H100):.2f}x"
                            for p in ("eager", "compile", "compile-max-autotune", "compile-max-autotune+prologue")]
-                    + [f"{model.ceiling_speedup('eager', 'full', M, D, dtype, s):.2f}x" for s in (A100, H200)])
+                    + [f"{model.ceiling_speedup('eager', 'full', M, D, dtype, s):.2f}x" for s in (A100, H200)] + v2)
     return markdown_table(["D", "H100 vs eager", "H100 vs compile", "H100 vs max-autotune",
-                           "H100 vs max-autotune+prologue", "A100 vs eager", "H200 vs eager"], rows)
+                           "H100 vs max-autotune+prologue", "A100 vs eager", "H200 vs eager",
+                           "H100 v2 vs eager", "A100 v2 vs eager", "H200 v2 vs eager"], rows)
 
 
 def parity_line(res: CpuResult) -> str:

@@ -221,8 +221,9 @@ def ceiling_speedup(peer: str, mode: str, M: int, D: int, dtype: str, spec: GpuS
 # bandwidth whatever its fill (an underfilled grid is slower still, so v2 can be optimistic for
 # an underfilled memory-bound kernel); occupancy above one program per SM is not modelled; pointwise
 # work and epilogues cost no compute. Eager's and Inductor's GEMMs (cuBLAS, Triton templates) are
-# modelled at full fill: cuBLAS picks its own split-K, so they have no wave term. Everything here
-# is a MODEL, never a measurement.
+# modelled at full fill: cuBLAS picks its own split-K, so they have no wave term (``v2_full_fill``);
+# their L2 term charges their GEMMs' operand re-reads at a 128 x 128 output tile, as the fused
+# kernels' request bytes are charged theirs. Everything here is a MODEL, never a measurement.
 
 
 @dataclass(frozen=True)
@@ -249,16 +250,32 @@ LAUNCH_US = 3.0
 #:   datasheet / Ampere whitepaper).
 #: - H200 SXM: 989 TFLOP/s dense bf16 (same GH100 compute as H100 SXM), 4.8 TB/s HBM3e, 132 SMs, 50 MB
 #:   L2 (NVIDIA H200 datasheet; L2 as H100's, same die).
-#: - L2 bandwidth: ASSUMED, all three. Not taken from a verified source in this repository. Published
-#:   microbenchmarks exist (Chips and Cheese, "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023,
-#:   measured an H100 PCIe and an A100-SXM4-40GB; Jia et al.-style dissections for earlier parts), but
-#:   their figures were not checked when these constants were written: H100 and H200 5.5 TB/s,
-#:   A100 4.0 TB/s are assumptions of "within a small factor of HBM" (issue 14), to be replaced by a
-#:   cited or measured figure.
+#: - L2 bandwidth: MEASURED by others, read from their published raw data (nothing here ran on a GPU).
+#:   Source: Dominik Ernst (NHR@FAU), "gpu-benches", benchmark ``gpu-l2-cache`` ("Measures bandwidths
+#:   of shared cache levels. This benchmark explicitly does not target the L1 caches."),
+#:   https://github.com/te42kyfo/gpu-benches, files ``gpu-l2-cache/h200.txt`` and ``a100_80.txt``
+#:   (commit 3088b33, 2024-04-03) and ``gpu-l2-cache/h100_pcie.txt`` (commit f54baaa, 2023-11-02);
+#:   column "Eff. bw" of the rows whose total data volume (2nd column) lies inside the L2 plateau:
+#:   * H200 (132 SMs): 9.68-10.25 TB/s over the 18 rows at 8-30 MB (mean 9.87 TB/s): adopted 9.7 TB/s,
+#:     the plateau's low end.
+#:   * A100 80GB ("a100_80"; SXM or PCIe not stated in the file: both have 108 SMs at a 1410 MHz boost
+#:     clock): 5.26-5.48 TB/s over the 28 rows at 2-25 MB (mean 5.40 TB/s): adopted 5.4 TB/s.
+#:   * H100 SXM: not measured there. The file measures an H100 PCIe (114 SMs, 1755 MHz boost):
+#:     6.87-7.03 TB/s over the 18 rows at 8-30 MB (mean 6.95 TB/s). Scaled by SMs x boost clock to the
+#:     SXM (132 SMs, 1980 MHz): 6.95 x 132/114 x 1980/1755 = 9.1 TB/s, below the H200's 9.7-10.3 TB/s on
+#:     the same 132-SM GH100 configuration. Adopted 9.0 TB/s (the scaled PCIe figure, rounded down).
+#:   Also searched, not adopted: Chips and Cheese, "Nvidia's H100: Funny L2, and Tons of Bandwidth"
+#:   (2023-07-02, https://chipsandcheese.com/2023/07/02/nvidias-h100-funny-l2-and-tons-of-bandwidth/;
+#:   it measured an H100 PCIe and an A100-SXM4-40GB; its L2 figure was not in the stored text
+#:   available here); Luo et al., "Dissecting the NVIDIA Hopper Architecture through
+#:   Microbenchmarking and Multiple Level Analysis" (arXiv:2501.12084; abstract only available here).
+#:   The benchmark reads only; the model charges L2 stores at the same rate.
+#:   A table of theoretical full-die figures (PMC10448217, Table 3: "L2 cache bandwidth (GB/s)" 7219
+#:   A100, 8986 H100, i.e. 5120 B/clk x boost clock) agrees in order of magnitude; not adopted.
 GPUS_V2 = {
-    "h100": GpuV2("h100", H100, sms=132, l2_tbps=5.5, l2_mb=50, launch_us=LAUNCH_US),
-    "a100": GpuV2("a100", A100, sms=108, l2_tbps=4.0, l2_mb=40, launch_us=LAUNCH_US),
-    "h200": GpuV2("h200", H200, sms=132, l2_tbps=5.5, l2_mb=50, launch_us=LAUNCH_US),
+    "h100": GpuV2("h100", H100, sms=132, l2_tbps=9.0, l2_mb=50, launch_us=LAUNCH_US),
+    "a100": GpuV2("a100", A100, sms=108, l2_tbps=5.4, l2_mb=40, launch_us=LAUNCH_US),
+    "h200": GpuV2("h200", H200, sms=132, l2_tbps=9.7, l2_mb=50, launch_us=LAUNCH_US),
 }
 
 
@@ -306,39 +323,52 @@ def _cd(a: int, b: int) -> int:
 def v2_fwd(M: int, D: int, e: int, kw: dict, programs: int, waves: int) -> KernelV2:
     """Forward ``y = relu(x) @ W.T + b + x`` (``N = K = D``), tile ``[BM, BN]`` over ``BK``.
 
-    unique bytes ``e(2MD + D^2 + D)``; request bytes per program ``e(BM K + BN K + 2 BM BN + BN)``:
-    its A row slab and B column slab re-read from L2 by every program that shares them, the residual
-    x tile, the y tile stored, the bias; FLOPs of one program ``2 BM BN K`` (K rounded up to BK)."""
+    unique bytes ``e(2MD + D^2 + D)``. Request bytes, every active lane of every load and store (as
+    the interpreter instrument counts them; masked-off lanes of ragged tiles are not requests), with
+    ``nM = cdiv(M, BM)``, ``nN = cdiv(N, BN)``: ``e(nN M K + nM N K + 2 M N + nM N)``: each column
+    of programs reads all of x's rows (its A slabs), each row of programs all of W (its B slabs),
+    the residual x tile and the y tile once, the bias once per row of programs. Per program at full
+    tiles that is ``e(BM K + BN K + 2 BM BN + BN)``. FLOPs of one program ``2 BM BN K`` (K rounded up
+    to BK)."""
     bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
     kp = _cd(D, bk) * bk
+    nm, nn = _cd(M, bm), _cd(D, bn)
     return KernelV2("fwd", waves, 2 * bm * bn * kp, 2 * M * D * D, e * (2 * M * D + D * D + D),
-                    programs * e * (bm * kp + bn * kp + 2 * bm * bn + bn))
+                    e * (nn * M * D + nm * D * D + 2 * M * D + nm * D))
 
 
 def v2_dx(M: int, D: int, e: int, kw: dict, programs: int, waves: int) -> KernelV2:
     """dx ``= g + (g @ W) * [x > 0]``, tile ``[BM, BK]`` over ``BN``.
 
-    unique bytes ``e(3MD + D^2)``; request bytes per program ``e(BM N + BK N + 3 BM BK)`` (g row slab,
-    W column slab, the g and x tiles of the epilogue, the dx tile); FLOPs ``2 BM BK N``."""
+    unique bytes ``e(3MD + D^2)``; request bytes (active lanes, ``nM = cdiv(M, BM)``,
+    ``nK = cdiv(K, BK)``) ``e(nK M N + nM N K + 3 M K)``: g row slabs, W column slabs, the g and x
+    tiles of the epilogue and the dx tile (per program at full tiles ``e(BM N + BK N + 3 BM BK)``);
+    FLOPs ``2 BM BK N``."""
     bm, bk, bn = kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"]
     npad = _cd(D, bn) * bn
+    nm, nk = _cd(M, bm), _cd(D, bk)
     return KernelV2("dx", waves, 2 * bm * bk * npad, 2 * M * D * D, e * (3 * M * D + D * D),
-                    programs * e * (bm * npad + bk * npad + 3 * bm * bk))
+                    e * (nk * M * D + nm * D * D + 3 * M * D))
 
 
-def v2_dw(M: int, D: int, e: int, kw: dict, programs: int, waves: int, splits: int, tiles_per_split: int) -> KernelV2:
+def v2_dw(M: int, D: int, e: int, kw: dict, programs: int, waves: int, splits: int, tiles_per_split: int,
+          bias: bool = True) -> KernelV2:
     """dW ``= relu(x).T @ g`` and db, tile ``[BK, BN]``, reducing ``tiles_per_split`` row tiles of ``BM``.
 
     unique bytes ``e 2MD`` read, and written: ``e(D^2 + D)`` when ``S = 1``, else the fp32 partial
-    slabs ``4 S (D^2 + D)``; request bytes per program ``e rows (BK + BN)`` with
-    ``rows = tiles_per_split BM`` (its x and g row slabs), plus its output tile (``4 BK BN`` fp32
-    partial when split, ``e BK BN`` otherwise); FLOPs of one program ``2 BK BN rows``."""
+    slabs ``4 S (D^2 + D)``. Request bytes (active lanes; ``nK = cdiv(K, BK)``, ``nN = cdiv(N, BN)``;
+    the splits partition the rows, so they do not multiply the reads):
+    ``e(nN M K + nK M N)`` (x and g row slabs) ``+ e M N`` (with ``bias``: the first column of K
+    tiles re-reads its g tiles for db, in 16-row pieces) plus the outputs: ``e(D^2 + D)`` when
+    ``S = 1``, else ``4 S (D^2 + D)`` (the fp32 partial tiles, and the db partials of the first
+    column). FLOPs of one program ``2 BK BN rows`` with ``rows = tiles_per_split BM``."""
     bk, bn, bm = kw["BLOCK_K"], kw["BLOCK_N"], kw["BLOCK_M"]
     rows = tiles_per_split * bm
-    out = 4 * splits * (D * D + D) if splits > 1 else e * (D * D + D)
-    tile_out = (4 if splits > 1 else e) * bk * bn
-    return KernelV2("dw", waves, 2 * bk * bn * rows, 2 * M * D * D, e * 2 * M * D + out,
-                    programs * (e * rows * (bk + bn) + tile_out))
+    nk, nn = _cd(D, bk), _cd(D, bn)
+    db = bias
+    out = (4 * splits if splits > 1 else e) * (D * D + (D if db else 0))
+    reads = e * (nn * M * D + nk * M * D + (M * D if db else 0))
+    return KernelV2("dw", waves, 2 * bk * bn * rows, 2 * M * D * D, e * 2 * M * D + out, reads + out)
 
 
 def v2_reduce(D: int, e: int, programs: int, waves: int, splits: int) -> KernelV2:
@@ -352,3 +382,44 @@ def stack_bwd_l2_bytes_per_row(D: int, block_m: int) -> float:
     """MODEL: the narrow stack backward's fp32 partial read-modify-write through L2, bytes per row per
     layer: ``8 D^2 / BLOCK_M`` (each BLOCK_M row tile reads and writes a ``D x D`` fp32 partial)."""
     return 8 * D * D / block_m
+
+
+# ---------------------------------------------------------------------------------------------
+# MODEL v2 of the peers (eager PyTorch, torch.compile): their kernels at full fill
+
+
+#: The output tile the peers' GEMMs are charged their L2 re-reads at (cuBLAS's and Inductor's own tiles
+#: are not known here): 128 x 128, the largest output tile of the shipped fused configs.
+PEER_TILE = 128
+
+
+def v2_full_fill(k, gpu: GpuV2, M: int | None = None, D: int | None = None, e: int | None = None) -> KernelV2:
+    """A peer's kernel (``Kernel``: a cuBLAS GEMM, an Inductor Triton template or pointwise kernel, an
+    eager aten op) in MODEL v2 **at full fill**: cuBLAS picks its own split-K (and Inductor's templates
+    their own tiles), so no wave term is charged: compute = FLOPs / peak (``cdiv(FLOPs, SMs)`` per SM,
+    one wave), HBM = its bytes. L2 = its bytes plus, for a GEMM of the block (``FLOPs > 0``, with ``M``,
+    ``D``, ``e`` given), the operand re-reads of a :data:`PEER_TILE` square output tile, the same
+    accounting as the fused kernels' request bytes: ``e((cdiv(D, T) - 1) MD + (cdiv(M, T) - 1) D^2)`` for
+    an ``[M, D]`` output (addmm, ``g @ W``), ``e (cdiv(D, T) - 1) 2MD`` for the ``[D, D]`` weight
+    gradient (written bytes ``<= e(D^2 + D)``). Plus the launch latency, as every fused launch."""
+    l2 = k.bytes
+    if k.flops and M is not None and D is not None and e is not None:
+        t = PEER_TILE
+        if k.written <= e * (D * D + D):
+            l2 += e * (_cd(D, t) - 1) * 2 * M * D
+        else:
+            l2 += e * ((_cd(D, t) - 1) * M * D + (_cd(M, t) - 1) * D * D)
+    return KernelV2(k.name, 1, _cd(k.flops, gpu.sms), k.flops, k.bytes, l2)
+
+
+def peer_v2_us(ks, gpu: GpuV2, dtype: str, M: int | None = None, D: int | None = None) -> float:
+    """MODEL v2 time, us, of a peer's kernel sequence (each at full fill, :func:`v2_full_fill`; with
+    ``M`` and ``D``, its GEMMs' L2 re-reads at :data:`PEER_TILE`), summed."""
+    e = ELEMENT_SIZE[dtype]
+    return sum(time_us(v2_full_fill(k, gpu, M, D, e), gpu, dtype) for k in ks)
+
+
+def v2_dtype(project_dtype: str) -> str:
+    """The dtype v2 is evaluated in for a projection dtype: ``tf32`` -> ``fp32`` operands (v2 always
+    takes the tensor-core peak: bf16/fp16, or tf32 for fp32 operands; IEEE fp32 is not modelled)."""
+    return "fp32" if project_dtype == "tf32" else project_dtype

@@ -375,7 +375,8 @@ def stack_v2_us(M: int, D: int, L: int, dtype: str, gpu: str) -> dict:
 def stack_v2_table(M: int = 65536, widths=(16, 32, 64, 128), L: int = 8) -> str:
     """MODEL v2: the stack (fwd + bwd + reduce) against L single blocks (fwd, dx, dW and any reduce,
     each in its plan-chosen config), bf16 and tf32, H100 and A100."""
-    rows = [f"MODEL v2 (no kernel run; L2 bandwidth and launch latency ASSUMED, bench/model.py): the narrow stack "
+    rows = [f"MODEL v2 (no kernel run; L2 bandwidth from published measurements, launch latency ASSUMED, "
+            f"bench/model.py): the narrow stack "
             f"vs {L} single blocks, training fwd + bwd, M = {M}",
             "| GPU | dtype | D | stack bwd BLOCK_M | L2 partials B/row/layer | act. B/row/layer | stack bwd bound | "
             "stack us | blocks us | blocks / stack |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from .convert import fuse
+from .droppath import drop_path_scale
 from .mlp import ResidualMLP
 from .module import FusedResidualBlock
 from .op import SUPPORTED_DTYPES, backend_for, fused_residual, get_backend, set_backend
-from .reference import ResidualBlock, residual_reference, stack_reference
+from .reference import (ResidualBlock, ResidualMLPBlock, residual_mlp_reference, residual_reference,
+                        stack_reference)
 from .stack import STACK_WIDTHS, FusedResidualStack, fused_residual_stack
 from .tuning import load_tuning, save_tuning, warmup
 from .validate import ParityError, set_validate
@@ -23,6 +25,9 @@ __all__ = [
     "ResidualBlock",
     "fused_residual",
     "residual_reference",
+    "ResidualMLPBlock",
+    "residual_mlp_reference",
+    "drop_path_scale",
     "backend_for",
     "set_backend",
     "get_backend",

@@ -10,8 +10,8 @@ from .stack import FusedResidualStack, _stackable
 #: The widths ``fuse(..., stacks=True)`` folds into a stack. Not 128: there the stack's backward
 #: read-modify-writes a D x D fp32 partial per row tile and layer through L2 (8 D^2 / BLOCK_M bytes
 #: per row per layer), and model v2 (``python -m bench --plan --stack-table``, M = 65536, L = 8)
-#: puts the stack at 0.49-0.82x of 8 single blocks on A100 bf16/tf32 and H100 tf32, 1.05x on H100
-#: bf16: a MODEL with assumed L2 bandwidths, but no user should be steered to the slower path.
+#: puts the stack at 0.82x (bf16) and 0.65x (tf32) of 8 single blocks on an A100 (1.45x / 1.25x on
+#: an H100): a MODEL, but no user should be steered to the slower path.
 #: ``FusedResidualStack(128, ...)`` still works when asked for by name.
 FUSE_STACK_WIDTHS = (16, 32, 64)
 

@@ -3,8 +3,19 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .droppath import check_drop_path
 from .module import FusedResidualBlock
-from .reference import ResidualBlock
+from .reference import ResidualBlock, ResidualMLPBlock
+
+
+def drop_path_rates(drop_path: float, depth: int) -> list[float]:
+    """The stochastic-depth paper's linear decay rule: block ``i`` of ``depth`` drops its branch at
+    rate ``drop_path * i / (depth - 1)``, 0 for the first block and ``drop_path`` for the last;
+    ``[0.0]`` for a single block."""
+    drop_path = check_drop_path(drop_path, "drop_path_rates")
+    if depth <= 1:
+        return [0.0] * depth
+    return [drop_path * i / (depth - 1) for i in range(depth)]
 
 
 class ResidualMLP(nn.Module):
@@ -17,18 +28,40 @@ class ResidualMLP(nn.Module):
     growing with depth; 0 with ``learnable_alpha`` is ReZero). ``fused=False`` builds the same model on eager :class:`fusedres.ResidualBlock`\\ s, for A/B
     comparisons; the two state_dicts are interchangeable.
 
+    ``hidden_features``: None (default) for one-layer blocks (``ResidualBlock`` /
+    ``FusedResidualBlock``); an int ``H`` for blocks with a hidden layer of width ``H``
+    (``ResidualMLPBlock`` / ``FusedResidualMLPBlock``).
+
+    ``drop_path``: stochastic depth. Block ``i`` (0-based) of ``depth`` gets the rate
+    ``drop_path * i / (depth - 1)``, rising linearly from 0 for the first block to ``drop_path``
+    for the last (the linear decay rule of Huang et al., "Deep Networks with Stochastic Depth");
+    with ``depth == 1`` the single block gets 0. See :func:`fusedres.drop_path_scale`.
+
     Shapes: ``(..., in_features) -> (..., out_features)``.
     """
 
     def __init__(self, in_features: int, dim: int, depth: int, out_features: int, *, fused: bool = True,
-                 bias: bool = True, alpha: float = 1.0, learnable_alpha: bool = False, device=None,
-                 dtype=None) -> None:
+                 bias: bool = True, alpha: float = 1.0, learnable_alpha: bool = False,
+                 hidden_features: int | None = None, drop_path: float = 0.0, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        block = FusedResidualBlock if fused else ResidualBlock
+        rates = drop_path_rates(check_drop_path(drop_path, "ResidualMLP: drop_path"), depth)
+        if hidden_features is None:
+            block = FusedResidualBlock if fused else ResidualBlock
+            args = (dim,)
+        else:
+            if fused:
+                from .module import FusedResidualMLPBlock  # lands with the fused MLP kernels
+                block = FusedResidualMLPBlock
+            else:
+                block = ResidualMLPBlock
+            args = (dim, hidden_features)
+        # drop_path is passed only when used: with drop_path=0 the blocks are built exactly as
+        # before it existed.
+        extra = (lambda rate: {"drop_path": rate}) if drop_path > 0 else (lambda rate: {})
         self.input = nn.Linear(in_features, dim, bias=bias, **factory)
-        self.blocks = nn.Sequential(*[block(dim, bias=bias, alpha=alpha, learnable_alpha=learnable_alpha, **factory)
-                                      for _ in range(depth)])
+        self.blocks = nn.Sequential(*[block(*args, bias=bias, alpha=alpha, learnable_alpha=learnable_alpha,
+                                            **extra(rate), **factory) for rate in rates])
         self.output = nn.Linear(dim, out_features, bias=bias, **factory)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -22,6 +22,9 @@ from torch import Tensor
 
 from . import kernels
 from ._layout import plan_rows
+from .kernels import plan as _plan_module
+from .kernels.residual_bwd import dx_head
+from .kernels.residual_fwd import fwd_head
 from .reference import eager_backward, eager_forward
 from . import validate as _validate
 from .validate import check_backward, check_forward
@@ -37,6 +40,7 @@ def read_environment() -> None:
     global _forced
     _forced = os.environ.get("FUSEDRES_BACKEND", "").strip().lower() or None
     _validate.read_environment()
+    kernels.configs.clear_prepared()      # plans hold the path each signature took
 
 
 _forced: Optional[str] = None     # "eager", "triton", None (the default rule), or a bad value from the env
@@ -54,6 +58,7 @@ def set_backend(backend: Optional[str]) -> Optional[str]:
     if value is not None and value not in _BACKENDS:
         raise ValueError(f"fusedres.set_backend: backend must be one of {_BACKENDS} or None, got {backend!r}")
     previous, _forced = _forced, value
+    kernels.configs.clear_prepared()      # plans hold the path each signature took
     return previous
 
 
@@ -170,9 +175,44 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     weights and bias are cast (so fp32 parameters get fp32 gradients), ``x`` is cast inside the
     kernel, and the residual add keeps ``x``'s precision.
     """
-    if torch.compiler.is_compiling():
+    # The eager-mode path, inline: the same kernels and numbers as the custom ops, without their
+    # per-call Python dispatch (torch.library.custom_op's autograd and redispatch cost 10-30 us a
+    # call). Inputs are checked once per signature (_plan_for); a signature seen before replays its
+    # prepared launches. torch.compile, tensor subclasses, dispatch modes, functorch transforms
+    # and autocast (which casts the parameters first) take the custom op.
+    if (_is_compiling() or type(x) not in _PLAIN or type(weight) not in _PLAIN or _dispatch_modes()
+            or _function_modes() or _functorch_active() or (_any_autocast() and torch.is_autocast_enabled(x.device.type))):
         return _through_custom_op(x, weight, bias, alpha, proj_weight)
-    return _lean(x, weight, bias, alpha, proj_weight)
+    if type(alpha) is float:
+        alpha, alpha_value = None, alpha
+    elif isinstance(alpha, Tensor):
+        alpha_value = 1.0
+    else:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            _check_inputs(x, weight, bias, alpha, proj_weight)     # raises for a bad alpha
+        alpha, alpha_value = None, float(alpha)
+    plan = _plans.get((x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype,
+                       weight.device, None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+                       alpha_value == 1.0 if alpha is None else (alpha.shape, alpha.dtype, alpha.device),
+                       None if proj_weight is None else _meta(proj_weight), _matmul_precision()))
+    if plan is None:
+        plan = _plan_for(x, weight, bias, alpha, proj_weight, alpha_value)
+    if _grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)
+                                    or (alpha is not None and alpha.requires_grad)
+                                    or (proj_weight is not None and proj_weight.requires_grad)):
+        return _apply_fused(x, weight, bias, alpha, proj_weight, alpha_value, plan)
+    return plan.forward(x, weight, bias, alpha, proj_weight, alpha_value)
+
+
+# Module-level names for what every call checks: one lookup each instead of two or three.
+_is_compiling = torch.compiler.is_compiling     # (the same function: torch.compile still folds it to True)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
+_any_autocast = torch._C._is_any_autocast_enabled
+_grad_enabled = torch.is_grad_enabled
+_empty_like = torch.empty_like
 
 
 def _through_custom_op(x, weight, bias, alpha, proj_weight) -> Tensor:
@@ -191,53 +231,7 @@ def _through_custom_op(x, weight, bias, alpha, proj_weight) -> Tensor:
         return torch.ops.fusedres.residual_forward(x, weight, bias, alpha, proj_weight, alpha_value)
 
 
-# Input signatures that passed _check_inputs (and, outside autocast, gemm_operands' dtype rule):
-# validated once, then a dict lookup. Bounded: cleared when it grows past _SEEN_MAX.
-_seen: set = set()
-_SEEN_MAX = 4096
 _PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def _meta(t):
-    return None if t is None else (t.shape, t.dtype, t.device)
-
-
-def _lean(x, weight, bias, alpha, proj_weight) -> Tensor:
-    """The eager-mode path: the same kernels and the same numbers as the custom ops, without
-    their per-call Python dispatch (``torch.library.custom_op``'s autograd and redispatch cost
-    10-30 us a call). Inputs are checked once per signature; no grad needed, no autograd node."""
-    if (type(x) not in _PLAIN or type(weight) not in _PLAIN or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()):
-        return _through_custom_op(x, weight, bias, alpha, proj_weight)   # subclasses, modes: the op
-    device = x.device
-    autocast = torch.is_autocast_enabled(device.type)
-    key = (autocast, x.dtype, device, x.dim() and x.shape[-1], weight.shape, weight.dtype, weight.device,
-           _meta(bias), _meta(alpha) if isinstance(alpha, Tensor) else type(alpha), _meta(proj_weight))
-    if key not in _seen:
-        _check_inputs(x, weight, bias, alpha, proj_weight)
-        gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias), ("proj_weight", proj_weight)])
-        if len(_seen) >= _SEEN_MAX:
-            _seen.clear()
-        _seen.add(key)
-    if autocast:
-        weight, bias, proj_weight = gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias),
-                                                                        ("proj_weight", proj_weight)])
-    if isinstance(alpha, Tensor):
-        alpha_value = 1.0
-    else:
-        alpha, alpha_value = None, float(alpha)
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad)
-                                         or (alpha is not None and alpha.requires_grad)
-                                         or (proj_weight is not None and proj_weight.requires_grad))):
-        if autocast:
-            with torch.autocast(device.type, enabled=False):
-                return _forward_impl(x, weight, bias, alpha, proj_weight, alpha_value)
-        return _forward_impl(x, weight, bias, alpha, proj_weight, alpha_value)
-    if autocast:
-        with torch.autocast(device.type, enabled=False):
-            return _FusedResidual.apply(x, weight, bias, alpha, proj_weight, alpha_value)
-    return _FusedResidual.apply(x, weight, bias, alpha, proj_weight, alpha_value)
 
 
 class _FusedResidual(torch.autograd.Function):
@@ -246,23 +240,210 @@ class _FusedResidual(torch.autograd.Function):
     whose autograd makes a second backward the same clear error as on the custom-op path."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, alpha, proj_weight, alpha_value):
-        y = _forward_impl(x, weight, bias, alpha, proj_weight, alpha_value)
-        _setup_context(ctx, (x, weight, bias, alpha, proj_weight, alpha_value), y)
-        return y
+    def forward(ctx, x, weight, bias, alpha, proj_weight, alpha_value, plan):
+        # as _setup_context, inline (this runs on every training step's forward)
+        ctx.save_for_backward(x, weight, bias if (alpha is not None and alpha.requires_grad) else None, alpha,
+                              proj_weight)
+        ctx.state = (plan, alpha_value, bias is not None, alpha is not None, proj_weight is not None)
+        launch = plan.fwd
+        if launch is not None and plan.fast and not _validate.ENABLED:     # _Plan.forward's fast path, inline
+            y = _empty_like(x)
+            launch.run(fwd_head(x, weight, bias, y, alpha if alpha is not None else
+                                (None if alpha_value == 1.0 else alpha_value), proj_weight))
+            return y
+        return plan.forward(x, weight, bias, alpha, proj_weight, alpha_value)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, alpha, proj_weight = ctx.saved_tensors
-        has_bias, has_alpha, has_proj = ctx.has
+        plan, alpha_value, has_bias, has_alpha, has_proj = ctx.state
         need_dx, need_weight, need_bias, need_alpha, need_proj = ctx.needs_input_grad[:5]
         needs = (need_dx, need_weight, need_bias and has_bias, need_alpha and has_alpha, need_proj and has_proj)
         if torch.is_grad_enabled():
             grads = torch.ops.fusedres.residual_backward(grad, x, weight, bias, alpha, proj_weight, *needs,
-                                                         ctx.alpha_value)
+                                                         alpha_value)
         else:
-            grads = _backward_impl(grad, x, weight, bias, alpha, proj_weight, *needs, ctx.alpha_value)
-        return (*(g if need else None for g, need in zip(grads, needs)), None)
+            grads = plan.backward(grad, x, weight, bias, alpha, proj_weight, needs, alpha_value)
+        return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+
+
+# torch.autograd.Function.apply's C implementation. The Python classmethod over it adds only
+# functorch's wrapper handling (about 2 us a call); _lean takes the custom op whenever a functorch
+# transform is active, so it calls the C apply directly.
+_apply_fused = super(torch.autograd.Function, _FusedResidual).apply
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans: what one input signature fixes
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+_matmul_precision = torch._C._get_float32_matmul_precision     # what torch.get_float32_matmul_precision returns
+
+
+def _signature(x, weight, bias, alpha, proj_weight, alpha_value) -> tuple:
+    """Everything a call's checks, allocations and launches depend on, but the data: shapes,
+    strides, dtypes, devices, which optional operands there are, a float alpha of 1 (no scale) or
+    not, and torch's fp32 matmul precision (tf32 or IEEE). (fused_residual builds the same tuple
+    inline, a Python call less on every call: keep the two equal.)"""
+    return (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
+            None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+            alpha_value == 1.0 if alpha is None else (alpha.shape, alpha.dtype, alpha.device),
+            None if proj_weight is None else _meta(proj_weight), _matmul_precision())
+
+
+# signature -> _Plan. Bounded: cleared when it grows past _PLANS_MAX; emptied by
+# kernels.configs.clear_prepared when a config override, forced split, tuning or mode changes.
+_plans: dict = kernels.configs.register_prepared_cache({})
+_op_plans: dict = kernels.configs.register_prepared_cache({})
+_PLANS_MAX = 4096
+
+
+def _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, plans: dict = _plans) -> "_Plan":
+    """The plan of this call's signature: found, or made after the input checks (which run once
+    per signature: a signature that passed them once passes them always). ``fused_residual``'s
+    plans (``_plans``) also hold its dtype rule (parameters in x's dtype outside autocast); the
+    custom ops' (``_op_plans``) take what autocast made, parameters cast, x not."""
+    key = _signature(x, weight, bias, alpha, proj_weight, alpha_value)
+    plan = plans.get(key)
+    if plan is None:
+        _check_inputs(x, weight, bias, alpha if alpha is not None else alpha_value, proj_weight)
+        if plans is _plans:
+            gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias), ("proj_weight", proj_weight)])
+        if len(plans) >= _PLANS_MAX:
+            plans.clear()
+        plan = plans[key] = _Plan(x, weight, bias)
+    return plan
+
+
+class _Plan:
+    """One input signature's path, row layout, output, and prepared launches.
+
+    The first call of a signature launches through :mod:`fusedres.kernels`' launchers (config
+    choice, autotuning on a GPU, split plan) and keeps each launch as a
+    :class:`~fusedres.kernels.configs.PreparedLaunch`; later calls only allocate their outputs and
+    replay those launches with their own tensors. Same kernels, configs, grids and arguments, so
+    the same results and launch counts.
+    """
+    __slots__ = ("eager", "rows", "xs", "copy_x", "copy_bias", "out_shape", "out_dtype", "like_x", "fast", "fwd",
+                 "bwd")
+
+    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+        self.eager = backend_for(x.device) == "eager"
+        self.rows, (self.xs,), (xk,) = plan_rows(x)
+        self.copy_x = xk is not x
+        # the kernels read bias[n] at n: a strided bias is made contiguous (D elements)
+        self.copy_bias = bias is not None and bias.numel() > 1 and bias.stride(0) != 1
+        self.out_shape = (*x.shape[:-1], weight.shape[0])
+        self.out_dtype = torch.promote_types(x.dtype, weight.dtype)
+        # y as x's own layout (the cheapest allocation) when that is the row-major output
+        self.like_x = x.is_contiguous() and self.out_shape == x.shape and self.out_dtype == x.dtype
+        # the common case: Triton, no copies, y like x
+        self.fast = self.like_x and not (self.eager or self.copy_x or self.copy_bias)
+        self.fwd = None
+        self.bwd: dict = {}
+
+    def forward(self, x, weight, bias, alpha, proj_weight, alpha_value) -> Tensor:
+        launch = self.fwd
+        if launch is not None and self.fast:
+            y = _empty_like(x)
+            launch.run(fwd_head(x, weight, bias, y, alpha if alpha is not None else
+                                (None if alpha_value == 1.0 else alpha_value), proj_weight))
+            if _validate.ENABLED:
+                check_forward(y, x, weight, bias, _scale(alpha, alpha_value), proj_weight)
+            return y
+        if self.eager:
+            return eager_forward(x, weight, bias, _scale(alpha, alpha_value), proj_weight)
+        if self.copy_x:
+            x = plan_rows(x)[2][0]
+        if self.copy_bias:
+            bias = bias.contiguous()
+        y = torch.empty_like(x) if self.like_x else x.new_empty(self.out_shape, dtype=self.out_dtype)
+        scale = _scale(alpha, alpha_value)
+        if self.fwd is not None:
+            self.fwd(*fwd_head(x, weight, bias, y, scale, proj_weight))
+        else:
+            self.fwd = kernels.residual_fwd(x, self.xs, weight, bias, y.view(self.rows.M, weight.shape[0]),
+                                            self.rows, alpha=scale, proj_weight=proj_weight)
+        if _validate.ENABLED:
+            check_forward(y, x, weight, bias, scale, proj_weight)
+        return y
+
+    def backward(self, grad, x, weight, bias, alpha, proj_weight, needs, alpha_value):
+        """(dx, dW, db, dalpha, dP), None for each not asked for."""
+        scale = _scale(alpha, alpha_value)
+        if self.eager:
+            return eager_backward(grad, x, weight, bias, scale, proj_weight, *needs)
+        if self.copy_bias:
+            bias = bias.contiguous()
+        key = (grad.shape, grad.stride(), grad.dtype, grad.device, needs, bias is None, _plan_module.forced_splits())
+        launches = self.bwd.get(key)
+        if launches is None:
+            launches = self.bwd[key] = _BackwardLaunches(grad, x)
+        grads = launches.run(grad, x, weight, bias, scale, proj_weight, *needs)
+        if _validate.ENABLED:
+            check_backward(grads, grad, x, weight, bias, scale, proj_weight)
+        return grads
+
+
+class _BackwardLaunches:
+    """The backward's row layout and prepared dx and dW launches, for one (grad layout, needed
+    gradients) of a forward signature."""
+    __slots__ = ("rows", "gs", "xs", "copy", "dx", "dw")
+
+    def __init__(self, grad: Tensor, x: Tensor):
+        self.rows, (self.gs, self.xs), (gk, xk) = plan_rows(grad, x)
+        self.copy = gk is not grad or xk is not x
+        self.dx = self.dw = None
+
+    def run(self, grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha, need_proj):
+        N, K = weight.shape
+        rows, gs, xs = self.rows, self.gs, self.xs
+        if self.copy:
+            rows, (gs, xs), (grad, x_rows) = plan_rows(grad, x)
+        else:
+            x_rows = x
+        dx = dw = db = dalpha = dp = None
+        if need_dx:
+            dx = x.new_empty(x.shape)
+            if self.dx is not None:
+                self.dx(*dx_head(grad, x_rows, weight, dx, alpha, proj_weight))
+            else:
+                self.dx = kernels.residual_dx(grad, gs, x_rows, xs, weight, dx.view(rows.M, K), rows, alpha=alpha,
+                                              proj_weight=proj_weight)
+        if need_weight or need_alpha or need_proj:
+            # dW is the GEMM the dalpha and dP reductions ride on: it is computed whenever they are.
+            acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            dw = weight.new_empty(N, K)
+            db = weight.new_empty(N) if need_bias else None
+            dp = weight.new_empty(N, K) if need_proj else None
+            # no zero fill: only the partials of the launch's own programs are summed
+            partials = (torch.empty(kernels.dalpha_workspace_size(N, K, need_proj), device=x.device, dtype=acc)
+                        if need_alpha else None)
+            if self.dw is not None:
+                programs = self.dw(grad, x_rows, dw, db, weight=weight, bias=bias, alpha=alpha,
+                                   dalpha_partials=partials, dp=dp)
+            else:
+                self.dw = kernels.residual_dw(grad, gs, x_rows, xs, dw, db, rows, weight=weight, bias=bias,
+                                              alpha=alpha, dalpha_partials=partials, dp=dp)
+                programs = self.dw.programs
+            if need_alpha:
+                dalpha = partials[:programs].sum().to(alpha.dtype).reshape(alpha.shape)
+            if not need_weight:
+                dw = None
+        elif need_bias:
+            # db alone is a column sum: a native reduction, with no GEMM to fold it into.
+            acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            db = grad.reshape(-1, N).sum(0, dtype=acc)
+            if isinstance(alpha, Tensor):
+                db = db * alpha.to(acc)
+            elif alpha is not None:
+                db = db * alpha
+            db = db.to(weight.dtype)
+        return dx, dw, db, dalpha, dp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,15 +464,8 @@ def _empty_like_output(x: Tensor, weight: Tensor) -> Tensor:
 
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
                   proj_weight: Optional[Tensor], alpha_value: float = 1.0) -> Tensor:
-    if backend_for(x.device) == "eager":
-        return eager_forward(x, weight, bias, _scale(alpha, alpha_value), proj_weight)
-    rows, (xs,), (xk,) = plan_rows(x)
-    y = _empty_like_output(x, weight)
-    kernels.residual_fwd(xk, xs, weight, bias, y.view(rows.M, weight.shape[0]), rows,
-                         alpha=_scale(alpha, alpha_value), proj_weight=proj_weight)
-    if _validate.ENABLED:
-        check_forward(y, x, weight, bias, _scale(alpha, alpha_value), proj_weight)
-    return y
+    return _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, _op_plans).forward(
+        x, weight, bias, alpha, proj_weight, alpha_value)
 
 
 @torch.library.custom_op("fusedres::residual_forward", mutates_args=())
@@ -321,50 +495,9 @@ def residual_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
 def _backward_impl(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha,
                    need_proj, alpha_value=1.0):
     """(dx, dW, db, dalpha, dP), None for each not asked for: both paths' backward."""
-    alpha = _scale(alpha, alpha_value)
-    if backend_for(x.device) == "eager":
-        return eager_backward(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias,
-                              need_alpha, need_proj)
-    grads = _triton_backward(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias,
-                             need_alpha, need_proj)
-    if _validate.ENABLED:
-        check_backward(grads, grad, x, weight, bias, alpha, proj_weight)
-    return grads
-
-
-def _triton_backward(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha,
-                     need_proj):
-    N, K = weight.shape
-    rows, (gs, xs), (gk, xk) = plan_rows(grad, x)
-    dx = dw = db = dalpha = dp = None
-    if need_dx:
-        dx = x.new_empty(x.shape)
-        kernels.residual_dx(gk, gs, xk, xs, weight, dx.view(rows.M, K), rows, alpha=alpha, proj_weight=proj_weight)
-    if need_weight or need_alpha or need_proj:
-        # dW is the GEMM the dalpha and dP reductions ride on: it is computed whenever they are.
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        dw = weight.new_empty(N, K)
-        db = weight.new_empty(N) if need_bias else None
-        dp = weight.new_empty(N, K) if need_proj else None
-        # no zero fill: only the partials of the launch's own programs are summed
-        partials = (torch.empty(kernels.dalpha_workspace_size(N, K, need_proj), device=x.device, dtype=acc)
-                    if need_alpha else None)
-        programs = kernels.residual_dw(gk, gs, xk, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
-                                       dalpha_partials=partials, dp=dp)
-        if need_alpha:
-            dalpha = partials[:programs].sum().to(alpha.dtype).reshape(alpha.shape)
-        if not need_weight:
-            dw = None
-    elif need_bias:
-        # db alone is a column sum: a native reduction, with no GEMM to fold it into.
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        db = grad.reshape(-1, N).sum(0, dtype=acc)
-        if isinstance(alpha, Tensor):
-            db = db * alpha.to(acc)
-        elif alpha is not None:
-            db = db * alpha
-        db = db.to(weight.dtype)
-    return dx, dw, db, dalpha, dp
+    plan = _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, _op_plans)
+    return plan.backward(grad, x, weight, bias, alpha, proj_weight,
+                         (need_dx, need_weight, need_bias, need_alpha, need_proj), alpha_value)
 
 
 @residual_backward.register_fake
@@ -380,7 +513,7 @@ def _(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, alpha, proj_weight, alpha_value = inputs
-    ctx.has = tuple(t is not None for t in (bias, alpha, proj_weight))
+    ctx.has = (bias is not None, alpha is not None, proj_weight is not None)
     ctx.alpha_value = alpha_value
     # Saved: x, the weights, and alpha; the bias only when alpha needs its gradient (dalpha's
     # <g.sum(0), b> term). Never relu(x) or any other M x D tensor.

@@ -7,19 +7,56 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .droppath import apply_sample_scale, check_drop_path, check_sample_scale, drop_path_scale
+
 
 def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, alpha: float | Tensor = 1.0,
-                       proj_weight: Tensor | None = None) -> Tensor:
+                       proj_weight: Tensor | None = None, sample_scale: Tensor | None = None) -> Tensor:
     """The definition of the block, in plain PyTorch:
 
     ``x + alpha * F.linear(F.relu(x), weight, bias)``, or with a projection shortcut
     ``F.linear(x, proj_weight) + alpha * F.linear(F.relu(x), weight, bias)``.
+
+    ``sample_scale`` (stochastic depth, see :mod:`fusedres.droppath`): None, or a 1-D tensor ``s``
+    of ``x.shape[0]`` values scaling each sample's branch,
+    ``y[b] = shortcut[b] + s[b] * alpha * F.linear(F.relu(x[b]), weight, bias)``; where
+    ``s[b] == 0`` the sample's output is its shortcut exactly.
     """
+    check_sample_scale(sample_scale, x, "residual_reference")
     shortcut = x if proj_weight is None else F.linear(x, proj_weight)
-    branch = F.linear(F.relu(x), weight, bias)
+    branch = apply_sample_scale(F.linear(F.relu(x), weight, bias), sample_scale)
+    return _add_branch(shortcut, branch, alpha)
+
+
+def _add_branch(shortcut: Tensor, branch: Tensor, alpha: float | Tensor) -> Tensor:
+    """``shortcut + alpha * branch``, skipping the multiply for a float alpha of 1."""
     if isinstance(alpha, Tensor):
         return torch.addcmul(shortcut, alpha, branch)
     return shortcut + branch if alpha == 1.0 else shortcut + alpha * branch
+
+
+def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
+                           fc2_bias: Tensor | None, *, alpha: float | Tensor = 1.0,
+                           sample_scale: Tensor | None = None) -> Tensor:
+    """The definition of the block with a hidden layer (the MLP block), in plain PyTorch:
+
+    ``y = x + alpha * s * (relu(relu(x) @ W1.T + b1) @ W2.T + b2)``
+
+    with ``W1 = fc1_weight [H, D]``, ``b1 = fc1_bias [H]``, ``W2 = fc2_weight [D, H]``,
+    ``b2 = fc2_bias [D]`` (either bias may be None), ``x (..., D)``, and ``s`` the per-sample scale
+    ``sample_scale`` (1-D, ``x.shape[0]`` values, one per index of x's first dimension; None: 1).
+    Where ``s[b] == 0`` the sample's output is ``x[b]`` exactly.
+    """
+    check_sample_scale(sample_scale, x, "residual_mlp_reference")
+    D = x.shape[-1] if x.dim() else None
+    if fc1_weight.dim() != 2 or fc2_weight.dim() != 2 or fc1_weight.shape[1] != D or \
+            tuple(fc2_weight.shape) != (D, fc1_weight.shape[0]):
+        raise ValueError("residual_mlp_reference: expected fc1_weight [H, D] and fc2_weight [D, H] with "
+                         f"D = x.shape[-1] = {D}, got fc1_weight {list(fc1_weight.shape)} and fc2_weight "
+                         f"{list(fc2_weight.shape)}")
+    h = F.linear(F.relu(x), fc1_weight, fc1_bias)
+    branch = apply_sample_scale(F.linear(F.relu(h), fc2_weight, fc2_bias), sample_scale)
+    return _add_branch(x, branch, alpha)
 
 
 def eager_forward(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor | None = None,
@@ -62,7 +99,50 @@ def eager_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
     return dx, dw, db, dalpha, dp
 
 
-class _ResidualParameters(nn.Module):
+class _ResidualAlpha(nn.Module):
+    """What every residual block shares besides its GEMM weights: the branch scale ``alpha`` (a 0-dim
+    buffer of that name, or with ``learnable_alpha`` a parameter), loading a checkpoint that has no
+    ``alpha``, and the stochastic-depth rate ``drop_path`` (a plain float, not in the state_dict)."""
+
+    def _init_alpha(self, alpha: float, learnable_alpha: bool, device, dtype) -> None:
+        alpha_t = torch.tensor(float(alpha), device=device, dtype=dtype)
+        if learnable_alpha:
+            self.alpha = nn.Parameter(alpha_t)
+        else:
+            self.register_buffer("alpha", alpha_t)
+        self._alpha_init = float(alpha)
+
+    def _init_drop_path(self, drop_path: float) -> None:
+        self.drop_path = check_drop_path(drop_path, f"{type(self).__name__}: drop_path")
+
+    def _sample_scale(self, x: Tensor) -> Tensor | None:
+        """Stochastic depth's per-sample scale for this forward (None: the plain block)."""
+        return drop_path_scale(x, getattr(self, "drop_path", 0.0), self.training)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A checkpoint without ``alpha`` (an nn.Linear's, or a {weight, bias} block's) keeps this
+        # module's own alpha, as _BatchNorm keeps its num_batches_tracked: the key is filled in
+        # with the current value (a fresh one of the constructor's value on the meta device, so
+        # that ``assign=True`` materialises it). Every other key is checked as usual.
+        key = prefix + "alpha"
+        if key not in state_dict:
+            alpha = self.alpha
+            if alpha.device.type == "meta":
+                alpha = torch.tensor(getattr(self, "_alpha_init", 1.0), dtype=alpha.dtype)
+            state_dict[key] = alpha
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _alpha_repr(self) -> str:
+        alpha = self.alpha
+        value = getattr(self, "_alpha_init", 1.0) if alpha.device.type == "meta" else alpha.item()
+        learnable = " (learnable)" if isinstance(alpha, nn.Parameter) else ""
+        drop = getattr(self, "drop_path", 0.0)
+        return f"alpha={value:g}{learnable}" + (f", drop_path={drop:g}" if drop else "")
+
+
+class _ResidualParameters(_ResidualAlpha):
     """The block's parameters, named and initialised as in ``nn.Linear``, so a state_dict moves
     between the eager and the fused block unchanged:
 
@@ -71,11 +151,12 @@ class _ResidualParameters(nn.Module):
     - ``proj_weight [out, in]`` when ``out != in``: ``nn.Linear(in, out, bias=False)``'s weight.
 
     ``out_features`` may be left out (``None``: a square block). For the issue-2 signature
-    ``(dim, bias)``, a bool in second place is taken as ``bias``.
+    ``(dim, bias)``, a bool in second place is taken as ``bias``. ``drop_path`` is the
+    stochastic-depth rate (:mod:`fusedres.droppath`), a float attribute outside the state_dict.
     """
 
     def __init__(self, dim: int, out_features: int | None = None, bias: bool = True, *, alpha: float = 1.0,
-                 learnable_alpha: bool = False, device=None, dtype=None) -> None:
+                 learnable_alpha: bool = False, drop_path: float = 0.0, device=None, dtype=None) -> None:
         super().__init__()
         if isinstance(out_features, bool):
             out_features, bias = None, out_features
@@ -94,28 +175,9 @@ class _ResidualParameters(nn.Module):
             self.proj_weight = nn.Parameter(torch.empty(out_features, dim, **factory))
         else:
             self.register_parameter("proj_weight", None)
-        alpha_t = torch.tensor(float(alpha), device=device, dtype=dtype)
-        if learnable_alpha:
-            self.alpha = nn.Parameter(alpha_t)
-        else:
-            self.register_buffer("alpha", alpha_t)
-        self._alpha_init = float(alpha)
+        self._init_alpha(alpha, learnable_alpha, device, dtype)
+        self._init_drop_path(drop_path)
         self.reset_parameters()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        # A checkpoint without ``alpha`` (an nn.Linear's, or a {weight, bias} block's) keeps this
-        # module's own alpha, as _BatchNorm keeps its num_batches_tracked: the key is filled in
-        # with the current value (a fresh one of the constructor's value on the meta device, so
-        # that ``assign=True`` materialises it). Every other key is checked as usual.
-        key = prefix + "alpha"
-        if key not in state_dict:
-            alpha = self.alpha
-            if alpha.device.type == "meta":
-                alpha = torch.tensor(getattr(self, "_alpha_init", 1.0), dtype=alpha.dtype)
-            state_dict[key] = alpha
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     @property
     def dim(self) -> int:
@@ -134,8 +196,7 @@ class _ResidualParameters(nn.Module):
     def extra_repr(self) -> str:
         shape = (f"dim={self.in_features}" if self.proj_weight is None
                  else f"in_features={self.in_features}, out_features={self.out_features}")
-        learnable = " (learnable)" if isinstance(self.alpha, nn.Parameter) else ""
-        return f"{shape}, bias={self.bias is not None}, alpha={self.alpha.item():g}{learnable}"
+        return f"{shape}, bias={self.bias is not None}, {self._alpha_repr()}"
 
 
 class ResidualBlock(_ResidualParameters):
@@ -143,11 +204,81 @@ class ResidualBlock(_ResidualParameters):
     must match: ``y = x + alpha * (relu(x) @ weight.T + bias)``, or with ``out_features != dim``
     ``y = x @ proj_weight.T + alpha * (relu(x) @ weight.T + bias)``.
 
+    With ``drop_path = p > 0``, in training, each sample (index of x's first dimension) keeps its
+    branch scaled by ``1/(1 - p)`` with probability ``1 - p`` or drops it (stochastic depth,
+    timm's ``DropPath``; :func:`fusedres.drop_path_scale`). Eval mode is the plain block.
+
     Shapes: ``x`` is ``(..., dim)``; ``y`` is ``(..., out_features)`` in ``x``'s dtype.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        return residual_reference(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight)
+        return residual_reference(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight,
+                                  sample_scale=self._sample_scale(x))
+
+
+class _ResidualMLPParameters(_ResidualAlpha):
+    """The MLP block's parameters and settings, shared by the eager and the fused MLP block so a
+    state_dict moves between them (and from a timm-style ``Mlp``) unchanged:
+
+    - ``fc1 = nn.Linear(dim, hidden_features, bias)`` and ``fc2 = nn.Linear(hidden_features, dim, bias)``:
+      timm's ``Mlp`` names, ``nn.Linear``'s init (fc1 drawn first, then fc2);
+    - ``alpha``: a 0-dim buffer, or with ``learnable_alpha`` a parameter; a state_dict without it
+      keeps the module's own value;
+    - ``drop_path``: the stochastic-depth rate, a float outside the state_dict;
+    - ``recompute``: a bool for the fused block (save only x for the backward and
+      recompute the hidden pre-activation); the eager block ignores it.
+    """
+
+    def __init__(self, dim: int, hidden_features: int, bias: bool = True, *, alpha: float = 1.0,
+                 learnable_alpha: bool = False, drop_path: float = 0.0, recompute: bool = False, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        for name, n in (("dim", dim), ("hidden_features", hidden_features)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {n!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.hidden_features = dim, hidden_features
+        self.fc1 = nn.Linear(dim, hidden_features, bias=bias, **factory)
+        self.fc2 = nn.Linear(hidden_features, dim, bias=bias, **factory)
+        self._init_alpha(alpha, learnable_alpha, device, dtype)
+        self._init_drop_path(drop_path)
+        self.recompute = bool(recompute)
+
+    def reset_parameters(self) -> None:
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, hidden_features={self.hidden_features}, bias={self.fc1.bias is not None}, "
+                f"{self._alpha_repr()}" + (", recompute=True" if self.recompute else ""))
+
+
+class ResidualMLPBlock(_ResidualMLPParameters):
+    """Pre-activation residual block with a hidden layer in eager PyTorch, the reference
+    :class:`fusedres.FusedResidualMLPBlock` must match:
+
+    ``y = x + alpha * s * (relu(relu(x) @ fc1.weight.T + fc1.bias) @ fc2.weight.T + fc2.bias)``
+
+    Args:
+        dim: the block's width ``D`` (input and output).
+        hidden_features: the hidden width ``H`` (``4 * dim`` is a transformer's feed-forward shape).
+        bias: learn ``fc1.bias`` and ``fc2.bias``.
+        alpha: residual-branch scale (a buffer named ``alpha``); 0 with ``learnable_alpha`` is ReZero.
+        learnable_alpha: make ``alpha`` a parameter.
+        drop_path: stochastic-depth rate ``p``: in training, ``s[b] = m_b / (1 - p)`` with
+            ``m_b ~ Bernoulli(1 - p)`` per sample (index of x's first dimension); ``s = 1`` in eval
+            mode or at ``p = 0`` (:func:`fusedres.drop_path_scale`).
+        recompute: stored for the fused block (which then saves only x); the eager block ignores it.
+
+    The state_dict holds ``fc1.weight [H, D]``, ``fc1.bias [H]``, ``fc2.weight [D, H]``,
+    ``fc2.bias [D]`` and ``alpha``: a timm-style ``Mlp``'s state_dict (no ``alpha``) loads as is.
+
+    Shapes: ``x`` is ``(..., dim)``; ``y`` is ``(..., dim)``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return residual_mlp_reference(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                      alpha=self.alpha, sample_scale=self._sample_scale(x))
 
 
 # ---------------------------------------------------------------------------------------------

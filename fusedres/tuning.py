@@ -23,6 +23,7 @@ import triton
 from torch import Tensor, nn
 
 from .kernels._common import next_pow2_bucket
+from .kernels import configs
 from .kernels.configs import autotune_key  # noqa: F401  (re-exported for users)
 from .kernels.residual_bwd import residual_dw_kernel_tuned, residual_dx_kernel_tuned
 from .kernels.residual_fwd import residual_fwd_kernel_tuned
@@ -166,4 +167,5 @@ def load_tuning(path: str | os.PathLike, *, strict: bool = True) -> int:
             tuned.cache[tuple(e["key"])] = triton.Config(c["kwargs"], num_warps=c["num_warps"],
                                                          num_stages=c["num_stages"])
             n += 1
+    configs.clear_prepared()      # prepared launches hold the configs chosen before
     return n

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .kernels import configs as _configs
 from .reference import eager_backward, eager_forward
 
 
@@ -87,6 +88,7 @@ def set_validate(on: bool) -> bool:
     setting. ``FUSEDRES_VALIDATE=1`` sets the initial value, read once at import."""
     global ENABLED
     previous, ENABLED = ENABLED, bool(on)
+    _configs.clear_prepared()
     return previous
 
 

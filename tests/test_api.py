@@ -93,8 +93,9 @@ def test_validate_mode_passes_correct_kernels(device, monkeypatch, launches):
 
 def _corrupt(launcher, output_index):
     def wrong(*args, **kwargs):
-        launcher(*args, **kwargs)
+        prepared = launcher(*args, **kwargs)
         args[output_index].view(-1)[3] += 1.0
+        return prepared
     return wrong
 
 
@@ -221,3 +222,23 @@ def test_readme_error_table_is_current():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [row for row in error_table_rows() if row not in readme]
     assert not missing, "README error table is stale; the current rows are:\n" + "\n".join(error_table_rows())
+
+
+def test_a_strided_bias_is_read_as_its_values(device, launches):
+    """The kernels read ``bias[n]`` at ``n``: a bias that is a strided view (``b[::2]``) is made
+    contiguous first, forward and backward (its gradient, and dalpha's ``<g.sum(0), b>``)."""
+    from fusedres.validate import parity
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 16, device=device, requires_grad=True)
+    w = (torch.randn(16, 16, device=device) * 0.25).requires_grad_()
+    storage = torch.randn(32, device=device, requires_grad=True)
+    alpha = torch.tensor(0.7, device=device, requires_grad=True)
+    outs = {}
+    for impl, fn in (("fused", fused_residual), ("eager", fusedres.residual_reference)):
+        for dtype in ((torch.float32, torch.float64) if impl == "eager" else (torch.float32,)):
+            args = [t.detach().to(dtype).requires_grad_() for t in (x, w, storage, alpha)]
+            y = fn(args[0], args[1], args[2][::2], alpha=args[3])
+            outs[impl, dtype] = (y, *torch.autograd.grad(y, args, torch.ones_like(y)))
+    assert launches()["residual_fwd"] == 1 and launches()["residual_dw"] == 1
+    for f, e, r in zip(outs["fused", torch.float32], outs["eager", torch.float32], outs["eager", torch.float64]):
+        assert parity(f, e, r).ok

@@ -271,7 +271,16 @@ def test_cpu_mode_end_to_end(tmp_path):
         for key in ("M", "D", "dtype", "bytes_read", "bytes_written", "unique_bytes", "flops"):
             assert key in r
         assert "MODEL" in r["model_projection"]["note"]
+        v2 = r["model_v2"]                                         # MODEL v2 beside the v1 ceiling
+        assert "MODEL" in v2["note"] and set(v2["time_us_model"]) == {"H100 SXM", "A100 SXM 80GB", "H200 SXM"}
+        assert all(t >= model.LAUNCH_US for t in v2["time_us_model"].values())
     by = {(r["impl"], r["mode"]): r for r in recs}
+    for gpu, sp in by[("eager", "full")]["model_v2"]["speedup_over_eager_model"].items():
+        assert sp == pytest.approx(1.0)
+    # the fused request bytes measured here equal the v2 formula at the config the interpreter ran
+    table = (out / "cpu_traffic.md").read_text().split("measured here vs the v2 formula")[1].split("###")[0]
+    assert [line.split("|")[-2].strip() for line in table.splitlines() if line.startswith("| d") or
+            line.startswith("| f")] == ["1.0000"] * 3
     M, D, e = 128, 64, 4
     assert by[("fused", "fwd")]["unique_bytes"] == e * (2 * M * D + D * D + D)
     assert by[("fused", "bwd")]["unique_bytes"] == e * (5 * M * D + 2 * D * D + D)
@@ -627,3 +636,164 @@ def test_stack_v2_table_counts_the_l2_partials():
     r = stack.stack_v2_us(65536, 64, 8, "bf16", "h100")
     assert r["bwd_block_m"] == 128 and r["l2_partial_per_row_layer"] == 2 * r["act_per_row_layer"] == 256
     assert r["stack_us"] > 0 and r["blocks_us"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# MODEL v2: request bytes measured vs formula, stack rows, small M, the peers (issue 14 follow-up)
+
+
+def _fixed_config(bm, bn, bk):
+    import triton
+    names = {"fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), "dx": ("BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M"),
+             "dw": ("BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_K")}
+
+    def choose(kind, named_args):
+        if kind not in names:
+            return None
+        a, b, c, g = names[kind]
+        return triton.Config({a: bm, b: bn, c: bk, g: 8}, num_warps=4, num_stages=1)
+    return choose
+
+
+@interpreted
+@pytest.mark.parametrize("M,D,tile,splits", [(256, 128, (64, 64, 32), 1), (200, 96, (64, 32, 32), 1),
+                                             (200, 96, (16, 32, 32), 3)])
+def test_v2_request_bytes_formula_matches_the_interpreter(M, D, tile, splits):
+    """bench/model.py's request-bytes formulas (the v2 L2 term) equal the interpreter's count of every
+    active lane of every load and store, per kernel, in a pinned config: tiles that divide, ragged
+    tiles (M = 200, D = 96), and a forced split-M dW (S = 3, ragged last split) with its reduce."""
+    from fusedres.kernels import configs, plan
+    from fusedres.traffic import InterpreterTraffic
+    x, w, b, g = cpu.make_inputs(M, D, torch.float32)
+    choose = _fixed_config(*tile)
+    with configs.config_override(choose), plan.force_splits(splits):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        with InterpreterTraffic() as t:
+            y = fusedres.fused_residual(xs, ws, bs)
+            torch.autograd.grad(y, (xs, ws, bs), g)
+    measured = {}
+    for lc in t.launches:
+        measured[lc.kernel] = measured.get(lc.kernel, 0) + lc.bytes_read + lc.bytes_written
+    e = 4
+    for kind in ("fwd", "dx", "dw"):
+        c = choose(kind, None)
+        if kind == "dw":
+            p = plan.plan_dw(plan.INTERPRETER_SMS, M, D, D, c, splits=splits)
+            k = model.v2_dw(M, D, e, c.kwargs, p.programs, p.waves, p.splits, p.tiles_per_split)
+        else:
+            p = {"fwd": plan.plan_fwd, "dx": plan.plan_dx}[kind](plan.INTERPRETER_SMS, M, D, D, c)
+            k = {"fwd": model.v2_fwd, "dx": model.v2_dx}[kind](M, D, e, c.kwargs, p.programs, p.waves)
+        assert measured[f"residual_{kind}_kernel"] == k.l2_bytes, kind
+    if splits > 1:
+        assert measured["residual_dw_reduce_kernel"] == model.v2_reduce(D, e, 1, 1, p.splits).l2_bytes
+    else:
+        assert "residual_dw_reduce_kernel" not in measured
+
+
+def test_plan_lists_the_stack_kernels():
+    """At D <= 128 the plan has the stack's kernels as rows with the plan's keys; their MODEL v2 times
+    sum to bench.stack.stack_v2_us's stack time (one copy of the stack's model), and none is below its
+    own compute or HBM lower bound. Without stack_layers (bench.stack's own use) there are none."""
+    from bench import plan as bplan
+    from bench import stack
+    keys = {"kernel", "config", "gpu", "M", "D", "dtype", "programs", "splits", "waves", "fill", "model_us", "chosen"}
+    for gpu in ("h100", "a100"):
+        for D in (16, 64, 128):
+            recs = bplan.plan_records(gpu, 65536, D, "bf16", stack_layers=8)
+            rows = [r for r in recs if r["kernel"].startswith("stack_")]
+            assert [r["kernel"] for r in rows] == ["stack_fwd", "stack_bwd", "stack_reduce"]
+            assert all(set(r) >= keys and r["chosen"] and r["L"] == 8 for r in bplan.public(rows))
+            want = stack.stack_v2_us(65536, D, 8, "bf16", gpu)["stack_us"]
+            assert sum(r["model_us"] for r in rows) == pytest.approx(want, rel=1e-4)
+            gv2 = model.GPUS_V2[gpu]
+            for r, k in bplan.plan_kernels(rows):
+                comp, hbm = model.lower_bounds_us(k, gv2, "bf16")
+                assert r["model_us"] >= max(comp, hbm) and 0 < r["fill"] <= 1
+    assert not [r for r in bplan.plan_records("h100", 65536, 64, "bf16") if r["kernel"].startswith("stack_")]
+    assert not [r for r in bplan.plan_records("h100", 65536, 256, "bf16", stack_layers=8)
+                if r["kernel"].startswith("stack_")]
+
+
+def test_small_m_report_and_bounds():
+    """fwd and dx at M in {512, 2048, 8192} x D in {1024, 4096}, bf16, H100 and A100: 24 rows; every
+    plan record there respects the lower bounds; the best fill over the shipped configs reaches half a
+    wave everywhere (the README's small-M table)."""
+    from bench import plan as bplan
+    rows = bplan.small_m_records()
+    assert len(rows) == 2 * 3 * 2 * 2
+    assert all(r["half_wave"] and 0 < r["fill"] <= r["best_fill"] <= 1 for r in rows)
+    text = bplan.format_small_m(rows)
+    assert "MODEL" in text and text.count("\n| h100") == 12 and text.count("\n| a100") == 12
+    for gpu in ("h100", "a100"):
+        gv2 = model.GPUS_V2[gpu]
+        for M in bplan.SMALL_M:
+            for D in bplan.SMALL_M_D:
+                for r, k in bplan.plan_kernels(bplan.plan_records(gpu, M, D, "bf16")):
+                    if r["kernel"] == "dw_reduce" and not r["programs"]:
+                        continue
+                    comp, hbm = model.lower_bounds_us(k, gv2, "bf16")
+                    assert r["model_us"] >= comp and r["model_us"] >= hbm, r
+
+
+@pytest.mark.parametrize("impl", ["eager", "compile", "compile-max-autotune", "compile-max-autotune+prologue"])
+def test_peer_v2_full_fill_respects_the_bounds(impl):
+    """The peers in MODEL v2 (full fill, GEMM re-reads at a 128 x 128 tile): never below FLOPs / peak or
+    bytes / HBM bandwidth; and the fused v2 time never below the fused minimum's bounds."""
+    from bench import plan as bplan
+    for gpu, gv2 in model.GPUS_V2.items():
+        for M, D in ((65536, 256), (8192, 1024), (512, 4096)):
+            for mode in ("fwd", "bwd", "full"):
+                ks = model.kernels(impl, mode, M, D, 2)
+                t = model.peer_v2_us(ks, gv2, "bf16", M, D)
+                peak = model.peak_tflops_v2(gv2, "bf16") * 1e12
+                assert t >= 1e6 * sum(k.flops for k in ks) / peak
+                assert t >= 1e6 * sum(k.bytes for k in ks) / (gv2.spec.tbps * 1e12)
+                assert t >= len(ks) * gv2.launch_us
+                fused = bplan.fused_v2_us(gpu, M, D, "bf16", mode)
+                fmin = model.kernels("fused-min", mode, M, D, 2)
+                assert fused >= 1e6 * sum(k.flops for k in fmin) / peak
+                assert fused >= 1e6 * sum(k.bytes for k in fmin) / (gv2.spec.tbps * 1e12)
+
+
+def test_l2_bandwidths_are_sourced():
+    """The v2 L2 figures are the published measurements adopted in bench/model.py, not the old
+    assumptions; L2 above HBM bandwidth on every GPU."""
+    assert {k: g.l2_tbps for k, g in model.GPUS_V2.items()} == {"h100": 9.0, "a100": 5.4, "h200": 9.7}
+    src = (ROOT / "bench" / "model.py").read_text()
+    assert "te42kyfo/gpu-benches" in src and "L2 bandwidth: ASSUMED" not in src
+    assert all(g.l2_tbps > g.spec.tbps for g in model.GPUS_V2.values())
+
+
+def test_plan_cli_small_m_and_stack_rows(tmp_path, capsys):
+    from bench.cli import main
+    js = tmp_path / "plan.json"
+    assert main(["--plan", "--gpu", "a100", "--size", "65536x128", "--dtype", "bf16", "--small-m",
+                 "--stack-layers", "4", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "stack_bwd (L=4)" in out and "Small M, fwd and dx" in out
+    recs = json.loads(js.read_text())
+    stack_rows = [r for r in recs if r["kernel"].startswith("stack_")]
+    assert len(stack_rows) == 3 and all(r["L"] == 4 and r["gpu"] == "a100" for r in stack_rows)
+    assert len([r for r in recs if r.get("section") == "small_m"]) == 24
+
+
+def test_fused_v2_takes_the_measured_request_bytes(monkeypatch):
+    """The CPU report's fused v2 L2 term: the measured request bytes (scaled fp32 -> bf16) where the
+    interpreter ran the chosen output tile unsplit; elsewhere the formula times measured / formula."""
+    from bench import plan as bplan
+    res = cpu.CpuResult(65536, 512, "fp32")
+    chosen = {r["kernel"]: r for r in bplan.plan_records("h100", 65536, 512, "bf16") if r["chosen"]}
+    assert chosen["fwd"]["config"].startswith("128x128") and chosen["dw"]["splits"] > 1
+    fake = {"fwd": dict(tile=(128, 128), splits=1, measured=10 ** 9, ratio=1.0),
+            "dx": dict(tile=(1, 1), splits=1, measured=1, ratio=2.0),
+            "dw": dict(tile=(128, 128), splits=1, measured=1, ratio=None)}
+    monkeypatch.setattr(cpu, "fused_l2_check", lambda r: fake)
+    ks = {k["kernel"]: k for k in cpu.fused_v2_kernels(res, "h100", "bf16")}
+    assert ks["fwd"]["l2_source"] == "measured" and ks["fwd"]["l2_bytes"] == 10 ** 9 // 2
+    assert ks["dx"]["l2_source"].startswith("formula x 2.000")
+    assert ks["dx"]["l2_bytes"] == 2 * bplan.plan_kernels([chosen["dx"]])[0][1].l2_bytes
+    assert ks["dw"]["l2_source"] == "formula" and ks["dw_reduce"]["l2_source"] == "formula"
+    gv2 = model.GPUS_V2["h100"]
+    for k in ks.values():
+        comp, hbm = model.lower_bounds_us(k["_k"], gv2, "bf16")
+        assert k["model_us"] >= max(comp, hbm) + gv2.launch_us

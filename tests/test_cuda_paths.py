@@ -134,7 +134,7 @@ def test_tuned_launches_write_every_output(real_autotuner, winner, launches):
         residual_fwd(xk, xs, w, b, y, rows, alpha=alpha, proj_weight=p)
         residual_dx(gk, gs, xk, xs, w, dx, rows, alpha=alpha, proj_weight=p)
         n = residual_dw(gk, gs, xk, xs, dw, db, rows, weight=w, bias=b, alpha=alpha, dalpha_partials=partials,
-                        dp=dp)
+                        dp=dp).programs
         chosen = tuning.TUNED_KERNELS["dw"].cache[next(iter(tuning.TUNED_KERNELS["dw"].cache))]
         assert n == triton.cdiv(D, chosen.kwargs["BLOCK_K"]) * 2 * triton.cdiv(2 * D, chosen.kwargs["BLOCK_N"])
         return dict(y=y, dx=dx, dw=dw, db=db, dp=dp, partials=partials[:n], dalpha=partials[:n].sum())
@@ -519,3 +519,152 @@ def test_float_alpha_ops_pass_opcheck_and_compile(device, launches):
     for f, e in zip(fused[:4], eager[:4]):
         torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-5)
     assert launches()["residual_fwd"] >= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15: prepared launches call the compiled kernel's launcher, as JITFunction.run would
+
+
+def _same_call(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(u is v or (not isinstance(u, torch.Tensor) and u == v) for u, v in zip(a, b))
+
+
+@cpu_only
+def test_prepared_launch_calls_the_compiled_launcher_with_the_jit_arguments(fake_gpu, monkeypatch):
+    """From its second call a PreparedLaunch on a GPU calls ``CompiledKernel.run`` itself: the
+    same kernel object, grid, stream and argument list (constexprs included) that Triton's own
+    ``JITFunction.run`` passed it on the first call. A pointer whose 16-byte alignment differs
+    from the compiled specialisation's, or a launch hook, goes back through ``kernel[grid]``;
+    another current device is switched to the tensors' device for the launch."""
+    import sys
+    from triton.runtime.jit import JITFunction
+    rf = sys.modules["fusedres.kernels.residual_fwd"]
+    calls = []
+    monkeypatch.setattr(_FakeKernel, "run", lambda self, *a: calls.append((self, a)))
+    current = {"device": 0}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+    _RecordingDevice.entered = []
+    monkeypatch.setattr(torch.cuda, "device", _RecordingDevice)
+    through_jit = []
+    real_run_kernel = configs.run_kernel
+    monkeypatch.setattr(configs, "run_kernel", lambda *a: through_jit.append(1) or real_run_kernel(*a))
+    kernel = JITFunction(rf.residual_fwd_kernel.fn)
+    x, w, b = torch.randn(64, 32), torch.randn(32, 32), torch.randn(32)
+    y = torch.empty(64, 32)
+    rows, (xs,), _ = plan_rows(x)
+    args, consts, grid = rf.fwd_launch_args(x, xs, w, b, y, rows, alpha=0.5)
+    cfg = configs.interpreter_config("fwd", 64, 32)
+    kw = {**consts, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    prepared = configs.PreparedLaunch(kernel, "fwd", grid(kw), args, kw, rf.FWD_HEAD, cfg)
+    prepared.device = 0                                   # as for tensors on cuda:0 (the fake driver's device)
+    compiled_before = len(fake_gpu)
+    prepared(*args[:rf.FWD_HEAD])                         # first call: through kernel[grid] (binder, cache, compile)
+    assert len(fake_gpu) == compiled_before + 1 and prepared.compiled is not None
+    jit_kernel, jit_args = calls[-1]
+    assert len(through_jit) == 1
+    prepared(*args[:rf.FWD_HEAD])                         # second: the compiled launcher, directly
+    assert len(through_jit) == 1
+    ours = calls[-1][1]
+    assert len(calls) == 2 and calls[-1][0] is jit_kernel and _same_call(ours[:6] + ours[9:], jit_args[:6] + jit_args[9:])
+    # positions 6-8: launch metadata and the enter/exit hooks. Triton passes its empty hook chains
+    # (and metadata for them); with no hook to call, the prepared launch passes None for all three
+    assert ours[6:9] == (None, None, None) and jit_args[7].calls == [] and jit_args[8].calls == []
+    assert len(jit_args) == 9 + len(kernel.arg_names)     # grid, stream, handles, hooks; then every argument
+    # new tensors with the same alignment: the same compiled kernel, the new pointers
+    x2, y2 = torch.randn(64, 32), torch.empty(64, 32)
+    prepared(*rf.fwd_head(x2, w, b, y2, 0.25))
+    assert len(fake_gpu) == compiled_before + 1 and calls[-1][0] is jit_kernel and len(through_jit) == 1
+    assert calls[-1][1][9] is x2 and calls[-1][1][14] == 0.25 and calls[-1][1][15] is y2
+    # x misaligned by 4 bytes: Triton would specialise differently, so kernel[grid] decides (and compiles)
+    x3 = torch.randn(64 * 32 + 1)[1:].view(64, 32)
+    prepared(*rf.fwd_head(x3, w, b, y2, 0.5))
+    assert len(fake_gpu) == compiled_before + 2 and calls[-1][0] is not jit_kernel and len(through_jit) == 2
+    # another current device: the launch is made on the tensors' device
+    current["device"] = 1
+    _RecordingDevice.entered = []
+    prepared(*args[:rf.FWD_HEAD])
+    assert _RecordingDevice.entered == [0] and calls[-1][0] is jit_kernel and len(through_jit) == 2
+    current["device"] = 0
+    # a launch hook (profilers): through kernel[grid], which calls the hook
+    hooked = []
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: hooked.append(metadata))
+    prepared(*args[:rf.FWD_HEAD])
+    assert len(through_jit) == 3                          # JITFunction.run: it builds the hook's metadata
+
+
+def test_replay_runs_the_same_launches_with_the_same_results(device, launches, monkeypatch):
+    """A signature's first call plans and launches through the launchers; later calls replay the
+    prepared launches. Same kernels, launch counts and bits, for every variant; the launchers run
+    once per signature."""
+    from fusedres import kernels
+    entered = []
+    for name in ("residual_fwd", "residual_dx", "residual_dw"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _n=name, **k: entered.append(_n) or _real(*a, **k))
+    torch.manual_seed(0)
+    base = torch.randn(6, 40, 24, device=device)
+    cases = [dict(), dict(alpha=0.5), dict(alpha="learnable"), dict(bias=False), dict(proj=True),
+             dict(layout="transposed"), dict(dtype=torch.float16)]
+    for case in cases:
+        dtype = case.get("dtype", torch.float32)
+        x0 = base.to(dtype)
+        if case.get("layout") == "transposed":
+            x0 = x0.transpose(0, 1).contiguous().transpose(0, 1)          # two-level rows, no copy
+        out = 32 if case.get("proj") else 24
+        w = (torch.randn(out, 24, device=device) * 0.2).to(dtype).requires_grad_()
+        b = torch.randn(out, device=device).to(dtype).requires_grad_() if case.get("bias", True) else None
+        p = (torch.randn(out, 24, device=device) * 0.2).to(dtype).requires_grad_() if case.get("proj") else None
+        alpha = case.get("alpha", 1.0)
+        if alpha == "learnable":
+            alpha = torch.tensor(0.7, device=device, dtype=dtype, requires_grad=True)
+        params = [t for t in (w, b, p, alpha) if isinstance(t, torch.Tensor)]
+        results, counts = [], []
+        entered.clear()
+        for _ in range(3):
+            x = x0.detach().clone().requires_grad_() if case.get("layout") != "transposed" else \
+                x0.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+            before = launches()
+            y = fused_residual(x, w, b, alpha=alpha, proj_weight=p)
+            grads = torch.autograd.grad(y, [x, *params], torch.ones_like(y))
+            after = launches()
+            counts.append({k: after.get(k, 0) - before.get(k, 0) for k in after})
+            results.append([y.detach(), *grads])
+        assert entered == ["residual_fwd", "residual_dx", "residual_dw"], case     # planned once
+        assert counts[0] == counts[1] == counts[2] and counts[0]["residual_fwd"] == 1, case
+        for later in results[1:]:
+            assert all(torch.equal(a, c) for a, c in zip(results[0], later)), case
+
+
+def test_fused_residual_keys_its_plans_as_the_signature_rule_says(device):
+    """fused_residual builds its plan key inline (a call less per call): it must be
+    ``op._signature``'s, or plans would be made twice and checks skipped."""
+    from fusedres import op
+    x = torch.randn(10, 16, device=device)
+    w, b = torch.randn(16, 16, device=device), torch.randn(16, device=device)
+    for kwargs in (dict(), dict(alpha=2.0), dict(alpha=torch.tensor(0.5, device=device)),
+                   dict(proj_weight=torch.randn(16, 16, device=device))):
+        op._plans.clear()
+        fused_residual(x, w, b, **kwargs)
+        alpha = kwargs.get("alpha", 1.0)
+        a, av = (alpha, 1.0) if isinstance(alpha, torch.Tensor) else (None, float(alpha))
+        assert list(op._plans) == [op._signature(x, w, b, a, kwargs.get("proj_weight"), av)]
+
+
+def test_a_changed_choice_replans(device, launches):
+    """Prepared launches hold a config and a split: a config override, a forced split, the
+    backend and the validate mode clear them."""
+    from fusedres import op
+    from fusedres.kernels import plan as kplan
+    x = torch.randn(300, 32, device=device, requires_grad=True)
+    w, b = torch.randn(32, 32, device=device, requires_grad=True), torch.randn(32, device=device)
+    fused_residual(x, w, b).sum().backward()
+    assert op._plans
+    with kplan.force_splits(3):
+        assert not op._plans
+        before = launches()
+        fused_residual(x, w, b).sum().backward()
+        assert launches().get("residual_dw_reduce", 0) - before.get("residual_dw_reduce", 0) == 1
+    assert not op._plans
+    fused_residual(x, w, b)
+    fusedres.set_validate(False)
+    assert not op._plans

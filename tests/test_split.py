@@ -120,7 +120,7 @@ def test_launcher_returns_the_reduce_programs_for_dalpha(device):
     partials = torch.full((dalpha_workspace_size(N, D, True),), float("nan"), device=device)
     cfg = configs.interpreter_config("dw", M, N)
     n = residual_dw(gk, gs, xk, xs, dw, db, rows, weight=w, bias=b, alpha=alpha, dalpha_partials=partials, dp=dp,
-                    config=cfg, splits=2)
+                    config=cfg, splits=2).programs
     assert n == plan.plan_reduce(1, N, D, 2, proj=True).programs == triton.cdiv(2 * N, 32) * triton.cdiv(D, 128)
     assert not any(t.isnan().any() for t in (dw, dp, db, partials[:n]))
     gd, xd = g.double(), x.double()

@@ -123,7 +123,9 @@ class RowStrides(NamedTuple):
     feature: int
 
 
-_launch_lock = threading.Lock()
+# One re-entrant lock for the launches (see fusedres.kernels.configs) and their counts, so that a
+# launch made under it counts itself without a second lock.
+_launch_lock = threading.RLock()
 _launches: collections.Counter[str] = collections.Counter()
 
 

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from triton.runtime.driver import driver as _triton_driver
 
+from . import _common
 from ._common import INTERPRET, next_pow2_bucket, record_launch
 
 # Shared memory the operand pipeline may take: sm_80's opt-in limit (166912 B) minus headroom for
@@ -231,7 +232,7 @@ def gemm_flags(gemm_dtype: torch.dtype, *io_dtypes: torch.dtype) -> dict:
 # Triton's Autotuner keeps per-launch state on the shared object (``nargs``) and the interpreter
 # patches ``triton.language`` for the duration of a launch: neither is safe across Python threads.
 # Launches are asynchronous on a GPU, so holding a lock across the launch call costs little.
-_launch_lock = threading.RLock()
+_launch_lock = _common._launch_lock
 
 
 def autotune_key(tuned, args: tuple, kwargs: dict) -> tuple:
@@ -277,25 +278,39 @@ def jit_function(kernel):
     return fn
 
 
-def jit_compiled(kernel, args: tuple, kwargs: dict) -> bool | None:
-    """Whether ``kernel[grid](*args, **kwargs)`` finds its compiled specialisation in the JIT
-    cache of the current device, computed as ``JITFunction.run`` computes it (triton 3.7-3.9):
-    binder -> specialisation (dtypes, 16-divisibility, constexprs) + options -> cache key. None
-    when it cannot tell (the interpreter, or unknown Triton internals)."""
+def compiled_kernel(kernel, args: tuple, kwargs: dict):
+    """The compiled kernel ``kernel[grid](*args, **kwargs)`` would launch on the current device,
+    looked up as ``JITFunction.run`` looks it up (triton 3.7-3.9): binder -> specialisation
+    (dtypes, 16-divisibility, constexprs) + options -> cache key -> the device's kernel cache.
+    None when it is not compiled yet; False when it cannot tell (the interpreter, a stage
+    inspection hook, or unknown Triton internals)."""
     fn = jit_function(kernel)
     caches = getattr(fn, "device_caches", None)
     if caches is None or getattr(triton.knobs.runtime, "add_stages_inspection_hook", None) is not None:
-        return None
+        return False
     try:
         entry = caches.get(_triton_driver.active.get_current_device())   # .get: do not create one
         if entry is None:
-            return False
+            return None
         kernel_cache, kernel_key_cache, _target, _backend, binder = entry
         _bound, specialization, options = binder(*args, **jit_run_kwargs(fn, kwargs))
         key = triton.runtime.jit.compute_cache_key(kernel_key_cache, specialization, options)
     except (AttributeError, TypeError, ValueError):
-        return None
-    return key in kernel_cache
+        return False
+    return kernel_cache.get(key)
+
+
+def jit_compiled(kernel, args: tuple, kwargs: dict) -> bool | None:
+    """Whether ``kernel[grid](*args, **kwargs)`` finds its compiled specialisation in the JIT
+    cache of the current device (:func:`compiled_kernel`). None when it cannot tell."""
+    found = compiled_kernel(kernel, args, kwargs)
+    return None if found is False else found is not None
+
+
+def _capturing(device: torch.device) -> bool:
+    # (torch.cuda.is_available() costs about 14 us on a machine without CUDA: this runs on a
+    # signature's first launch only; prepared launches skip it on the CPU, where nothing captures)
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_capture_safe(kind: str, kernel, args: tuple, kwargs: dict, tuned=None) -> None:
@@ -303,7 +318,7 @@ def _check_capture_safe(kind: str, kernel, args: tuple, kwargs: dict, tuned=None
     candidate several times, and compiling loads a module, which CUDA refuses under the default
     (global) capture mode. So the tuned choice and the exact compiled specialisation must exist.
     ``tuned``: the Autotuner when the launch goes through it (``kernel`` is then the same)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if not _capturing(args[0].device):
         return
     if tuned is not None:
         key = autotune_key(tuned, args, kwargs)
@@ -322,6 +337,25 @@ def _check_capture_safe(kind: str, kernel, args: tuple, kwargs: dict, tuned=None
             "with, in the same autocast and grad mode, before capturing.")
 
 
+# Per-signature launch plans (fusedres.op's) hold PreparedLaunch objects, which fix a config, a grid
+# and a split: anything that changes those choices clears them here.
+_prepared_caches: list = []
+
+
+def register_prepared_cache(cache: dict) -> dict:
+    """Register a dict of prepared launches that :func:`clear_prepared` empties."""
+    _prepared_caches.append(cache)
+    return cache
+
+
+def clear_prepared() -> None:
+    """Forget every prepared launch: the next call of each signature plans and launches afresh.
+    Called when a config override, a forced split, loaded tuning, the backend or the validate
+    mode changes."""
+    for cache in _prepared_caches:
+        cache.clear()
+
+
 #: ``(kind, named launch arguments) -> triton.Config``, or None: when set, it picks the config of
 #: every single-block launch that has none, on a GPU and in the interpreter alike (no autotuning).
 _config_override = None
@@ -333,10 +367,12 @@ def config_override(choose):
     small tiles with it on both kinds of machine; :func:`pin_configs` uses it)."""
     global _config_override
     saved, _config_override = _config_override, choose
+    clear_prepared()
     try:
         yield
     finally:
         _config_override = saved
+        clear_prepared()
 
 
 def pinned_config(kind: str, named_args: dict) -> triton.Config:
@@ -374,6 +410,13 @@ def launch(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, c
     """Launch ``kernel`` with ``config``, or the autotuned ``tuned`` on a GPU, or the interpreter's
     per-size config when interpreting; on the device of the first argument. Returns the config
     the launch ran with (after autotuning: the chosen one, not the last one benchmarked)."""
+    return launch_and_prepare(kernel, tuned, kind, grid, args, consts, M, D, config).config
+
+
+def launch_and_prepare(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, config=None,
+                       n_head: int = 0) -> "PreparedLaunch":
+    """:func:`launch`, returning the launch it made as a :class:`PreparedLaunch` whose first
+    ``n_head`` arguments (the tensors and the per-call scalars) are given at each later call."""
     if config is None and _config_override is not None:
         config = _config_override(kind, {**dict(zip(tuned.arg_names, args)), **consts})
     if config is None and INTERPRET:
@@ -383,12 +426,102 @@ def launch(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, c
             _check_capture_safe(kind, tuned, args, consts, tuned=tuned)
             run_kernel(tuned, grid, args, consts)
             config = tuned.best_config       # set by Autotuner.run for the launch it makes (3.7-3.9)
+            kw = {**consts, **config.all_kwargs()}      # what Autotuner.run passed to the JIT function
         else:
             kw = {**consts, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
             _check_capture_safe(kind, kernel, args, kw)
             run_kernel(kernel, grid, args, kw)
     record_launch("residual_" + kind)
-    return config
+    return PreparedLaunch(kernel, kind, grid(kw) if callable(grid) else grid, args, kw, n_head, config)
+
+
+_launch_counts = _common._launches
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook would run: triton 3.7-3.9 keep an empty ``HookChain`` there, which
+    ``JITFunction.run`` passes along and the launcher calls to no effect; anything else (a chain
+    with calls, a plain function) is a real hook."""
+    return hook is not None and getattr(hook, "calls", True) != []
+
+
+def _current_stream(device_index: int) -> int:
+    """The raw current CUDA stream of a device, as ``JITFunction.run`` gets it (torch's, through
+    Triton's driver)."""
+    return _triton_driver.active.get_current_stream(device_index)
+
+
+class PreparedLaunch:
+    """A launch whose config, grid and trailing arguments (sizes, strides, flags) are fixed, as they
+    are for every call with one input signature (shapes, strides, dtypes, devices, flags): only the
+    first ``n_head`` arguments (tensors, and a scalar such as ``alpha_value``) change per call.
+
+    Calling it skips what :func:`launch` repeats per call: config resolution, the autotuner's key,
+    the grid function and the keyword merge. On a GPU it also skips Triton's JIT binder and cache
+    key: from its second call it calls the compiled kernel's launcher directly (the
+    ``CompiledKernel.run`` call ``JITFunction.run`` makes, triton 3.7-3.9), on the current stream
+    of the tensors' device. It falls back to ``kernel[grid]`` (which finds or compiles the right
+    specialisation) when a tensor's 16-byte alignment differs from the compiled one's (Triton
+    specialises pointers on it), or while a launch hook is installed (profilers use them; without
+    one it passes no hooks and no launch metadata, which the launcher then skips). The
+    compiled kernel is the one ``kernel[grid]`` compiled for these arguments, so the compile
+    gate's signatures stay the ones that run.
+    """
+    __slots__ = ("kernel", "kind", "grid", "tail", "kwargs", "config", "n_head", "device", "compiled",
+                 "aligned", "const_tail", "grid3")
+
+    def __init__(self, kernel, kind: str, grid: tuple, args: tuple, kwargs: dict, n_head: int, config):
+        self.kernel, self.kind, self.grid, self.kwargs, self.config = kernel, "residual_" + kind, grid, kwargs, config
+        self.n_head, self.tail = n_head, tuple(args[n_head:])
+        device = args[0].device
+        self.device = device.index if device.type == "cuda" else None
+        if self.device is None and device.type == "cuda":
+            self.device = torch.cuda.current_device()
+        self.compiled = None
+        self.grid3 = (tuple(grid) + (1, 1))[:3]
+        fn = jit_function(kernel)
+        names = fn.arg_names if fn is not None else getattr(kernel, "arg_names", [])
+        # the JIT binder's bound arguments in signature order: constexprs too (the launcher skips them)
+        self.const_tail = tuple(kwargs[n] for n in names[len(args):]) if fn is not None else ()
+        self.aligned = None
+
+    def __call__(self, *head) -> None:
+        self.run(head)
+
+    def run(self, head: tuple) -> None:
+        """``self(*head)``, without packing the arguments again."""
+        args = head + self.tail
+        if self.device is None:
+            with _launch_lock:
+                run_kernel(self.kernel, self.grid, args, self.kwargs)
+                _launch_counts[self.kind] += 1      # record_launch, under the lock already held
+        else:
+            self._launch_cuda(head, args)
+            record_launch(self.kind)
+
+    def _launch_cuda(self, head: tuple, args: tuple) -> None:
+        knobs = triton.knobs.runtime
+        aligned = tuple(t.data_ptr() % 16 == 0 for t in head if isinstance(t, torch.Tensor))
+        compiled = self.compiled
+        if (compiled is None or aligned != self.aligned or _hooked(knobs.launch_enter_hook)
+                or _hooked(knobs.launch_exit_hook)):
+            with _launch_lock, device_guard(torch.device("cuda", self.device)):
+                _check_capture_safe(self.kind, self.kernel, args, self.kwargs)
+                run_kernel(self.kernel, self.grid, args, self.kwargs)
+                if compiled is None:
+                    found = compiled_kernel(self.kernel, args, self.kwargs)
+                    if found:
+                        self.compiled, self.aligned = found, aligned
+            return
+        g0, g1, g2 = self.grid3
+        run = compiled.run
+        if torch.cuda.current_device() == self.device:
+            run(g0, g1, g2, _current_stream(self.device), compiled.function, compiled.packed_metadata, None,
+                None, None, *args, *self.const_tail)
+        else:
+            with torch.cuda.device(self.device):
+                run(g0, g1, g2, _current_stream(self.device), compiled.function, compiled.packed_metadata, None,
+                    None, None, *args, *self.const_tail)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import triton
 
+from . import configs as _configs
 from ._common import cdiv
 
 #: SM counts of the GPUs the plan can be asked about by name (NVIDIA datasheets: H100 SXM5 132,
@@ -191,7 +192,9 @@ def force_splits(splits: int):
     (capped at its row tiles; ``1``: never split), whatever the plan's rule says."""
     saved = forced_splits()
     _forced.value = splits
+    _configs.clear_prepared()
     try:
         yield
     finally:
         _forced.value = saved
+        _configs.clear_prepared()

@@ -32,7 +32,16 @@ from ._common import (
     to_gemm_operand,
 )
 from . import plan as _plan
-from .configs import DW_CONFIGS, DX_CONFIGS, gemm_flags, launch, pinned_config, prune_for, resolve_config
+from .configs import (
+    DW_CONFIGS,
+    DX_CONFIGS,
+    PreparedLaunch,
+    gemm_flags,
+    launch_and_prepare,
+    pinned_config,
+    prune_for,
+    resolve_config,
+)
 from .residual_fwd import alpha_args, residual_scale
 
 
@@ -356,15 +365,45 @@ residual_dw_kernel_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_for("dw")})(residual_dw_kernel)
 
 
+def dx_head(g, x, weight, dx, alpha=None, proj_weight=None) -> tuple:
+    """The dx kernel's per-call arguments: the first :data:`DX_HEAD` of :func:`dx_launch_args`."""
+    alpha_ptr, alpha_value, _, _ = alpha_args(alpha, weight)
+    return (g, x, weight, proj_weight if proj_weight is not None else weight, alpha_ptr, alpha_value, dx)
+
+
+DX_HEAD = 7
+
+
+def dw_head(g, x, dw, db, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None) -> tuple:
+    """The dW kernel's per-call arguments: the first :data:`DW_HEAD` of :func:`dw_launch_args`
+    (its last two are the split workspaces, ``dw`` itself as placeholders when unsplit)."""
+    alpha_ptr, alpha_value, _, _ = alpha_args(alpha, dw)
+    return (g, x, weight if weight is not None else dw, bias if bias is not None else dw, alpha_ptr, alpha_value,
+            dw, dp if dp is not None else dw, db if db is not None else dw,
+            dalpha_partials if dalpha_partials is not None else dw, dw, dw)
+
+
+DW_HEAD = 12
+
+
+def reduce_head(slab, db_slab, dw, db, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None) -> tuple:
+    """The split-M reduce's per-call arguments: the first :data:`REDUCE_HEAD` of
+    :func:`dw_reduce_launch_args`."""
+    return (slab, db_slab) + dw_head(None, None, dw, db, weight, bias, alpha, dalpha_partials, dp)[2:10]
+
+
+REDUCE_HEAD = 10
+
+
 def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, alpha=None, proj_weight=None):
     """The dx kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
     launcher and the compile gate, ``fusedres.aot``)."""
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
-    alpha_ptr, alpha_value, has_alpha, alpha_is_ptr = alpha_args(alpha, weight)
-    args = (g, x, weight, p, alpha_ptr, alpha_value, dx, rows.M, N, K, rows.T,
-            next_pow2_bucket(rows.M), *gs, *xs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1),
-            dx.stride(0), dx.stride(1))
+    _, _, has_alpha, alpha_is_ptr = alpha_args(alpha, weight)
+    args = dx_head(g, x, weight, dx, alpha, proj_weight) + (
+        rows.M, N, K, rows.T, next_pow2_bucket(rows.M), *gs, *xs, weight.stride(0), weight.stride(1),
+        p.stride(0), p.stride(1), dx.stride(0), dx.stride(1))
     consts = dict(HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr, HAS_PROJ=proj_weight is not None,
                   TWO_LEVEL_ROWS=rows.two_level,
                   **gemm_flags(weight.dtype, g.dtype, x.dtype, dx.dtype))
@@ -408,11 +447,10 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
     w = weight if weight is not None else dw
     dpt = dp if dp is not None else dw
     need_dalpha = dalpha_partials is not None
-    alpha_ptr, alpha_value, has_alpha, alpha_is_ptr = alpha_args(alpha, dw)
+    _, _, has_alpha, alpha_is_ptr = alpha_args(alpha, dw)
     if need_dalpha and not alpha_is_ptr:
         raise ValueError("residual_dw: dalpha needs alpha as a tensor")
-    args = (g, x, w, bias if bias is not None else dw, alpha_ptr, alpha_value, dw, dpt,
-            db if db is not None else dw, dalpha_partials if need_dalpha else dw, dw, dw,
+    args = dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp) + (
             rows.M, N, K, rows.T, next_pow2_bucket(rows.M), 1,
             *gs, *xs, w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
     consts = dict(HAS_DB=db is not None, SUM_G=db is not None or (need_dalpha and bias is not None),
@@ -444,9 +482,8 @@ def dw_reduce_launch_args(slab, db_slab, splits: int, dw, db, *, weight=None, bi
     w = weight if weight is not None else dw
     dpt = dp if dp is not None else dw
     need_dalpha = dalpha_partials is not None
-    alpha_ptr, alpha_value, has_alpha, alpha_is_ptr = alpha_args(alpha, dw)
-    args = (slab, db_slab, w, bias if bias is not None else dw, alpha_ptr, alpha_value, dw, dpt,
-            db if db is not None else dw, dalpha_partials if need_dalpha else dw, N, K, splits,
+    _, _, has_alpha, alpha_is_ptr = alpha_args(alpha, dw)
+    args = reduce_head(slab, db_slab, dw, db, weight, bias, alpha, dalpha_partials, dp) + (N, K, splits,
             w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
     flags = gemm_flags(dw.dtype)
     consts = dict(HAS_DB=db is not None, HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr, NEED_DALPHA=need_dalpha,
@@ -460,12 +497,14 @@ def dw_reduce_launch_args(slab, db_slab, splits: int, dw, db, *, weight=None, bi
 
 
 def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *, alpha=None, proj_weight=None,
-                config: triton.Config | None = None) -> None:
-    """Launch the dx kernel; ``dx`` is a ``[M, K]`` 2-D view."""
+                config: triton.Config | None = None) -> PreparedLaunch | None:
+    """Launch the dx kernel; ``dx`` is ``[M, K]`` row-major (any view of it). Returns the launch
+    as a :class:`PreparedLaunch` (repeat it with :func:`dx_head`'s arguments), None without rows."""
     if rows.M == 0:
-        return
+        return None
     args, consts, grid = dx_launch_args(g, gs, x, xs, weight, dx, rows, alpha, proj_weight)
-    launch(residual_dx_kernel, residual_dx_kernel_tuned, "dx", grid, args, consts, rows.M, max(weight.shape), config)
+    return launch_and_prepare(residual_dx_kernel, residual_dx_kernel_tuned, "dx", grid, args, consts, rows.M,
+                              max(weight.shape), config, n_head=DX_HEAD)
 
 
 _split_choice: dict = {}
@@ -486,11 +525,13 @@ def _gpu_split_config(sms: int, M: int, N: int, K: int, named: dict, consts: dic
 
 
 def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None, alpha=None,
-                dalpha_partials=None, dp=None, config: triton.Config | None = None, splits: int | None = None) -> int:
+                dalpha_partials=None, dp=None, config: triton.Config | None = None,
+                splits: int | None = None) -> "PreparedDw":
     """Launch the dW kernel: ``dw = alpha * g.T @ relu(x)``, ``db = alpha * g.sum(0)`` if ``db`` is
     given, ``dp = g.T @ x`` if ``dp`` is given, and per-program dalpha partials if
     ``dalpha_partials`` is given (:func:`dalpha_workspace_size` long, fp32 or fp64, needs ``alpha``
-    as a tensor; any contents). Returns the number of programs ``P`` it launched: dalpha is
+    as a tensor; any contents). Returns the launches it made as a :class:`PreparedDw`, whose
+    ``programs`` is the number ``P`` of programs that wrote dalpha partials: dalpha is
     ``dalpha_partials[:P].sum()``. (Summing the whole workspace would add the partials that
     autotuning's other configs, with smaller tiles and so more programs, left behind.)
 
@@ -500,7 +541,7 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
     tensors' GPU) splits the M reduction ``S`` ways when the output tiles would leave the GPU under
     one full wave (``splits`` or :func:`fusedres.kernels.plan.force_splits` force ``S``). With ``S
     > 1`` there are two launches, the dW kernel writing fp32 partials and the reduce summing them
-    in a fixed order, and the returned ``P`` is the reduce's program count (it writes the dalpha
+    in a fixed order, and ``programs`` is the reduce's program count (it writes the dalpha
     partials then). With ``S == 1`` it is today's single launch. On a GPU a launch that splits
     runs the plan's config (the shipped config with the best fill) instead of autotuning, since
     the split count depends on the tile; a launch that does not split autotunes as before.
@@ -527,14 +568,38 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
             args1, consts1, grid1 = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
                                                    dalpha_partials=dalpha_partials, dp=dp,
                                                    split=(slab, db_slab, p.splits, p.tiles_per_split))
-            launch(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid1, args1, consts1, rows.M, max(dw.shape),
-                   config)
+            main = launch_and_prepare(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid1, args1, consts1,
+                                      rows.M, max(dw.shape), config, n_head=DW_HEAD)
             args2, consts2, grid2 = dw_reduce_launch_args(slab, db_slab, p.splits, dw, db, weight=weight, bias=bias,
                                                           alpha=alpha, dalpha_partials=dalpha_partials, dp=dp)
             reduce_config, _ = _plan.choose_reduce(sms, N, K, p.splits, proj=proj)
-            launch(residual_dw_reduce_kernel, residual_dw_reduce_kernel, "dw_reduce", grid2, args2, consts2, rows.M,
-                   max(dw.shape), reduce_config)
-            return grid2(reduce_config.kwargs)[0]
-    used = launch(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid, args, consts, rows.M, max(dw.shape),
-                  config)
-    return grid(used.kwargs)[0]
+            reduce = launch_and_prepare(residual_dw_reduce_kernel, residual_dw_reduce_kernel, "dw_reduce", grid2,
+                                        args2, consts2, rows.M, max(dw.shape), reduce_config, n_head=REDUCE_HEAD)
+            return PreparedDw(main, reduce, slab.numel(), db_slab.numel() if sum_g else 0, slab.dtype,
+                              reduce.grid[0])
+    main = launch_and_prepare(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid, args, consts, rows.M,
+                              max(dw.shape), config, n_head=DW_HEAD)
+    return PreparedDw(main, None, 0, 0, None, main.grid[0])
+
+
+class PreparedDw:
+    """:func:`residual_dw`'s launches for one input signature, to repeat: the dW launch, and when
+    split the reduce with the sizes of the fp32 workspaces it allocates per call. ``programs``: the
+    ``P`` whose dalpha partials a call writes."""
+    __slots__ = ("main", "reduce", "slab_numel", "db_numel", "acc", "programs")
+
+    def __init__(self, main: PreparedLaunch, reduce: PreparedLaunch | None, slab_numel: int, db_numel: int, acc,
+                 programs: int):
+        self.main, self.reduce, self.slab_numel, self.db_numel = main, reduce, slab_numel, db_numel
+        self.acc, self.programs = acc, programs
+
+    def __call__(self, g, x, dw, db, *, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None) -> int:
+        head = dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp)
+        if self.reduce is None:
+            self.main(*head)
+            return self.programs
+        slab = torch.empty(self.slab_numel, device=dw.device, dtype=self.acc)
+        db_slab = torch.empty(self.db_numel, device=dw.device, dtype=self.acc) if self.db_numel else slab
+        self.main(*head[:10], slab, db_slab)
+        self.reduce(*reduce_head(slab, db_slab, dw, db, weight, bias, alpha, dalpha_partials, dp))
+        return self.programs

@@ -31,7 +31,7 @@ from ._common import (
     store_rounded,
     to_gemm_operand,
 )
-from .configs import FWD_CONFIGS, gemm_flags, launch, prune_for
+from .configs import FWD_CONFIGS, PreparedLaunch, gemm_flags, launch_and_prepare, prune_for
 
 
 @triton.jit
@@ -132,6 +132,22 @@ residual_fwd_kernel_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_for("fwd")})(residual_fwd_kernel)
 
 
+def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None) -> tuple:
+    """The forward kernel's per-call arguments (its tensors and ``alpha_value``): the first
+    :data:`FWD_HEAD` of :func:`fwd_launch_args`; the rest is fixed by the input signature."""
+    if alpha is None:       # alpha_args, inline: this runs on every call
+        alpha_ptr, alpha_value = weight, 1.0
+    elif hasattr(alpha, "data_ptr"):
+        alpha_ptr, alpha_value = alpha, 1.0
+    else:
+        alpha_ptr, alpha_value = weight, float(alpha)
+    return (x, weight, bias if bias is not None else weight, proj_weight if proj_weight is not None else weight,
+            alpha_ptr, alpha_value, y)
+
+
+FWD_HEAD = 7
+
+
 def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, proj_weight=None):
     """The forward kernel's launch arguments, without launching: ``(args, consts, grid)``.
 
@@ -140,10 +156,10 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
     """
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
-    alpha_ptr, alpha_value, has_alpha, alpha_is_ptr = alpha_args(alpha, weight)
-    args = (x, weight, bias if bias is not None else weight, p, alpha_ptr, alpha_value, y,
-            rows.M, N, K, rows.T, next_pow2_bucket(rows.M),
-            *xs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), y.stride(0), y.stride(1))
+    _, _, has_alpha, alpha_is_ptr = alpha_args(alpha, weight)
+    args = fwd_head(x, weight, bias, y, alpha, proj_weight) + (
+        rows.M, N, K, rows.T, next_pow2_bucket(rows.M),
+        *xs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), y.stride(0), y.stride(1))
     consts = dict(HAS_BIAS=bias is not None, HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr,
                   HAS_PROJ=proj_weight is not None,
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, x.dtype, y.dtype))
@@ -155,16 +171,19 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
 
 
 def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, proj_weight=None,
-                 config: triton.Config | None = None) -> None:
+                 config: triton.Config | None = None) -> PreparedLaunch | None:
     """Launch the forward kernel.
 
     ``x`` ``(..., K)`` is addressed through ``rows`` and its strides ``xs``; ``weight`` (and
-    ``proj_weight``) are ``[N, K]``; ``bias`` ``[N]`` or None; ``alpha`` a one-element tensor, a
-    Python float (passed by value) or None (1); ``y`` is a ``[M, N]`` 2-D view. Without ``proj_weight``, ``N == K``.
+    ``proj_weight``) are ``[N, K]``; ``bias`` ``[N]`` contiguous, or None; ``alpha`` a one-element
+    tensor, a Python float (passed by value) or None (1); ``y`` is ``[M, N]`` row-major (any view
+    of it). Without ``proj_weight``, ``N == K``. Returns the launch as a :class:`PreparedLaunch`
+    (call it with :func:`fwd_head`'s arguments to repeat it for the same signature), or None when
+    there are no rows.
     """
     if rows.M == 0:
-        return
+        return None
     args, consts, grid = fwd_launch_args(x, xs, weight, bias, y, rows, alpha, proj_weight)
-    launch(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M, max(weight.shape),
-           config)
+    return launch_and_prepare(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M,
+                              max(weight.shape), config, n_head=FWD_HEAD)
 
