@@ -7,7 +7,9 @@ impl, mode, M, D, dtype, gpu), ``OUT/gpu_results.md`` and ``OUT/plots/*.png``.
 CPU mode (no CUDA, or ``--mode cpu``): measures memory traffic per call, reads what Inductor
 generated here, projects onto GPUs with a roofline MODEL, checks parity and summarises the compile
 gate; writes ``OUT/cpu_traffic.md``, ``OUT/cpu_records.json`` (or ``--json PATH``),
-``OUT/cpu_bytes.png`` and ``OUT/cpu_model_time.png``.
+``OUT/cpu_bytes.png`` and ``OUT/cpu_model_time.png``. Its sections: the single block, the narrow
+stack (``--no-stack``), the MLP block's bytes against its formulas and eager (``--no-mlp``), host
+overhead (``--no-host``).
 """
 from __future__ import annotations
 
@@ -110,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stack", type=_stack_size, default=(1024, 64, 8), metavar="MxDxL",
                    help="narrow-stack section: M rows, width D (16/32/64/128), depth L (default 1024x64x8, bf16)")
     c.add_argument("--no-stack", action="store_true", help="skip the narrow-stack section (both modes)")
+    c.add_argument("--mlp-size", type=_size, default=(512, 128), metavar="MxD",
+                   help="MLP-block section: M rows, width D; hidden widths H = 4D and H = D (default 512x128, in "
+                        "--dtype): the fused MLP block's measured bytes against its formulas and eager")
+    c.add_argument("--no-mlp", action="store_true", help="skip the MLP-block section (CPU mode)")
     g.add_argument("--stack-gpu", type=_stack_size, default=(65536, 64, 8), metavar="MxDxL",
                    help="GPU mode: the narrow stack timed against L single-block kernels and eager "
                         "(default 65536x64x8, bf16; written to OUT/gpu_stack.md)")
@@ -297,6 +303,15 @@ def cpu_main(args) -> int:
         stack_lines, stack_exact = stack.section(sm)
         lines += stack_lines
         recs += stack.records(sm)
+    mlp_exact = True
+    if not args.no_mlp:
+        from . import mlp
+        t0 = time.perf_counter()
+        mm = mlp.measure(*args.mlp_size, dtype=args.dtype, seed=args.seed)
+        res.timings["MLP block"] = time.perf_counter() - t0
+        mlp_lines, mlp_exact = mlp.section(mm)
+        lines += mlp_lines
+        recs += mlp.records(mm)
     if not args.no_host:
         from . import host
         t0 = time.perf_counter()
@@ -338,4 +353,4 @@ def cpu_main(args) -> int:
     e = ELEMENT_SIZE[args.dtype]
     within = all(abs(res.traffic[("fused", m)].unique_bytes / minimum_bytes(m, M, D, e) - 1) <= 0.01
                  for m in ("fwd", "bwd"))
-    return 0 if all_ok(res.parity) and within and stack_exact and not res.violations else 1
+    return 0 if all_ok(res.parity) and within and stack_exact and mlp_exact and not res.violations else 1

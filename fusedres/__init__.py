@@ -4,7 +4,8 @@ from __future__ import annotations
 from .convert import fuse
 from .droppath import drop_path_scale
 from .mlp import ResidualMLP
-from .module import FusedResidualBlock
+from .mlp_op import fused_residual_mlp
+from .module import FusedResidualBlock, FusedResidualMLPBlock
 from .op import SUPPORTED_DTYPES, backend_for, fused_residual, get_backend, set_backend
 from .reference import (ResidualBlock, ResidualMLPBlock, residual_mlp_reference, residual_reference,
                         stack_reference)
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FusedResidualBlock",
+    "FusedResidualMLPBlock",
+    "fused_residual_mlp",
     "FusedResidualStack",
     "fused_residual_stack",
     "stack_reference",

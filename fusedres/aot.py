@@ -133,12 +133,17 @@ EXAMPLE_M, EXAMPLE_D, EXAMPLE_B = 8192, 1024, 8
 #: residual scale with its dalpha partials, and a projection shortcut widening D to 2D: the second
 #: K loop in the forward and dx, dP tiles in dW). Every constexpr branch a user can reach is in one
 #: of them. ``alpha-value``: a Python-float alpha, passed by value (a tensor alpha is a pointer).
-FEATURES = ("base", "alpha+proj", "alpha-value")
+#: ``drop-path``: stochastic depth's per-sample row scale (``ROW_SCALE``) with a tensor alpha, 1024
+#: rows per sample. ``mlp``: the MLP block's passes that no single block makes: the forward and dx
+#: kernels without a residual (``RESIDUAL`` off: its first GEMM, ``N = 4D``, and its ``dh``,
+#: ``K = 4D``, masked by the hidden tensor), and dW2 (``g [M, D]`` against the hidden
+#: ``[M, 4D]``), each with the row scale and a tensor alpha.
+FEATURES = ("base", "alpha+proj", "alpha-value", "drop-path", "mlp")
 #: dW only: the split-M variant (``SPLIT_M``: fp32 partial slabs, no epilogue) of the dW kernel, in
 #: every shipped dW config, plus its reduce kernel (``dw_reduce``, :data:`fusedres.kernels.plan.REDUCE_CONFIGS`):
 #: ``split`` (bias: db partials) and ``split+alpha+proj`` (dP's slab rows; the reduce with a tensor
 #: alpha, dalpha partials and dP). The CLI compiles them by default; fwd and dx skip them.
-SPLIT_FEATURES = ("split", "split+alpha+proj")
+SPLIT_FEATURES = ("split", "split+alpha+proj", "split+drop-path")
 #: The reduce kernel, compiled with each split variant of dW (not a ``--kernels`` choice of its own).
 REDUCE_KIND = "dw_reduce"
 #: The example split: S slabs, with a ragged tile count per split (not 1, not a multiple of 16).
@@ -210,6 +215,8 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     if split and kind not in ("dw", REDUCE_KIND):
         raise ValueError(f"{kind}: the split variants are dW's and its reduce's only")
     extra = features in ("alpha+proj", "split+alpha+proj")
+    row_scale = features in ("drop-path", "mlp", "split+drop-path")
+    mlp = features == "mlp"
     N = 2 * D if extra else D
 
     def act(width):
@@ -218,24 +225,45 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
         return torch.empty(M, width, dtype=act_dtype)
 
     w, b = torch.empty(N, D, dtype=tdtype), torch.empty(N, dtype=tdtype)
-    alpha = torch.empty((), dtype=act_dtype) if extra else 0.5 if features == "alpha-value" else None
+    alpha = (torch.empty((), dtype=act_dtype) if extra or row_scale else 0.5 if features == "alpha-value"
+             else None)
     proj = torch.empty(N, D, dtype=tdtype) if extra else None
+    scale = dict(sample_scale=torch.empty(EXAMPLE_B, dtype=act_dtype), rows_per_sample=M // EXAMPLE_B) \
+        if row_scale else {}
+    H = 4 * D
     with _matmul_precision(precision):
-        if kind == "fwd":
+        if kind == "fwd" and mlp:       # the MLP's first GEMM: h = relu(x) @ W1.T + b1, no residual
+            x = act(D)
+            rows, (xs,), (xk,) = plan_rows(x)
+            h = torch.empty(rows.M, H, dtype=tdtype)
+            args, consts, _ = fwd_launch_args(xk, xs, torch.empty(H, D, dtype=tdtype), torch.empty(H, dtype=tdtype),
+                                              h, rows, add_residual=False)
+        elif kind == "fwd":
             x = act(D)
             rows, (xs,), (xk,) = plan_rows(x)
             y = torch.empty(rows.M, N, dtype=act_dtype)
-            args, consts, _ = fwd_launch_args(xk, xs, w, b, y, rows, alpha, proj)
+            args, consts, _ = fwd_launch_args(xk, xs, w, b, y, rows, alpha, proj, **scale)
+        elif kind == "dx" and mlp:      # the MLP's dh = [h > 0] * (s * alpha * g @ W2), no residual
+            g, h = act(D), act(H).to(tdtype)
+            rows, (gs, hs), (gk, hk) = plan_rows(g, h)
+            dh = torch.empty(rows.M, H, dtype=tdtype)
+            args, consts, _ = dx_launch_args(gk, gs, hk, hs, torch.empty(D, H, dtype=tdtype), dh, rows, alpha,
+                                             add_residual=False, **scale)
         elif kind == "dx":
             g, x = act(N), act(D)
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
             dx = torch.empty(rows.M, D, dtype=act_dtype)
-            args, consts, _ = dx_launch_args(gk, gs, xk, xs, w, dx, rows, alpha, proj)
+            args, consts, _ = dx_launch_args(gk, gs, xk, xs, w, dx, rows, alpha, proj, **scale)
         elif kind in ("dw", REDUCE_KIND):
-            g, x = act(N), act(D)
+            if mlp:                     # dW2 = alpha * (s g).T @ relu(h): the hidden tensor as x
+                w, b = torch.empty(D, H, dtype=tdtype), torch.empty(D, dtype=tdtype)
+            K = w.shape[1]
+            g, x = act(N), (act(H).to(tdtype) if mlp else act(D))
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
-            dw, db = torch.empty(N, D, dtype=tdtype), torch.empty(N, dtype=tdtype)
-            partials = torch.empty(kernels.dalpha_workspace_size(N, D, extra), dtype=torch.float32) if extra else None
+            dw, db = torch.empty(N, K, dtype=tdtype), torch.empty(N, dtype=tdtype)
+            need_dalpha = extra or row_scale
+            partials = torch.empty(kernels.dalpha_workspace_size(N, K, extra), dtype=torch.float32) \
+                if need_dalpha else None
             dp = torch.empty(N, D, dtype=tdtype) if extra else None
             slabs = dw_split_workspaces(dw, EXAMPLE_SPLITS, proj=extra, sum_g=True) if split else None
             if kind == REDUCE_KIND:
@@ -245,7 +273,7 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
                 args, consts, _ = dw_launch_args(gk, gs, xk, xs, dw, db, rows, weight=w, bias=b, alpha=alpha,
                                                  dalpha_partials=partials, dp=dp,
                                                  split=(*slabs, EXAMPLE_SPLITS, EXAMPLE_TILES_PER_SPLIT)
-                                                 if split else None)
+                                                 if split else None, **scale)
         else:
             raise ValueError(f"unknown kernel {kind!r}; one of {KINDS}")
     if rows.two_level != two_level:
@@ -304,7 +332,8 @@ def gate_configs(kind: str, dtype: str, two_level: bool = False, features: str =
     named = dict(zip(tuned.arg_names, args))
     kept = tuned.early_config_prune(tuned.configs, named, **consts) if tuned.early_config_prune else tuned.configs
     elem_size, operand_sizes = _configs.launch_operand_sizes(kind, {**named, **consts})
-    expected = _configs.shipped_configs(kind, elem_size, two_level, operand_sizes, consts["HAS_PROJ"])
+    expected = _configs.shipped_configs(kind, elem_size, two_level, operand_sizes, consts["HAS_PROJ"],
+                                        consts.get("ROW_SCALE", False))
     if [id(c) for c in kept] != [id(c) for c in expected]:
         raise AssertionError(f"{kind}: the autotuner's prune and shipped_configs disagree")
     return list(kept)
@@ -687,8 +716,10 @@ def main(argv=None) -> int:
                              "view (yes), or both")
     parser.add_argument("--features", default=FEATURES + SPLIT_FEATURES, type=_choices(FEATURES + SPLIT_FEATURES),
                         help="kernel variants: base (bias, db), alpha+proj (tensor residual scale with dalpha, "
-                             "projection shortcut) and alpha-value (a Python-float alpha, by value); dW only: split "
-                             "and split+alpha+proj (split-M partials, plus the reduce kernel); default all")
+                             "projection shortcut), alpha-value (a Python-float alpha, by value), drop-path "
+                             "(stochastic depth's row scale) and mlp (the MLP block's passes); dW only: split, "
+                             "split+alpha+proj and split+drop-path (split-M partials, plus the reduce kernel); "
+                             "default all")
     parser.add_argument("--config", action="append", metavar="'RxCxK wW sS'",
                         help="compile this config instead of the shipped ones (repeatable), e.g. '64x64x32 w4 s3'")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (CPUs)")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .module import FusedResidualBlock
-from .reference import ResidualBlock
+from .module import FusedResidualBlock, FusedResidualMLPBlock
+from .reference import ResidualBlock, ResidualMLPBlock
 from .stack import FusedResidualStack, _stackable
 
 #: The widths ``fuse(..., stacks=True)`` folds into a stack. Not 128: there the stack's backward
@@ -24,13 +24,16 @@ def fuse(model: nn.Module, *, stacks: bool = False) -> nn.Module:
     Recognised patterns:
 
     - :class:`fusedres.ResidualBlock` (exactly that class: a subclass may have changed
-      ``forward``) becomes :class:`fusedres.FusedResidualBlock`.
+      ``forward``) becomes :class:`fusedres.FusedResidualBlock`;
+    - :class:`fusedres.ResidualMLPBlock` (exactly) becomes :class:`fusedres.FusedResidualMLPBlock`.
+
+    Each keeps its ``drop_path`` (and ``recompute``).
 
     With ``stacks=True``, runs of two or more consecutive blocks inside an ``nn.Sequential`` (the
     one container whose execution order is its order) that a :class:`fusedres.FusedResidualStack`
     computes exactly and faster (square, one width in {16, 32, 64}: see ``FUSE_STACK_WIDTHS``
     for why not 128; all with or all without bias, one
-    dtype and device, a fixed alpha of 1) become one stack, named after the run's first block.
+    dtype and device, a fixed alpha of 1, no drop_path) become one stack, named after the run's first block.
     The stack owns its ``[depth, dim, dim]`` weight, so those parameters are copied, not shared:
     build the optimizer after ``fuse``. Blocks outside such runs are converted as above.
 
@@ -38,17 +41,21 @@ def fuse(model: nn.Module, *, stacks: bool = False) -> nn.Module:
     recognised: that would need guessing at code. Wrap it as a ``ResidualBlock`` or use
     ``FusedResidualBlock.from_linear``.
     """
-    if type(model) is ResidualBlock:
-        raise TypeError("fuse: the model itself is a ResidualBlock; use "
-                        "FusedResidualBlock.from_block(model) to convert a single block")
+    if type(model) in _FUSED:
+        raise TypeError(f"fuse: the model itself is a {type(model).__name__}; use "
+                        f"{_FUSED[type(model)].__name__}.from_block(model) to convert a single block")
     if stacks and isinstance(model, nn.Sequential):
         _fold_stacks(model)
     for name, child in model.named_children():
-        if type(child) is ResidualBlock:
-            setattr(model, name, FusedResidualBlock.from_block(child))
+        if type(child) in _FUSED:
+            setattr(model, name, _FUSED[type(child)].from_block(child))
         else:
             fuse(child, stacks=stacks)
     return model
+
+
+#: eager class -> fused class, for exactly these classes
+_FUSED = {ResidualBlock: FusedResidualBlock, ResidualMLPBlock: FusedResidualMLPBlock}
 
 
 def _stack_key(block: nn.Module):

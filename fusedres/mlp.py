@@ -51,7 +51,7 @@ class ResidualMLP(nn.Module):
             args = (dim,)
         else:
             if fused:
-                from .module import FusedResidualMLPBlock  # lands with the fused MLP kernels
+                from .module import FusedResidualMLPBlock
                 block = FusedResidualMLPBlock
             else:
                 block = ResidualMLPBlock

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .mlp_op import fused_residual_mlp
 from .op import fused_residual
-from .reference import _ResidualParameters
+from .reference import _ResidualMLPParameters, _ResidualParameters
 
 
 class FusedResidualBlock(_ResidualParameters):
@@ -19,6 +20,11 @@ class FusedResidualBlock(_ResidualParameters):
         bias: learn an additive bias, as ``nn.Linear(dim, out_features, bias)``.
         alpha: residual-branch scale (a buffer named ``alpha``); 0 with ``learnable_alpha`` is ReZero.
         learnable_alpha: make ``alpha`` a parameter; its gradient costs no extra GEMM.
+        drop_path: stochastic depth's rate ``p``: in training each sample (index of x's first
+            dimension) keeps its branch, scaled by ``1/(1 - p)``, with probability ``1 - p``
+            (timm's ``DropPath``; :func:`fusedres.drop_path_scale` draws the scale with torch's
+            RNG). The scale is a row scale in the kernels' epilogues; eval mode and ``p = 0`` run
+            the plain block.
 
     Parameters ``weight [out, dim]`` and ``bias [out]`` are named and initialised exactly like
     ``nn.Linear``'s, so a state_dict moves to and from :class:`fusedres.ResidualBlock` unchanged.
@@ -26,7 +32,8 @@ class FusedResidualBlock(_ResidualParameters):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        return fused_residual(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight)
+        return fused_residual(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight,
+                              sample_scale=self._sample_scale(x))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FusedResidualBlock":
@@ -45,7 +52,45 @@ class FusedResidualBlock(_ResidualParameters):
         """A fused block sharing every parameter and buffer of a :class:`fusedres.ResidualBlock`
         (weight, bias, alpha, proj_weight): no copy."""
         fused = cls(block.in_features, block.out_features, bias=block.bias is not None,
-                    learnable_alpha=isinstance(block.alpha, nn.Parameter), device="meta")
+                    learnable_alpha=isinstance(block.alpha, nn.Parameter), drop_path=getattr(block, "drop_path", 0.0),
+                    device="meta")
         for name in ("weight", "bias", "proj_weight", "alpha"):
             setattr(fused, name, getattr(block, name))
+        return fused
+
+
+class FusedResidualMLPBlock(_ResidualMLPParameters):
+    """Pre-activation residual block with a hidden layer, on fused Triton kernels:
+
+    ``y = x + alpha * s * (relu(relu(x) @ fc1.weight.T + fc1.bias) @ fc2.weight.T + fc2.bias)``
+
+    Args:
+        dim: the block's width ``D``.
+        hidden_features: the hidden width ``H`` (``4 * dim``: a transformer's feed-forward shape).
+        bias: learn ``fc1.bias`` and ``fc2.bias``.
+        alpha: residual-branch scale (a buffer named ``alpha``); 0 with ``learnable_alpha`` is ReZero.
+        learnable_alpha: make ``alpha`` a parameter (its gradient rides on the dW2 GEMM).
+        drop_path: stochastic depth's rate (see :class:`FusedResidualBlock`): a row scale in the
+            second GEMM's epilogue and on the backward's g.
+        recompute: save only x for the backward and recompute the hidden pre-activation there
+            (one more GEMM) instead of keeping the ``(..., H)`` tensor.
+
+    ``fc1 = nn.Linear(dim, hidden_features)`` and ``fc2 = nn.Linear(hidden_features, dim)`` (timm's
+    ``Mlp`` names and ``nn.Linear``'s init): a state_dict moves to and from
+    :class:`fusedres.ResidualMLPBlock`, and a timm-style ``Mlp``'s loads. Two kernel launches
+    forward, four backward (plus split-M reduces): :mod:`fusedres.mlp_op`.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fused_residual_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, alpha=self.alpha,
+                                  sample_scale=self._sample_scale(x), recompute=self.recompute)
+
+    @classmethod
+    def from_block(cls, block: _ResidualMLPParameters) -> "FusedResidualMLPBlock":
+        """A fused block sharing every parameter and buffer of a :class:`fusedres.ResidualMLPBlock`
+        (fc1, fc2, alpha) and its settings (drop_path, recompute): no copy."""
+        fused = cls(block.dim, block.hidden_features, bias=block.fc1.bias is not None,
+                    learnable_alpha=isinstance(block.alpha, nn.Parameter), drop_path=block.drop_path,
+                    recompute=block.recompute, device="meta")
+        fused.fc1, fused.fc2, fused.alpha = block.fc1, block.fc2, block.alpha
         return fused

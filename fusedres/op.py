@@ -2,8 +2,9 @@
 
 Two custom ops carry the work, so that ``torch.compile`` sees opaque, shape-known nodes:
 
-- ``fusedres::residual_forward(x, weight, bias, alpha, proj_weight, alpha_value) -> y``
-- ``fusedres::residual_backward(grad, x, weight, bias, alpha, proj_weight, need_*..., alpha_value)
+- ``fusedres::residual_forward(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale) -> y``
+- ``fusedres::residual_backward(grad, x, weight, bias, alpha, proj_weight, need_*..., alpha_value,
+  sample_scale)
   -> (dx, dW, db, dalpha, dP)``
 
 ``alpha`` is a one-element tensor (a pointer for the kernels, maybe learnable) or None; a Python
@@ -14,6 +15,7 @@ so training keeps no ``M x D`` tensor beyond the input it already holds.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -125,10 +127,10 @@ def gemm_operands(who: str, x: Tensor, params: list[tuple[str, Optional[Tensor]]
     return tensors
 
 
-def _check_inputs(x, weight, bias, alpha, proj_weight) -> None:
+def _check_inputs(x, weight, bias, alpha, proj_weight, sample_scale=None) -> None:
     """Raise a clear error for input the kernels cannot take, before anything is launched."""
-    named = [("x", x), ("weight", weight)] + [(n, t) for n, t in (("bias", bias), ("proj_weight", proj_weight))
-                                              if t is not None]
+    named = [("x", x), ("weight", weight)] + [(n, t) for n, t in (("bias", bias), ("proj_weight", proj_weight),
+                                                                  ("sample_scale", sample_scale)) if t is not None]
     if isinstance(alpha, Tensor):
         named.append(("alpha", alpha))
     elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
@@ -152,11 +154,28 @@ def _check_inputs(x, weight, bias, alpha, proj_weight) -> None:
         raise ValueError(f"fused_residual: bias must have shape [{N}], got {list(bias.shape)}")
     if isinstance(alpha, Tensor) and alpha.numel() != 1:
         raise ValueError(f"fused_residual: alpha must have one element, got shape {list(alpha.shape)}")
+    check_sample_scale_arg("fused_residual", x, sample_scale)
     check_one_device("fused_residual", named)
 
 
+def check_sample_scale_arg(who: str, x: Tensor, sample_scale: Optional[Tensor]) -> None:
+    """Stochastic depth's ``s``: one value per index of x's first dimension (x at least 2-D: a
+    sample dimension, then features), a constant (it gets no gradient)."""
+    if sample_scale is None:
+        return
+    if x.dim() < 2:
+        raise ValueError(f"{who}: sample_scale needs x with a sample dimension, (B, ..., D); got x of shape "
+                         f"{list(x.shape)}")
+    if tuple(sample_scale.shape) != (x.shape[0],):
+        raise ValueError(f"{who}: sample_scale must have shape [x.shape[0]] = [{x.shape[0]}], one value per "
+                         f"sample; got {list(sample_scale.shape)}")
+    if sample_scale.requires_grad:
+        raise ValueError(f"{who}: sample_scale is stochastic depth's drawn scale and gets no gradient; pass it "
+                         "detached (fusedres.drop_path_scale draws it so)")
+
+
 def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, alpha: float | Tensor = 1.0,
-                   proj_weight: Optional[Tensor] = None) -> Tensor:
+                   proj_weight: Optional[Tensor] = None, sample_scale: Optional[Tensor] = None) -> Tensor:
     """Pre-activation residual block, fused: ``y = x + alpha * (relu(x) @ weight.T + bias)``, or
     with a projection shortcut ``y = x @ proj_weight.T + alpha * (relu(x) @ weight.T + bias)``.
 
@@ -167,6 +186,10 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
         alpha: residual-branch scale, a float or a one-element tensor (learnable: it gets a
             gradient, at no extra GEMM). ``alpha = 0`` is ReZero's start.
         proj_weight: ``[out, in]`` projection for the shortcut when ``out != in``.
+        sample_scale: stochastic depth's per-sample scale ``s`` (:func:`fusedres.drop_path_scale`),
+            ``[x.shape[0]]``, or None: ``y[b] = shortcut[b] + s[b] * alpha * branch[b]``, applied
+            as a row scale in the kernels' epilogues (and to g in the backward's branch terms).
+            A sample with ``s[b] = 0`` gets ``y[b] = x[b]`` exactly.
 
     Returns:
         ``y`` of shape ``(..., out)``, in ``x``'s dtype (under autocast, eager's type promotion).
@@ -182,27 +205,28 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     # and autocast (which casts the parameters first) take the custom op.
     if (_is_compiling() or type(x) not in _PLAIN or type(weight) not in _PLAIN or _dispatch_modes()
             or _function_modes() or _functorch_active() or (_any_autocast() and torch.is_autocast_enabled(x.device.type))):
-        return _through_custom_op(x, weight, bias, alpha, proj_weight)
+        return _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale)
     if type(alpha) is float:
         alpha, alpha_value = None, alpha
     elif isinstance(alpha, Tensor):
         alpha_value = 1.0
     else:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            _check_inputs(x, weight, bias, alpha, proj_weight)     # raises for a bad alpha
+            _check_inputs(x, weight, bias, alpha, proj_weight, sample_scale)     # raises for a bad alpha
         alpha, alpha_value = None, float(alpha)
     plan = _plans.get((x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype,
                        weight.device, None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
                        alpha_value == 1.0 if alpha is None else (alpha.shape, alpha.dtype, alpha.device),
-                       None if proj_weight is None else _meta(proj_weight), _matmul_precision()))
+                       None if proj_weight is None else _meta(proj_weight), _matmul_precision(),
+                       None if sample_scale is None else _meta(sample_scale)))
     if plan is None:
-        plan = _plan_for(x, weight, bias, alpha, proj_weight, alpha_value)
+        plan = _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
     if _grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)
                                     or (alpha is not None and alpha.requires_grad)
                                     or (proj_weight is not None and proj_weight.requires_grad)):
-        return _apply_fused(x, weight, bias, alpha, proj_weight, alpha_value, plan)
-    return plan.forward(x, weight, bias, alpha, proj_weight, alpha_value)
+        return _apply_fused(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, plan)
+    return plan.forward(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
 
 
 # Module-level names for what every call checks: one lookup each instead of two or three.
@@ -215,11 +239,11 @@ _grad_enabled = torch.is_grad_enabled
 _empty_like = torch.empty_like
 
 
-def _through_custom_op(x, weight, bias, alpha, proj_weight) -> Tensor:
+def _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale=None) -> Tensor:
     """What ``torch.compile`` traces (and any tensor subclass or dispatch mode meets): the
     ``fusedres::residual_forward`` custom op, whose registered autograd calls
     ``fusedres::residual_backward``."""
-    _check_inputs(x, weight, bias, alpha, proj_weight)
+    _check_inputs(x, weight, bias, alpha, proj_weight, sample_scale)
     device_type = x.device.type
     weight, bias, proj_weight = gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias),
                                                                     ("proj_weight", proj_weight)])
@@ -228,7 +252,7 @@ def _through_custom_op(x, weight, bias, alpha, proj_weight) -> Tensor:
     if not isinstance(alpha, Tensor):
         alpha, alpha_value = None, float(alpha)
     with torch.autocast(device_type, enabled=False):
-        return torch.ops.fusedres.residual_forward(x, weight, bias, alpha, proj_weight, alpha_value)
+        return torch.ops.fusedres.residual_forward(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -240,31 +264,31 @@ class _FusedResidual(torch.autograd.Function):
     whose autograd makes a second backward the same clear error as on the custom-op path."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, alpha, proj_weight, alpha_value, plan):
+    def forward(ctx, x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, plan):
         # as _setup_context, inline (this runs on every training step's forward)
         ctx.save_for_backward(x, weight, bias if (alpha is not None and alpha.requires_grad) else None, alpha,
-                              proj_weight)
+                              proj_weight, sample_scale)
         ctx.state = (plan, alpha_value, bias is not None, alpha is not None, proj_weight is not None)
         launch = plan.fwd
         if launch is not None and plan.fast and not _validate.ENABLED:     # _Plan.forward's fast path, inline
             y = _empty_like(x)
             launch.run(fwd_head(x, weight, bias, y, alpha if alpha is not None else
-                                (None if alpha_value == 1.0 else alpha_value), proj_weight))
+                                (None if alpha_value == 1.0 else alpha_value), proj_weight, None, sample_scale))
             return y
-        return plan.forward(x, weight, bias, alpha, proj_weight, alpha_value)
+        return plan.forward(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, alpha, proj_weight = ctx.saved_tensors
+        x, weight, bias, alpha, proj_weight, sample_scale = ctx.saved_tensors
         plan, alpha_value, has_bias, has_alpha, has_proj = ctx.state
         need_dx, need_weight, need_bias, need_alpha, need_proj = ctx.needs_input_grad[:5]
         needs = (need_dx, need_weight, need_bias and has_bias, need_alpha and has_alpha, need_proj and has_proj)
         if torch.is_grad_enabled():
             grads = torch.ops.fusedres.residual_backward(grad, x, weight, bias, alpha, proj_weight, *needs,
-                                                         alpha_value)
+                                                         alpha_value, sample_scale)
         else:
-            grads = plan.backward(grad, x, weight, bias, alpha, proj_weight, needs, alpha_value)
-        return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+            grads = plan.backward(grad, x, weight, bias, alpha, proj_weight, needs, alpha_value, sample_scale)
+        return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
 
 
 # torch.autograd.Function.apply's C implementation. The Python classmethod over it adds only
@@ -284,7 +308,7 @@ def _meta(t):
 _matmul_precision = torch._C._get_float32_matmul_precision     # what torch.get_float32_matmul_precision returns
 
 
-def _signature(x, weight, bias, alpha, proj_weight, alpha_value) -> tuple:
+def _signature(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=None) -> tuple:
     """Everything a call's checks, allocations and launches depend on, but the data: shapes,
     strides, dtypes, devices, which optional operands there are, a float alpha of 1 (no scale) or
     not, and torch's fp32 matmul precision (tf32 or IEEE). (fused_residual builds the same tuple
@@ -292,7 +316,7 @@ def _signature(x, weight, bias, alpha, proj_weight, alpha_value) -> tuple:
     return (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
             None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
             alpha_value == 1.0 if alpha is None else (alpha.shape, alpha.dtype, alpha.device),
-            None if proj_weight is None else _meta(proj_weight), _matmul_precision())
+            None if proj_weight is None else _meta(proj_weight), _matmul_precision(), _meta(sample_scale))
 
 
 # signature -> _Plan. Bounded: cleared when it grows past _PLANS_MAX; emptied by
@@ -302,20 +326,20 @@ _op_plans: dict = kernels.configs.register_prepared_cache({})
 _PLANS_MAX = 4096
 
 
-def _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, plans: dict = _plans) -> "_Plan":
+def _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=None, plans: dict = _plans) -> "_Plan":
     """The plan of this call's signature: found, or made after the input checks (which run once
     per signature: a signature that passed them once passes them always). ``fused_residual``'s
     plans (``_plans``) also hold its dtype rule (parameters in x's dtype outside autocast); the
     custom ops' (``_op_plans``) take what autocast made, parameters cast, x not."""
-    key = _signature(x, weight, bias, alpha, proj_weight, alpha_value)
+    key = _signature(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
     plan = plans.get(key)
     if plan is None:
-        _check_inputs(x, weight, bias, alpha if alpha is not None else alpha_value, proj_weight)
+        _check_inputs(x, weight, bias, alpha if alpha is not None else alpha_value, proj_weight, sample_scale)
         if plans is _plans:
             gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias), ("proj_weight", proj_weight)])
         if len(plans) >= _PLANS_MAX:
             plans.clear()
-        plan = plans[key] = _Plan(x, weight, bias)
+        plan = plans[key] = _Plan(x, weight, bias, sample_scale)
     return plan
 
 
@@ -328,64 +352,71 @@ class _Plan:
     replay those launches with their own tensors. Same kernels, configs, grids and arguments, so
     the same results and launch counts.
     """
-    __slots__ = ("eager", "rows", "xs", "copy_x", "copy_bias", "out_shape", "out_dtype", "like_x", "fast", "fwd",
-                 "bwd")
+    __slots__ = ("eager", "rows", "xs", "copy_x", "copy_bias", "copy_s", "rows_per_sample", "out_shape", "out_dtype",
+                 "like_x", "fast", "fwd", "bwd")
 
-    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], sample_scale: Optional[Tensor] = None):
         self.eager = backend_for(x.device) == "eager"
         self.rows, (self.xs,), (xk,) = plan_rows(x)
         self.copy_x = xk is not x
         # the kernels read bias[n] at n: a strided bias is made contiguous (D elements)
         self.copy_bias = bias is not None and bias.numel() > 1 and bias.stride(0) != 1
+        self.copy_s = sample_scale is not None and sample_scale.numel() > 1 and sample_scale.stride(0) != 1
+        self.rows_per_sample = max(math.prod(x.shape[1:-1]), 1) if sample_scale is not None else 1
         self.out_shape = (*x.shape[:-1], weight.shape[0])
         self.out_dtype = torch.promote_types(x.dtype, weight.dtype)
         # y as x's own layout (the cheapest allocation) when that is the row-major output
         self.like_x = x.is_contiguous() and self.out_shape == x.shape and self.out_dtype == x.dtype
         # the common case: Triton, no copies, y like x
-        self.fast = self.like_x and not (self.eager or self.copy_x or self.copy_bias)
+        self.fast = self.like_x and not (self.eager or self.copy_x or self.copy_bias or self.copy_s)
         self.fwd = None
         self.bwd: dict = {}
 
-    def forward(self, x, weight, bias, alpha, proj_weight, alpha_value) -> Tensor:
+    def forward(self, x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=None) -> Tensor:
         launch = self.fwd
         if launch is not None and self.fast:
             y = _empty_like(x)
             launch.run(fwd_head(x, weight, bias, y, alpha if alpha is not None else
-                                (None if alpha_value == 1.0 else alpha_value), proj_weight))
+                                (None if alpha_value == 1.0 else alpha_value), proj_weight, None, sample_scale))
             if _validate.ENABLED:
-                check_forward(y, x, weight, bias, _scale(alpha, alpha_value), proj_weight)
+                check_forward(y, x, weight, bias, _scale(alpha, alpha_value), proj_weight, sample_scale)
             return y
         if self.eager:
-            return eager_forward(x, weight, bias, _scale(alpha, alpha_value), proj_weight)
+            return eager_forward(x, weight, bias, _scale(alpha, alpha_value), proj_weight, sample_scale)
         if self.copy_x:
             x = plan_rows(x)[2][0]
         if self.copy_bias:
             bias = bias.contiguous()
+        if self.copy_s:
+            sample_scale = sample_scale.contiguous()
         y = torch.empty_like(x) if self.like_x else x.new_empty(self.out_shape, dtype=self.out_dtype)
         scale = _scale(alpha, alpha_value)
         if self.fwd is not None:
-            self.fwd(*fwd_head(x, weight, bias, y, scale, proj_weight))
+            self.fwd.run(fwd_head(x, weight, bias, y, scale, proj_weight, None, sample_scale))
         else:
             self.fwd = kernels.residual_fwd(x, self.xs, weight, bias, y.view(self.rows.M, weight.shape[0]),
-                                            self.rows, alpha=scale, proj_weight=proj_weight)
+                                            self.rows, alpha=scale, proj_weight=proj_weight,
+                                            sample_scale=sample_scale, rows_per_sample=self.rows_per_sample)
         if _validate.ENABLED:
-            check_forward(y, x, weight, bias, scale, proj_weight)
+            check_forward(y, x, weight, bias, scale, proj_weight, sample_scale)
         return y
 
-    def backward(self, grad, x, weight, bias, alpha, proj_weight, needs, alpha_value):
+    def backward(self, grad, x, weight, bias, alpha, proj_weight, needs, alpha_value, sample_scale=None):
         """(dx, dW, db, dalpha, dP), None for each not asked for."""
         scale = _scale(alpha, alpha_value)
         if self.eager:
-            return eager_backward(grad, x, weight, bias, scale, proj_weight, *needs)
+            return eager_backward(grad, x, weight, bias, scale, proj_weight, *needs, sample_scale=sample_scale)
         if self.copy_bias:
             bias = bias.contiguous()
+        if self.copy_s:
+            sample_scale = sample_scale.contiguous()
         key = (grad.shape, grad.stride(), grad.dtype, grad.device, needs, bias is None, _plan_module.forced_splits())
         launches = self.bwd.get(key)
         if launches is None:
             launches = self.bwd[key] = _BackwardLaunches(grad, x)
-        grads = launches.run(grad, x, weight, bias, scale, proj_weight, *needs)
+        grads = launches.run(grad, x, weight, bias, scale, proj_weight, *needs, sample_scale, self.rows_per_sample)
         if _validate.ENABLED:
-            check_backward(grads, grad, x, weight, bias, scale, proj_weight)
+            check_backward(grads, grad, x, weight, bias, scale, proj_weight, sample_scale)
         return grads
 
 
@@ -399,7 +430,8 @@ class _BackwardLaunches:
         self.copy = gk is not grad or xk is not x
         self.dx = self.dw = None
 
-    def run(self, grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha, need_proj):
+    def run(self, grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha, need_proj,
+            sample_scale=None, rows_per_sample=1):
         N, K = weight.shape
         rows, gs, xs = self.rows, self.gs, self.xs
         if self.copy:
@@ -410,10 +442,11 @@ class _BackwardLaunches:
         if need_dx:
             dx = x.new_empty(x.shape)
             if self.dx is not None:
-                self.dx(*dx_head(grad, x_rows, weight, dx, alpha, proj_weight))
+                self.dx.run(dx_head(grad, x_rows, weight, dx, alpha, proj_weight, None, sample_scale))
             else:
                 self.dx = kernels.residual_dx(grad, gs, x_rows, xs, weight, dx.view(rows.M, K), rows, alpha=alpha,
-                                              proj_weight=proj_weight)
+                                              proj_weight=proj_weight, sample_scale=sample_scale,
+                                              rows_per_sample=rows_per_sample)
         if need_weight or need_alpha or need_proj:
             # dW is the GEMM the dalpha and dP reductions ride on: it is computed whenever they are.
             acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -425,10 +458,11 @@ class _BackwardLaunches:
                         if need_alpha else None)
             if self.dw is not None:
                 programs = self.dw(grad, x_rows, dw, db, weight=weight, bias=bias, alpha=alpha,
-                                   dalpha_partials=partials, dp=dp)
+                                   dalpha_partials=partials, dp=dp, sample_scale=sample_scale)
             else:
                 self.dw = kernels.residual_dw(grad, gs, x_rows, xs, dw, db, rows, weight=weight, bias=bias,
-                                              alpha=alpha, dalpha_partials=partials, dp=dp)
+                                              alpha=alpha, dalpha_partials=partials, dp=dp, sample_scale=sample_scale,
+                                              rows_per_sample=rows_per_sample)
                 programs = self.dw.programs
             if need_alpha:
                 dalpha = partials[:programs].sum().to(alpha.dtype).reshape(alpha.shape)
@@ -437,7 +471,9 @@ class _BackwardLaunches:
         elif need_bias:
             # db alone is a column sum: a native reduction, with no GEMM to fold it into.
             acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-            db = grad.reshape(-1, N).sum(0, dtype=acc)
+            g = grad if sample_scale is None else grad * sample_scale.to(grad.dtype).reshape(
+                (-1,) + (1,) * (grad.dim() - 1))
+            db = g.reshape(-1, N).sum(0, dtype=acc)
             if isinstance(alpha, Tensor):
                 db = db * alpha.to(acc)
             elif alpha is not None:
@@ -463,46 +499,48 @@ def _empty_like_output(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
-                  proj_weight: Optional[Tensor], alpha_value: float = 1.0) -> Tensor:
-    return _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, _op_plans).forward(
-        x, weight, bias, alpha, proj_weight, alpha_value)
+                  proj_weight: Optional[Tensor], alpha_value: float = 1.0, sample_scale: Optional[Tensor] = None
+                  ) -> Tensor:
+    return _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, _op_plans).forward(
+        x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
 
 
 @torch.library.custom_op("fusedres::residual_forward", mutates_args=())
 def residual_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
-                     proj_weight: Optional[Tensor], alpha_value: float = 1.0) -> Tensor:
-    return _forward_impl(x, weight, bias, alpha, proj_weight, alpha_value)
+                     proj_weight: Optional[Tensor], alpha_value: float = 1.0,
+                     sample_scale: Optional[Tensor] = None) -> Tensor:
+    return _forward_impl(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
 
 
 @residual_forward.register_fake
-def _(x, weight, bias, alpha, proj_weight, alpha_value=1.0):
+def _(x, weight, bias, alpha, proj_weight, alpha_value=1.0, sample_scale=None):
     return _empty_like_output(x, weight)
 
 
 @torch.library.custom_op("fusedres::residual_backward", mutates_args=())
 def residual_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
                       proj_weight: Optional[Tensor], need_dx: bool, need_weight: bool, need_bias: bool,
-                      need_alpha: bool, need_proj: bool, alpha_value: float = 1.0
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      need_alpha: bool, need_proj: bool, alpha_value: float = 1.0,
+                      sample_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``residual_forward`` with respect to (x, weight, bias, alpha, proj_weight); an
     empty tensor stands for each gradient not asked for (and its kernel is not launched)."""
     grads = _backward_impl(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha,
-                           need_proj, alpha_value)
+                           need_proj, alpha_value, sample_scale)
     return tuple(t if t is not None else like.new_empty(0)
                  for t, like in zip(grads, (x, weight, weight, weight, weight)))
 
 
 def _backward_impl(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha,
-                   need_proj, alpha_value=1.0):
+                   need_proj, alpha_value=1.0, sample_scale=None):
     """(dx, dW, db, dalpha, dP), None for each not asked for: both paths' backward."""
-    plan = _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, _op_plans)
+    plan = _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, _op_plans)
     return plan.backward(grad, x, weight, bias, alpha, proj_weight,
-                         (need_dx, need_weight, need_bias, need_alpha, need_proj), alpha_value)
+                         (need_dx, need_weight, need_bias, need_alpha, need_proj), alpha_value, sample_scale)
 
 
 @residual_backward.register_fake
 def _(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha, need_proj,
-      alpha_value=1.0):
+      alpha_value=1.0, sample_scale=None):
     N, K = weight.shape
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             weight.new_empty(N, K) if need_weight else weight.new_empty(0),
@@ -512,33 +550,34 @@ def _(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, alpha, proj_weight, alpha_value = inputs
+    x, weight, bias, alpha, proj_weight, alpha_value, sample_scale = inputs
     ctx.has = (bias is not None, alpha is not None, proj_weight is not None)
     ctx.alpha_value = alpha_value
-    # Saved: x, the weights, and alpha; the bias only when alpha needs its gradient (dalpha's
-    # <g.sum(0), b> term). Never relu(x) or any other M x D tensor.
+    # Saved: x, the weights, alpha and stochastic depth's s; the bias only when alpha needs its
+    # gradient (dalpha's <g.sum(0), b> term). Never relu(x) or any other M x D tensor.
     keep_bias = bias if (alpha is not None and alpha.requires_grad) else None
-    ctx.save_for_backward(x, weight, keep_bias, alpha, proj_weight)
+    ctx.save_for_backward(x, weight, keep_bias, alpha, proj_weight, sample_scale)
 
 
 def _backward(ctx, grad):
-    x, weight, bias, alpha, proj_weight = ctx.saved_tensors
+    x, weight, bias, alpha, proj_weight, sample_scale = ctx.saved_tensors
     has_bias, has_alpha, has_proj = ctx.has
     need_dx, need_weight, need_bias, need_alpha, need_proj = ctx.needs_input_grad[:5]
     needs = (need_dx, need_weight, need_bias and has_bias, need_alpha and has_alpha, need_proj and has_proj)
     grads = torch.ops.fusedres.residual_backward(grad, x, weight, bias, alpha, proj_weight, *needs,
-                                                 ctx.alpha_value)
-    return (*(g if need else None for g, need in zip(grads, needs)), None)
+                                                 ctx.alpha_value, sample_scale)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("fused_residual: double backward (create_graph=True, then backward again) is not "
-                       "supported; use fusedres.ResidualBlock for higher-order gradients")
+def refuse_double_backward(backward_op, who: str, reference: str) -> None:
+    """Register on a backward custom op an autograd that raises a clear error: a second backward
+    through it (``create_graph=True``, then backward again) is not supported."""
+    def refuse(ctx, *grads):
+        raise RuntimeError(f"{who}: double backward (create_graph=True, then backward again) is not supported; "
+                           f"use fusedres.{reference} for higher-order gradients")
 
-
-def _no_double_backward_setup(ctx, inputs, output) -> None:
-    pass
+    backward_op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
 
 
 residual_forward.register_autograd(_backward, setup_context=_setup_context)
-residual_backward.register_autograd(_no_double_backward, setup_context=_no_double_backward_setup)
+refuse_double_backward(residual_backward, "fused_residual", "ResidualBlock")

@@ -59,12 +59,19 @@ def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | Non
     return _add_branch(x, branch, alpha)
 
 
+def _rows_scale(s: Tensor, like: Tensor) -> Tensor:
+    """``s [B]`` viewed to scale the samples (first-dim indices) of ``like``, in its dtype."""
+    return s.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
 def eager_forward(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor | None = None,
-                  proj_weight: Tensor | None = None) -> Tensor:
+                  proj_weight: Tensor | None = None, sample_scale: Tensor | None = None) -> Tensor:
     """The reference forward in the dtypes the kernels see: the GEMMs in ``weight``'s dtype (under
     autocast the wrapper has cast the parameters), the residual add in eager's type promotion."""
     h = F.relu(x).to(weight.dtype)
     branch = F.linear(h, weight, bias)
+    if sample_scale is not None:
+        branch = branch * _rows_scale(sample_scale, branch)
     if alpha is not None:
         branch = alpha * branch
     shortcut = x if proj_weight is None else F.linear(x.to(weight.dtype), proj_weight)
@@ -73,19 +80,21 @@ def eager_forward(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor 
 
 def eager_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor | None,
                    proj_weight: Tensor | None, need_dx: bool, need_weight: bool, need_bias: bool,
-                   need_alpha: bool, need_proj: bool):
+                   need_alpha: bool, need_proj: bool, sample_scale: Tensor | None = None):
     """The reference gradients of :func:`eager_forward` as eager autograd computes them, None
     where not asked for: (dx, dW, db, dalpha, dP). ``relu``'s backward is ``threshold_backward``,
-    ``x <= 0 -> 0``, which lets the gradient through at NaN."""
+    ``x <= 0 -> 0``, which lets the gradient through at NaN. With ``sample_scale`` the branch's
+    gradient is ``s * g`` (the shortcut's, and dP's, stay ``g``)."""
     N, K = weight.shape
-    g = grad.to(weight.dtype)
+    g_shortcut = grad.to(weight.dtype)
+    g = g_shortcut if sample_scale is None else g_shortcut * _rows_scale(sample_scale, g_shortcut)
     g2 = g.reshape(-1, N)
     h2 = F.relu(x).to(weight.dtype).reshape(-1, K)
     scale = (lambda t: t) if alpha is None else (lambda t: alpha * t)
     dx = dw = db = dalpha = dp = None
     if need_dx:
         branch = torch.where(x <= 0, 0, scale(g @ weight))
-        shortcut = grad if proj_weight is None else g @ proj_weight
+        shortcut = grad if proj_weight is None else g_shortcut @ proj_weight
         dx = (shortcut + branch).to(x.dtype)
     if need_weight:
         dw = scale(g2.T @ h2).to(weight.dtype)
@@ -95,7 +104,7 @@ def eager_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
         lin = F.linear(h2, weight, bias)
         dalpha = (g2 * lin).sum().to(alpha.dtype).reshape(alpha.shape)
     if need_proj:
-        dp = g2.T @ x.to(weight.dtype).reshape(-1, K)
+        dp = g_shortcut.reshape(-1, N).T @ x.to(weight.dtype).reshape(-1, K)
     return dx, dw, db, dalpha, dp
 
 

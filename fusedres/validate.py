@@ -113,23 +113,26 @@ def _double(t: Tensor | float | None, absolute: bool = False) -> Tensor | float 
     return t.double().abs() if absolute else t.double()
 
 
-def check_forward(y: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight) -> None:
+def check_forward(y: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight, sample_scale=None) -> None:
     if not ENABLED:
         return
-    eager = eager_forward(x, weight, bias, alpha, proj_weight)
-    reference = eager_forward(*(_double(t) for t in (x, weight, bias, alpha, proj_weight)))
-    scale = eager_forward(*(_double(t, absolute=True) for t in (x, weight, bias, alpha, proj_weight)))
+    inputs = (x, weight, bias, alpha, proj_weight, sample_scale)
+    eager = eager_forward(*inputs)
+    reference = eager_forward(*(_double(t) for t in inputs))
+    scale = eager_forward(*(_double(t, absolute=True) for t in inputs))
     _raise_if_broken("fusedres::residual_forward", "y", y, eager, reference, scale, _shapes(x=x, weight=weight))
 
 
-def check_backward(grads, grad: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight) -> None:
+def check_backward(grads, grad: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight,
+                   sample_scale=None) -> None:
     if not ENABLED:
         return
     needs = [g is not None for g in grads]
     inputs = (grad, x, weight, bias, alpha, proj_weight)
-    eager = eager_backward(*inputs, *needs)
-    reference = eager_backward(*(_double(t) for t in inputs), *needs)
-    scale = eager_backward(*(_double(t, absolute=True) for t in inputs), *needs)
+    s = (sample_scale, _double(sample_scale), _double(sample_scale, absolute=True))
+    eager = eager_backward(*inputs, *needs, sample_scale=s[0])
+    reference = eager_backward(*(_double(t) for t in inputs), *needs, sample_scale=s[1])
+    scale = eager_backward(*(_double(t, absolute=True) for t in inputs), *needs, sample_scale=s[2])
     for name, f, e, r, sc in zip(("dx", "dweight", "dbias", "dalpha", "dproj_weight"), grads, eager, reference,
                                  scale):
         if f is not None:

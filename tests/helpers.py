@@ -7,7 +7,7 @@ import contextlib
 import torch
 import triton
 
-from fusedres import fused_residual, residual_reference
+from fusedres import fused_residual, fused_residual_mlp, residual_mlp_reference, residual_reference
 from fusedres.kernels import configs
 from fusedres.validate import parity
 
@@ -91,6 +91,62 @@ def check_parity(x, w, b, g=None, *, alpha=None, proj=None, names=NAMES):
         p = parity(f, e, r, sc)
         assert p.ok, f"{name} [{x.dtype}, x {list(x.shape)} strides {x.stride()}]: {p}"
     return fused
+
+
+MLP_NAMES = ("y", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias", "dalpha")
+
+
+def mlp_params(D, H, device, bias=True, seed=3):
+    """fc1_weight [H, D], fc1_bias [H], fc2_weight [D, H], fc2_bias [D] (biases None without ``bias``)."""
+    gen = torch.Generator().manual_seed(seed)
+    w1 = (torch.randn(H, D, generator=gen) / D ** 0.5).to(device)
+    w2 = (torch.randn(D, H, generator=gen) / H ** 0.5).to(device)
+    b1 = (torch.randn(H, generator=gen) * 0.1).to(device) if bias else None
+    b2 = (torch.randn(D, generator=gen) * 0.1).to(device) if bias else None
+    return w1, b1, w2, b2
+
+
+def run_mlp(fn, x, w1, b1, w2, b2, g, alpha, s, dtype, **kwargs):
+    cast = lambda t: None if t is None else t.detach().to(dtype)   # noqa: E731
+    leaves = [cast(t).requires_grad_() if t is not None else None for t in (x, w1, b1, w2, b2)]
+    a = cast(alpha).requires_grad_() if isinstance(alpha, torch.Tensor) else alpha
+    y = fn(*leaves, alpha=a, sample_scale=cast(s), **kwargs)
+    y.backward(cast(g))
+    return [y.detach()] + [t.grad if t is not None else None for t in leaves] + \
+        [a.grad if isinstance(a, torch.Tensor) else None]
+
+
+def check_mlp_parity(x, w1, b1, w2, b2, *, alpha=1.0, s=None, **kwargs):
+    """Fused, eager in the same dtype, fp64 on the same rounded inputs, and the absolute-value
+    computation for the floor: the parity rule for y and every gradient. Returns the fused results."""
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype)
+    fused = run_mlp(fused_residual_mlp, x, w1, b1, w2, b2, g, alpha, s, x.dtype, **kwargs)
+    eager = run_mlp(residual_mlp_reference, x, w1, b1, w2, b2, g, alpha, s, x.dtype)
+    ref = run_mlp(residual_mlp_reference, x, w1, b1, w2, b2, g, alpha, s, torch.float64)
+    absolute = [t.abs() if isinstance(t, torch.Tensor) else t for t in (x, w1, b1, w2, b2, g, alpha, s)]
+    scale = run_mlp(residual_mlp_reference, *absolute[:6], absolute[6], absolute[7], torch.float64)
+    for name, f, e, r, sc in zip(MLP_NAMES, fused, eager, ref, scale):
+        if r is None:
+            assert f is None and e is None, name
+            continue
+        assert f.shape == e.shape and f.dtype == e.dtype, (name, f.shape, e.shape, f.dtype, e.dtype)
+        p = parity(f, e, r, sc)
+        assert p.ok, f"{name} [{x.dtype}, x {list(x.shape)} strides {x.stride()}, H {w1.shape[0]}]: {p}"
+    return fused
+
+
+def fixed_tiles(bm: int, bn: int, bk: int):
+    """A ``configs.config_override`` chooser: one ``bm x bn x bk`` config (4 warps, 1 stage) for
+    every single-block kernel kind (fwd: M x N x K; dx: M x K x N; dW: M x K x N), None for others."""
+    names = {"fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), "dx": ("BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M"),
+             "dw": ("BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_K")}
+
+    def choose(kind, named_args):
+        if kind not in names:
+            return None
+        a, b, c, g = names[kind]
+        return triton.Config({a: bm, b: bn, c: bk, g: 8}, num_warps=4, num_stages=1)
+    return choose
 
 
 @contextlib.contextmanager

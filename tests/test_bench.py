@@ -19,6 +19,7 @@ from bench import cpu, gate, gpu, model  # noqa: E402
 from bench.counters import DispatchTraffic, tensor_bytes  # noqa: E402
 from bench.inductor_probe import parse_wrapper  # noqa: E402
 from bench.report import upsert_csv  # noqa: E402
+from helpers import fixed_tiles  # noqa: E402
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
                                  reason="CPU mode measures the fused kernels in Triton's interpreter")
@@ -214,12 +215,13 @@ def test_cpu_mode_without_matplotlib(tmp_path, capsys, no_matplotlib):
     from bench.cli import main
     from bench.report import PLOTS_HINT
     out = tmp_path / "out"
-    rc = main(["--mode", "cpu", "--size", "64x32", "--no-stack", "--gate", "off", "--no-inductor-probe",
+    rc = main(["--mode", "cpu", "--size", "64x32", "--no-stack", "--no-mlp", "--gate", "off", "--no-inductor-probe",
                "--no-progress", "--out", str(out)])
     assert rc == 0
     assert (out / "cpu_traffic.md").stat().st_size > 0
     assert json.loads((out / "cpu_records.json").read_text())
     assert not list(out.glob("*.png"))
+    assert "MLP block" not in (out / "cpu_traffic.md").read_text()          # --no-mlp
     stdout = capsys.readouterr().out
     assert PLOTS_HINT in stdout and "pip install -e '.[bench]'" in stdout
 
@@ -244,15 +246,25 @@ def test_cpu_mode_end_to_end(tmp_path):
     from bench.cli import main
     out = tmp_path / "out"
     js = tmp_path / "records.json"
-    rc = main(["--mode", "cpu", "--size", "128x64", "--stack", "200x16x3", "--gate", "off", "--no-inductor-probe",
-               "--no-progress", "--out", str(out), "--json", str(js)])
+    rc = main(["--mode", "cpu", "--size", "128x64", "--stack", "200x16x3", "--mlp-size", "64x32", "--gate", "off",
+               "--no-inductor-probe", "--no-progress", "--out", str(out), "--json", str(js)])
     assert rc == 0
     for name in ("cpu_traffic.md", "cpu_bytes.png", "cpu_model_time.png", "cpu_records.json"):
         assert (out / name).stat().st_size > 0
     recs = json.loads(js.read_text())
     stack = {(r["impl"], r["mode"]): r for r in recs if r.get("section") == "stack"}
     host = {(r["impl"], r["mode"]): r for r in recs if r.get("section") == "host"}
-    recs = [r for r in recs if r.get("section") not in ("stack", "host")]
+    mlp = {(r["impl"], r["H"], r["mode"]): r for r in recs if r.get("section") == "mlp"}
+    recs = [r for r in recs if r.get("section") not in ("stack", "host", "mlp")]
+    # the MLP block (bench/mlp.py): H = 4D and H = D, fused bytes equal to the two-launch formula
+    assert set(mlp) == {(i, h, m) for i in ("fused", "fused-recompute", "eager") for h in (128, 32)
+                        for m in ("fwd", "bwd", "full")}
+    for (impl, h, mode), r in mlp.items():
+        assert r["ms"] is None and r["measured"] is False and (r["M"], r["D"]) == (64, 32)
+        if impl == "eager":
+            assert r["bytes"] == r["model_bytes"] > mlp[("fused", h, mode)]["unique_bytes"]
+        else:
+            assert r["unique_bytes"] == r["formula_bytes"]
     assert set(host) == {(i, m) for i in ("fused", "eager")
                          for m in ("host_fwd", "host_fwd_grad", "host_full", "host_stack")}
     for r in host.values():                                  # a host time, reported, never asserted
@@ -290,6 +302,7 @@ def test_cpu_mode_end_to_end(tmp_path):
     assert "parity" in text and "PASS" in text and "MODEL" in text
     assert " ms" not in text.replace("ms: null", "")     # no millisecond figure anywhere in CPU mode
     assert "Narrow stack" in text and "stack bytes equal the MODEL exactly: yes" in text
+    assert "## MLP block" in text and "equal the two-launch formula exactly, every launch: yes" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,17 +655,6 @@ def test_stack_v2_table_counts_the_l2_partials():
 # MODEL v2: request bytes measured vs formula, stack rows, small M, the peers (issue 14 follow-up)
 
 
-def _fixed_config(bm, bn, bk):
-    import triton
-    names = {"fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), "dx": ("BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M"),
-             "dw": ("BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_K")}
-
-    def choose(kind, named_args):
-        if kind not in names:
-            return None
-        a, b, c, g = names[kind]
-        return triton.Config({a: bm, b: bn, c: bk, g: 8}, num_warps=4, num_stages=1)
-    return choose
 
 
 @interpreted
@@ -665,7 +667,7 @@ def test_v2_request_bytes_formula_matches_the_interpreter(M, D, tile, splits):
     from fusedres.kernels import configs, plan
     from fusedres.traffic import InterpreterTraffic
     x, w, b, g = cpu.make_inputs(M, D, torch.float32)
-    choose = _fixed_config(*tile)
+    choose = fixed_tiles(*tile)
     with configs.config_override(choose), plan.force_splits(splits):
         xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
         with InterpreterTraffic() as t:

@@ -574,7 +574,7 @@ def test_prepared_launch_calls_the_compiled_launcher_with_the_jit_arguments(fake
     x2, y2 = torch.randn(64, 32), torch.empty(64, 32)
     prepared(*rf.fwd_head(x2, w, b, y2, 0.25))
     assert len(fake_gpu) == compiled_before + 1 and calls[-1][0] is jit_kernel and len(through_jit) == 1
-    assert calls[-1][1][9] is x2 and calls[-1][1][14] == 0.25 and calls[-1][1][15] is y2
+    assert calls[-1][1][9] is x2 and calls[-1][1][14] == 0.25 and calls[-1][1][17] is y2
     # x misaligned by 4 bytes: Triton would specialise differently, so kernel[grid] decides (and compiles)
     x3 = torch.randn(64 * 32 + 1)[1:].view(64, 32)
     prepared(*rf.fwd_head(x3, w, b, y2, 0.5))

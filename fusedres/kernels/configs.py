@@ -95,13 +95,28 @@ if TRITON_VERSION not in SUPPORTED_TRITON:
 #   w4 s4 (sm_90), which leaves dW fp32 one tile.
 # - triton 3.8.0: dx fp32 64x64x16 w4 s4 (alpha+proj, sm_90), dW fp32 64x64x16 w4 s4 (float
 #   alpha, sm_90).
+# - triton 3.7.1, two-level rows: dW 16-bit 64x128x64 w4 s4 spills 12 B in the split-M variant on
+#   sm_80 (fp16; found when the gate first compiled split variants with two-level rows).
 _DROPPED_BY_TRITON: dict[tuple[int, int], dict[str, dict[tuple[int, bool], set]]] = {
     (3, 7): {"fwd": {(2, False): {(128, 64, 64, 4, 4)}},
              "dx": {(4, False): {(64, 64, 16, 4, 4)}},
-             "dw": {(4, False): {(128, 128, 16, 8, 4), (64, 64, 16, 4, 4)}}},
+             "dw": {(4, False): {(128, 128, 16, 8, 4), (64, 64, 16, 4, 4)},
+                    (2, True): {(64, 128, 64, 4, 4)}}},
     (3, 8): {"dx": {(4, False): {(64, 64, 16, 4, 4)}},
              "dw": {(4, False): {(64, 64, 16, 4, 4)}}},
 }
+
+
+#: Tiles the row-scale variants (stochastic depth's ``ROW_SCALE``: the MLP block's passes and
+#: drop_path) do not ship, on every release. dW scales its A tile by ``s[m // R]`` in the
+#: reduction loop; measured with the compile gate (triton 3.7.1, ptxas 12.8): fp32 64x128x16 at
+#: 4 warps and 4 stages spills 8 B on sm_80 (IEEE; scaling g instead fixed the unsplit variant,
+#: not the split one); at 3 stages it compiles clean, so the row-scale dW takes that tile
+#: instead (:data:`_ROW_SCALE_TILES`; on 3.7 the only other fp32 dW tile is dropped, and
+#: 32x64x16, the fallback when nothing is left, loses its wgmma on sm_90 with tf32). Not on the
+#: general fp32 list: dx with a projection spills 64 B there. Keyed by (kind, element size).
+_ROW_SCALE_SPILLS: dict[tuple[str, int], set] = {("dw", 4): {(64, 128, 16, 4, 4)}}
+_ROW_SCALE_TILES: dict[tuple[str, int], list] = {("dw", 4): [(64, 128, 16, 4, 3)]}
 
 
 def dropped_tiles(kind: str, elem_size: int, version: tuple[int, int] | None = None, two_level: bool = False
@@ -111,8 +126,8 @@ def dropped_tiles(kind: str, elem_size: int, version: tuple[int, int] | None = N
     return _DROPPED_BY_TRITON.get(version or TRITON_VERSION, {}).get(kind, {}).get((elem_size, two_level), set())
 
 
-_ALL_TILES = list(dict.fromkeys(t for tiles in (_TILES, _TILES_TWO_LEVEL) for size in sorted(tiles)
-                                for t in tiles[size]))
+_ALL_TILES = list(dict.fromkeys([t for tiles in (_TILES, _TILES_TWO_LEVEL) for size in sorted(tiles)
+                                 for t in tiles[size]] + [t for ts in _ROW_SCALE_TILES.values() for t in ts]))
 GROUP = 8
 
 
@@ -155,14 +170,20 @@ def _tile(kind: str, config: triton.Config) -> tuple:
 
 
 def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
-                    operand_sizes: tuple[int, int] | None = None, proj: bool = False) -> list[triton.Config]:
+                    operand_sizes: tuple[int, int] | None = None, proj: bool = False,
+                    row_scale: bool = False) -> list[triton.Config]:
     """The configs of ``kind`` that a GEMM in an ``elem_size``-byte dtype (and two-level rows, if
-    ``two_level``; a projection shortcut, if ``proj``) may run: the tiles listed for it (all tiles
-    for an unlisted element size) whose pipeline fits, with its A and B tiles loaded at
-    ``operand_sizes`` bytes per element (default ``elem_size``; see :func:`pipeline_smem_bytes`)."""
+    ``two_level``; a projection shortcut, if ``proj``; stochastic depth's row scale, if
+    ``row_scale``) may run: the tiles listed for it (all tiles for an unlisted element size) whose
+    pipeline fits, with its A and B tiles loaded at ``operand_sizes`` bytes per element (default
+    ``elem_size``; see :func:`pipeline_smem_bytes`)."""
     listed = (_TILES_TWO_LEVEL.get(elem_size) if two_level else None) or _TILES.get(elem_size)
     mixed = operand_sizes is not None and max(operand_sizes) > elem_size
     spills = _MIXED_HEAVY_SPILLS[kind] if mixed and (proj or two_level) else set()
+    if row_scale:
+        spills = spills | _ROW_SCALE_SPILLS.get((kind, elem_size), set())
+        if listed is not None and not two_level:
+            listed = list(listed) + _ROW_SCALE_TILES.get((kind, elem_size), [])
 
     def smem(c):
         return pipeline_smem_bytes(kind, c, elem_size, operand_sizes)
@@ -185,7 +206,8 @@ def prune_for(kind: str):
         elem_size, operand_sizes = launch_operand_sizes(kind, named_args)
         two_level = bool(named_args.get("TWO_LEVEL_ROWS", kwargs.get("TWO_LEVEL_ROWS", False)))
         proj = bool(named_args.get("HAS_PROJ", kwargs.get("HAS_PROJ", False)))
-        keep = {id(c) for c in shipped_configs(kind, elem_size, two_level, operand_sizes, proj)}
+        row_scale = bool(named_args.get("ROW_SCALE", kwargs.get("ROW_SCALE", False)))
+        keep = {id(c) for c in shipped_configs(kind, elem_size, two_level, operand_sizes, proj, row_scale)}
         return [c for c in configs if id(c) in keep] or configs[-1:]
     return prune
 
@@ -380,7 +402,7 @@ def pinned_config(kind: str, named_args: dict) -> triton.Config:
     keeps (the largest tile that fits), so a GPU compiles each variant once and benchmarks nothing."""
     elem_size, operand_sizes = launch_operand_sizes(kind, named_args)
     return shipped_configs(kind, elem_size, bool(named_args["TWO_LEVEL_ROWS"]), operand_sizes,
-                           bool(named_args["HAS_PROJ"]))[0]
+                           bool(named_args["HAS_PROJ"]), bool(named_args.get("ROW_SCALE", False)))[0]
 
 
 def pin_configs():

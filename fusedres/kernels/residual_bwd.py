@@ -9,6 +9,9 @@ With ``g = dL/dy``, ``h = relu(x)`` and ``[x > 0]`` the relu mask (relu'(0) = 0,
     db[n]     = alpha * sum_m g[m, n]
     dalpha    = <g.T @ h, W> + <g.sum(0), b>
 
+With stochastic depth's per-sample scale ``s`` (``ROW_SCALE``), ``g`` is ``s[m // R] * g`` in
+every term but the shortcut's (``dx``'s residual ``g`` and ``dP``).
+
 Two kernels, and neither keeps an ``M x D`` temporary: ``h`` is recomputed from the saved ``x`` in
 the prologue of the dW GEMM, and the relu mask is read from ``x`` in the dx epilogue. ``dalpha``
 costs no extra GEMM: it is a dot of the unscaled dW tile with the W tile (and of the unscaled db
@@ -42,21 +45,24 @@ from .configs import (
     prune_for,
     resolve_config,
 )
-from .residual_fwd import alpha_args, residual_scale
+from .residual_fwd import alpha_args, residual_scale, row_scale
 
 
 @triton.jit
 def residual_dx_kernel(
-    g_ptr, x_ptr, w_ptr, p_ptr, alpha_ptr, alpha_value: tl.float64, dx_ptr,
-    M, N, K, T, M_BUCKET,
+    g_ptr, x_ptr, w_ptr, p_ptr, alpha_ptr, alpha_value: tl.float64, r_ptr, s_ptr, dx_ptr,
+    M, N, K, T, M_BUCKET, ROWS_PER_SAMPLE,
     stride_go, stride_gm, stride_gn,
     stride_xo, stride_xm, stride_xk,
+    stride_ro, stride_rm, stride_rk,
     stride_wn, stride_wk,
     stride_pn, stride_pk,
     stride_dxm, stride_dxk,
     HAS_ALPHA: tl.constexpr,
     ALPHA_IS_PTR: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
     TWO_LEVEL_ROWS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -64,6 +70,11 @@ def residual_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_K] tile of dx; the loop runs over the N output features.
+
+    The general form, which the MLP block's two data-gradient GEMMs also run:
+    ``dx = [r | g @ P | 0] + [x > 0] * s[m // R] * alpha * (g @ W)``, with ``r`` the residual
+    gradient (``RESIDUAL``: ``g`` itself for the block) and ``x`` the tensor whose relu mask
+    applies (the MLP's hidden pre-activation for its ``dh``).
 
     The mask is ``x <= 0 -> 0``, not ``x > 0 -> 1``: for ``x = NaN`` PyTorch's relu backward
     (``threshold_backward``) passes the gradient through, and so does this kernel. With a
@@ -95,6 +106,8 @@ def residual_dx_kernel(
     mask = mask_m[:, None] & mask_k[None, :]
     if HAS_ALPHA:
         acc = acc * residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
+    if ROW_SCALE:
+        acc = acc * row_scale(s_ptr, offs_m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)[:, None]
     x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(ACC_DTYPE)
     acc = tl.where(x <= 0, 0.0, acc)
     if HAS_PROJ:
@@ -108,8 +121,9 @@ def residual_dx_kernel(
             g = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
             p = to_gemm_operand(p, GEMM_DTYPE, EMULATE_BF16)
             acc = tl.dot(g, p, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    else:
-        acc += tl.load(g_ptr + g_rows[:, None] + offs_k[None, :] * stride_gn, mask=mask, other=0.0).to(ACC_DTYPE)
+    elif RESIDUAL:
+        r_rows = row_offsets(offs_m, T, stride_ro, stride_rm, TWO_LEVEL_ROWS)
+        acc += tl.load(r_ptr + r_rows[:, None] + offs_k[None, :] * stride_rk, mask=mask, other=0.0).to(ACC_DTYPE)
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     store_rounded(dx_ptrs, acc, mask, EMULATE_BF16)
 
@@ -117,8 +131,8 @@ def residual_dx_kernel(
 @triton.jit
 def residual_dw_kernel(
     g_ptr, x_ptr, w_ptr, b_ptr, alpha_ptr, alpha_value: tl.float64, dw_ptr, dp_ptr, db_ptr, dalpha_ptr,
-    part_ptr, dbpart_ptr,
-    M, N, K, T, M_BUCKET, TILES_PER_SPLIT,
+    part_ptr, dbpart_ptr, s_ptr,
+    M, N, K, T, M_BUCKET, TILES_PER_SPLIT, ROWS_PER_SAMPLE,
     stride_go, stride_gm, stride_gn,
     stride_xo, stride_xm, stride_xk,
     stride_wn, stride_wk,
@@ -131,6 +145,7 @@ def residual_dw_kernel(
     NEED_DALPHA: tl.constexpr,
     DALPHA_BIAS: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
     TWO_LEVEL_ROWS: tl.constexpr,
     SPLIT_M: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -212,6 +227,15 @@ def residual_dw_kernel(
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         g = tl.load(g_ptr + g_rows[:, None] + offs_n[None, :] * stride_gn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if ROW_SCALE:
+            # s scales the reduction's rows: on A (registers already, for the relu), not on g (a
+            # shared-memory wgmma operand; see the docstring), and before the relu, which
+            # commutes with a scale s >= 0. dP's half keeps s = 1. (Two fp32 tiles do not ship
+            # with it: configs._ROW_SCALE_SPILLS.)
+            sv = row_scale(s_ptr, m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)
+            if HAS_PROJ:
+                sv = tl.where(is_proj, 1.0, sv)
+            xt = xt.to(ACC_DTYPE) * sv[None, :]
         at = to_gemm_operand(xt, GEMM_DTYPE, EMULATE_BF16)
         if HAS_PROJ:
             at = tl.where(is_proj, at, relu_nan(at))
@@ -230,7 +254,10 @@ def residual_dw_kernel(
                     g_db = tl.load(g_ptr + row_offsets(m_db, T, stride_go, stride_gm, TWO_LEVEL_ROWS)[:, None]
                                    + offs_n[None, :] * stride_gn,
                                    mask=(m_db < M)[:, None] & mask_n[None, :], other=0.0)
-                    db += tl.sum(to_gemm_operand(g_db, GEMM_DTYPE, EMULATE_BF16).to(ACC_DTYPE), axis=0)
+                    g_db = to_gemm_operand(g_db, GEMM_DTYPE, EMULATE_BF16).to(ACC_DTYPE)
+                    if ROW_SCALE:
+                        g_db = g_db * row_scale(s_ptr, m_db, m_db < M, ROWS_PER_SAMPLE, ACC_DTYPE)[:, None]
+                    db += tl.sum(g_db, axis=0)
 
     tile_mask = mask_k[:, None] & mask_n[None, :]
     if SPLIT_M:
@@ -365,25 +392,31 @@ residual_dw_kernel_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_for("dw")})(residual_dw_kernel)
 
 
-def dx_head(g, x, weight, dx, alpha=None, proj_weight=None) -> tuple:
-    """The dx kernel's per-call arguments: the first :data:`DX_HEAD` of :func:`dx_launch_args`."""
+def dx_head(g, x, weight, dx, alpha=None, proj_weight=None, residual=None, sample_scale=None) -> tuple:
+    """The dx kernel's per-call arguments: the first :data:`DX_HEAD` of :func:`dx_launch_args`.
+    ``residual``: the gradient added in the epilogue (None: ``g``, the block's own)."""
     alpha_ptr, alpha_value, _, _ = alpha_args(alpha, weight)
-    return (g, x, weight, proj_weight if proj_weight is not None else weight, alpha_ptr, alpha_value, dx)
+    return (g, x, weight, proj_weight if proj_weight is not None else weight, alpha_ptr, alpha_value,
+            residual if residual is not None else g, sample_scale if sample_scale is not None else weight, dx)
 
 
-DX_HEAD = 7
+DX_HEAD = 9
 
 
-def dw_head(g, x, dw, db, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None) -> tuple:
+def dw_head(g, x, dw, db, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None, sample_scale=None,
+            workspaces=None) -> tuple:
     """The dW kernel's per-call arguments: the first :data:`DW_HEAD` of :func:`dw_launch_args`
-    (its last two are the split workspaces, ``dw`` itself as placeholders when unsplit)."""
+    (``workspaces``: the split-M slabs ``(slab, db_slab)``; ``dw`` itself as placeholders when
+    unsplit)."""
     alpha_ptr, alpha_value, _, _ = alpha_args(alpha, dw)
+    slab, db_slab = workspaces if workspaces is not None else (dw, dw)
     return (g, x, weight if weight is not None else dw, bias if bias is not None else dw, alpha_ptr, alpha_value,
             dw, dp if dp is not None else dw, db if db is not None else dw,
-            dalpha_partials if dalpha_partials is not None else dw, dw, dw)
+            dalpha_partials if dalpha_partials is not None else dw, slab, db_slab,
+            sample_scale if sample_scale is not None else dw)
 
 
-DW_HEAD = 12
+DW_HEAD = 13
 
 
 def reduce_head(slab, db_slab, dw, db, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None) -> tuple:
@@ -395,16 +428,21 @@ def reduce_head(slab, db_slab, dw, db, weight=None, bias=None, alpha=None, dalph
 REDUCE_HEAD = 10
 
 
-def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, alpha=None, proj_weight=None):
+def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, alpha=None, proj_weight=None, *,
+                   residual=None, sample_scale=None, rows_per_sample: int = 1, add_residual: bool = True):
     """The dx kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
-    launcher and the compile gate, ``fusedres.aot``)."""
+    launcher and the compile gate, ``fusedres.aot``). ``residual``: ``(r, r's RowStrides)``, the
+    gradient added in the epilogue (default ``g``); ``add_residual=False``: none (the MLP's
+    ``dh``). ``sample_scale``: ``s [B]``, ``rows_per_sample`` rows per sample."""
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
     _, _, has_alpha, alpha_is_ptr = alpha_args(alpha, weight)
-    args = dx_head(g, x, weight, dx, alpha, proj_weight) + (
-        rows.M, N, K, rows.T, next_pow2_bucket(rows.M), *gs, *xs, weight.stride(0), weight.stride(1),
-        p.stride(0), p.stride(1), dx.stride(0), dx.stride(1))
+    r, rs = residual if residual is not None else (g, gs)
+    args = dx_head(g, x, weight, dx, alpha, proj_weight, r, sample_scale) + (
+        rows.M, N, K, rows.T, next_pow2_bucket(rows.M), rows_per_sample, *gs, *xs, *rs,
+        weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), dx.stride(0), dx.stride(1))
     consts = dict(HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr, HAS_PROJ=proj_weight is not None,
+                  RESIDUAL=add_residual and proj_weight is None, ROW_SCALE=sample_scale is not None,
                   TWO_LEVEL_ROWS=rows.two_level,
                   **gemm_flags(weight.dtype, g.dtype, x.dtype, dx.dtype))
 
@@ -423,7 +461,8 @@ def dalpha_workspace_size(N: int, K: int, proj: bool) -> int:
 
 
 def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None,
-                   alpha=None, dalpha_partials=None, dp=None, split=None):
+                   alpha=None, dalpha_partials=None, dp=None, split=None, sample_scale=None,
+                   rows_per_sample: int = 1):
     """The dW kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
     launcher and the compile gate, ``fusedres.aot``). ``weight`` (and ``bias``, if any) are read
     only for the dalpha partials, which go to ``dalpha_partials`` (:func:`dalpha_workspace_size`
@@ -431,18 +470,8 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
 
     ``split``: ``(slab, db_slab, splits, tiles_per_split)`` for the first launch of a split-M dW
     (``SPLIT_M``): the kernel then writes only the fp32 partials (:func:`dw_split_workspaces`),
-    and :func:`dw_reduce_launch_args` does the rest."""
-    if split is not None:
-        slab, db_slab, splits, per = split
-        args, consts, grid1 = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
-                                             dalpha_partials=dalpha_partials, dp=dp)
-        args = args[:10] + (slab, db_slab) + args[12:17] + (per,) + args[18:]
-        consts.update(HAS_DB=False, HAS_ALPHA=False, NEED_DALPHA=False, DALPHA_BIAS=False, SPLIT_M=True)
-
-        def split_grid(meta):
-            return (grid1(meta)[0] * splits,)
-
-        return args, consts, split_grid
+    and :func:`dw_reduce_launch_args` does the rest. ``sample_scale``: stochastic depth's ``s [B]``
+    (``rows_per_sample`` rows per sample), scaling g's rows in dW, db and dalpha (not in dP)."""
     N, K = dw.shape
     w = weight if weight is not None else dw
     dpt = dp if dp is not None else dw
@@ -450,16 +479,21 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
     _, _, has_alpha, alpha_is_ptr = alpha_args(alpha, dw)
     if need_dalpha and not alpha_is_ptr:
         raise ValueError("residual_dw: dalpha needs alpha as a tensor")
-    args = dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp) + (
-            rows.M, N, K, rows.T, next_pow2_bucket(rows.M), 1,
-            *gs, *xs, w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
+    splits, per = (split[2], split[3]) if split is not None else (1, 1)
+    args = dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale,
+                   split[:2] if split is not None else None) + (
+        rows.M, N, K, rows.T, next_pow2_bucket(rows.M), per, rows_per_sample,
+        *gs, *xs, w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
     consts = dict(HAS_DB=db is not None, SUM_G=db is not None or (need_dalpha and bias is not None),
                   HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr, NEED_DALPHA=need_dalpha,
                   DALPHA_BIAS=need_dalpha and bias is not None, HAS_PROJ=dp is not None,
-                  TWO_LEVEL_ROWS=rows.two_level, SPLIT_M=False, **gemm_flags(dw.dtype, g.dtype, x.dtype))
+                  ROW_SCALE=sample_scale is not None, TWO_LEVEL_ROWS=rows.two_level, SPLIT_M=False,
+                  **gemm_flags(dw.dtype, g.dtype, x.dtype))
+    if split is not None:   # the split's first launch: partials only, the reduce does the epilogue
+        consts.update(HAS_DB=False, HAS_ALPHA=False, NEED_DALPHA=False, DALPHA_BIAS=False, SPLIT_M=True)
 
     def grid(meta):
-        return (cdiv(K, meta["BLOCK_K"]) * (2 if dp is not None else 1) * cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(K, meta["BLOCK_K"]) * (2 if dp is not None else 1) * cdiv(N, meta["BLOCK_N"]) * splits,)
 
     return args, consts, grid
 
@@ -497,12 +531,16 @@ def dw_reduce_launch_args(slab, db_slab, splits: int, dw, db, *, weight=None, bi
 
 
 def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *, alpha=None, proj_weight=None,
-                config: triton.Config | None = None) -> PreparedLaunch | None:
-    """Launch the dx kernel; ``dx`` is ``[M, K]`` row-major (any view of it). Returns the launch
-    as a :class:`PreparedLaunch` (repeat it with :func:`dx_head`'s arguments), None without rows."""
+                config: triton.Config | None = None, residual=None, sample_scale=None, rows_per_sample: int = 1,
+                add_residual: bool = True) -> PreparedLaunch | None:
+    """Launch the dx kernel; ``dx`` is ``[M, K]`` row-major (any view of it); the keyword arguments
+    after ``config`` are :func:`dx_launch_args`'s. Returns the launch as a :class:`PreparedLaunch`
+    (repeat it with :func:`dx_head`'s arguments), None without rows."""
     if rows.M == 0:
         return None
-    args, consts, grid = dx_launch_args(g, gs, x, xs, weight, dx, rows, alpha, proj_weight)
+    args, consts, grid = dx_launch_args(g, gs, x, xs, weight, dx, rows, alpha, proj_weight, residual=residual,
+                                        sample_scale=sample_scale, rows_per_sample=rows_per_sample,
+                                        add_residual=add_residual)
     return launch_and_prepare(residual_dx_kernel, residual_dx_kernel_tuned, "dx", grid, args, consts, rows.M,
                               max(weight.shape), config, n_head=DX_HEAD)
 
@@ -514,7 +552,7 @@ def _gpu_split_config(sms: int, M: int, N: int, K: int, named: dict, consts: dic
     """The config a GPU dW launch that would autotune runs instead, because the plan splits it (the
     shipped config with the best fill, :func:`fusedres.kernels.plan.choose_dw`), or None (no split:
     autotune as before). Cached per (SMs, sizes, dtypes, layout, projection): it runs on every backward."""
-    key = (sms, M, N, K, bool(consts["HAS_PROJ"]), bool(consts["TWO_LEVEL_ROWS"]),
+    key = (sms, M, N, K, bool(consts["HAS_PROJ"]), bool(consts["TWO_LEVEL_ROWS"]), bool(consts["ROW_SCALE"]),
            *(str(named[n].dtype) for n in ("dw_ptr", "x_ptr", "g_ptr")))
     if key not in _split_choice:
         tuned = residual_dw_kernel_tuned
@@ -526,7 +564,7 @@ def _gpu_split_config(sms: int, M: int, N: int, K: int, named: dict, consts: dic
 
 def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None, alpha=None,
                 dalpha_partials=None, dp=None, config: triton.Config | None = None,
-                splits: int | None = None) -> "PreparedDw":
+                splits: int | None = None, sample_scale=None, rows_per_sample: int = 1) -> "PreparedDw":
     """Launch the dW kernel: ``dw = alpha * g.T @ relu(x)``, ``db = alpha * g.sum(0)`` if ``db`` is
     given, ``dp = g.T @ x`` if ``dp`` is given, and per-program dalpha partials if
     ``dalpha_partials`` is given (:func:`dalpha_workspace_size` long, fp32 or fp64, needs ``alpha``
@@ -547,7 +585,8 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
     the split count depends on the tile; a launch that does not split autotunes as before.
     """
     args, consts, grid = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
-                                        dalpha_partials=dalpha_partials, dp=dp)
+                                        dalpha_partials=dalpha_partials, dp=dp, sample_scale=sample_scale,
+                                        rows_per_sample=rows_per_sample)
     N, K = dw.shape
     proj = dp is not None
     forced = splits if splits is not None else _plan.forced_splits()
@@ -567,7 +606,8 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
             slab, db_slab = dw_split_workspaces(dw, p.splits, proj=proj, sum_g=sum_g)
             args1, consts1, grid1 = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
                                                    dalpha_partials=dalpha_partials, dp=dp,
-                                                   split=(slab, db_slab, p.splits, p.tiles_per_split))
+                                                   split=(slab, db_slab, p.splits, p.tiles_per_split),
+                                                   sample_scale=sample_scale, rows_per_sample=rows_per_sample)
             main = launch_and_prepare(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid1, args1, consts1,
                                       rows.M, max(dw.shape), config, n_head=DW_HEAD)
             args2, consts2, grid2 = dw_reduce_launch_args(slab, db_slab, p.splits, dw, db, weight=weight, bias=bias,
@@ -593,13 +633,13 @@ class PreparedDw:
         self.main, self.reduce, self.slab_numel, self.db_numel = main, reduce, slab_numel, db_numel
         self.acc, self.programs = acc, programs
 
-    def __call__(self, g, x, dw, db, *, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None) -> int:
-        head = dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp)
+    def __call__(self, g, x, dw, db, *, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None,
+                 sample_scale=None) -> int:
         if self.reduce is None:
-            self.main(*head)
+            self.main.run(dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale))
             return self.programs
         slab = torch.empty(self.slab_numel, device=dw.device, dtype=self.acc)
         db_slab = torch.empty(self.db_numel, device=dw.device, dtype=self.acc) if self.db_numel else slab
-        self.main(*head[:10], slab, db_slab)
+        self.main.run(dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale, (slab, db_slab)))
         self.reduce(*reduce_head(slab, db_slab, dw, db, weight, bias, alpha, dalpha_partials, dp))
         return self.programs

@@ -8,6 +8,14 @@ Projection shortcut (``out != in``: ``W`` and ``P`` are ``[N, K]``):
 
     y[m, n] = sum_k x[m, k] * P[n, k] + alpha * (sum_k relu(x[m, k]) * W[n, k] + b[n])
 
+The general form, which the MLP block's two forward GEMMs also run (``fusedres.mlp_op``):
+
+    y[m, n] = [r[m, n] | x @ P.T | 0] + s[m // R] * alpha * (sum_k relu(a[m, k]) * W[n, k] + b[n])
+
+with ``a`` the A operand (``x``, or the MLP's hidden pre-activation), ``r`` the residual tensor
+(``RESIDUAL``; ``x`` itself for the block, none for the MLP's first GEMM) and ``s`` the
+per-sample scale of stochastic depth (``ROW_SCALE``; ``R`` rows per sample).
+
 One kernel, one accumulator, a reduction over the concatenation ``[relu(x), x] @ [W; P].T``: the
 relu half runs first, the epilogue-side ``alpha`` and bias are applied to the accumulator between
 the halves, and the ``x @ P.T`` half (no relu in its prologue) accumulates on top. The square block
@@ -57,10 +65,18 @@ def alpha_args(alpha, placeholder) -> tuple:
 
 
 @triton.jit
+def row_scale(s_ptr, offs_m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE: tl.constexpr):
+    """Stochastic depth's per-sample scale of each row of a tile: ``s[m // ROWS_PER_SAMPLE]``
+    (rows are flattened ``(B, ...)`` indices; one scale per index of the first dimension)."""
+    return tl.load(s_ptr + offs_m // ROWS_PER_SAMPLE, mask=mask_m, other=0.0).to(ACC_DTYPE)
+
+
+@triton.jit
 def residual_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, p_ptr, alpha_ptr, alpha_value: tl.float64, y_ptr,
-    M, N, K, T, M_BUCKET,
+    x_ptr, w_ptr, b_ptr, p_ptr, alpha_ptr, alpha_value: tl.float64, r_ptr, s_ptr, y_ptr,
+    M, N, K, T, M_BUCKET, ROWS_PER_SAMPLE,
     stride_xo, stride_xm, stride_xk,
+    stride_ro, stride_rm, stride_rn,
     stride_wn, stride_wk,
     stride_pn, stride_pk,
     stride_ym, stride_yn,
@@ -68,6 +84,8 @@ def residual_fwd_kernel(
     HAS_ALPHA: tl.constexpr,
     ALPHA_IS_PTR: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
     TWO_LEVEL_ROWS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -106,7 +124,14 @@ def residual_fwd_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
-    if HAS_ALPHA:
+    if ROW_SCALE:
+        # alpha folded into the per-row factor: one multiply of the tile (a second one spilled
+        # 16 B at 128x128x32, 8 warps, on sm_80)
+        rs = row_scale(s_ptr, offs_m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)
+        if HAS_ALPHA:
+            rs = rs * residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
+        acc = acc * rs[:, None]
+    elif HAS_ALPHA:
         acc = acc * residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
     if HAS_PROJ:
         p_cols = offs_n.to(tl.int64) * stride_pn
@@ -120,8 +145,9 @@ def residual_fwd_kernel(
             a = to_gemm_operand(a, GEMM_DTYPE, EMULATE_BF16)
             pt = to_gemm_operand(pt, GEMM_DTYPE, EMULATE_BF16)
             acc = tl.dot(a, pt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    else:
-        residual = tl.load(x_ptr + x_rows[:, None] + offs_n[None, :] * stride_xk, mask=mask, other=0.0)
+    elif RESIDUAL:
+        r_rows = row_offsets(offs_m, T, stride_ro, stride_rm, TWO_LEVEL_ROWS)
+        residual = tl.load(r_ptr + r_rows[:, None] + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
         acc += residual.to(ACC_DTYPE)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     store_rounded(y_ptrs, acc, mask, EMULATE_BF16)
@@ -132,9 +158,10 @@ residual_fwd_kernel_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_for("fwd")})(residual_fwd_kernel)
 
 
-def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None) -> tuple:
+def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None, residual=None, sample_scale=None) -> tuple:
     """The forward kernel's per-call arguments (its tensors and ``alpha_value``): the first
-    :data:`FWD_HEAD` of :func:`fwd_launch_args`; the rest is fixed by the input signature."""
+    :data:`FWD_HEAD` of :func:`fwd_launch_args`; the rest is fixed by the input signature.
+    ``residual``: the tensor added in the epilogue (None: ``x``, the block's own input)."""
     if alpha is None:       # alpha_args, inline: this runs on every call
         alpha_ptr, alpha_value = weight, 1.0
     elif hasattr(alpha, "data_ptr"):
@@ -142,26 +169,32 @@ def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None) -> tuple:
     else:
         alpha_ptr, alpha_value = weight, float(alpha)
     return (x, weight, bias if bias is not None else weight, proj_weight if proj_weight is not None else weight,
-            alpha_ptr, alpha_value, y)
+            alpha_ptr, alpha_value, residual if residual is not None else x,
+            sample_scale if sample_scale is not None else weight, y)
 
 
-FWD_HEAD = 7
+FWD_HEAD = 9
 
 
-def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, proj_weight=None):
+def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, proj_weight=None, *,
+                    residual=None, sample_scale=None, rows_per_sample: int = 1, add_residual: bool = True):
     """The forward kernel's launch arguments, without launching: ``(args, consts, grid)``.
 
     The launcher and the compile gate (``fusedres.aot``) both build them here, so the gate
-    compiles the signature a real launch specialises on.
+    compiles the signature a real launch specialises on. ``residual``: ``(r, r's RowStrides)``
+    added in the epilogue, default ``x`` itself; ``add_residual=False``: no residual (the MLP's
+    first GEMM). ``sample_scale``: ``s [B]`` with ``rows_per_sample`` rows per sample.
     """
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
     _, _, has_alpha, alpha_is_ptr = alpha_args(alpha, weight)
-    args = fwd_head(x, weight, bias, y, alpha, proj_weight) + (
-        rows.M, N, K, rows.T, next_pow2_bucket(rows.M),
-        *xs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), y.stride(0), y.stride(1))
+    r, rs = residual if residual is not None else (x, xs)
+    args = fwd_head(x, weight, bias, y, alpha, proj_weight, r, sample_scale) + (
+        rows.M, N, K, rows.T, next_pow2_bucket(rows.M), rows_per_sample,
+        *xs, *rs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), y.stride(0), y.stride(1))
     consts = dict(HAS_BIAS=bias is not None, HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr,
-                  HAS_PROJ=proj_weight is not None,
+                  HAS_PROJ=proj_weight is not None, RESIDUAL=add_residual and proj_weight is None,
+                  ROW_SCALE=sample_scale is not None,
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, x.dtype, y.dtype))
 
     def grid(meta):
@@ -171,19 +204,24 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
 
 
 def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, proj_weight=None,
-                 config: triton.Config | None = None) -> PreparedLaunch | None:
+                 config: triton.Config | None = None, residual=None, sample_scale=None, rows_per_sample: int = 1,
+                 add_residual: bool = True) -> PreparedLaunch | None:
     """Launch the forward kernel.
 
     ``x`` ``(..., K)`` is addressed through ``rows`` and its strides ``xs``; ``weight`` (and
     ``proj_weight``) are ``[N, K]``; ``bias`` ``[N]`` contiguous, or None; ``alpha`` a one-element
     tensor, a Python float (passed by value) or None (1); ``y`` is ``[M, N]`` row-major (any view
-    of it). Without ``proj_weight``, ``N == K``. Returns the launch as a :class:`PreparedLaunch`
+    of it). Without ``proj_weight`` and with the default residual (``x``), ``N == K``. The keyword
+    arguments after ``config`` are :func:`fwd_launch_args`'s (the MLP block's and stochastic
+    depth's). Returns the launch as a :class:`PreparedLaunch`
     (call it with :func:`fwd_head`'s arguments to repeat it for the same signature), or None when
     there are no rows.
     """
     if rows.M == 0:
         return None
-    args, consts, grid = fwd_launch_args(x, xs, weight, bias, y, rows, alpha, proj_weight)
+    args, consts, grid = fwd_launch_args(x, xs, weight, bias, y, rows, alpha, proj_weight, residual=residual,
+                                         sample_scale=sample_scale, rows_per_sample=rows_per_sample,
+                                         add_residual=add_residual)
     return launch_and_prepare(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M,
                               max(weight.shape), config, n_head=FWD_HEAD)
 

@@ -1,0 +1,286 @@
+"""``fused_residual_mlp``: the residual block with a hidden layer, on the single block's kernels.
+
+    h = relu(x) @ W1.T + b1                               W1 [H, D], the hidden pre-activation
+    y = x + alpha * s * (relu(h) @ W2.T + b2)             W2 [D, H], s: stochastic depth's row scale
+
+Every pass is one of the three kernels of :mod:`fusedres.kernels` (the GEMM family: the K loops
+exist once), with other operands and epilogue flags:
+
+| pass | GEMM | prologue | epilogue | kernel |
+|---|---|---|---|---|
+| forward 1 | ``h = relu(x) @ W1.T`` | relu on x | + b1; store h | fwd, no residual |
+| forward 2 | ``y = relu(h) @ W2.T`` | relu on h | + b2, * alpha * s, + x | fwd, residual x |
+| backward 1 | ``dh = g @ W2`` | - | * alpha * s, mask ``h > 0`` | dx, no residual |
+| backward 2 | ``dW2 = (s g).T @ relu(h)`` | relu on h, s on the rows | * alpha; db2, dalpha | dW (split-M) |
+| backward 3 | ``dx = dh @ W1`` | - | mask ``x > 0``, + g | dx, residual g |
+| backward 4 | ``dW1 = dh.T @ relu(x)`` | relu on x | db1 | dW (split-M) |
+
+Two launches forward; four backward, plus a reduce for each weight gradient the launch plan
+splits. Saved for the backward: x and h; with ``recompute=True`` x only (h is recomputed by
+forward 1, one more launch). ``torch.compile`` sees two custom ops,
+``fusedres::residual_mlp_forward`` and ``fusedres::residual_mlp_backward``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import kernels
+from ._layout import plan_rows
+from .op import (
+    backend_for,
+    check_one_device,
+    check_sample_scale_arg,
+    check_tensor_types,
+    gemm_operands,
+    refuse_double_backward,
+)
+from .reference import _rows_scale
+
+
+def _check_mlp_inputs(x, w1, b1, w2, b2, alpha, sample_scale) -> None:
+    who = "fused_residual_mlp"
+    named = [("x", x), ("fc1_weight", w1), ("fc2_weight", w2)] + [
+        (n, t) for n, t in (("fc1_bias", b1), ("fc2_bias", b2), ("sample_scale", sample_scale)) if t is not None]
+    if isinstance(alpha, Tensor):
+        named.append(("alpha", alpha))
+    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"{who}: alpha must be a float or a one-element tensor, got {type(alpha).__name__}")
+    check_tensor_types(who, named)
+    if x.dim() == 0:
+        raise ValueError(f"{who}: x must have shape (..., D); got a 0-dim tensor")
+    D = x.shape[-1]
+    if w1.dim() != 2 or w1.shape[1] != D:
+        raise ValueError(f"{who}: fc1_weight must be [H, D] with D = x.shape[-1] = {D}; got {list(w1.shape)}")
+    H = w1.shape[0]
+    if tuple(w2.shape) != (D, H):
+        raise ValueError(f"{who}: fc2_weight must be [D, H] = [{D}, {H}]; got {list(w2.shape)}")
+    for name, b, n in (("fc1_bias", b1, H), ("fc2_bias", b2, D)):
+        if b is not None and tuple(b.shape) != (n,):
+            raise ValueError(f"{who}: {name} must have shape [{n}], got {list(b.shape)}")
+    if isinstance(alpha, Tensor) and alpha.numel() != 1:
+        raise ValueError(f"{who}: alpha must have one element, got shape {list(alpha.shape)}")
+    check_sample_scale_arg(who, x, sample_scale)
+    check_one_device(who, named)
+
+
+def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                       fc2_bias: Optional[Tensor], *, alpha: float | Tensor = 1.0,
+                       sample_scale: Optional[Tensor] = None, recompute: bool = False) -> Tensor:
+    """Pre-activation residual block with a hidden layer, fused:
+    ``y = x + alpha * s * (relu(relu(x) @ fc1_weight.T + fc1_bias) @ fc2_weight.T + fc2_bias)``.
+
+    Args:
+        x: ``(..., D)``, any strides; fp16, bf16, fp32 or fp64.
+        fc1_weight, fc1_bias: ``[H, D]`` and ``[H]`` (or None), ``nn.Linear(D, H)``'s.
+        fc2_weight, fc2_bias: ``[D, H]`` and ``[D]`` (or None), ``nn.Linear(H, D)``'s.
+        alpha: residual-branch scale, a float or a one-element tensor (learnable: its gradient
+            rides on the dW2 GEMM).
+        sample_scale: stochastic depth's per-sample scale ``s`` (``[x.shape[0]]``; see
+            :func:`fusedres.drop_path_scale`), or None.
+        recompute: save only ``x`` for the backward and recompute ``h`` there (one more GEMM)
+            instead of keeping the ``(..., H)`` hidden pre-activation.
+
+    Under ``torch.autocast`` the GEMMs run in the autocast dtype, as ``F.linear``'s would.
+    """
+    _check_mlp_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, sample_scale)
+    device_type = x.device.type
+    w1, b1, w2, b2 = gemm_operands("fused_residual_mlp", x, [("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias),
+                                                             ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias)])
+    alpha_value = 1.0
+    if not isinstance(alpha, Tensor):
+        alpha, alpha_value = None, float(alpha)
+    with torch.autocast(device_type, enabled=False):
+        y, _ = torch.ops.fusedres.residual_mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale,
+                                                       bool(recompute))
+    return y
+
+
+def _scale(alpha: Optional[Tensor], alpha_value: float):
+    return alpha if alpha is not None else (None if alpha_value == 1.0 else alpha_value)
+
+
+def _hidden_shape(x: Tensor, w1: Tensor) -> tuple:
+    return (*x.shape[:-1], w1.shape[0])
+
+
+def _rows_per_sample(x: Tensor, sample_scale) -> int:
+    return max(math.prod(x.shape[1:-1]), 1) if sample_scale is not None else 1   # (0 rows: no division by 0)
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernels read biases and ``s`` at unit stride."""
+    return t if t is None or t.numel() <= 1 or t.stride(0) == 1 else t.contiguous()
+
+
+def _triton_hidden(xk, xs, rows, w1, b1, h) -> None:
+    """Forward 1: ``h = relu(x) @ W1.T + b1``, stored as the pre-activation."""
+    kernels.residual_fwd(xk, xs, w1, b1, h.view(rows.M, w1.shape[0]), rows, add_residual=False)
+
+
+def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute):
+    b1, b2, sample_scale = _contiguous(b1), _contiguous(b2), _contiguous(sample_scale)
+    scale = _scale(alpha, alpha_value)
+    if backend_for(x.device) == "eager":
+        h = F.linear(F.relu(x).to(w1.dtype), w1, b1)
+        branch = F.linear(F.relu(h), w2, b2)
+        if sample_scale is not None:
+            branch = branch * _rows_scale(sample_scale, branch)
+        if scale is not None:
+            branch = scale * branch
+        return x + branch, h
+    h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, w2.dtype))
+    rows, (xs, hs), (xk, hk) = plan_rows(x, h)
+    if rows.M:
+        _triton_hidden(xk, xs, rows, w1, b1, h)
+        kernels.residual_fwd(hk, hs, w2, b2, y.view(rows.M, w2.shape[0]), rows, alpha=scale, residual=(xk, xs),
+                             sample_scale=sample_scale, rows_per_sample=_rows_per_sample(x, sample_scale))
+    return y, h
+
+
+@torch.library.custom_op("fusedres::residual_mlp_forward", mutates_args=())
+def residual_mlp_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                         fc2_bias: Optional[Tensor], alpha: Optional[Tensor], alpha_value: float,
+                         sample_scale: Optional[Tensor], recompute: bool) -> tuple[Tensor, Tensor]:
+    """``(y, h)``: the output and the hidden pre-activation (an empty tensor with ``recompute``)."""
+    y, h = _mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute)
+    return y, (x.new_empty(0, dtype=fc1_weight.dtype) if recompute else h)
+
+
+@residual_mlp_forward.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute):
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, fc2_weight.dtype))
+    h = x.new_empty(0 if recompute else _hidden_shape(x, fc1_weight), dtype=fc1_weight.dtype)
+    return y, h
+
+
+def _eager_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, sample_scale, needs):
+    """The reference gradients, as eager autograd computes them: (dx, dW1, db1, dW2, db2, dalpha)."""
+    need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha = needs
+    D, H = w2.shape
+    g = grad.to(w2.dtype)
+    gs = g if sample_scale is None else g * _rows_scale(sample_scale, g)
+    ga = gs if alpha is None else alpha * gs
+    r = F.relu(h)
+    dh = torch.where(h <= 0, 0, ga @ w2)
+    dx = (grad + torch.where(x <= 0, 0, dh @ w1)).to(x.dtype) if need_dx else None
+    x2, dh2, ga2, r2 = x.reshape(-1, D).to(w1.dtype), dh.reshape(-1, H), ga.reshape(-1, D), r.reshape(-1, H)
+    dw1 = (dh2.T @ F.relu(x2)).to(w1.dtype) if need_w1 else None
+    db1 = dh2.sum(0).to(w1.dtype) if need_b1 else None
+    dw2 = (ga2.T @ r2).to(w2.dtype) if need_w2 else None
+    db2 = ga2.sum(0).to(w2.dtype) if need_b2 else None
+    dalpha = None
+    if need_alpha:
+        lin = F.linear(r2, w2, b2)
+        dalpha = (gs.reshape(-1, D) * lin).sum().to(alpha.dtype).reshape(alpha.shape)
+    return dx, dw1, db1, dw2, db2, dalpha
+
+
+def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, needs):
+    """(dx, dW1, db1, dW2, db2, dalpha), None for each not asked for."""
+    b1, b2, sample_scale = _contiguous(b1), _contiguous(b2), _contiguous(sample_scale)
+    scale = _scale(alpha, alpha_value)
+    eager = backend_for(x.device) == "eager"
+    if h is None:                                                # recompute: forward 1 again
+        if eager:
+            h = F.linear(F.relu(x).to(w1.dtype), w1, b1)
+        else:
+            h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
+            rows, (xs,), (xk,) = plan_rows(x)
+            if rows.M:
+                _triton_hidden(xk, xs, rows, w1, b1, h)
+    if eager:
+        return _eager_mlp_backward(grad, x, h, w1, b1, w2, b2, scale, sample_scale, needs)
+    need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha = needs
+    D, H = w2.shape
+    acc = torch.float64 if w2.dtype == torch.float64 else torch.float32
+    rps = _rows_per_sample(x, sample_scale)
+    dh = h.new_empty(h.shape) if (need_dx or need_w1 or need_b1) else None
+    rows, strides, (gk, xk, hk, *dhk) = plan_rows(grad, x, h, *([dh] if dh is not None else []))
+    gs, xs, hs = strides[:3]
+    dx = dw1 = db1 = dw2 = db2 = dalpha = None
+    if dh is not None:
+        # backward 1: dh = [h > 0] * (s * alpha * g @ W2)
+        kernels.residual_dx(gk, gs, hk, hs, w2, dhk[0].view(rows.M, H), rows, alpha=scale, add_residual=False,
+                            sample_scale=sample_scale, rows_per_sample=rps)
+    if need_w2 or need_b2 or need_alpha:
+        # backward 2: dW2 = alpha * (s g).T @ relu(h), db2, the dalpha partials
+        dw2 = w2.new_empty(D, H)
+        db2 = w2.new_empty(D) if need_b2 else None
+        partials = (torch.empty(kernels.dalpha_workspace_size(D, H, False), device=x.device, dtype=acc)
+                    if need_alpha else None)
+        launched = kernels.residual_dw(gk, gs, hk, hs, dw2, db2, rows, weight=w2, bias=b2, alpha=scale,
+                                       dalpha_partials=partials, sample_scale=sample_scale, rows_per_sample=rps)
+        if need_alpha:
+            dalpha = partials[:launched.programs].sum().to(alpha.dtype).reshape(alpha.shape)
+        if not need_w2:
+            dw2 = None
+    if need_dx:
+        # backward 3: dx = g + [x > 0] * (dh @ W1)
+        dx = x.new_empty(x.shape)
+        kernels.residual_dx(dhk[0], strides[3], xk, xs, w1, dx.view(rows.M, D), rows, residual=(gk, gs))
+    if need_w1 or need_b1:
+        # backward 4: dW1 = dh.T @ relu(x), db1
+        dw1 = w1.new_empty(H, D)
+        db1 = w1.new_empty(H) if need_b1 else None
+        kernels.residual_dw(dhk[0], strides[3], xk, xs, dw1, db1, rows)
+        if not need_w1:
+            dw1 = None
+    return dx, dw1, db1, dw2, db2, dalpha
+
+
+@torch.library.custom_op("fusedres::residual_mlp_backward", mutates_args=())
+def residual_mlp_backward(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
+                          fc2_weight: Tensor, fc2_bias: Optional[Tensor], alpha: Optional[Tensor], alpha_value: float,
+                          sample_scale: Optional[Tensor], recompute: bool, need_dx: bool, need_w1: bool,
+                          need_b1: bool, need_w2: bool, need_b2: bool, need_alpha: bool
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``residual_mlp_forward`` with respect to (x, fc1_weight, fc1_bias, fc2_weight,
+    fc2_bias, alpha); an empty tensor stands for each not asked for. ``h`` is ignored (recomputed)
+    with ``recompute``."""
+    grads = _mlp_backward(grad, x, None if recompute else h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha,
+                          alpha_value, sample_scale, (need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha))
+    likes = (x, fc1_weight, fc1_weight, fc2_weight, fc2_weight, fc2_weight)
+    return tuple(t if t is not None else like.new_empty(0) for t, like in zip(grads, likes))
+
+
+@residual_mlp_backward.register_fake
+def _(grad, x, h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute, need_dx,
+      need_w1, need_b1, need_w2, need_b2, need_alpha):
+    H, D = fc1_weight.shape
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            fc1_weight.new_empty(H, D) if need_w1 else fc1_weight.new_empty(0),
+            fc1_weight.new_empty(H) if need_b1 else fc1_weight.new_empty(0),
+            fc2_weight.new_empty(D, H) if need_w2 else fc2_weight.new_empty(0),
+            fc2_weight.new_empty(D) if need_b2 else fc2_weight.new_empty(0),
+            alpha.new_empty(alpha.shape) if need_alpha else fc2_weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute = inputs
+    ctx.has = (b1 is not None, b2 is not None, alpha is not None)
+    ctx.alpha_value, ctx.recompute = alpha_value, recompute
+    # Saved: x, the weights, alpha, s and h (not with recompute); b1 only to recompute h, b2 only
+    # for dalpha's <g.sum(0), b2> term.
+    keep_b1 = b1 if recompute else None
+    keep_b2 = b2 if (alpha is not None and alpha.requires_grad) else None
+    ctx.save_for_backward(x, output[1], w1, keep_b1, w2, keep_b2, alpha, sample_scale)
+
+
+def _backward(ctx, grad, _grad_h):
+    x, h, w1, b1, w2, b2, alpha, sample_scale = ctx.saved_tensors
+    has_b1, has_b2, has_alpha = ctx.has
+    n = ctx.needs_input_grad
+    needs = (n[0], n[1], n[2] and has_b1, n[3], n[4] and has_b2, n[5] and has_alpha)
+    grads = torch.ops.fusedres.residual_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, ctx.alpha_value,
+                                                     sample_scale, ctx.recompute, *needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+
+
+residual_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(residual_mlp_backward, "fused_residual_mlp", "ResidualMLPBlock")
