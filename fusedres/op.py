@@ -218,7 +218,7 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
                        weight.device, None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
                        alpha_value == 1.0 if alpha is None else (alpha.shape, alpha.dtype, alpha.device),
                        None if proj_weight is None else _meta(proj_weight), _matmul_precision(),
-                       None if sample_scale is None else _meta(sample_scale)))
+                       None if sample_scale is None else (_meta(sample_scale), sample_scale.requires_grad)))
     if plan is None:
         plan = _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
     if _grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -311,12 +311,14 @@ _matmul_precision = torch._C._get_float32_matmul_precision     # what torch.get_
 def _signature(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=None) -> tuple:
     """Everything a call's checks, allocations and launches depend on, but the data: shapes,
     strides, dtypes, devices, which optional operands there are, a float alpha of 1 (no scale) or
-    not, and torch's fp32 matmul precision (tf32 or IEEE). (fused_residual builds the same tuple
-    inline, a Python call less on every call: keep the two equal.)"""
+    not, torch's fp32 matmul precision (tf32 or IEEE), and stochastic depth's scale (its
+    requires_grad too: the check that refuses it runs once per signature). (fused_residual builds
+    the same tuple inline, a Python call less on every call: keep the two equal.)"""
     return (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
             None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
             alpha_value == 1.0 if alpha is None else (alpha.shape, alpha.dtype, alpha.device),
-            None if proj_weight is None else _meta(proj_weight), _matmul_precision(), _meta(sample_scale))
+            None if proj_weight is None else _meta(proj_weight), _matmul_precision(),
+            None if sample_scale is None else (_meta(sample_scale), sample_scale.requires_grad))
 
 
 # signature -> _Plan. Bounded: cleared when it grows past _PLANS_MAX; emptied by

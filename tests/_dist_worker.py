@@ -62,6 +62,10 @@ def main(rank, world, port, wrapper, out):
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(results, f)
+        # Both ranks finish their collectives before either tears gloo down: a rank destroying the
+        # group while the other still had work in flight aborted once in CI ("terminate called
+        # without an active exception"), on a loaded 2-core machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -242,6 +242,7 @@ def test_sample_scale_errors(device):
     w = torch.randn(16, 16, device=device)
     with pytest.raises(ValueError, match=r"sample_scale must have shape \[x.shape\[0\]\] = \[6\]"):
         fused_residual(x, w, sample_scale=torch.ones(5, device=device))
+    fused_residual(x, w, sample_scale=torch.ones(6, device=device))       # a plan for this signature, then:
     with pytest.raises(ValueError, match="gets no gradient"):
         fused_residual(x, w, sample_scale=torch.ones(6, device=device, requires_grad=True))
     with pytest.raises(ValueError, match="needs x with a sample dimension"):
