@@ -132,7 +132,7 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute)
             branch = branch * _rows_scale(sample_scale, branch)
         if scale is not None:
             branch = scale * branch
-        return x + branch, h
+        return (x + branch).contiguous(), h.contiguous()      # the fake kernel's layout
     h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, w2.dtype))
     rows, (xs, hs), (xk, hk) = plan_rows(x, h)
@@ -168,7 +168,7 @@ def _eager_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, sample_scale, needs):
     ga = gs if alpha is None else alpha * gs
     r = F.relu(h)
     dh = torch.where(h <= 0, 0, ga @ w2)
-    dx = (grad + torch.where(x <= 0, 0, dh @ w1)).to(x.dtype) if need_dx else None
+    dx = (grad + torch.where(x <= 0, 0, dh @ w1)).to(x.dtype).contiguous() if need_dx else None
     x2, dh2, ga2, r2 = x.reshape(-1, D).to(w1.dtype), dh.reshape(-1, H), ga.reshape(-1, D), r.reshape(-1, H)
     dw1 = (dh2.T @ F.relu(x2)).to(w1.dtype) if need_w1 else None
     db1 = dh2.sum(0).to(w1.dtype) if need_b1 else None

@@ -383,8 +383,8 @@ class _Plan:
             if _validate.ENABLED:
                 check_forward(y, x, weight, bias, _scale(alpha, alpha_value), proj_weight, sample_scale)
             return y
-        if self.eager:
-            return eager_forward(x, weight, bias, _scale(alpha, alpha_value), proj_weight, sample_scale)
+        if self.eager:      # (contiguous, as the custom op's fake kernel promises)
+            return eager_forward(x, weight, bias, _scale(alpha, alpha_value), proj_weight, sample_scale).contiguous()
         if self.copy_x:
             x = plan_rows(x)[2][0]
         if self.copy_bias:
@@ -408,11 +408,13 @@ class _Plan:
         scale = _scale(alpha, alpha_value)
         if self.eager:
             return eager_backward(grad, x, weight, bias, scale, proj_weight, *needs, sample_scale=sample_scale)
-        if self.copy_bias:
+        # (the backward's bias is None unless alpha needs its gradient: only then saved)
+        if self.copy_bias and bias is not None:
             bias = bias.contiguous()
-        if self.copy_s:
+        if self.copy_s and sample_scale is not None:
             sample_scale = sample_scale.contiguous()
-        key = (grad.shape, grad.stride(), grad.dtype, grad.device, needs, bias is None, _plan_module.forced_splits())
+        key = (grad.shape, grad.stride(), grad.dtype, grad.device, needs, bias is None, _plan_module.forced_splits(),
+               _matmul_precision())
         launches = self.bwd.get(key)
         if launches is None:
             launches = self.bwd[key] = _BackwardLaunches(grad, x)

@@ -275,3 +275,41 @@ def test_mlp_double_backward_is_a_clear_error(device):
     (gx,) = torch.autograd.grad(fused_residual_mlp(x, w1, b1, w2, b2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="fused_residual_mlp: double backward"):
         gx.sum().backward()
+
+
+def test_any_sample_scale_is_exact(device, launches):
+    """The kernels take any per-sample scale, not only stochastic depth's (0 or 1 / (1 - p)):
+    negative, fractional and zero, with infinities in x where a zero scale meets them; fp64
+    against eager autograd, every gradient."""
+    x = torch.randn(6, 5, 16, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(device)
+    x[3, 1, 2], x[2, 0, 5] = -float("inf"), float("inf")          # sample 3: s = 0; sample 2: s = -1
+    s = torch.tensor([-1.0, 2.0, -1.0, 0.0, 0.25, 3.0], dtype=torch.float64, device=device)
+    gen = torch.Generator().manual_seed(4)
+    w, b = (torch.randn(16, 16, generator=gen, dtype=torch.float64) / 4).to(device), \
+        torch.randn(16, generator=gen, dtype=torch.float64).to(device)
+    alpha = torch.tensor(0.7, dtype=torch.float64, device=device)
+    g = torch.randn(6, 5, 16, generator=gen, dtype=torch.float64).to(device)
+    outs = []
+    for fn in (fused_residual, fusedres.residual_reference):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, alpha)]
+        y = fn(leaves[0], leaves[1], leaves[2], alpha=leaves[3], sample_scale=s)
+        y.backward(g)
+        outs.append([y.detach()] + [t.grad for t in leaves])
+    for name, f, e in zip(("y", "dx", "dW", "db", "dalpha"), *outs):
+        assert torch.equal(f.isnan(), e.isnan()), name
+        ok = ~e.isnan()
+        torch.testing.assert_close(f[ok], e[ok], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_strided_bias_with_a_float_alpha_backward(device, launches):
+    """The backward gets no bias unless alpha needs its gradient: a strided bias's copy must
+    not be attempted then."""
+    x = make_x((8, 16), torch.float32, device).requires_grad_()
+    w = torch.randn(16, 16, device=device, requires_grad=True)
+    b = torch.randn(16, 2, device=device, requires_grad=True)
+    y = fused_residual(x, w, b[:, 0], alpha=0.5)
+    y.sum().backward()
+    ref = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    fusedres.residual_reference(ref[0], ref[1], ref[2][:, 0], alpha=0.5).sum().backward()
+    for got, want in zip((x.grad, w.grad, b.grad), (t.grad for t in ref)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

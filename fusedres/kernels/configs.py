@@ -108,10 +108,10 @@ _DROPPED_BY_TRITON: dict[tuple[int, int], dict[str, dict[tuple[int, bool], set]]
 
 
 #: Tiles the row-scale variants (stochastic depth's ``ROW_SCALE``: the MLP block's passes and
-#: drop_path) do not ship, on every release. dW scales its A tile by ``s[m // R]`` in the
+#: drop_path) do not ship, on every release. dW scales its relu'd A tile by ``s[m // R]`` in the
 #: reduction loop; measured with the compile gate (triton 3.7.1, ptxas 12.8): fp32 64x128x16 at
-#: 4 warps and 4 stages spills 8 B on sm_80 (IEEE; scaling g instead fixed the unsplit variant,
-#: not the split one); at 3 stages it compiles clean, so the row-scale dW takes that tile
+#: 4 warps and 4 stages spills 8 B on sm_80 (IEEE; with the scale before or after the relu, and
+#: on g instead in the split variant); at 3 stages it compiles clean, so the row-scale dW takes that tile
 #: instead (:data:`_ROW_SCALE_TILES`; on 3.7 the only other fp32 dW tile is dropped, and
 #: 32x64x16, the fallback when nothing is left, loses its wgmma on sm_90 with tf32). Not on the
 #: general fp32 list: dx with a projection spills 64 B there. Keyed by (kind, element size).

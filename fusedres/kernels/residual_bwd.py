@@ -227,20 +227,20 @@ def residual_dw_kernel(
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         g = tl.load(g_ptr + g_rows[:, None] + offs_n[None, :] * stride_gn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        if ROW_SCALE:
-            # s scales the reduction's rows: on A (registers already, for the relu), not on g (a
-            # shared-memory wgmma operand; see the docstring), and before the relu, which
-            # commutes with a scale s >= 0. dP's half keeps s = 1. (Two fp32 tiles do not ship
-            # with it: configs._ROW_SCALE_SPILLS.)
-            sv = row_scale(s_ptr, m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)
-            if HAS_PROJ:
-                sv = tl.where(is_proj, 1.0, sv)
-            xt = xt.to(ACC_DTYPE) * sv[None, :]
         at = to_gemm_operand(xt, GEMM_DTYPE, EMULATE_BF16)
         if HAS_PROJ:
             at = tl.where(is_proj, at, relu_nan(at))
         else:
             at = relu_nan(at)
+        if ROW_SCALE:
+            # s scales the reduction's rows: on A (registers already, for the relu), not on g (a
+            # shared-memory wgmma operand; see the docstring); after the relu, so any s is exact
+            # (relu(s x) = s relu(x) only for s >= 0). dP's half keeps s = 1. (One fp32 tile does
+            # not ship with it: configs._ROW_SCALE_SPILLS.)
+            sv = row_scale(s_ptr, m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)
+            if HAS_PROJ:
+                sv = tl.where(is_proj, 1.0, sv)
+            at = to_gemm_operand(at.to(ACC_DTYPE) * sv[None, :], GEMM_DTYPE, EMULATE_BF16)
         g = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
         acc = tl.dot(at, g, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if SUM_G:
@@ -384,10 +384,10 @@ def residual_dw_reduce_kernel(
 
 
 residual_dx_kernel_tuned = triton.autotune(
-    configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_PROJ", "INPUT_PRECISION"],
+    configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_PROJ", "ROW_SCALE", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_for("dx")})(residual_dx_kernel)
 residual_dw_kernel_tuned = triton.autotune(
-    configs=DW_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_DB", "HAS_PROJ",
+    configs=DW_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_DB", "HAS_PROJ", "ROW_SCALE",
                                    "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_for("dw")})(residual_dw_kernel)
 

@@ -154,7 +154,7 @@ def residual_fwd_kernel(
 
 
 residual_fwd_kernel_tuned = triton.autotune(
-    configs=FWD_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_PROJ", "INPUT_PRECISION"],
+    configs=FWD_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_PROJ", "ROW_SCALE", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_for("fwd")})(residual_fwd_kernel)
 
 
