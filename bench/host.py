@@ -110,7 +110,8 @@ def _calls(impl: str, case: str, device: str, M: int, D: int, L: int):
 def triton_launch_us(device: str, M: int, D: int, number: int = 200, repeats: int = 7) -> dict:
     """CUDA only: Triton's own cost of one forward launch on prebuilt arguments: through
     ``kernel[grid]`` (the autotuner's cache lookup, then the JIT binder and cache key) and through
-    fusedres's cached-launcher path (``configs.launch``). Empty off CUDA."""
+    fusedres's first-call path (``configs.launch_and_prepare``: config resolution, the JIT, the
+    prepared launch) and the prepared launch every later call takes. Empty off CUDA."""
     if device != "cuda":
         return {}
     from fusedres._layout import plan_rows
@@ -128,9 +129,9 @@ def triton_launch_us(device: str, M: int, D: int, number: int = 200, repeats: in
     sync = torch.cuda.synchronize
     out = {"triton_kernel_grid_us": time_per_call(
         lambda: configs.run_kernel(rf.residual_fwd_kernel_tuned, grid, args, consts), number, repeats, sync)}
-    out["fusedres_launch_us"] = time_per_call(
-        lambda: configs.launch(rf.residual_fwd_kernel, rf.residual_fwd_kernel_tuned, "fwd", grid, args, consts,
-                               rows.M, D), number, repeats, sync)
+    out["fusedres_first_launch_us"] = time_per_call(
+        lambda: configs.launch_and_prepare(rf.residual_fwd_kernel, rf.residual_fwd_kernel_tuned, "fwd", grid, args,
+                                           consts, rows.M, D, n_head=rf.FWD_HEAD), number, repeats, sync)
     out["fusedres_prepared_launch_us"] = time_per_call(lambda: prepared(*head), number, repeats, sync)
     return out
 

@@ -20,7 +20,8 @@ import math
 
 from torch import Tensor
 
-__all__ = ["drop_path_scale", "apply_sample_scale", "check_drop_path", "check_sample_scale"]
+__all__ = ["drop_path_scale", "apply_sample_scale", "check_drop_path", "check_sample_scale", "rows_per_sample",
+           "sample_rows"]
 
 
 def check_drop_path(p, who: str = "drop_path") -> float:
@@ -63,10 +64,21 @@ def check_sample_scale(sample_scale: Tensor | None, x: Tensor, who: str) -> None
                          f"[x.shape[0]] = [{x.shape[0] if x.dim() else '?'}], got {list(sample_scale.shape)}")
 
 
+def rows_per_sample(x: Tensor) -> int:
+    """Flattened rows of ``x (B, ..., D)`` per sample: the kernels index ``s`` at ``row // this``
+    (at least 1, so that an empty middle dimension divides nothing by zero)."""
+    return max(math.prod(x.shape[1:-1]), 1)
+
+
+def sample_rows(s: Tensor, like: Tensor) -> Tensor:
+    """``s [B]`` viewed ``[B, 1, ..., 1]`` in ``like``'s dtype, to scale each sample of ``like``."""
+    return s.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
 def apply_sample_scale(branch: Tensor, s: Tensor | None) -> Tensor:
     """``branch * s`` with ``s [B]`` viewed as ``[B, 1, ..., 1]``: ``out[b, ...] = s[b] * branch[b, ...]``.
     ``s is None`` returns ``branch`` itself (no copy)."""
     if s is None:
         return branch
     check_sample_scale(s, branch, "apply_sample_scale")
-    return branch * s.reshape((-1,) + (1,) * (branch.dim() - 1))
+    return branch * s.reshape((-1,) + (1,) * (branch.dim() - 1))     # (in s's dtype: eager's promotion)

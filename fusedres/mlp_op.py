@@ -22,7 +22,6 @@ forward 1, one more launch). ``torch.compile`` sees two custom ops,
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -37,9 +36,10 @@ from .op import (
     check_sample_scale_arg,
     check_tensor_types,
     gemm_operands,
+    _scale,
     refuse_double_backward,
 )
-from .reference import _rows_scale
+from .droppath import rows_per_sample, sample_rows
 
 
 def _check_mlp_inputs(x, w1, b1, w2, b2, alpha, sample_scale) -> None:
@@ -100,16 +100,8 @@ def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
     return y
 
 
-def _scale(alpha: Optional[Tensor], alpha_value: float):
-    return alpha if alpha is not None else (None if alpha_value == 1.0 else alpha_value)
-
-
 def _hidden_shape(x: Tensor, w1: Tensor) -> tuple:
     return (*x.shape[:-1], w1.shape[0])
-
-
-def _rows_per_sample(x: Tensor, sample_scale) -> int:
-    return max(math.prod(x.shape[1:-1]), 1) if sample_scale is not None else 1   # (0 rows: no division by 0)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -129,7 +121,7 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute)
         h = F.linear(F.relu(x).to(w1.dtype), w1, b1)
         branch = F.linear(F.relu(h), w2, b2)
         if sample_scale is not None:
-            branch = branch * _rows_scale(sample_scale, branch)
+            branch = branch * sample_rows(sample_scale, branch)
         if scale is not None:
             branch = scale * branch
         return (x + branch).contiguous(), h.contiguous()      # the fake kernel's layout
@@ -139,7 +131,7 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute)
     if rows.M:
         _triton_hidden(xk, xs, rows, w1, b1, h)
         kernels.residual_fwd(hk, hs, w2, b2, y.view(rows.M, w2.shape[0]), rows, alpha=scale, residual=(xk, xs),
-                             sample_scale=sample_scale, rows_per_sample=_rows_per_sample(x, sample_scale))
+                             sample_scale=sample_scale, rows_per_sample=rows_per_sample(x))
     return y, h
 
 
@@ -164,7 +156,7 @@ def _eager_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, sample_scale, needs):
     need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha = needs
     D, H = w2.shape
     g = grad.to(w2.dtype)
-    gs = g if sample_scale is None else g * _rows_scale(sample_scale, g)
+    gs = g if sample_scale is None else g * sample_rows(sample_scale, g)
     ga = gs if alpha is None else alpha * gs
     r = F.relu(h)
     dh = torch.where(h <= 0, 0, ga @ w2)
@@ -199,7 +191,7 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
     need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha = needs
     D, H = w2.shape
     acc = torch.float64 if w2.dtype == torch.float64 else torch.float32
-    rps = _rows_per_sample(x, sample_scale)
+    rps = rows_per_sample(x)
     dh = h.new_empty(h.shape) if (need_dx or need_w1 or need_b1) else None
     rows, strides, (gk, xk, hk, *dhk) = plan_rows(grad, x, h, *([dh] if dh is not None else []))
     gs, xs, hs = strides[:3]

@@ -15,7 +15,6 @@ so training keeps no ``M x D`` tensor beyond the input it already holds.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from . import kernels
 from ._layout import plan_rows
+from .droppath import rows_per_sample, sample_rows
 from .kernels import plan as _plan_module
 from .kernels.residual_bwd import dx_head
 from .kernels.residual_fwd import fwd_head
@@ -364,7 +364,7 @@ class _Plan:
         # the kernels read bias[n] at n: a strided bias is made contiguous (D elements)
         self.copy_bias = bias is not None and bias.numel() > 1 and bias.stride(0) != 1
         self.copy_s = sample_scale is not None and sample_scale.numel() > 1 and sample_scale.stride(0) != 1
-        self.rows_per_sample = max(math.prod(x.shape[1:-1]), 1) if sample_scale is not None else 1
+        self.rows_per_sample = rows_per_sample(x) if sample_scale is not None else 1
         self.out_shape = (*x.shape[:-1], weight.shape[0])
         self.out_dtype = torch.promote_types(x.dtype, weight.dtype)
         # y as x's own layout (the cheapest allocation) when that is the row-major output
@@ -475,8 +475,7 @@ class _BackwardLaunches:
         elif need_bias:
             # db alone is a column sum: a native reduction, with no GEMM to fold it into.
             acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-            g = grad if sample_scale is None else grad * sample_scale.to(grad.dtype).reshape(
-                (-1,) + (1,) * (grad.dim() - 1))
+            g = grad if sample_scale is None else grad * sample_rows(sample_scale, grad)
             db = g.reshape(-1, N).sum(0, dtype=acc)
             if isinstance(alpha, Tensor):
                 db = db * alpha.to(acc)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .droppath import apply_sample_scale, check_drop_path, check_sample_scale, drop_path_scale
+from .droppath import apply_sample_scale, check_drop_path, check_sample_scale, drop_path_scale, sample_rows
 
 
 def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, alpha: float | Tensor = 1.0,
@@ -59,11 +59,6 @@ def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | Non
     return _add_branch(x, branch, alpha)
 
 
-def _rows_scale(s: Tensor, like: Tensor) -> Tensor:
-    """``s [B]`` viewed to scale the samples (first-dim indices) of ``like``, in its dtype."""
-    return s.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
-
-
 def eager_forward(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor | None = None,
                   proj_weight: Tensor | None = None, sample_scale: Tensor | None = None) -> Tensor:
     """The reference forward in the dtypes the kernels see: the GEMMs in ``weight``'s dtype (under
@@ -71,7 +66,7 @@ def eager_forward(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor 
     h = F.relu(x).to(weight.dtype)
     branch = F.linear(h, weight, bias)
     if sample_scale is not None:
-        branch = branch * _rows_scale(sample_scale, branch)
+        branch = branch * sample_rows(sample_scale, branch)
     if alpha is not None:
         branch = alpha * branch
     shortcut = x if proj_weight is None else F.linear(x.to(weight.dtype), proj_weight)
@@ -87,7 +82,7 @@ def eager_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
     gradient is ``s * g`` (the shortcut's, and dP's, stay ``g``)."""
     N, K = weight.shape
     g_shortcut = grad.to(weight.dtype)
-    g = g_shortcut if sample_scale is None else g_shortcut * _rows_scale(sample_scale, g_shortcut)
+    g = g_shortcut if sample_scale is None else g_shortcut * sample_rows(sample_scale, g_shortcut)
     g2 = g.reshape(-1, N)
     h2 = F.relu(x).to(weight.dtype).reshape(-1, K)
     scale = (lambda t: t) if alpha is None else (lambda t: alpha * t)

@@ -428,17 +428,13 @@ def resolve_config(tuned, kind: str, args, consts: dict, M: int, D: int) -> trit
     return interpreter_config(kind, M, D) if INTERPRET else None
 
 
-def launch(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, config=None) -> triton.Config:
-    """Launch ``kernel`` with ``config``, or the autotuned ``tuned`` on a GPU, or the interpreter's
-    per-size config when interpreting; on the device of the first argument. Returns the config
-    the launch ran with (after autotuning: the chosen one, not the last one benchmarked)."""
-    return launch_and_prepare(kernel, tuned, kind, grid, args, consts, M, D, config).config
-
-
 def launch_and_prepare(kernel, tuned, kind: str, grid, args, consts: dict, M: int, D: int, config=None,
                        n_head: int = 0) -> "PreparedLaunch":
-    """:func:`launch`, returning the launch it made as a :class:`PreparedLaunch` whose first
-    ``n_head`` arguments (the tensors and the per-call scalars) are given at each later call."""
+    """Launch ``kernel`` with ``config``, or the autotuned ``tuned`` on a GPU, or the interpreter's
+    per-size config when interpreting; on the device of the first argument. Returns the launch it
+    made as a :class:`PreparedLaunch` (its ``config``: after autotuning the chosen one, not the
+    last one benchmarked) whose first ``n_head`` arguments (the tensors and the per-call scalars)
+    are given at each later call."""
     if config is None and _config_override is not None:
         config = _config_override(kind, {**dict(zip(tuned.arg_names, args)), **consts})
     if config is None and INTERPRET:
