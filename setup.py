@@ -12,10 +12,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fusedres", "fusedres.*"]),
     package_data={"fusedres": ["py.typed"]},
-    # The range holds every triton a supported torch pins (torch 2.13 -> 3.7.1, 2.14 -> 3.8.x) and
-    # 3.9, each tested (README, "Support matrix"), so pip keeps the triton the user's torch brought.
-    # Below 3.7 the kernels' APIs are missing; 3.10 and later are untested.
-    install_requires=["torch>=2.13", "triton>=3.7.1,<3.10"],
+    # The ranges hold the last five torch releases and the triton each one's CUDA wheel pins
+    # (2.11 -> 3.6.0, 2.12 -> 3.7.0, 2.13 -> 3.7.1, 2.14 -> 3.8.x, 2.15 -> 3.9.x), each tested
+    # (README, "Support matrix"), so pip keeps the torch and triton a machine already has.
+    # torch 2.16 and triton 3.10 and later are untested: the upper bounds say so.
+    install_requires=["torch>=2.11,<2.16", "triton>=3.6.0,<3.10"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy", "scikit-learn>=1.3",
                  "matplotlib>=3.7", "tqdm>=4.60"],

@@ -35,6 +35,8 @@ from typing import Callable
 
 import torch
 
+from fusedres.kernels import configs
+
 from . import model
 from .model import ELEMENT_SIZE, GpuSpec
 
@@ -231,7 +233,8 @@ def run_gpu(cfg: GpuConfig, device: Device, meta: dict | None = None, progress: 
     from .report import versions
 
     meta = dict(meta or versions())
-    precision = torch.get_float32_matmul_precision()
+    # the CSV's fp32_precision column keeps torch's legacy names, whichever API set it
+    precision = "highest" if configs.fp32_matmul_precision() == "ieee" else "high"
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     cases = [(dt, M, D) for dt in cfg.dtypes for M in cfg.M for D in cfg.D]
     total = len(cases) * len(cfg.impls)

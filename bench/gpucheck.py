@@ -26,16 +26,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fusedres.kernels import configs
+
 from . import model
 
 #: name -> (activation dtype, parameter dtype, autocast dtype or None, fp32 matmul precision)
 DTYPES = {
-    "fp16": (torch.float16, torch.float16, None, "highest"),
-    "bf16": (torch.bfloat16, torch.bfloat16, None, "highest"),
-    "fp32": (torch.float32, torch.float32, None, "highest"),
-    "tf32": (torch.float32, torch.float32, None, "high"),
-    "autocast-bf16": (torch.float32, torch.float32, torch.bfloat16, "highest"),
-    "autocast-fp16": (torch.float32, torch.float32, torch.float16, "highest"),
+    "fp16": (torch.float16, torch.float16, None, "ieee"),
+    "bf16": (torch.bfloat16, torch.bfloat16, None, "ieee"),
+    "fp32": (torch.float32, torch.float32, None, "ieee"),
+    "tf32": (torch.float32, torch.float32, None, "tf32"),
+    "autocast-bf16": (torch.float32, torch.float32, torch.bfloat16, "ieee"),
+    "autocast-fp16": (torch.float32, torch.float32, torch.float16, "ieee"),
 }
 #: single-block variants: name -> (bias, alpha: None / "float" / "tensor", projection, two-level rows)
 BLOCK_VARIANTS = {
@@ -104,13 +106,9 @@ def planned_compiles(plan: CheckPlan) -> int:
 def _numerics(dtype: str, device_type: str):
     """The fp32 matmul precision and autocast of a dtype variant."""
     _, _, amp, precision = DTYPES[dtype]
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        with torch.autocast(device_type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(old)
+    with configs.fp32_matmul_precision_set(precision), \
+            torch.autocast(device_type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        yield
 
 
 def _launched(since: dict) -> dict:

@@ -55,6 +55,7 @@ import triton
 from . import kernels
 from ._layout import plan_rows
 from .kernels import configs as _configs
+from .kernels import device as _device
 from .kernels import plan as _plan
 from .kernels.residual_bwd import (
     dw_launch_args,
@@ -86,21 +87,40 @@ class Arch:
     tensor_core_re: str
 
 
+_MMA_SYNC, _WGMMA, _TCGEN05 = (("mma.sync", r"\bmma\.sync\.aligned\."), ("wgmma.mma_async", r"\bwgmma\.mma_async\."),
+                                ("tcgen05.mma", r"\btcgen05\.mma\."))
 ARCHS = {
-    "sm_80": Arch("sm_80", 80, 166912, "mma.sync", r"\bmma\.sync\.aligned\."),
-    "sm_90": Arch("sm_90", 90, 232448, "wgmma.mma_async", r"\bwgmma\.mma_async\."),
-    # B200 (cc 10.0): 227 KB per block opt-in, as on Hopper. Opt-in: --archs sm_80,sm_90,sm_100
-    "sm_100": Arch("sm_100", 100, 232448, "tcgen05.mma", r"\btcgen05\.mma\."),
+    # A100, A30 (8.0): 163 KB per block opt-in
+    "sm_80": Arch("sm_80", 80, _device.SHARED_PER_BLOCK[(8, 0)], *_MMA_SYNC),
+    # RTX 30 series, A10, A40 (8.6): 99 KB
+    "sm_86": Arch("sm_86", 86, _device.SHARED_PER_BLOCK[(8, 6)], *_MMA_SYNC),
+    # RTX 40 series, L4, L40S (8.9): 99 KB
+    "sm_89": Arch("sm_89", 89, _device.SHARED_PER_BLOCK[(8, 9)], *_MMA_SYNC),
+    # H100, H200 (9.0): 227 KB
+    "sm_90": Arch("sm_90", 90, _device.SHARED_PER_BLOCK[(9, 0)], *_WGMMA),
+    # RTX 50 series, RTX PRO Blackwell (12.0): 99 KB, and mma.sync (no wgmma, no tcgen05)
+    "sm_120": Arch("sm_120", 120, _device.SHARED_PER_BLOCK[(12, 0)], *_MMA_SYNC),
+    # B200 (10.0): 227 KB, as on Hopper. Opt-in: --archs ...,sm_100 (see the README's support matrix)
+    "sm_100": Arch("sm_100", 100, _device.SHARED_PER_BLOCK[(10, 0)], *_TCGEN05),
 }
-DEFAULT_ARCHS = ("sm_80", "sm_90")
+DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
+#: Registers per block on every supported arch: a config's registers per thread times its threads
+#: must fit, or the launch fails ("too many resources requested").
+REGISTERS_PER_BLOCK = 65536
+
+
+def arch_limits(arch: str) -> _device.DeviceLimits:
+    """The limits every config shipped for ``arch`` is chosen under (:func:`_device.simulated_device`)."""
+    a = ARCHS[arch]
+    return _device.DeviceLimits(arch, (a.cc // 10, a.cc % 10), a.shared_limit, 132, REGISTERS_PER_BLOCK)
 
 #: dtype variants: name -> (torch dtype, float32 matmul precision set around the launch, or None
 #: for this process's, which is torch's default 'highest' -> IEEE)
 DTYPES = {
     "fp16": (torch.float16, None),
     "bf16": (torch.bfloat16, None),
-    "fp32": (torch.float32, None),      # what a default user gets: 'highest' -> IEEE, CUDA-core FMA
-    "tf32": (torch.float32, "high"),    # fp32 after torch.set_float32_matmul_precision('high')
+    "fp32": (torch.float32, None),      # what a default user gets: IEEE, CUDA-core FMA
+    "tf32": (torch.float32, "tf32"),    # fp32 with tf32 allowed (either of torch's precision switches)
     "fp64": (torch.float64, None),      # opt-in
     # torch.autocast: fp32 activations (x, y, g, dx) meet 16-bit weights (and dW, db, dP)
     "autocast-bf16": (torch.bfloat16, None),
@@ -167,15 +187,9 @@ def _require_compiler() -> None:
             "subprocess whose environment lacks TRITON_INTERPRET.")
 
 
-@contextlib.contextmanager
 def _matmul_precision(precision: str | None):
-    old = torch.get_float32_matmul_precision()
-    if precision is not None:
-        torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
+    """The fp32 matmul precision of a dtype variant (None: the process's, IEEE by default)."""
+    return _configs.fp32_matmul_precision_set(precision)
 
 
 def expected_tensor_core(arch: str, dtype: str) -> str | None:
@@ -316,24 +330,26 @@ def stack_example_launch(kind: str, dtype: str, width: int, variant: str, misali
 
 def stack_gate_config(kind: str, width: int, arch: str, dtype: str) -> triton.Config:
     """The config a launch of the stack kernel ``kind`` at ``width`` takes on ``arch`` for ``dtype``."""
-    cc = ARCHS[arch].cc
     tdtype, precision = DTYPES[dtype]
     with _matmul_precision(precision):
         return _configs.stack_config(kind, width, _configs.stack_operand_class(tdtype, ACTIVATIONS.get(dtype)),
-                                     (cc // 10, cc % 10))
+                                     limits=arch_limits(arch))
 
 
-def gate_configs(kind: str, dtype: str, two_level: bool = False, features: str = "base") -> list[triton.Config]:
-    """The configs the autotuner keeps for ``kind``, ``dtype``, the row layout and the variant:
-    its own ``early_config_prune`` on its own config list, with the example launch's arguments
-    (checked against ``shipped_configs``)."""
+def gate_configs(kind: str, dtype: str, two_level: bool = False, features: str = "base",
+                 arch: str = "sm_90") -> list[triton.Config]:
+    """The configs the autotuner keeps for ``kind``, ``dtype``, the row layout and the variant on
+    ``arch``: its own ``early_config_prune`` on its own config list, with the example launch's
+    arguments, as on a device with that arch's limits (checked against ``shipped_configs``)."""
     tuned = TUNED[kind]
     args, consts = example_launch(kind, dtype, two_level, features=features)
     named = dict(zip(tuned.arg_names, args))
-    kept = tuned.early_config_prune(tuned.configs, named, **consts) if tuned.early_config_prune else tuned.configs
+    limits = arch_limits(arch)
+    with _device.simulated_device(limits):
+        kept = tuned.early_config_prune(tuned.configs, named, **consts) if tuned.early_config_prune else tuned.configs
     elem_size, operand_sizes = _configs.launch_operand_sizes(kind, {**named, **consts})
     expected = _configs.shipped_configs(kind, elem_size, two_level, operand_sizes, consts["HAS_PROJ"],
-                                        consts.get("ROW_SCALE", False))
+                                        consts.get("ROW_SCALE", False), limits)
     if [id(c) for c in kept] != [id(c) for c in expected]:
         raise AssertionError(f"{kind}: the autotuner's prune and shipped_configs disagree")
     return list(kept)
@@ -569,6 +585,9 @@ def failures(rec: dict) -> list[str]:
         out.append(f"spills {rec['spill_bytes']} B")
     if rec["shared_bytes"] > rec["shared_limit"]:
         out.append(f"shared memory {rec['shared_bytes']} B > {rec['shared_limit']} B")
+    threads = rec.get("config", {}).get("num_warps", 0) * 32
+    if (rec.get("registers") or 0) * threads > REGISTERS_PER_BLOCK:
+        out.append(f"registers {rec['registers']} x {threads} threads > {REGISTERS_PER_BLOCK}")
     if rec["tensor_core_expected"] and not rec["tensor_core"]:
         out.append(f"no {rec['tensor_core_expected']}")
     out += [f"ptxas {a}" for a in rec["advisories"] if _FATAL_ADVISORY.search(a)]
@@ -588,35 +607,58 @@ def failures(rec: dict) -> list[str]:
 # The gate
 
 
+#: The covering set's order of variants, heaviest first (the most live registers: a projection's
+#: second K loop and a tensor alpha, then the row scale, then the rest): each shipped config is
+#: compiled once, in the heaviest variant that ships it.
+COVER_ORDER = ("split+alpha+proj", "alpha+proj", "split+drop-path", "drop-path", "mlp", "split", "alpha-value",
+               "base")
+#: The stack kernels' heavier variant of each pair (the covering set compiles only these).
+STACK_COVER = {"stack_fwd": ("train",), "stack_bwd": ("deterministic",), "stack_reduce": ("base",)}
+
+
 def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_level=(False,), configs=None,
-              features=FEATURES, widths=STACK_WIDTHS):
+              features=FEATURES, widths=STACK_WIDTHS, cover: bool = False):
     """Every (kind, config, dtype, arch, two_level, features, width) to compile: the autotuner's
-    configs, or the ``configs`` given as names (``"64x64x32 w4 s3"``); for the stack kernels,
-    the shipped config of each width in ``widths`` and each variant (``width`` is None for the
-    single-block kernels)."""
+    configs on each arch, or the ``configs`` given as names (``"64x64x32 w4 s3"``); for the stack
+    kernels, the shipped config of each width in ``widths`` and each variant (``width`` is None
+    for the single-block kernels).
+
+    ``cover``: the covering set instead of the full product. Per kernel, dtype, row layout and
+    arch, every config shipped there in any of ``features``, each compiled once, in the heaviest
+    variant (:data:`COVER_ORDER`) that ships it; the reduce once per dtype and arch in the heaviest
+    split variant; the stack's heavier variant of each kernel (:data:`STACK_COVER`)."""
     jobs = []
     for kind in kinds:
         if kind in STACK_KINDS:
+            if not _configs.stack_supported():      # triton 3.6: the stack is not shipped (its launches refuse)
+                continue
             # Under autocast the stack's fwd and bwd carry fp32 activations beside 16-bit weights; its
             # reduce sees only the fp32 partials and the weights' dtype, as in the 16-bit variant.
+            variants = STACK_COVER[kind] if cover else STACK_VARIANTS[kind]
             jobs += [(kind, stack_gate_config(kind, width, arch, dtype), dtype, arch, False, variant, width)
                      for dtype in dtypes if not (kind == "stack_reduce" and dtype in ACTIVATIONS)
-                     for width in widths for variant in STACK_VARIANTS[kind] for arch in archs]
+                     for width in widths for variant in variants for arch in archs]
             continue
+        feats_of_kind = [f for f in features if f not in SPLIT_FEATURES or kind == "dw"]
+        if cover:
+            feats_of_kind = sorted(feats_of_kind, key=lambda f: COVER_ORDER.index(f))
         for dtype in dtypes:
             for tl_ in two_level:
-                for feats in features:
-                    if feats in SPLIT_FEATURES and kind != "dw":
-                        continue
-                    cfgs = (gate_configs(kind, dtype, tl_, feats) if configs is None
-                            else [config_from_name(kind, n) for n in configs])
-                    for config in cfgs:
-                        for arch in archs:
+                for arch in archs:
+                    done: set = set()
+                    for feats in feats_of_kind:
+                        cfgs = (gate_configs(kind, dtype, tl_, feats, arch) if configs is None
+                                else [config_from_name(kind, n) for n in configs])
+                        for config in cfgs:
+                            if cover and config_name(kind, config) in done:
+                                continue
+                            done.add(config_name(kind, config))
                             jobs.append((kind, config, dtype, arch, tl_, feats, None))
-                    if feats in SPLIT_FEATURES and tl_ == two_level[0]:
-                        # the reduce reads no rows: once per dtype, variant and arch
-                        jobs += [(REDUCE_KIND, c, dtype, arch, False, feats, None)
-                                 for c in _plan.REDUCE_CONFIGS for arch in archs]
+                        if feats in SPLIT_FEATURES and tl_ == two_level[0] and not (cover and "reduce" in done):
+                            # the reduce reads no rows: once per dtype, variant and arch
+                            done.add("reduce")
+                            jobs += [(REDUCE_KIND, c, dtype, arch, False, feats, None)
+                                     for c in _plan.reduce_configs(DTYPES[dtype][0].itemsize, arch_limits(arch))]
     return jobs
 
 
@@ -626,11 +668,12 @@ def _run_job(job):
 
 
 def run_gate(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_level=(False,), *, configs=None,
-             features=FEATURES, widths=STACK_WIDTHS, jobs: int = 1, progress=None) -> list[dict]:
-    """Compile every combination; the records come back in a fixed order. ``jobs > 1`` compiles
-    in that many worker processes (spawned: Triton's compiler is not fork-safe)."""
+             features=FEATURES, widths=STACK_WIDTHS, jobs: int = 1, progress=None, cover: bool = False) -> list[dict]:
+    """Compile every combination (``cover``: the covering set, see :func:`gate_jobs`); the
+    records come back in a fixed order. ``jobs > 1`` compiles in that many worker processes
+    (spawned: Triton's compiler is not fork-safe)."""
     _require_compiler()
-    todo = gate_jobs(kinds, archs, dtypes, two_level, configs, features, widths)
+    todo = gate_jobs(kinds, archs, dtypes, two_level, configs, features, widths, cover)
     records: list = [None] * len(todo)
     if jobs <= 1:
         for i, job in enumerate(todo):
@@ -720,6 +763,10 @@ def main(argv=None) -> int:
                              "(stochastic depth's row scale) and mlp (the MLP block's passes); dW only: split, "
                              "split+alpha+proj and split+drop-path (split-M partials, plus the reduce kernel); "
                              "default all")
+    parser.add_argument("--cover", action="store_true",
+                        help="the covering set instead of the full product: every config shipped for each kernel, "
+                             "dtype and arch compiled once, in the heaviest variant that ships it (CI's set on "
+                             "the releases besides the primary pair)")
     parser.add_argument("--config", action="append", metavar="'RxCxK wW sS'",
                         help="compile this config instead of the shipped ones (repeatable), e.g. '64x64x32 w4 s3'")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (CPUs)")
@@ -734,6 +781,9 @@ def main(argv=None) -> int:
                                env=env)
 
     t0 = time.perf_counter()
+    if not _configs.stack_supported() and set(args.kernels) & set(STACK_KINDS):
+        print(f"fusedres.aot: triton {triton.__version__} does not ship the narrow stack "
+              f"(configs.STACK_MIN_TRITON); its kernels are not compiled", file=sys.stderr, flush=True)
 
     def progress(rec, n, total):
         if not args.quiet or not rec["ok"]:
@@ -747,7 +797,7 @@ def main(argv=None) -> int:
     records = run_gate(args.kernels, args.archs, args.dtypes,
                        {"no": (False,), "yes": (True,), "both": (False, True)}[args.two_level],
                        configs=args.config, features=args.features, widths=tuple(int(w) for w in args.widths),
-                       jobs=max(1, args.jobs), progress=progress)
+                       jobs=max(1, args.jobs), progress=progress, cover=args.cover)
     wall = time.perf_counter() - t0
     if args.json:
         with open(args.json, "w") as f:
@@ -755,7 +805,8 @@ def main(argv=None) -> int:
     if not args.quiet:
         print(format_table(records))
     failed = [r for r in records if not r["ok"]]
-    print(f"\nfusedres.aot: {len(records)} compiles ({','.join(args.kernels)} x {','.join(args.archs)} x "
+    print(f"\nfusedres.aot: {len(records)} compiles{' (covering set)' if args.cover else ''} "
+          f"({','.join(args.kernels)} x {','.join(args.archs)} x "
           f"{','.join(args.dtypes)}), {len(failed)} failed, {wall:.0f} s with {args.jobs} jobs; "
           f"triton {triton.__version__}; ptxas {_ptxas_versions(args.archs)}")
     for r in failed:

@@ -305,7 +305,7 @@ def _meta(t):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
-_matmul_precision = torch._C._get_float32_matmul_precision     # what torch.get_float32_matmul_precision returns
+_matmul_precision = kernels.configs.fp32_matmul_precision     # "tf32" or "ieee", whichever API set it
 
 
 def _signature(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=None) -> tuple:

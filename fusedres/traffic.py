@@ -18,7 +18,7 @@ Triton's interpreter (``TRITON_INTERPRET=1``) is recorded, launch by launch:
   :class:`BoundsViolation` *before* the access runs, which is what a sanitizer needs (the
   interpreter would otherwise read and write the real heap).
 
-How it works (Triton's private interpreter, as in triton 3.7, 3.8 and 3.9: the releases CI runs the
+How it works (Triton's private interpreter, as in triton 3.6, 3.7, 3.8 and 3.9: the releases CI runs the
 instrument's own tests on, ``tests/test_traffic.py``; on any other release :func:`supported` is
 False and the tests that need the instrument say so and skip):
 
@@ -376,7 +376,7 @@ def _violation(launch: _Launch, op, name, scope, addrs: np.ndarray, base: int, s
 
 
 # The wrappers take the leading arguments they need by position and pass the rest through: the
-# cache arguments differ between supported Triton releases (3.7/3.8: ``cache_modifier,
+# cache arguments differ between supported Triton releases (3.6-3.8: ``cache_modifier,
 # eviction_policy``; 3.9: ``cache_policy``), the operands the instrument reads do not.
 
 def _masked_load(self, ptrs, mask, *rest, **kwargs):
@@ -500,11 +500,11 @@ def _grid_call(self, *args_dev, **kwargs):
 _SPECIAL = {"create_masked_load": _masked_load, "create_masked_store": _masked_store,
             "create_atomic_rmw": _atomic_rmw, "create_atomic_cas": _atomic_cas,
             "create_dot": _dot, "create_dot_scaled": _dot_scaled}
-#: What the instrument cannot work without (``create_dot_scaled`` is absent from triton 3.7's
+#: What the instrument cannot work without (``create_dot_scaled`` is absent from triton 3.6 and 3.7's
 #: interpreter, and no fusedres kernel uses it).
 _REQUIRED = ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas", "create_dot")
 #: The triton releases whose interpreter internals the instrument is written and tested against.
-SUPPORTED_TRITON = ("3.7", "3.8", "3.9")
+SUPPORTED_TRITON = ("3.6", "3.7", "3.8", "3.9")
 # These delegate to create_masked_load / create_masked_store: wrapping them would count twice.
 _DELEGATING = {"create_load", "create_store", "create_atomic_load", "create_atomic_store",
                "create_descriptor_load", "create_descriptor_store", "create_descriptor_gather",

@@ -1,6 +1,8 @@
-"""The compile gate (``python -m fusedres.aot``): every shipped kernel config compiles for sm_80 and
-sm_90 without spills, within shared memory, on tensor cores (wgmma, unserialised, on sm_90); and
-the gate itself fails on configs that are broken.
+"""The compile gate (``python -m fusedres.aot``): every shipped kernel config compiles for every
+listed arch (sm_80, sm_86, sm_89, sm_90, sm_120) without spills, within that arch's shared memory
+and registers, on tensor cores (wgmma, unserialised, on sm_90; mma.sync elsewhere); and the gate
+itself fails on configs that are broken. sm_80 and sm_90 compile the full product here, the 99 KB
+archs the covering set (every config shipped for them, each in its heaviest variant).
 
 The gate cannot run in this process: conftest.py sets TRITON_INTERPRET=1 on a CPU-only machine,
 and the interpreter replaces the JIT functions. So every compile runs in a subprocess whose
@@ -47,7 +49,24 @@ def _operand_sizes(kind, dtype):
     return w, {"fwd": (act, w), "dx": (act, w), "dw": (act, act)}[kind]
 
 
-def _expected(dtypes, two_level, features):
+#: The archs the gate tests compile the full product for; the others of the default list get the
+#: covering set (``--cover``).
+FULL_ARCHS = ("sm_80", "sm_90")
+COVER_ARCHS = tuple(a for a in aot.DEFAULT_ARCHS if a not in FULL_ARCHS)
+#: Each arch's tensor-core instruction and opt-in shared memory per block
+TENSOR_CORE = {"sm_80": "mma.sync", "sm_86": "mma.sync", "sm_89": "mma.sync", "sm_90": "wgmma.mma_async",
+               "sm_120": "mma.sync"}
+SHARED_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448, "sm_120": 101376}
+
+
+def _shipped(kind, dtype, tl_, feats, arch):
+    return configs.shipped_configs(kind, *_operand_sizes(kind, dtype)[:1], tl_, _operand_sizes(kind, dtype)[1],
+                                   proj=feats in ("alpha+proj", "split+alpha+proj"),
+                                   row_scale=feats in ("drop-path", "mlp", "split+drop-path"),
+                                   limits=aot.arch_limits(arch))
+
+
+def _expected(dtypes, two_level, features, archs=FULL_ARCHS):
     """Every (kernel, config, dtype, arch, layout, variant) the gate must cover, from the shipped lists."""
     from fusedres.kernels import plan
     jobs = {
@@ -56,30 +75,36 @@ def _expected(dtypes, two_level, features):
         for dtype in dtypes
         for tl_ in two_level
         for feats in features if kind == "dw" or feats not in aot.SPLIT_FEATURES
-        for c in configs.shipped_configs(kind, *_operand_sizes(kind, dtype)[:1], tl_, _operand_sizes(kind, dtype)[1],
-                                         proj=feats in ("alpha+proj", "split+alpha+proj"),
-                                         row_scale=feats in ("drop-path", "mlp", "split+drop-path"))
-        for arch in aot.DEFAULT_ARCHS
+        for arch in archs
+        for c in _shipped(kind, dtype, tl_, feats, arch)
     }
     # each split variant also compiles the reduce (it reads no rows), once per dtype and arch
     return jobs | {(aot.REDUCE_KIND, json.dumps(aot.config_dict(c), sort_keys=True), dtype, arch, False, feats, None)
-                   for dtype in dtypes for feats in features if feats in aot.SPLIT_FEATURES
-                   for c in plan.REDUCE_CONFIGS for arch in aot.DEFAULT_ARCHS}
+                   for dtype in dtypes for feats in features if feats in aot.SPLIT_FEATURES for arch in archs
+                   for c in plan.reduce_configs(aot.DTYPES[dtype][0].itemsize, aot.arch_limits(arch))}
 
 
-def _expected_stack(dtypes):
+def _expected_cover(dtypes, features, archs=COVER_ARCHS):
+    """The covering set, as (kernel, config, dtype, arch) without the variant: every config shipped for
+    each kernel, dtype and arch in any variant, the reduce's, and every stack kernel at every width."""
+    full = _expected(dtypes, (False,), features, archs) | _expected_stack(dtypes, archs, cover=True)
+    return {(k, c, d, a, w) for k, c, d, a, _, _, w in full}
+
+
+def _expected_stack(dtypes, archs=FULL_ARCHS, cover=False):
     """Every (stack kernel, config, dtype, arch, variant, width): one shipped config per width and arch."""
     out = set()
     for kind in aot.STACK_KINDS:
         for dtype in dtypes:
+            if kind == "stack_reduce" and dtype in aot.ACTIVATIONS:
+                continue
             tdtype, precision = aot.DTYPES[dtype]
             with aot._matmul_precision(precision):
-                operands = configs.stack_operand_class(tdtype)
-            for arch in aot.DEFAULT_ARCHS:
-                cc = aot.ARCHS[arch].cc
+                operands = configs.stack_operand_class(tdtype, aot.ACTIVATIONS.get(dtype))
+            for arch in archs:
                 for width in (16, 32, 64, 128):
-                    c = configs.stack_config(kind, width, operands, (cc // 10, cc % 10))
-                    for variant in aot.STACK_VARIANTS[kind]:
+                    c = configs.stack_config(kind, width, operands, limits=aot.arch_limits(arch))
+                    for variant in (aot.STACK_COVER if cover else aot.STACK_VARIANTS)[kind]:
                         out.add((kind, json.dumps(aot.config_dict(c), sort_keys=True), dtype, arch, False, variant,
                                  width))
     return out
@@ -98,6 +123,9 @@ def _expected_stack(dtypes):
 RUNS = [(tuple(d for d in aot.DEFAULT_DTYPES if d not in aot.ACTIVATIONS), (False,), aot.FEATURES),
         (("fp32", "tf32"), (True,), ("base",)),
         (("fp16",), (True,), ("alpha+proj", "split"))]
+#: The covering set on the 99 KB archs, every default dtype (autocast included: its fp32 tiles are
+#: what overflows 99 KB) and variant.
+COVER_RUN = (aot.DEFAULT_DTYPES, aot.FEATURES + aot.SPLIT_FEATURES)
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +138,46 @@ def gate(tmp_path_factory):
         kinds = aot.ALL_KINDS if stack else aot.KINDS
         proc = _run(["-m", "fusedres.aot", "-q", "-j", str(os.cpu_count() or 2), "--dtypes", ",".join(dtypes),
                      "--two-level", "yes" if two_level == (True,) else "no", "--features", ",".join(features),
-                     "--kernels", ",".join(kinds), "--json", str(path)])
+                     "--kernels", ",".join(kinds), "--archs", ",".join(FULL_ARCHS), "--json", str(path)])
         runs.append((proc, json.loads(path.read_text()) if path.exists() else None,
                      _expected(dtypes, two_level, features) | (_expected_stack(dtypes) if stack else set())))
     return runs
 
 
+@pytest.fixture(scope="module")
+def cover_gate(tmp_path_factory):
+    """The covering set on the 99 KB archs (sm_86, sm_89, sm_120)."""
+    dtypes, features = COVER_RUN
+    path = tmp_path_factory.mktemp("aot") / "cover.json"
+    proc = _run(["-m", "fusedres.aot", "-q", "--cover", "-j", str(os.cpu_count() or 2), "--dtypes", ",".join(dtypes),
+                 "--features", ",".join(features), "--archs", ",".join(COVER_ARCHS), "--json", str(path)])
+    return proc, json.loads(path.read_text()) if path.exists() else None, _expected_cover(dtypes, features)
+
+
 def test_gate_passes_every_shipped_config(gate):
-    assert {"sm_80", "sm_90"} <= set(aot.DEFAULT_ARCHS) and {"fp16", "bf16", "fp32"} <= set(aot.DEFAULT_DTYPES)
+    assert set(FULL_ARCHS) | set(COVER_ARCHS) == set(aot.DEFAULT_ARCHS) == set(TENSOR_CORE)
+    assert {"fp16", "bf16", "fp32"} <= set(aot.DEFAULT_DTYPES)
     for proc, records, expected in gate:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         got = [_key(r) for r in records]
         assert len(got) == len(set(got)) and set(got) == expected
         for r in records:
             _check_record(r)
+
+
+def test_covering_set_passes_on_the_99kb_archs(cover_gate):
+    """Every config shipped for sm_86, sm_89 and sm_120 (chosen under their 101,376 B) compiles clean
+    there, once each: the set of (kernel, config, dtype, arch, width) is exactly the shipped one."""
+    proc, records, expected = cover_gate
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    got = [(r["kernel"], json.dumps(r["config"], sort_keys=True), r["variant"], r["arch"], r["width"])
+           for r in records]
+    assert len(got) == len(set(got)) and set(got) == expected
+    for r in records:
+        _check_record(r)
+    # the 99 KB lists are shorter: 16-bit 128x128x64 at 4 stages (114,688 B of pipeline) is not shipped there
+    names = {r["config_name"] for r in records if r["kernel"] == "fwd" and r["variant"] == "bf16"}
+    assert "128x128x64 w8 s3" in names and "128x128x64 w8 s4" not in names
 
 
 def _check_record(r):
@@ -134,7 +188,8 @@ def _check_record(r):
     # (the reduces, the stack's and split-M dW's, are pure streaming sums: no shared memory)
     assert (0 if r["kernel"] in ("stack_reduce", aot.REDUCE_KIND) else 1) <= r["shared_bytes"] <= r["shared_limit"], \
         where
-    assert r["shared_limit"] == {"sm_80": 166912, "sm_90": 232448}[r["arch"]]
+    assert r["shared_limit"] == SHARED_LIMIT[r["arch"]]
+    assert r["registers"] * r["config"]["num_warps"] * 32 <= 65536, where
     assert not any("C75" in a for a in r["advisories"]), where
     if r["kernel"] in aot.STACK_KINDS:
         _check_stack_record(r, where)
@@ -146,7 +201,7 @@ def _check_record(r):
         # torch's default matmul precision 'highest': IEEE fp32 on CUDA cores, no tensor core
         assert r["tensor_core_expected"] is None, where
     else:
-        want = {"sm_80": "mma.sync", "sm_90": "wgmma.mma_async"}[r["arch"]]
+        want = TENSOR_CORE[r["arch"]]
         assert r["tensor_core"] and r["tensor_core_instr"] == want == r["tensor_core_expected"], where
     # the signature was specialised as a real launch specialises it
     assert "x_ptr" in r["divisible_by_16"], where
@@ -162,7 +217,7 @@ def _check_stack_record(r, where):
     if r["kernel"] == "stack_reduce" or ieee:
         assert r["tensor_core_expected"] is None, where
     else:
-        want = {"sm_80": "mma.sync", "sm_90": "wgmma.mma_async"}[r["arch"]]
+        want = TENSOR_CORE[r["arch"]]
         assert r["tensor_core"] and r["tensor_core_instr"] == want == r["tensor_core_expected"], where
     assert r["vector_loads"] > 0 and r["scalar_loads"] == 0, where
     assert r["non_relaxed_atomics"] == [], where
@@ -282,6 +337,10 @@ def test_ptxas_log_parsing():
                tensor_core_expected="wgmma.mma_async", tensor_core=True, advisories=advisories)
     fails = aot.failures(rec)
     assert fails[0] == "spills 72 B" and "C7515" in fails[1] and len(fails) == 2
+    # registers times threads over the 65536 a block holds: 255 registers at 16 warps
+    heavy = dict(rec, spill_bytes=0, local_bytes=0, advisories=[], registers=255, config={"num_warps": 16})
+    assert aot.failures(heavy) == ["registers 255 x 512 threads > 65536"]
+    assert aot.failures(dict(heavy, registers=128)) == []
 
 
 _TTIR = textwrap.dedent('''
@@ -328,7 +387,7 @@ def test_autocast_variant_is_gated_and_pruned_by_its_shared_memory():
     sm_80 (limit 166,912), so the prune drops it; every other 16-bit config stays."""
     assert {"autocast-bf16", "autocast-fp16"} <= set(aot.DEFAULT_DTYPES)
     jobs = aot.gate_jobs(kinds=aot.KINDS, dtypes=("autocast-bf16", "autocast-fp16"))
-    assert {(k, d, a) for k, _, d, a, *_ in jobs} == {(k, d, a) for k in aot.KINDS for a in ("sm_80", "sm_90")
+    assert {(k, d, a) for k, _, d, a, *_ in jobs} == {(k, d, a) for k in aot.KINDS for a in aot.DEFAULT_ARCHS
                                                       for d in ("autocast-bf16", "autocast-fp16")}
     big = "128x128x64 w8 s4"
     for dtype in ("autocast-bf16", "autocast-fp16"):
@@ -402,9 +461,11 @@ def test_split_variants_are_gated():
     assert {k for k, *_ in jobs} == {"dw", aot.REDUCE_KIND}
     for feats in aot.SPLIT_FEATURES:
         dw = [j for j in jobs if j[0] == "dw" and j[5] == feats]
-        assert len(dw) == 2 * len(aot.gate_configs("dw", "bf16", features=feats))
+        assert len(dw) == sum(len(aot.gate_configs("dw", "bf16", features=feats, arch=a)) for a in aot.DEFAULT_ARCHS)
         red = [j for j in jobs if j[0] == aot.REDUCE_KIND and j[5] == feats]
-        assert [(j[1], j[3]) for j in red] == [(c, a) for c in plan.REDUCE_CONFIGS for a in aot.DEFAULT_ARCHS]
+        assert sorted((aot.config_name(aot.REDUCE_KIND, j[1]), j[3]) for j in red) == sorted(
+            (aot.config_name(aot.REDUCE_KIND, c), a) for a in aot.DEFAULT_ARCHS
+            for c in plan.reduce_configs(2, aot.arch_limits(a)))
     args, consts = aot.example_launch("dw", "bf16", features="split+alpha+proj")
     assert consts["SPLIT_M"] and consts["HAS_PROJ"] and not consts["NEED_DALPHA"]
     assert aot.gate_jobs(kinds=aot.KINDS, dtypes=("bf16",)) == aot.gate_jobs(kinds=aot.KINDS, dtypes=("bf16",),
@@ -444,3 +505,40 @@ def test_split_variant_and_reduce_compile():
         assert not any("C75" in a for a in r["advisories"]), r
         if r["kernel"] == "dw":
             assert r["tensor_core_instr"] == {"sm_80": "mma.sync", "sm_90": "wgmma.mma_async"}[r["arch"]], r
+
+
+# ---------------------------------------------------------------------------------------------
+# Every arch: each compiles its own list, and the covering set
+
+
+def test_each_arch_compiles_the_list_its_prune_keeps():
+    """The prune runs as on a device of the arch (its shared memory, its own drops): the 99 KB
+    archs' lists are the sm_80 lists less what needs more than 96 KB of pipeline or spills there."""
+    for kind in aot.KINDS:
+        for dtype in ("bf16", "fp32", "autocast-bf16"):
+            elem, ops = _operand_sizes(kind, dtype)
+            # without a device: the 160 KB lists, no arch's own drops
+            full = {aot.config_name(kind, c) for c in configs.shipped_configs(kind, elem, False, ops)}
+            for arch in COVER_ARCHS:
+                got = [aot.config_name(kind, c) for c in aot.gate_configs(kind, dtype, arch=arch)]
+                assert got and set(got) <= full, (kind, dtype, arch)
+                assert all(configs.pipeline_smem_bytes(kind, aot.config_from_name(kind, n), elem, ops) <= 96 * 1024
+                           for n in got), (kind, dtype, arch)
+    assert aot.arch_limits("sm_120").shared_per_block == 101376 == aot.ARCHS["sm_89"].shared_limit
+
+
+def test_the_covering_set_compiles_each_shipped_config_once_in_its_heaviest_variant():
+    full = aot.gate_jobs(kinds=aot.KINDS, dtypes=("bf16", "fp32"), archs=("sm_90", "sm_120"),
+                         features=aot.FEATURES + aot.SPLIT_FEATURES)
+    cover = aot.gate_jobs(kinds=aot.KINDS, dtypes=("bf16", "fp32"), archs=("sm_90", "sm_120"),
+                          features=aot.FEATURES + aot.SPLIT_FEATURES, cover=True)
+    def configs_of(jobs):
+        return {(k, aot.config_name(k, c), d, a) for k, c, d, a, *_ in jobs}
+    assert configs_of(cover) == configs_of(full) and len(cover) == len(configs_of(cover)) < len(full)
+    for kind, c, dtype, arch, _, feats, _ in cover:
+        if kind == aot.REDUCE_KIND:
+            assert feats == "split+alpha+proj"
+            continue
+        shipping = [f for k, c2, d, a, _, f, _ in full
+                    if (k, aot.config_name(k, c2), d, a) == (kind, aot.config_name(kind, c), dtype, arch)]
+        assert feats == min(shipping, key=aot.COVER_ORDER.index), (kind, aot.config_name(kind, c), dtype, arch)

@@ -21,6 +21,7 @@ import fusedres
 from fusedres import FusedResidualBlock, FusedResidualStack, ResidualBlock, fused_residual, residual_reference, tuning
 from fusedres._layout import plan_rows
 from fusedres.kernels import configs
+from fusedres.kernels import device as device_limits
 from fusedres.kernels import residual_stack as stack_kernels
 from fusedres.kernels.residual_bwd import dalpha_workspace_size, residual_dw, residual_dx
 from fusedres.kernels.residual_fwd import residual_fwd
@@ -213,6 +214,8 @@ class _RecordingDevice:
 def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
     _RecordingDevice.entered = []
     monkeypatch.setattr(torch.cuda, "device", _RecordingDevice)
+    # cuda:1's properties as read on its first launch (the guard refuses a GPU older than sm_80)
+    monkeypatch.setitem(device_limits._by_index, 1, device_limits.RECORDED["h100"])
     with configs.device_guard(torch.device("cuda", 1)):
         pass
     assert _RecordingDevice.entered == [torch.device("cuda", 1)]
@@ -298,6 +301,8 @@ def fake_gpu(monkeypatch, real_autotuner):
     from triton.runtime.jit import JITFunction
 
     monkeypatch.setattr(driver, "_active", _FakeDriver())
+    for index in (0, 1):        # the fake driver's target: an sm_90 part, as read on a first launch
+        monkeypatch.setitem(device_limits._by_index, index, device_limits.RECORDED["h100"])
     compiled = []
 
     def fake_compile(self, key, signature, device, constexprs, options, attrs, warmup):

@@ -14,13 +14,18 @@ from fusedres import traffic
 from fusedres.kernels import configs
 
 ROOT = Path(__file__).resolve().parents[1]
-#: torch release -> the triton its Linux CUDA wheel pins (read from PyPI's metadata)
-TORCH_PINS = {"2.12.0": "3.7.0", "2.13.0": "3.7.1", "2.14.1": "3.8.0"}
+#: torch release -> the triton its Linux CUDA wheel pins (read from PyPI's metadata: 2.14.1 and
+#: 2.15.0 pin ~=3.8.0 and ~=3.9.0, whose first releases are listed)
+TORCH_PINS = {"2.11.0": "3.6.0", "2.12.0": "3.7.0", "2.13.0": "3.7.1", "2.14.1": "3.8.0", "2.15.0": "3.9.0"}
+
+
+def _range(package: str) -> SpecifierSet:
+    text = (ROOT / "setup.py").read_text()
+    return SpecifierSet(re.search(rf'"{package}([^"]*)"', text).group(1))
 
 
 def _triton_range() -> SpecifierSet:
-    text = (ROOT / "setup.py").read_text()
-    return SpecifierSet(re.search(r'"triton([^"]*)"', text).group(1))
+    return _range("triton")
 
 
 def _pins() -> dict:
@@ -28,15 +33,17 @@ def _pins() -> dict:
                 if "==" in line and not line.startswith("#"))
 
 
-def test_setup_range_keeps_the_triton_each_supported_torch_pins():
-    spec = _triton_range()
+def test_setup_ranges_keep_the_last_five_torch_releases_and_their_tritons():
+    """pip keeps the torch and triton a machine already has, for each of torch 2.11 to 2.15."""
+    spec, torch_spec = _triton_range(), _range("torch")
     for torch_version, pinned in TORCH_PINS.items():
-        major, minor = map(int, torch_version.split(".")[:2])
-        if (major, minor) >= (2, 13):
-            assert pinned in spec, f"torch {torch_version} pins triton {pinned}, outside setup.py's {spec}"
+        assert torch_version in torch_spec, f"torch {torch_version} outside setup.py's {torch_spec}"
+        assert pinned in spec, f"torch {torch_version} pins triton {pinned}, outside setup.py's {spec}"
     for v in configs.SUPPORTED_TRITON:
-        assert f"{v[0]}.{v[1]}.0" in spec or f"{v[0]}.{v[1]}.1" in spec
-    assert "3.6.0" not in spec and "3.10.0" not in spec
+        assert f"{v[0]}.{v[1]}.0" in spec
+    assert "3.5.0" not in spec and "3.10.0" not in spec
+    assert "2.10.0" not in torch_spec and "2.16.0" not in torch_spec
+    assert {tuple(map(int, v.split(".")[:2])) for v in TORCH_PINS.values()} == set(configs.SUPPORTED_TRITON)
 
 
 def test_constraints_pin_the_pair_the_cuda_wheel_asks_for():
@@ -73,3 +80,40 @@ def test_release_overrides_reach_the_launch_config():
         configs.STACK_REDUCE_WARPS
     assert configs.dropped_tiles("dw", 4, (3, 9)) == set()
     assert (64, 64, 16, 4, 4) in configs.dropped_tiles("dw", 4, (3, 7))
+
+
+def test_the_stack_is_refused_on_a_gpu_with_triton_3_6(monkeypatch):
+    """triton 3.6 compiles the stack's backward to scalar 16-bit loads and spills (compile gate):
+    on a GPU its launches raise a clear error instead of running that slow path; the
+    interpreter, which has no such compiler, still runs it. The gate skips the stack there."""
+    import torch
+
+    from fusedres import aot
+    from fusedres.kernels import residual_stack
+    assert configs.stack_supported((3, 7)) and not configs.stack_supported((3, 6))
+    monkeypatch.setattr(configs, "TRITON_VERSION", (3, 6))
+    assert not [j for j in aot.gate_jobs(kinds=aot.STACK_KINDS, cover=True)]
+    monkeypatch.setattr(residual_stack, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match=r"narrow stack \(FusedResidualStack\) needs triton >= 3\.7"):
+        residual_stack._launch(None, "residual_stack_fwd", (1,), (torch.empty(1),), {},
+                               configs.stack_config("stack_fwd", 16))
+
+
+@pytest.mark.parametrize("version", configs.SUPPORTED_TRITON, ids=lambda v: "%d.%d" % v)
+def test_each_release_ships_something_for_every_arch_and_variant(monkeypatch, version):
+    """The per-release, per-arch and per-variant drops never leave a launch without a listed tile
+    (the fallback, the smallest tile of any list, is not what the gate compiled)."""
+    from fusedres.kernels import device
+    monkeypatch.setattr(configs, "TRITON_VERSION", version)
+    for limits in [None] + [d for d in device.RECORDED.values() if d.supported]:
+        for kind in ("fwd", "dx", "dw"):
+            for size, mixed in ((2, False), (4, False), (2, True)):
+                sizes = {"fwd": (4, 2), "dx": (4, 2), "dw": (4, 4)}[kind] if mixed else None
+                for proj in (False, True):
+                    for row_scale in (False, True):
+                        shipped = configs.shipped_configs(kind, size, False, sizes, proj, row_scale, limits)
+                        tiles = [configs._tile(kind, c) for c in shipped]
+                        listed = set(configs._TILES[size]) | {t for ts in configs._ROW_SCALE_TILES.values()
+                                                              for t in ts} | {
+                            t for by in configs._PROJ_TILES_BY_TRITON.values() for ts in by.values() for t in ts}
+                        assert tiles and set(tiles) <= listed, (version, limits, kind, size, mixed, proj, row_scale)

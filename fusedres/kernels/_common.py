@@ -18,6 +18,54 @@ import triton.language as tl
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _squeeze_interpreter_index() -> bool:
+    """Let the interpreter take a runtime scalar as a Python index (``range(0, n)``) again.
+
+    The interpreter holds a scalar as a 1-element 1-D array, and triton 3.6's interpreter turns
+    it into an int with ``int(handle.data)`` (``triton/runtime/interpreter.py:888``, in the
+    ``tl.tensor.__index__`` it installs for each launch), which numpy refuses (2.4.6: "only
+    0-dimensional arrays can be converted to Python scalars"; 1.25 to 2.x first warned). triton 3.7
+    squeezes the array first; this installs that same ``__index__`` on an interpreter that does
+    not, found by probing it, and is a no-op otherwise. True when it patched.
+    """
+    import types
+    import warnings
+
+    import numpy as np
+    try:
+        from triton.runtime import interpreter
+        patch, scope_type = interpreter._patch_lang_tensor, interpreter._LangPatchScope
+    except (ImportError, AttributeError):
+        return False
+    probe, scope = type("_Probe", (), {}), scope_type()
+    try:
+        patch(probe, scope)
+        index = probe.__dict__.get("__index__")
+    except Exception:       # another interpreter than the one this was written against: leave it
+        return False
+    finally:
+        scope.restore()
+    scalar = types.SimpleNamespace(handle=types.SimpleNamespace(data=np.array([3], dtype=np.int32)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            if index is None or index(scalar) == 3:
+                return False
+    except (TypeError, DeprecationWarning):
+        pass
+
+    def patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+#: Whether :func:`_squeeze_interpreter_index` had to patch this triton's interpreter (3.6).
+INTERPRETER_INDEX_PATCHED: bool = INTERPRET and _squeeze_interpreter_index()
+
+
 @triton.jit
 def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Map a 1-D program id onto a (pid_m, pid_n) tile, GROUP_M row tiles at a time.

@@ -18,12 +18,30 @@ import triton.language as tl
 from triton.runtime.driver import driver as _triton_driver
 
 from . import _common
+from . import device as _device
 from ._common import INTERPRET, next_pow2_bucket, record_launch
+from .device import DeviceLimits, limits_for
 
 # Shared memory the operand pipeline may take: sm_80's opt-in limit (166912 B) minus headroom for
 # the epilogue's layout-conversion scratch. A safety net: every listed tile fits for its element
 # size, and the compile gate checks the real figure.
 SMEM_BUDGET = 160 * 1024
+#: What :func:`pipeline_smem_bytes` leaves out under a device's opt-in limit (the epilogue's
+#: layout-conversion scratch): sm_80's 166912 B less this is :data:`SMEM_BUDGET`.
+SMEM_HEADROOM = 3 * 1024
+
+
+def smem_budget(limits: DeviceLimits | None) -> int:
+    """The pipeline shared memory a config may take on a device with ``limits`` (None: no GPU,
+    the sm_80/sm_90 lists' :data:`SMEM_BUDGET`): 96 KB on the 99 KB parts (sm_86, sm_89, sm_120)."""
+    if limits is None:
+        return SMEM_BUDGET
+    return min(SMEM_BUDGET, limits.shared_per_block - SMEM_HEADROOM)
+
+
+def fits_device(num_warps: int, smem: int, limits: DeviceLimits | None) -> bool:
+    """Whether a config of ``num_warps`` warps whose estimated shared memory is ``smem`` fits."""
+    return smem <= smem_budget(limits) and (limits is None or num_warps * 32 <= limits.max_threads_per_block)
 
 # (rows of the output tile, columns of the output tile, reduction step, warps, stages), per
 # operand element size. ``python -m fusedres.aot`` compiles every entry of fwd, dx and dW for
@@ -79,8 +97,9 @@ _MIXED_HEAVY_SPILLS = {
 }
 #: The installed triton, (major, minor): each supported release compiles a few tiles differently.
 TRITON_VERSION: tuple[int, int] = tuple(int(p) for p in triton.__version__.split(".")[:2])
-#: Supported releases: the triton each supported torch pins (2.13 -> 3.7.1, 2.14 -> 3.8.x), and 3.9.
-SUPPORTED_TRITON = ((3, 7), (3, 8), (3, 9))
+#: Supported releases: the triton each supported torch pins (2.11 -> 3.6.0, 2.12 -> 3.7.0,
+#: 2.13 -> 3.7.1, 2.14 -> 3.8.x, 2.15 -> 3.9.x).
+SUPPORTED_TRITON = ((3, 6), (3, 7), (3, 8), (3, 9))
 if TRITON_VERSION not in SUPPORTED_TRITON:
     import warnings
     warnings.warn(f"fusedres is tested with triton {', '.join('%d.%d' % v for v in SUPPORTED_TRITON)}; this is "
@@ -98,12 +117,31 @@ if TRITON_VERSION not in SUPPORTED_TRITON:
 # - triton 3.7.1, two-level rows: dW 16-bit 64x128x64 w4 s4 spills 12 B in the split-M variant on
 #   sm_80 (fp16; found when the gate first compiled split variants with two-level rows).
 _DROPPED_BY_TRITON: dict[tuple[int, int], dict[str, dict[tuple[int, bool], set]]] = {
+    (3, 6): {"fwd": {(2, False): {(128, 64, 64, 4, 4)}}},
     (3, 7): {"fwd": {(2, False): {(128, 64, 64, 4, 4)}},
              "dx": {(4, False): {(64, 64, 16, 4, 4)}},
              "dw": {(4, False): {(128, 128, 16, 8, 4), (64, 64, 16, 4, 4)},
                     (2, True): {(64, 128, 64, 4, 4)}}},
     (3, 8): {"dx": {(4, False): {(64, 64, 16, 4, 4)}},
              "dw": {(4, False): {(64, 64, 16, 4, 4)}}},
+}
+# - triton 3.6.0 (ptxas 12.8 for sm_80-sm_90; covering set over sm_80-sm_120): fwd 16-bit
+#   128x64x64 w4 s4 (8 B, alpha+proj, sm_80); its fp32 dW spills differ per arch
+#   (:data:`_DROPPED_ON_ARCH`).
+
+#: Per release and arch, tiles dropped beside :data:`_MIXED_HEAVY_SPILLS` for the same mix (fp32
+#: activations, 16-bit GEMMs, with a projection or two-level rows). triton 3.6.0 on sm_90: the
+#: forward's 128x128x64 (3 and 4 stages) and 64x64x64, and dx's 64x64x64, get C7513 (wgmma
+#: serialised: non-wgmma instructions define its input registers inside the pipeline stage).
+_MIXED_HEAVY_BY_TRITON: dict[tuple[int, int], dict[str, dict[str, set]]] = {
+    (3, 6): {"sm_90": {"fwd": {(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 64, 64, 4, 4)},
+                       "dx": {(64, 64, 64, 4, 4)}}},
+}
+#: Per release, the tiles of a kind and element size with a projection (two K loops) where every
+#: listed tile spills: triton 3.6.0, dx fp32 with a projection spills 8-40 B in all three fp32
+#: tiles (sm_80 to sm_120, IEEE and tf32); 64x64x16 at 8 warps compiles clean on every arch.
+_PROJ_TILES_BY_TRITON: dict[tuple[int, int], dict[tuple[str, int], list]] = {
+    (3, 6): {("dx", 4): [(64, 64, 16, 8, 4)]},
 }
 
 
@@ -119,15 +157,68 @@ _ROW_SCALE_SPILLS: dict[tuple[str, int], set] = {("dw", 4): {(64, 128, 16, 4, 4)
 _ROW_SCALE_TILES: dict[tuple[str, int], list] = {("dw", 4): [(64, 128, 16, 4, 3)]}
 
 
-def dropped_tiles(kind: str, elem_size: int, version: tuple[int, int] | None = None, two_level: bool = False
-                  ) -> set:
+#: Tiles dropped on one arch only, where the compile gate found them spilling there (the prune
+#: knows the launching device's arch, :func:`gate_arch`): release (None: every release) -> arch ->
+#: kind -> (element size, two-level rows) -> tiles. A tile is dropped for its element size whichever
+#: variant spilled. Measured with the full gate (every default dtype and variant, contiguous rows)
+#: on triton 3.7.1 for sm_86, sm_89 and sm_120 (1494 compiles, 20 failed, 8-144 B spills; ptxas
+#: 12.8 for sm_86/sm_89, 13.1 for sm_120) and dropped on every release; each release's covering
+#: set adds its own.
+# - sm_86, sm_89: dx 16-bit 128x64x64 w4 s4 (64 B, bf16 alpha+proj); dW 16-bit 64x128x64 w4 s4
+#   (8 B, fp16 split+drop-path).
+# - sm_120: fwd 16-bit 64x128x64 w4 s4 (24 B) and fp32 64x128x16 w4 s4 (36 B, tf32), both
+#   alpha+proj; dx 16-bit 128x64x64 w4 s4 (144 B) and 64x64x32 w4 s5 (32 B), alpha+proj; dW
+#   16-bit 128x128x32 w8 s4 (8 B, bf16 split).
+_ON_8X = {"dx": {(2, False): {(128, 64, 64, 4, 4)}}, "dw": {(2, False): {(64, 128, 64, 4, 4)}}}
+_DROPPED_ON_ARCH: dict = {
+    None: {
+        "sm_86": _ON_8X,
+        "sm_89": _ON_8X,
+        "sm_120": {"fwd": {(2, False): {(64, 128, 64, 4, 4)}, (4, False): {(64, 128, 16, 4, 4)}},
+                   "dx": {(2, False): {(128, 64, 64, 4, 4), (64, 64, 32, 4, 5)}},
+                   "dw": {(2, False): {(128, 128, 32, 8, 4)}}},
+    },
+    # triton 3.6.0 (covering set): fwd fp32 64x64x16 w4 s4 spills 16 B on sm_120 (alpha+proj);
+    # dW fp32 (8-28 B): 64x128x16 w4 s4 (split+alpha+proj) on sm_80 and sm_90, 64x64x16 w4 s4 on
+    # sm_80, the row-scale 64x128x16 w4 s3 on sm_90 (split+drop-path), 128x128x16 w8 s4 on sm_86
+    # and sm_89 (tf32, split+alpha+proj). Every 8-warp fp32 dW tile tried in their place (64x64x16,
+    # 128x64x16, 64x128x16) spills 8 B in split+drop-path on some arch.
+    (3, 6): {
+        "sm_80": {"dw": {(4, False): {(64, 128, 16, 4, 4), (64, 64, 16, 4, 4)}}},
+        "sm_86": {"dw": {(4, False): {(128, 128, 16, 8, 4)}}},
+        "sm_89": {"dw": {(4, False): {(128, 128, 16, 8, 4)}}},
+        "sm_90": {"dw": {(4, False): {(64, 128, 16, 4, 4), (64, 128, 16, 4, 3)}}},
+        "sm_120": {"fwd": {(4, False): {(64, 64, 16, 4, 4)}}},
+    },
+}
+
+
+def gate_arch(capability: tuple[int, int]) -> str:
+    """The compile gate's arch whose lists a GPU of ``capability`` takes: its own for 8.0, 8.6,
+    8.9 and 9.0; the family's for the other Blackwell parts (10.x -> sm_100, 12.x -> sm_120) and
+    for 8.7 (Jetson Orin, sm_86's ISA)."""
+    major, minor = capability
+    if major in (10, 12):
+        return f"sm_{major}0"
+    return "sm_86" if capability == (8, 7) else f"sm_{major}{minor}"
+
+
+def dropped_tiles(kind: str, elem_size: int, version: tuple[int, int] | None = None, two_level: bool = False,
+                  arch: str | None = None) -> set:
     """The tiles of ``kind`` at ``elem_size`` (with ``two_level`` rows) that triton ``version``
-    (default: the installed one) does not ship."""
-    return _DROPPED_BY_TRITON.get(version or TRITON_VERSION, {}).get(kind, {}).get((elem_size, two_level), set())
+    (default: the installed one) does not ship on any arch, and (given ``arch``) on that arch."""
+    version = version or TRITON_VERSION
+    key = (elem_size, two_level)
+    out = set(_DROPPED_BY_TRITON.get(version, {}).get(kind, {}).get(key, set()))
+    if arch is not None:
+        for release in (None, version):
+            out |= _DROPPED_ON_ARCH.get(release, {}).get(arch, {}).get(kind, {}).get(key, set())
+    return out
 
 
 _ALL_TILES = list(dict.fromkeys([t for tiles in (_TILES, _TILES_TWO_LEVEL) for size in sorted(tiles)
-                                 for t in tiles[size]] + [t for ts in _ROW_SCALE_TILES.values() for t in ts]))
+                                 for t in tiles[size]] + [t for ts in _ROW_SCALE_TILES.values() for t in ts]
+                                + [t for by in _PROJ_TILES_BY_TRITON.values() for ts in by.values() for t in ts]))
 GROUP = 8
 
 
@@ -171,15 +262,21 @@ def _tile(kind: str, config: triton.Config) -> tuple:
 
 def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
                     operand_sizes: tuple[int, int] | None = None, proj: bool = False,
-                    row_scale: bool = False) -> list[triton.Config]:
+                    row_scale: bool = False, limits: DeviceLimits | None = None) -> list[triton.Config]:
     """The configs of ``kind`` that a GEMM in an ``elem_size``-byte dtype (and two-level rows, if
     ``two_level``; a projection shortcut, if ``proj``; stochastic depth's row scale, if
-    ``row_scale``) may run: the tiles listed for it (all tiles for an unlisted element size) whose
-    pipeline fits, with its A and B tiles loaded at ``operand_sizes`` bytes per element (default
-    ``elem_size``; see :func:`pipeline_smem_bytes`)."""
+    ``row_scale``) may run on a device with ``limits`` (None: no GPU; see
+    :func:`fusedres.kernels.device.limits_for`): the tiles listed for it (all tiles for an
+    unlisted element size) whose pipeline fits that device's shared memory
+    (:func:`smem_budget`), with its A and B tiles loaded at ``operand_sizes`` bytes per element
+    (default ``elem_size``; see :func:`pipeline_smem_bytes`). Largest tiles first."""
     listed = (_TILES_TWO_LEVEL.get(elem_size) if two_level else None) or _TILES.get(elem_size)
+    if proj and not two_level and (kind, elem_size) in _PROJ_TILES_BY_TRITON.get(TRITON_VERSION, {}):
+        listed = _PROJ_TILES_BY_TRITON[TRITON_VERSION][(kind, elem_size)]
     mixed = operand_sizes is not None and max(operand_sizes) > elem_size
-    spills = _MIXED_HEAVY_SPILLS[kind] if mixed and (proj or two_level) else set()
+    arch = None if limits is None else gate_arch(limits.capability)
+    spills = (_MIXED_HEAVY_SPILLS[kind] | _MIXED_HEAVY_BY_TRITON.get(TRITON_VERSION, {}).get(arch, {}).get(kind, set())
+              if mixed and (proj or two_level) else set())
     if row_scale:
         spills = spills | _ROW_SCALE_SPILLS.get((kind, elem_size), set())
         if listed is not None and not two_level:
@@ -187,8 +284,10 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
 
     def smem(c):
         return pipeline_smem_bytes(kind, c, elem_size, operand_sizes)
-    fits = [c for c in CONFIGS[kind] if (listed is None or _tile(kind, c) in listed) and smem(c) <= SMEM_BUDGET
-            and _tile(kind, c) not in spills and _tile(kind, c) not in dropped_tiles(kind, elem_size, two_level=two_level)]
+    dropped = dropped_tiles(kind, elem_size, two_level=two_level, arch=arch)
+    fits = [c for c in CONFIGS[kind] if (listed is None or _tile(kind, c) in listed)
+            and fits_device(c.num_warps, smem(c), limits)
+            and _tile(kind, c) not in spills and _tile(kind, c) not in dropped]
     return fits or [min(CONFIGS[kind], key=smem)]
 
 
@@ -198,16 +297,25 @@ def launch_operand_sizes(kind: str, named_args: dict) -> tuple[int, tuple[int, i
             tuple(named_args[n].element_size() for n in _GEMM_TILES_FROM[kind]))
 
 
+def launch_limits(kind: str, named_args: dict) -> DeviceLimits | None:
+    """The limits of the device a launch of ``kind`` runs on (its GEMM operand's)."""
+    return limits_for(named_args[_GEMM_DTYPE_FROM[kind]].device)
+
+
+def launch_shipped_configs(kind: str, named_args: dict) -> list[triton.Config]:
+    """:func:`shipped_configs` for a launch: its GEMM dtype, operand dtypes, row layout,
+    projection and row scale (``TWO_LEVEL_ROWS``, ``HAS_PROJ``, ``ROW_SCALE``: launch
+    constexprs), on its device."""
+    elem_size, operand_sizes = launch_operand_sizes(kind, named_args)
+    return shipped_configs(kind, elem_size, bool(named_args.get("TWO_LEVEL_ROWS", False)), operand_sizes,
+                           bool(named_args.get("HAS_PROJ", False)), bool(named_args.get("ROW_SCALE", False)),
+                           launch_limits(kind, named_args))
+
+
 def prune_for(kind: str):
-    """``early_config_prune`` for ``triton.autotune``: keep :func:`shipped_configs` for the
-    launch's GEMM dtype, operand dtypes, row layout and projection (``TWO_LEVEL_ROWS`` and
-    ``HAS_PROJ``, launch constexprs)."""
+    """``early_config_prune`` for ``triton.autotune``: keep :func:`launch_shipped_configs`."""
     def prune(configs, named_args, **kwargs):
-        elem_size, operand_sizes = launch_operand_sizes(kind, named_args)
-        two_level = bool(named_args.get("TWO_LEVEL_ROWS", kwargs.get("TWO_LEVEL_ROWS", False)))
-        proj = bool(named_args.get("HAS_PROJ", kwargs.get("HAS_PROJ", False)))
-        row_scale = bool(named_args.get("ROW_SCALE", kwargs.get("ROW_SCALE", False)))
-        keep = {id(c) for c in shipped_configs(kind, elem_size, two_level, operand_sizes, proj, row_scale)}
+        keep = {id(c) for c in launch_shipped_configs(kind, {**kwargs, **named_args})}
         return [c for c in configs if id(c) in keep] or configs[-1:]
     return prune
 
@@ -235,15 +343,68 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
              torch.float64: tl.float64}
 
 
+# PyTorch's two switches for fp32 matmuls: the newer per-backend one (torch.backends.cuda.matmul.
+# fp32_precision, which inherits "none" from the generic torch.backends.fp32_precision) and the
+# legacy torch.set_float32_matmul_precision. The legacy getter raises once the newer switch has
+# been used ("mix of the legacy and new APIs"), while every setter, legacy ones included ('highest'
+# -> "ieee", 'high'/'medium' -> "tf32", allow_tf32), writes the newer switch, and its getter
+# returns the resolved value without raising (torch 2.11-2.15; aten Context::float32Precision).
+# cuBLAS uses TF32 exactly when that value is "tf32".
+_fp32_precision_getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+_legacy_matmul_precision = torch._C._get_float32_matmul_precision
+
+
+def fp32_matmul_precision() -> str:
+    """``"tf32"`` or ``"ieee"``: whether an fp32 GEMM may use TF32 tensor cores now, as cuBLAS
+    decides it for ``nn.Linear`` on CUDA: ``torch.backends.cuda.matmul.fp32_precision`` resolved
+    (it follows the generic ``torch.backends.fp32_precision`` where it is "none", and
+    ``torch.set_float32_matmul_precision`` writes it: 'highest' is IEEE, 'high' and 'medium'
+    allow TF32). Never raises, whichever of the APIs (or both) a program used. The one reader of
+    the setting: the launch plans' keys, :func:`gemm_flags` and the stack's operand class call it."""
+    if _fp32_precision_getter is not None:
+        return "tf32" if _fp32_precision_getter("cuda", "matmul") == "tf32" else "ieee"
+    return "ieee" if _legacy_matmul_precision() == "highest" else "tf32"     # a torch without the newer switch
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision_set(precision: str | None):
+    """Within the block, fp32 GEMMs run at ``precision`` (``"tf32"`` or ``"ieee"``; None: leave
+    it), set through the API the program already uses: the legacy one while its getter still
+    answers (so that the program's own legacy calls keep working), else the newer switch; both
+    are restored after. The gate, the GPU check and the tests set the precision through this."""
+    if precision is None:
+        yield
+        return
+    if precision not in ("tf32", "ieee"):
+        raise ValueError(f"precision {precision!r}: 'tf32' or 'ieee'")
+    saved = _fp32_precision_getter("cuda", "matmul") if _fp32_precision_getter is not None else None
+    try:
+        legacy = _legacy_matmul_precision()
+    except RuntimeError:
+        legacy = None
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest" if precision == "ieee" else "high")
+    else:
+        torch.backends.cuda.matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        if saved is not None and _fp32_precision_getter("cuda", "matmul") != saved:
+            torch.backends.cuda.matmul.fp32_precision = saved
+
+
 def gemm_flags(gemm_dtype: torch.dtype, *io_dtypes: torch.dtype) -> dict:
     """Numerics constexprs: accumulator dtype, tf32 or not, and bf16 emulation.
 
-    fp32 GEMMs follow ``torch.get_float32_matmul_precision()`` ('highest' is IEEE fp32, anything
-    else allows tf32), the rule nn.Linear follows on CUDA. fp64 accumulates in fp64 (Triton
-    cannot compile an fp64 dot into an fp32 accumulator); everything else in fp32. ``io_dtypes``
-    are the dtypes of the other operands and outputs: any bf16 among them needs the emulation.
+    fp32 GEMMs follow torch's fp32 matmul precision (:func:`fp32_matmul_precision`: IEEE fp32 by
+    default, tf32 where allowed), the rule nn.Linear follows on CUDA. fp64 accumulates in fp64
+    (Triton cannot compile an fp64 dot into an fp32 accumulator); everything else in fp32.
+    ``io_dtypes`` are the dtypes of the other operands and outputs: any bf16 among them needs the
+    emulation.
     """
-    tf32 = gemm_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    tf32 = gemm_dtype == torch.float32 and fp32_matmul_precision() == "tf32"
     return dict(
         ACC_DTYPE=tl.float64 if gemm_dtype == torch.float64 else tl.float32,
         INPUT_PRECISION="tf32" if tf32 else "ieee",
@@ -272,9 +433,12 @@ _NO_GUARD = contextlib.nullcontext()
 
 def device_guard(device: torch.device):
     """Triton launches on the *current* CUDA device and its current stream, whatever device the
-    pointers are on: make that the tensor's device (and so its current stream). A no-op off CUDA."""
+    pointers are on: make that the tensor's device (and so its current stream). A no-op off CUDA.
+    Every launch's first call enters here, so a GPU older than the kernels support is refused
+    here with a clear error (:func:`fusedres.kernels.device.cuda_limits`), before Triton sees it."""
     if device.type != "cuda":
         return _NO_GUARD
+    _device.cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
     return torch.cuda.device(device)
 
 
@@ -398,11 +562,10 @@ def config_override(choose):
 
 
 def pinned_config(kind: str, named_args: dict) -> triton.Config:
-    """One config per kernel, operand dtypes and row layout: the first that the autotuner's prune
-    keeps (the largest tile that fits), so a GPU compiles each variant once and benchmarks nothing."""
-    elem_size, operand_sizes = launch_operand_sizes(kind, named_args)
-    return shipped_configs(kind, elem_size, bool(named_args["TWO_LEVEL_ROWS"]), operand_sizes,
-                           bool(named_args["HAS_PROJ"]), bool(named_args.get("ROW_SCALE", False)))[0]
+    """One config per kernel, operand dtypes, row layout and device: the first that the
+    autotuner's prune keeps (the largest tile that fits the device), so a GPU compiles each
+    variant once and benchmarks nothing."""
+    return launch_shipped_configs(kind, named_args)[0]
 
 
 def pin_configs():
@@ -649,23 +812,79 @@ STACK_BY_TRITON: dict[tuple[int, int], dict[tuple[str, str], dict]] = {
 }
 
 
+# The 99 KB parts (sm_86, sm_89, sm_120: RTX 30/40/50, A10, A40, L4, L40S) take the sm_80 entries
+# (mma.sync parts, like the A100), except where those need more shared memory than the 101376 B
+# such a part allows (compile gate, triton 3.7.1): the forward at D = 128 in fp32 holds 2 of 3
+# stages of the [128, 128] fp32 weight, 147456 B at (32, 8, 3); at 2 stages 81920 B.
+STACK_SMALL_SMEM: dict[str, dict] = {
+    "stack_fwd": {"ieee": {128: (32, 8, 2)}, "tf32": {128: (32, 8, 2)}},
+}
+
+
+# Entries of the mma.sync parts that differ from the sm_80 table on their own arch, where ptxas
+# spills the sm_80 entry (compile gate, triton 3.7.1: ptxas 12.8 for sm_86/sm_89, 13.1 for sm_120;
+# replacements from the sweep rule above, every variant of the kernel, both 16-bit dtypes where the
+# class has two): (kernel, arch) -> operand class ("autocast" for fp32 activations beside 16-bit
+# weights) -> {width: tile}. Applied on every release; a release's own findings go in
+# STACK_BY_TRITON under the same (kernel, arch) key.
+# - sm_86, sm_89: fwd 16-bit D=64 (128, 4, 3) spills 260 B (bf16 train).
+# - sm_120: fwd 16-bit D=64 (128, 4, 3) 16 B (fp16 inference); autocast D=16 (128, 4, 3) 16 B;
+#   ieee D=128 (32, 8, 2) 5692 B: only 16 rows at 16 warps compile clean; bwd tf32 D=128
+#   (16, 4, 2, 32) 80 B (atomic).
+STACK_BY_ARCH: dict[tuple[str, str], dict] = {
+    ("stack_fwd", "sm_86"): {"16bit": {64: (128, 8, 3)}},
+    ("stack_fwd", "sm_89"): {"16bit": {64: (128, 8, 3)}},
+    ("stack_fwd", "sm_120"): {"16bit": {64: (128, 4, 2)}, "autocast": {16: (128, 4, 2)}, "ieee": {128: (16, 16, 2)}},
+    ("stack_bwd", "sm_120"): {"tf32": {128: (16, 4, 2, 16)}},
+}
+
+
+#: The narrow stack's kernels ship from triton 3.7 on. triton 3.6.0 (torch 2.11's) compiles its
+#: 16-bit backward with scalar 16-bit global loads at every width and arch, and spills 8-296 B in
+#: 30 more of its sm_80-sm_120 entries (compile gate, covering set): a slow path the package does
+#: not ship. On 3.6 the stack's launches are refused on a GPU with that reason; the single blocks
+#: and the MLP block are unaffected.
+STACK_MIN_TRITON = (3, 7)
+
+
+def stack_supported(version: tuple[int, int] | None = None) -> bool:
+    """Whether triton ``version`` (default: the installed one) ships the narrow stack's kernels."""
+    return (version or TRITON_VERSION) >= STACK_MIN_TRITON
+
+
+def stack_table_arch(capability: tuple[int, int] | None) -> str:
+    """Which of the stack's tables a GPU of ``capability`` takes: ``"sm_90"`` for the wgmma
+    parts (Hopper) and Blackwell datacenter parts (10.x) and the interpreter (None); ``"sm_80"``
+    for the mma.sync parts: Ampere, Ada and the consumer Blackwell parts (12.x)."""
+    return "sm_90" if capability is None or capability[0] in (9, 10) else "sm_80"
+
+
 def stack_config(kind: str, D: int, operands: str = "16bit", capability: tuple[int, int] | None = None,
-                 version: tuple[int, int] | None = None) -> triton.Config:
+                 version: tuple[int, int] | None = None, limits: DeviceLimits | None = None) -> triton.Config:
     """The shipped config of a stack kernel (``"stack_fwd"``, ``"stack_bwd"``, ``"stack_reduce"``)
-    at width ``D`` for an operand class (:func:`stack_operand_class`) on a GPU of compute
-    ``capability`` (None: the sm_90 entries, which the interpreter also uses), as triton
-    ``version`` (default: the installed one) ships it."""
-    sm80 = capability is not None and capability[0] < 9
+    at width ``D`` for an operand class (:func:`stack_operand_class`) on a GPU with ``limits``
+    (or of compute ``capability``; neither: the sm_90 entries, which the interpreter also uses),
+    as triton ``version`` (default: the installed one) ships it. A part with less shared memory
+    per block than the A100's takes :data:`STACK_SMALL_SMEM`'s entries."""
+    if limits is not None:
+        capability = limits.capability
+    arch = stack_table_arch(capability)
+    sm80 = arch == "sm_80"
+    small = limits is not None and limits.shared_per_block < _device.SHARED_PER_BLOCK[(8, 0)]
     overrides = STACK_BY_TRITON.get(version or TRITON_VERSION, {})
-    arch = "sm_80" if sm80 else "sm_90"
     if kind == "stack_reduce":
         block, warps = overrides.get((kind, arch), (STACK_REDUCE_BLOCK, STACK_REDUCE_WARPS))
         return triton.Config({"BLOCK": block}, num_warps=warps, num_stages=1)
     mixed = operands == "autocast"
     if mixed:
         operands = "16bit"
+    own = gate_arch(capability) if capability is not None else arch     # sm_86, sm_89, sm_120, ...
+    cls = "autocast" if mixed else operands
     release = {**overrides.get((kind, arch), {}).get(operands, {}),
-               **(STACK_AUTOCAST.get((kind, arch), {}) if mixed else {})}
+               **(STACK_AUTOCAST.get((kind, arch), {}) if mixed else {}),
+               **(STACK_SMALL_SMEM.get(kind, {}).get(operands, {}) if small and not mixed else {}),
+               **(STACK_BY_ARCH.get((kind, own), {}).get(cls, {}) if own != arch else {}),
+               **(overrides.get((kind, own), {}).get(cls, {}) if own != arch else {})}
     if kind == "stack_fwd":
         tiles = {**STACK_FWD_TILES[operands], **(STACK_FWD_TILES_SM80[operands] if sm80 else {}), **release}
         m, w, s = tiles[D]

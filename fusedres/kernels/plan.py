@@ -18,9 +18,11 @@ import contextlib
 import threading
 from typing import NamedTuple
 
+import torch
 import triton
 
 from . import configs as _configs
+from . import device as _device
 from ._common import cdiv
 
 #: SM counts of the GPUs the plan can be asked about by name (NVIDIA datasheets: H100 SXM5 132,
@@ -38,6 +40,20 @@ REDUCE_CONFIG = triton.Config({"BLOCK_R": 32, "BLOCK_C": 128}, num_warps=8, num_
 #: fills an H100 at D = 256 (128 programs where 32x128 makes 16). Both compile clean (gate: 31-48
 #: registers, sm_80 and sm_90).
 REDUCE_CONFIGS = (REDUCE_CONFIG, triton.Config({"BLOCK_R": 8, "BLOCK_C": 64}, num_warps=4, num_stages=1))
+#: Reduce configs dropped on one arch (``configs.gate_arch``) for a dW element size: on sm_120 the
+#: 32x128 tile spills 8 B with fp32 weights, a projection and a tensor alpha (ptxas 13.1, triton 3.7.1).
+REDUCE_DROPPED_ON_ARCH = {"sm_120": {4: {(32, 128, 8)}}}
+
+
+def reduce_configs(elem_size: int, limits=None) -> tuple:
+    """The reduce configs a dW of ``elem_size``-byte weights may take on a device with ``limits``
+    (None: no GPU): :data:`REDUCE_CONFIGS` less the arch's drops (none needs shared memory)."""
+    if limits is None:
+        return REDUCE_CONFIGS
+    dropped = REDUCE_DROPPED_ON_ARCH.get(_configs.gate_arch(limits.capability), {}).get(elem_size, set())
+    kept = tuple(c for c in REDUCE_CONFIGS
+                 if (c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"], c.num_warps) not in dropped)
+    return kept or REDUCE_CONFIGS[-1:]
 
 
 class Plan(NamedTuple):
@@ -58,23 +74,11 @@ def waves_and_fill(programs: int, sms: int) -> tuple[int, float]:
 
 
 def sm_count(device=None) -> int:
-    """The SM count of a CUDA ``device`` (``multi_processor_count``); :data:`INTERPRETER_SMS` for
-    any other device (CPU tensors in the interpreter)."""
-    import torch
-    if device is not None and torch.device(device).type == "cuda":
-        return _cuda_sms(torch.device(device).index if torch.device(device).index is not None
-                         else torch.cuda.current_device())
-    return INTERPRETER_SMS
-
-
-_sms_cache: dict[int, int] = {}
-
-
-def _cuda_sms(index: int) -> int:
-    if index not in _sms_cache:
-        import torch
-        _sms_cache[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sms_cache[index]
+    """The SM count of a CUDA ``device`` (``multi_processor_count``), or of the recorded GPU a
+    :func:`fusedres.kernels.device.simulated_device` block plans for; :data:`INTERPRETER_SMS`
+    for any other device (CPU tensors in the interpreter)."""
+    limits = _device.limits_for(torch.device(device)) if device is not None else None
+    return limits.sms if limits is not None else INTERPRETER_SMS
 
 
 def _plan(kernel: str, programs: int, splits: int = 1, sms: int = 1, tiles_per_split: int = 0) -> Plan:
@@ -144,10 +148,11 @@ def reduce_programs(N: int, K: int, config: triton.Config, proj: bool = False) -
     return cdiv((2 if proj else 1) * N, kw["BLOCK_R"]) * cdiv(K, kw["BLOCK_C"])
 
 
-def choose_reduce(sms: int, N: int, K: int, splits: int, *, proj: bool = False):
-    """``(config, plan)``: the reduce config of :data:`REDUCE_CONFIGS` with the best fill (ties: the first)."""
+def choose_reduce(sms: int, N: int, K: int, splits: int, *, proj: bool = False, candidates=REDUCE_CONFIGS):
+    """``(config, plan)``: the reduce config of ``candidates`` (:func:`reduce_configs`) with the
+    best fill (ties: the first)."""
     best = None
-    for c in REDUCE_CONFIGS:
+    for c in candidates:
         p = plan_reduce(sms, N, K, splits, proj=proj, config=c)
         if best is None or p.fill > best[1].fill + 1e-12:
             best = (c, p)

@@ -35,12 +35,14 @@ from ._common import (
     to_gemm_operand,
 )
 from . import plan as _plan
+from .device import limits_for
 from .configs import (
     DW_CONFIGS,
     DX_CONFIGS,
     PreparedLaunch,
     gemm_flags,
     launch_and_prepare,
+    launch_limits,
     pinned_config,
     prune_for,
     resolve_config,
@@ -552,8 +554,8 @@ def _gpu_split_config(sms: int, M: int, N: int, K: int, named: dict, consts: dic
     """The config a GPU dW launch that would autotune runs instead, because the plan splits it (the
     shipped config with the best fill, :func:`fusedres.kernels.plan.choose_dw`), or None (no split:
     autotune as before). Cached per (SMs, sizes, dtypes, layout, projection): it runs on every backward."""
-    key = (sms, M, N, K, bool(consts["HAS_PROJ"]), bool(consts["TWO_LEVEL_ROWS"]), bool(consts["ROW_SCALE"]),
-           *(str(named[n].dtype) for n in ("dw_ptr", "x_ptr", "g_ptr")))
+    key = (sms, launch_limits("dw", named), M, N, K, bool(consts["HAS_PROJ"]), bool(consts["TWO_LEVEL_ROWS"]),
+           bool(consts["ROW_SCALE"]), *(str(named[n].dtype) for n in ("dw_ptr", "x_ptr", "g_ptr")))
     if key not in _split_choice:
         tuned = residual_dw_kernel_tuned
         candidates = tuned.early_config_prune(tuned.configs, named, **consts)
@@ -612,7 +614,8 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
                                       rows.M, max(dw.shape), config, n_head=DW_HEAD)
             args2, consts2, grid2 = dw_reduce_launch_args(slab, db_slab, p.splits, dw, db, weight=weight, bias=bias,
                                                           alpha=alpha, dalpha_partials=dalpha_partials, dp=dp)
-            reduce_config, _ = _plan.choose_reduce(sms, N, K, p.splits, proj=proj)
+            reduce_config, _ = _plan.choose_reduce(
+                sms, N, K, p.splits, proj=proj, candidates=_plan.reduce_configs(dw.element_size(), limits_for(dw.device)))
             reduce = launch_and_prepare(residual_dw_reduce_kernel, residual_dw_reduce_kernel, "dw_reduce", grid2,
                                         args2, consts2, rows.M, max(dw.shape), reduce_config, n_head=REDUCE_HEAD)
             return PreparedDw(main, reduce, slab.numel(), db_slab.numel() if sum_g else 0, slab.dtype,

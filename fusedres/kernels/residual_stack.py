@@ -38,9 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, record_launch, relu_nan, store_rounded, to_gemm_operand
+from ._common import INTERPRET, cdiv, record_launch, relu_nan, store_rounded, to_gemm_operand
 from . import configs as _configs
 from .configs import _launch_lock, gemm_flags, stack_config, stack_operand_class
+from .device import limits_for
 
 #: Widths the stack kernels are built for: a row tile of activations fits in registers.
 STACK_WIDTHS = (16, 32, 64, 128)
@@ -227,8 +228,9 @@ INTERPRETER_PROGRAMS = 2
 DEFAULT_L2_BYTES = 50 * 1024 * 1024
 
 
-def _capability(t):
-    return tuple(torch.cuda.get_device_capability(t.device)) if t.device.type == "cuda" else None
+def _limits(t):
+    """The limits of the device ``t`` is on (None: the interpreter), for :func:`stack_config`."""
+    return limits_for(t.device)
 
 
 def _check_operands(**tensors) -> None:
@@ -239,7 +241,14 @@ def _check_operands(**tensors) -> None:
 
 
 def _launch(kernel, name: str, grid, args, consts: dict, config: triton.Config) -> None:
-    """Launch on the first argument's device; never compile during CUDA-graph capture."""
+    """Launch on the first argument's device; never compile during CUDA-graph capture. On a GPU
+    with a triton that does not ship the stack's kernels (:func:`configs.stack_supported`), refuse."""
+    if not INTERPRET and not _configs.stack_supported():
+        raise RuntimeError(
+            f"fusedres: the narrow stack (FusedResidualStack) needs triton >= "
+            f"{'.'.join(map(str, _configs.STACK_MIN_TRITON))}; this is triton {triton.__version__}, whose "
+            "compiler turns its backward into scalar 16-bit loads and register spills. Use FusedResidualBlock "
+            "(fusedres.fuse(model) without stacks=True), or torch >= 2.12 with the triton it brings.")
     kw = {**consts, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     with _launch_lock, _configs.device_guard(args[0].device):
         _configs._check_capture_safe(name, kernel, args, kw)
@@ -265,7 +274,7 @@ def residual_stack_fwd(x, weight, bias, y, saved=None, *, config: triton.Config 
     if x.shape[0] == 0:
         return
     config = config or stack_config("stack_fwd", weight.shape[-1], stack_operand_class(weight.dtype, x.dtype),
-                                    _capability(x))
+                                    limits=_limits(x))
     args, consts, grid = stack_fwd_launch_args(x, weight, bias, saved, y, config)
     _launch(residual_stack_fwd_kernel, "residual_stack_fwd", grid, args, consts, config)
 
@@ -326,7 +335,7 @@ def residual_stack_bwd(grad, x, saved, weight, *, has_bias: bool, need_dx: bool,
     _check_operands(grad=grad, x=x, saved=saved, weight=weight)
     L, D, _ = weight.shape
     M = x.shape[0]
-    config = config or stack_config("stack_bwd", D, stack_operand_class(weight.dtype, x.dtype), _capability(x))
+    config = config or stack_config("stack_bwd", D, stack_operand_class(weight.dtype, x.dtype), limits=_limits(x))
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     dx = torch.empty_like(x) if need_dx else None
     dw = torch.empty_like(weight) if need_params else None
@@ -353,7 +362,7 @@ def residual_stack_bwd(grad, x, saved, weight, *, has_bias: bool, need_dx: bool,
                                                deterministic=deterministic, programs=P, config=config)
     _launch(residual_stack_bwd_kernel, "residual_stack_bwd", grid, args, consts, config)
     if need_params:
-        rconfig = stack_config("stack_reduce", D, capability=_capability(x))
+        rconfig = stack_config("stack_reduce", D, limits=_limits(x))
         args, consts, grid = reduce_launch_args(ws, dw, db, P if deterministic else 1, rconfig)
         _launch(residual_stack_reduce_kernel, "residual_stack_reduce", grid, args, consts, rconfig)
     return dx, dw, db
