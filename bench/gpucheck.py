@@ -75,6 +75,10 @@ class CheckPlan:
         return [(v, d) for d in self.dtypes for v in self.block_variants]
 
     def stack_cases(self) -> list[tuple[str, str, int]]:
+        """The stack's cases; none where the installed triton does not ship the stack (3.6: see
+        ``configs.STACK_MIN_TRITON``; the report's header says so)."""
+        if not configs.stack_supported():
+            return []
         cases = [("train", "bf16", w) for w in self.stack_widths if "bf16" in self.dtypes]
         for d in (d for d in STACK_DTYPES if d in self.dtypes):
             for v in STACK_VARIANTS:
@@ -370,6 +374,9 @@ def main(args) -> int:
     print(f"fusedres GPU check on {device.name} (torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
           f"commit {meta['git_commit']}): {len(plan.block_cases())} single-block and {len(plan.stack_cases())} stack "
           f"cases with pinned configs, about {planned_compiles(plan)} kernel compiles on a first run", flush=True)
+    if not configs.stack_supported():
+        print(f"(no stack cases: triton {meta['triton']} does not ship the narrow stack, configs.STACK_MIN_TRITON)",
+              flush=True)
     res = run_check(device, plan, meta, log=lambda s: print(s, flush=True))
     print(f"\n## Quick timing, {plan.timing_dtype}, pinned configs (not autotuned); MODEL = roofline of the fused "
           f"minimum on {device.spec.name if device.spec else 'an unknown GPU (no MODEL)'}\n")

@@ -1,6 +1,9 @@
 """Model conversion: swap eager residual blocks for fused ones, sharing the parameters."""
 from __future__ import annotations
 
+import warnings
+
+import triton
 from torch import nn
 
 from .module import FusedResidualBlock, FusedResidualMLPBlock
@@ -14,6 +17,13 @@ from .stack import FusedResidualStack, _stackable
 #: an H100): a MODEL, but no user should be steered to the slower path.
 #: ``FusedResidualStack(128, ...)`` still works when asked for by name.
 FUSE_STACK_WIDTHS = (16, 32, 64)
+
+
+def _stack_shipped() -> bool:
+    """Whether stacks can run here: the installed triton ships them, or kernels interpret."""
+    from .kernels import INTERPRET
+    from .kernels.configs import stack_supported
+    return INTERPRET or stack_supported()
 
 
 def fuse(model: nn.Module, *, stacks: bool = False) -> nn.Module:
@@ -44,6 +54,11 @@ def fuse(model: nn.Module, *, stacks: bool = False) -> nn.Module:
     if type(model) in _FUSED:
         raise TypeError(f"fuse: the model itself is a {type(model).__name__}; use "
                         f"{_FUSED[type(model)].__name__}.from_block(model) to convert a single block")
+    if stacks and not _stack_shipped():
+        warnings.warn(f"fusedres.fuse: stacks=True is ignored: triton {triton.__version__} does not ship the narrow "
+                      "stack's kernels (fusedres.kernels.configs.STACK_MIN_TRITON); blocks are fused one by one",
+                      RuntimeWarning, stacklevel=2)
+        stacks = False
     if stacks and isinstance(model, nn.Sequential):
         _fold_stacks(model)
     for name, child in model.named_children():

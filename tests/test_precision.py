@@ -146,6 +146,13 @@ def test_setting_the_precision_keeps_the_programs_api(precision_state):
     with configs.fp32_matmul_precision_set("tf32"):
         assert configs.fp32_matmul_precision() == "tf32"
     assert configs.fp32_matmul_precision() == "ieee" and torch.get_float32_matmul_precision() == "high"
+    # a program on the generic switch keeps it: the newer backend switch inherits again afterwards
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    torch.backends.fp32_precision = "tf32"
+    with configs.fp32_matmul_precision_set("ieee"):
+        assert configs.fp32_matmul_precision() == "ieee"
+    torch.backends.fp32_precision = "ieee"
+    assert configs.fp32_matmul_precision() == "ieee"
     with pytest.raises(ValueError, match="'tf32' or 'ieee'"):
         with configs.fp32_matmul_precision_set("high"):
             pass
@@ -158,3 +165,22 @@ def test_the_package_never_reads_the_legacy_getter_directly():
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if "get_float32_matmul_precision" in p.read_text() and p.name != "configs.py"]
     assert offenders == []
+
+
+@needs_new_api
+@pytest.mark.parametrize("switch", ["cuda.matmul", "generic"])
+def test_the_issue_20_crash_public_api_only(switch, precision_state, device, launches):
+    """What crashed before: the newer switch set, then every public entry point called; each runs
+    on the Triton kernels (launch counts) without raising."""
+    if switch == "cuda.matmul":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    else:
+        torch.backends.fp32_precision = "tf32"
+    x = torch.randn(24, 32, device=device, requires_grad=True)
+    block = fusedres.FusedResidualBlock(32, device=device)
+    block(x).sum().backward()
+    fused_residual(x, block.weight, block.bias).sum().backward()
+    FusedResidualMLPBlock(32, 64, device=device)(x).sum().backward()
+    FusedResidualStack(32, 2, device=device)(x).sum().backward()
+    got = launches()
+    assert got["residual_fwd"] >= 2 and got["residual_dw"] >= 2 and got["residual_stack_bwd"] == 1

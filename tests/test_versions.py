@@ -115,5 +115,7 @@ def test_each_release_ships_something_for_every_arch_and_variant(monkeypatch, ve
                         tiles = [configs._tile(kind, c) for c in shipped]
                         listed = set(configs._TILES[size]) | {t for ts in configs._ROW_SCALE_TILES.values()
                                                               for t in ts} | {
-                            t for by in configs._PROJ_TILES_BY_TRITON.values() for ts in by.values() for t in ts}
+                            t for by in configs._PROJ_TILES_BY_TRITON.values() for ts in by.values() for t in ts} | {
+                            t for rel in configs._ADDED_ON_ARCH.values() for a in rel.values() for k in a.values()
+                            for ts in k.values() for t in ts}
                         assert tiles and set(tiles) <= listed, (version, limits, kind, size, mixed, proj, row_scale)

@@ -136,6 +136,8 @@ _DROPPED_BY_TRITON: dict[tuple[int, int], dict[str, dict[tuple[int, bool], set]]
 _MIXED_HEAVY_BY_TRITON: dict[tuple[int, int], dict[str, dict[str, set]]] = {
     (3, 6): {"sm_90": {"fwd": {(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 64, 64, 4, 4)},
                        "dx": {(64, 64, 64, 4, 4)}}},
+    # triton 3.9.0 (ptxas 12.9): the forward's 64x64x64 w4 s4 spills 64 B on sm_86 and sm_89
+    (3, 9): {"sm_86": {"fwd": {(64, 64, 64, 4, 4)}}, "sm_89": {"fwd": {(64, 64, 64, 4, 4)}}},
 }
 #: Per release, the tiles of a kind and element size with a projection (two K loops) where every
 #: listed tile spills: triton 3.6.0, dx fp32 with a projection spills 8-40 B in all three fp32
@@ -190,6 +192,36 @@ _DROPPED_ON_ARCH: dict = {
         "sm_90": {"dw": {(4, False): {(64, 128, 16, 4, 4), (64, 128, 16, 4, 3)}}},
         "sm_120": {"fwd": {(4, False): {(64, 64, 16, 4, 4)}}},
     },
+    # triton 3.8.0 (covering set; ptxas 12.9, 13.3 for sm_120): fwd 16-bit 128x64x64 w4 s4 (16 B,
+    # alpha+proj) on sm_120; dW 16-bit 128x128x32 w8 s4 (32 B, split+alpha+proj) on sm_86 and sm_89;
+    # every fp32 dW tile on sm_120 (1.6-2.2 KB, IEEE split variants: see _ADDED_ON_ARCH).
+    (3, 8): {
+        "sm_86": {"dw": {(2, False): {(128, 128, 32, 8, 4)}}},
+        "sm_89": {"dw": {(2, False): {(128, 128, 32, 8, 4)}}},
+        "sm_120": {"fwd": {(2, False): {(128, 64, 64, 4, 4)}},
+                   "dw": {(4, False): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4), (64, 128, 16, 4, 3)}}},
+    },
+    # triton 3.9.0 (covering set; ptxas 12.9, 13.4 for sm_90 and sm_120): as 3.8.0, plus dW fp32
+    # 64x64x16 w4 s4 (8 B on sm_86/sm_89, 84 B on sm_120, split+alpha+proj).
+    (3, 9): {
+        "sm_86": {"dw": {(2, False): {(128, 128, 32, 8, 4)}, (4, False): {(64, 64, 16, 4, 4)}}},
+        "sm_89": {"dw": {(2, False): {(128, 128, 32, 8, 4)}, (4, False): {(64, 64, 16, 4, 4)}}},
+        "sm_120": {"fwd": {(2, False): {(128, 64, 64, 4, 4)}},
+                   "dw": {(4, False): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4), (64, 128, 16, 4, 3),
+                                       (64, 64, 16, 4, 4)}}},
+    },
+}
+
+
+#: Tiles added on one arch where its compiler spills every listed tile of a kind, element size and
+#: row layout: release -> arch -> kind -> (element size, two-level rows) -> tiles (found with the
+#: compile gate in every variant of the kind).
+# - triton 3.8.0 and 3.9.0, sm_120 (ptxas 13.3, 13.4): every fp32 dW tile spills 84 B-2.2 KB with
+#   IEEE fp32 in the split variants; 64x64x16 at 8 warps compiles clean in every dW variant, IEEE
+#   and tf32, on both.
+_ADDED_ON_ARCH: dict = {
+    (3, 8): {"sm_120": {"dw": {(4, False): [(64, 64, 16, 8, 4)]}}},
+    (3, 9): {"sm_120": {"dw": {(4, False): [(64, 64, 16, 8, 4)]}}},
 }
 
 
@@ -218,7 +250,9 @@ def dropped_tiles(kind: str, elem_size: int, version: tuple[int, int] | None = N
 
 _ALL_TILES = list(dict.fromkeys([t for tiles in (_TILES, _TILES_TWO_LEVEL) for size in sorted(tiles)
                                  for t in tiles[size]] + [t for ts in _ROW_SCALE_TILES.values() for t in ts]
-                                + [t for by in _PROJ_TILES_BY_TRITON.values() for ts in by.values() for t in ts]))
+                                + [t for by in _PROJ_TILES_BY_TRITON.values() for ts in by.values() for t in ts]
+                                + [t for rel in _ADDED_ON_ARCH.values() for by_arch in rel.values()
+                                   for by_kind in by_arch.values() for ts in by_kind.values() for t in ts]))
 GROUP = 8
 
 
@@ -275,6 +309,9 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
         listed = _PROJ_TILES_BY_TRITON[TRITON_VERSION][(kind, elem_size)]
     mixed = operand_sizes is not None and max(operand_sizes) > elem_size
     arch = None if limits is None else gate_arch(limits.capability)
+    added = _ADDED_ON_ARCH.get(TRITON_VERSION, {}).get(arch, {}).get(kind, {}).get((elem_size, two_level), [])
+    if added and listed is not None:
+        listed = list(listed) + added
     spills = (_MIXED_HEAVY_SPILLS[kind] | _MIXED_HEAVY_BY_TRITON.get(TRITON_VERSION, {}).get(arch, {}).get(kind, set())
               if mixed and (proj or two_level) else set())
     if row_scale:
@@ -378,6 +415,10 @@ def fp32_matmul_precision_set(precision: str | None):
     if precision not in ("tf32", "ieee"):
         raise ValueError(f"precision {precision!r}: 'tf32' or 'ieee'")
     saved = _fp32_precision_getter("cuda", "matmul") if _fp32_precision_getter is not None else None
+    generic = _fp32_precision_getter("generic", "all") if _fp32_precision_getter is not None else None
+    # "none" (inherit the generic switch) where the saved value was the inherited one, so that a later
+    # change of the generic switch still reaches cuBLAS and fusedres
+    restore = "none" if saved is not None and (saved == "none" or saved == generic) else saved
     try:
         legacy = _legacy_matmul_precision()
     except RuntimeError:
@@ -391,8 +432,8 @@ def fp32_matmul_precision_set(precision: str | None):
     finally:
         if legacy is not None:
             torch.set_float32_matmul_precision(legacy)
-        if saved is not None and _fp32_precision_getter("cuda", "matmul") != saved:
-            torch.backends.cuda.matmul.fp32_precision = saved
+        if restore is not None and (restore == "none" or _fp32_precision_getter("cuda", "matmul") != restore):
+            torch.backends.cuda.matmul.fp32_precision = restore
 
 
 def gemm_flags(gemm_dtype: torch.dtype, *io_dtypes: torch.dtype) -> dict:
@@ -809,6 +850,11 @@ STACK_BY_TRITON: dict[tuple[int, int], dict[tuple[str, str], dict]] = {
         ("stack_fwd", "sm_90"): {"ieee": {32: (128, 8, 3), 64: (64, 8, 2), 128: (16, 16, 2)}},
         ("stack_bwd", "sm_90"): {"tf32": {64: (128, 8, 1, 64), 128: (32, 8, 2, 128)}},
     },
+    # triton 3.9.0, sm_86 and sm_89 (ptxas 12.9): fwd ieee D=32 (128, 4, 2) spills 32 B (train)
+    (3, 9): {
+        ("stack_fwd", "sm_86"): {"ieee": {32: (128, 8, 2)}},
+        ("stack_fwd", "sm_89"): {"ieee": {32: (128, 8, 2)}},
+    },
 }
 
 
@@ -866,12 +912,20 @@ def stack_config(kind: str, D: int, operands: str = "16bit", capability: tuple[i
     (or of compute ``capability``; neither: the sm_90 entries, which the interpreter also uses),
     as triton ``version`` (default: the installed one) ships it. A part with less shared memory
     per block than the A100's takes :data:`STACK_SMALL_SMEM`'s entries."""
-    if limits is not None:
-        capability = limits.capability
+    if limits is None and capability is not None:     # a capability alone: that arch's recorded limits
+        limits = DeviceLimits(gate_arch(capability), tuple(capability),
+                              _device.SHARED_PER_BLOCK.get(tuple(capability), _device.SHARED_PER_BLOCK[(8, 6)]), 1)
+    return _stack_config(kind, D, operands, limits, version or TRITON_VERSION)
+
+
+@functools.lru_cache(maxsize=1024)
+def _stack_config(kind: str, D: int, operands: str, limits: DeviceLimits | None,
+                  version: tuple[int, int]) -> triton.Config:
+    capability = limits.capability if limits is not None else None
     arch = stack_table_arch(capability)
     sm80 = arch == "sm_80"
     small = limits is not None and limits.shared_per_block < _device.SHARED_PER_BLOCK[(8, 0)]
-    overrides = STACK_BY_TRITON.get(version or TRITON_VERSION, {})
+    overrides = STACK_BY_TRITON.get(version, {})
     if kind == "stack_reduce":
         block, warps = overrides.get((kind, arch), (STACK_REDUCE_BLOCK, STACK_REDUCE_WARPS))
         return triton.Config({"BLOCK": block}, num_warps=warps, num_stages=1)

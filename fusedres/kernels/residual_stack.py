@@ -174,7 +174,9 @@ def residual_stack_bwd_kernel(
                     else:
                         for c0 in tl.static_range(0, D, DW_COLS):
                             cols = c0 + tl.arange(0, DW_COLS)
-                            xc = tl.load(x_rows[:, None] + cols[None, :],
+                            # Rows start 16-byte aligned: triton 3.6 infers nothing through the
+                            # `if l == 0` above (a tensor scf.if result) and emits 16-bit loads.
+                            xc = tl.load(tl.multiple_of(x_rows[:, None] + cols[None, :], [1, 16]),
                                          mask=(offs_m < M)[:, None] & (cols < D)[None, :], other=0.0)
                             part = tl.dot(g_t, relu_nan(to_gemm_operand(xc, GEMM_DTYPE, EMULATE_BF16)),
                                           input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
@@ -283,8 +285,8 @@ def stack_programs(M: int, D: int, device, config: triton.Config, programs: int 
     """Programs of the persistent backward: one per SM (the interpreter: a few), never more than
     row tiles, so that every program owns a tile and writes each of its partials."""
     if programs is None:
-        programs = (torch.cuda.get_device_properties(device).multi_processor_count
-                    if torch.device(device).type == "cuda" else INTERPRETER_PROGRAMS)
+        limits = limits_for(torch.device(device))
+        programs = limits.sms if limits is not None else INTERPRETER_PROGRAMS
     return max(1, min(programs, cdiv(M, config.kwargs["BLOCK_M"])))
 
 
