@@ -41,11 +41,14 @@ def _key(r):
             r["features"], r["width"])
 
 
-def _operand_sizes(kind, dtype):
+def _operand_sizes(kind, dtype, features="base"):
     """(GEMM, (A, B)) element sizes of a launch, from the dtypes alone: the activations (x, g) are
-    fp32 under autocast, the weights in the GEMM dtype."""
+    fp32 under autocast, the weights in the GEMM dtype; the MLP block's dW2 reads the hidden
+    tensor, which is in the GEMM dtype, as its x."""
     w = aot.DTYPES[dtype][0].itemsize
     act = aot.ACTIVATIONS.get(dtype, aot.DTYPES[dtype][0]).itemsize
+    if kind == "dw" and features == "mlp":
+        return w, (w, act)
     return w, {"fwd": (act, w), "dx": (act, w), "dw": (act, act)}[kind]
 
 
@@ -60,7 +63,7 @@ SHARED_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 2324
 
 
 def _shipped(kind, dtype, tl_, feats, arch):
-    return configs.shipped_configs(kind, *_operand_sizes(kind, dtype)[:1], tl_, _operand_sizes(kind, dtype)[1],
+    return configs.shipped_configs(kind, *_operand_sizes(kind, dtype)[:1], tl_, _operand_sizes(kind, dtype, feats)[1],
                                    proj=feats in ("alpha+proj", "split+alpha+proj"),
                                    row_scale=feats in ("drop-path", "mlp", "split+drop-path"),
                                    limits=aot.arch_limits(arch))
