@@ -126,9 +126,10 @@ def _expected_stack(dtypes, archs=FULL_ARCHS, cover=False):
 RUNS = [(tuple(d for d in aot.DEFAULT_DTYPES if d not in aot.ACTIVATIONS), (False,), aot.FEATURES),
         (("fp32", "tf32"), (True,), ("base",)),
         (("fp16",), (True,), ("alpha+proj", "split"))]
-#: The covering set on the 99 KB archs, every default dtype (autocast included: its fp32 tiles are
-#: what overflows 99 KB) and variant.
-COVER_RUN = (aot.DEFAULT_DTYPES, aot.FEATURES + aot.SPLIT_FEATURES)
+#: The covering set on the 99 KB archs, every default dtype but autocast-fp16 (autocast-bf16's fp32
+#: tiles are what overflows 99 KB; the two mixes ship the same lists and have compiled alike on every
+#: release and arch so far), every variant.
+COVER_RUN = (tuple(d for d in aot.DEFAULT_DTYPES if d != "autocast-fp16"), aot.FEATURES + aot.SPLIT_FEATURES)
 
 
 @pytest.fixture(scope="module")
