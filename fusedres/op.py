@@ -15,6 +15,7 @@ so training keeps no ``M x D`` tensor beyond the input it already holds.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -305,7 +306,10 @@ def _meta(t):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
-_matmul_precision = kernels.configs.fp32_matmul_precision     # "tf32" or "ieee", whichever API set it
+# "tf32" or "ieee", whichever API set it (kernels.configs.fp32_matmul_precision): on every call, so
+# the plan key binds the C getter it reads where torch has it, without the Python call around it.
+_matmul_precision = (functools.partial(kernels.configs._fp32_precision_getter, "cuda", "matmul")
+                     if kernels.configs._fp32_precision_getter is not None else kernels.configs.fp32_matmul_precision)
 
 
 def _signature(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=None) -> tuple:

@@ -46,10 +46,6 @@ class DeviceLimits:
     def supported(self) -> bool:
         return self.capability >= MIN_CAPABILITY
 
-    def fits(self, num_warps: int, shared_bytes: int) -> bool:
-        """Whether a launch of ``num_warps`` warps needing ``shared_bytes`` of shared memory loads here."""
-        return num_warps * 32 <= self.max_threads_per_block and shared_bytes <= self.shared_per_block
-
 
 #: Opt-in shared memory per block by compute capability (CUDA C++ Programming Guide, "Technical
 #: Specifications per Compute Capability"): 163 KB on 8.0 and 8.7, 99 KB on 8.6, 8.9 and 12.x,
