@@ -66,6 +66,7 @@ from .kernels.residual_bwd import (
 )
 from .kernels.residual_fwd import fwd_launch_args
 from .kernels import residual_stack as _stack
+from .kernels import activations as _act_kernels
 from .tuning import TUNED_KERNELS
 
 # Triton 3.9 warns once per process that its fp-fusion default will change; the gate compiles
@@ -158,12 +159,24 @@ EXAMPLE_M, EXAMPLE_D, EXAMPLE_B = 8192, 1024, 8
 #: kernels without a residual (``RESIDUAL`` off: its first GEMM, ``N = 4D``, and its ``dh``,
 #: ``K = 4D``, masked by the hidden tensor), and dW2 (``g [M, D]`` against the hidden
 #: ``[M, 4D]``), each with the row scale and a tensor alpha.
-FEATURES = ("base", "alpha+proj", "alpha-value", "drop-path", "mlp")
+#: ``layerscale``: a per-channel tensor alpha ``[N]`` (timm's LayerScale) with its dalpha partials and
+#: the row scale (LayerScale and DropPath sit together on a ViT branch): the per-channel epilogues
+#: and, in dx, the alpha prologue on g.
+#:
+#: A variant may name the activation after an ``@`` (``"alpha+proj@gelu"``, a key of
+#: :data:`fusedres.kernels.activations.KERNELS`); without one it is relu, the default block's.
+FEATURES = ("base", "alpha+proj", "alpha-value", "drop-path", "mlp", "layerscale")
+#: The activations besides relu (:func:`gate_jobs`'s ``acts``, ``--acts``): compiled on request.
+GATE_ACTS = tuple(a for a in _act_kernels.KERNELS if a != "relu")
 #: dW only: the split-M variant (``SPLIT_M``: fp32 partial slabs, no epilogue) of the dW kernel, in
 #: every shipped dW config, plus its reduce kernel (``dw_reduce``, :data:`fusedres.kernels.plan.REDUCE_CONFIGS`):
 #: ``split`` (bias: db partials) and ``split+alpha+proj`` (dP's slab rows; the reduce with a tensor
 #: alpha, dalpha partials and dP). The CLI compiles them by default; fwd and dx skip them.
-SPLIT_FEATURES = ("split", "split+alpha+proj", "split+drop-path")
+SPLIT_FEATURES = ("split", "split+alpha+proj", "split+drop-path", "split+layerscale")
+#: The CLI's default variants: all but the per-channel ones (``layerscale``, ``split+layerscale``),
+#: which are gated on request until every release and arch has compiled them (sm_80 and sm_90 on
+#: triton 3.7.1 have: README, "Activations and LayerScale").
+DEFAULT_FEATURES = tuple(f for f in FEATURES + SPLIT_FEATURES if "layerscale" not in f)
 #: The reduce kernel, compiled with each split variant of dW (not a ``--kernels`` choice of its own).
 REDUCE_KIND = "dw_reduce"
 #: The example split: S slabs, with a ragged tile count per split (not 1, not a multiple of 16).
@@ -223,15 +236,18 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     tensors: ``plan_rows`` (as ``fusedres.op`` calls it), then ``*_launch_args``."""
     tdtype, precision = DTYPES[dtype]
     act_dtype = ACTIVATIONS.get(dtype, tdtype)     # x, y, g, dx (and a module's alpha)
+    features, act_name = split_features(features)
     if features not in FEATURES + SPLIT_FEATURES:
         raise ValueError(f"unknown features {features!r}; one of {FEATURES + SPLIT_FEATURES}")
     split = features in SPLIT_FEATURES
     if split and kind not in ("dw", REDUCE_KIND):
         raise ValueError(f"{kind}: the split variants are dW's and its reduce's only")
     extra = features in ("alpha+proj", "split+alpha+proj")
-    row_scale = features in ("drop-path", "mlp", "split+drop-path")
+    layerscale = features in ("layerscale", "split+layerscale")
+    row_scale = features in ("drop-path", "mlp", "split+drop-path") or layerscale
     mlp = features == "mlp"
     N = 2 * D if extra else D
+    kact = dict(act=act_name)
 
     def act(width):
         if two_level:   # [T, B, D] view of a [B, T, D] tensor: its rows need two strides
@@ -239,8 +255,8 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
         return torch.empty(M, width, dtype=act_dtype)
 
     w, b = torch.empty(N, D, dtype=tdtype), torch.empty(N, dtype=tdtype)
-    alpha = (torch.empty((), dtype=act_dtype) if extra or row_scale else 0.5 if features == "alpha-value"
-             else None)
+    alpha = (torch.empty(N, dtype=act_dtype) if layerscale else torch.empty((), dtype=act_dtype) if extra or row_scale
+             else 0.5 if features == "alpha-value" else None)
     proj = torch.empty(N, D, dtype=tdtype) if extra else None
     scale = dict(sample_scale=torch.empty(EXAMPLE_B, dtype=act_dtype), rows_per_sample=M // EXAMPLE_B) \
         if row_scale else {}
@@ -251,23 +267,23 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
             rows, (xs,), (xk,) = plan_rows(x)
             h = torch.empty(rows.M, H, dtype=tdtype)
             args, consts, _ = fwd_launch_args(xk, xs, torch.empty(H, D, dtype=tdtype), torch.empty(H, dtype=tdtype),
-                                              h, rows, add_residual=False)
+                                              h, rows, add_residual=False, **kact)
         elif kind == "fwd":
             x = act(D)
             rows, (xs,), (xk,) = plan_rows(x)
             y = torch.empty(rows.M, N, dtype=act_dtype)
-            args, consts, _ = fwd_launch_args(xk, xs, w, b, y, rows, alpha, proj, **scale)
+            args, consts, _ = fwd_launch_args(xk, xs, w, b, y, rows, alpha, proj, **scale, **kact)
         elif kind == "dx" and mlp:      # the MLP's dh = [h > 0] * (s * alpha * g @ W2), no residual
             g, h = act(D), act(H).to(tdtype)
             rows, (gs, hs), (gk, hk) = plan_rows(g, h)
             dh = torch.empty(rows.M, H, dtype=tdtype)
             args, consts, _ = dx_launch_args(gk, gs, hk, hs, torch.empty(D, H, dtype=tdtype), dh, rows, alpha,
-                                             add_residual=False, **scale)
+                                             add_residual=False, **scale, **kact)
         elif kind == "dx":
             g, x = act(N), act(D)
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
             dx = torch.empty(rows.M, D, dtype=act_dtype)
-            args, consts, _ = dx_launch_args(gk, gs, xk, xs, w, dx, rows, alpha, proj, **scale)
+            args, consts, _ = dx_launch_args(gk, gs, xk, xs, w, dx, rows, alpha, proj, **scale, **kact)
         elif kind in ("dw", REDUCE_KIND):
             if mlp:                     # dW2 = alpha * (s g).T @ relu(h): the hidden tensor as x
                 w, b = torch.empty(D, H, dtype=tdtype), torch.empty(D, dtype=tdtype)
@@ -276,7 +292,7 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
             dw, db = torch.empty(N, K, dtype=tdtype), torch.empty(N, dtype=tdtype)
             need_dalpha = extra or row_scale
-            partials = torch.empty(kernels.dalpha_workspace_size(N, K, extra), dtype=torch.float32) \
+            partials = torch.empty(kernels.dalpha_workspace_size(N, K, extra, layerscale), dtype=torch.float32) \
                 if need_dalpha else None
             dp = torch.empty(N, D, dtype=tdtype) if extra else None
             slabs = dw_split_workspaces(dw, EXAMPLE_SPLITS, proj=extra, sum_g=True) if split else None
@@ -287,12 +303,21 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
                 args, consts, _ = dw_launch_args(gk, gs, xk, xs, dw, db, rows, weight=w, bias=b, alpha=alpha,
                                                  dalpha_partials=partials, dp=dp,
                                                  split=(*slabs, EXAMPLE_SPLITS, EXAMPLE_TILES_PER_SPLIT)
-                                                 if split else None, **scale)
+                                                 if split else None, **scale, **kact)
         else:
             raise ValueError(f"unknown kernel {kind!r}; one of {KINDS}")
     if rows.two_level != two_level:
         raise AssertionError(f"the example launch has two_level={rows.two_level}, asked for {two_level}")
     return args, consts
+
+
+def split_features(features: str) -> tuple[str, str]:
+    """``"alpha+proj@gelu"`` -> ``("alpha+proj", "gelu")``; no ``@``: relu."""
+    base, _, act = features.partition("@")
+    act = act or "relu"
+    if act not in _act_kernels.KERNELS:
+        raise ValueError(f"unknown activation {act!r} in {features!r}; one of {tuple(_act_kernels.KERNELS)}")
+    return base, act
 
 
 def stack_example_launch(kind: str, dtype: str, width: int, variant: str, misaligned: bool = False):
@@ -610,14 +635,14 @@ def failures(rec: dict) -> list[str]:
 #: The covering set's order of variants, heaviest first (the most live registers: a projection's
 #: second K loop and a tensor alpha, then the row scale, then the rest): each shipped config is
 #: compiled once, in the heaviest variant that ships it.
-COVER_ORDER = ("split+alpha+proj", "alpha+proj", "split+drop-path", "drop-path", "mlp", "split", "alpha-value",
-               "base")
+COVER_ORDER = ("split+alpha+proj", "alpha+proj", "split+layerscale", "layerscale", "split+drop-path", "drop-path",
+               "mlp", "split", "alpha-value", "base")
 #: The stack kernels' heavier variant of each pair (the covering set compiles only these).
 STACK_COVER = {"stack_fwd": ("train",), "stack_bwd": ("deterministic",), "stack_reduce": ("base",)}
 
 
 def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_level=(False,), configs=None,
-              features=FEATURES, widths=STACK_WIDTHS, cover: bool = False):
+              features=FEATURES, widths=STACK_WIDTHS, cover: bool = False, acts=("relu",)):
     """Every (kind, config, dtype, arch, two_level, features, width) to compile: the autotuner's
     configs on each arch, or the ``configs`` given as names (``"64x64x32 w4 s3"``); for the stack
     kernels, the shipped config of each width in ``widths`` and each variant (``width`` is None
@@ -626,7 +651,12 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
     ``cover``: the covering set instead of the full product. Per kernel, dtype, row layout and
     arch, every config shipped there in any of ``features``, each compiled once, in the heaviest
     variant (:data:`COVER_ORDER`) that ships it; the reduce once per dtype and arch in the heaviest
-    split variant; the stack's heavier variant of each kernel (:data:`STACK_COVER`)."""
+    split variant; the stack's heavier variant of each kernel (:data:`STACK_COVER`).
+
+    ``acts``: the activations (keys of :data:`fusedres.kernels.activations.KERNELS`) each
+    single-block variant is compiled with (``"variant@act"``; relu's has no suffix). In the
+    covering set each activation gets its own pass: every config shipped, once, in the heaviest
+    variant. The reduce has no activation: once, with the first."""
     jobs = []
     for kind in kinds:
         if kind in STACK_KINDS:
@@ -645,20 +675,23 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
         for dtype in dtypes:
             for tl_ in two_level:
                 for arch in archs:
-                    done: set = set()
-                    for feats in feats_of_kind:
-                        cfgs = (gate_configs(kind, dtype, tl_, feats, arch) if configs is None
-                                else [config_from_name(kind, n) for n in configs])
-                        for config in cfgs:
-                            if cover and config_name(kind, config) in done:
-                                continue
-                            done.add(config_name(kind, config))
-                            jobs.append((kind, config, dtype, arch, tl_, feats, None))
-                        if feats in SPLIT_FEATURES and tl_ == two_level[0] and not (cover and "reduce" in done):
-                            # the reduce reads no rows: once per dtype, variant and arch
-                            done.add("reduce")
-                            jobs += [(REDUCE_KIND, c, dtype, arch, False, feats, None)
-                                     for c in _plan.reduce_configs(DTYPES[dtype][0].itemsize, arch_limits(arch))]
+                    for act in acts:
+                        suffix = "" if act == "relu" else "@" + act
+                        done: set = set()
+                        for feats in feats_of_kind:
+                            cfgs = (gate_configs(kind, dtype, tl_, feats, arch) if configs is None
+                                    else [config_from_name(kind, n) for n in configs])
+                            for config in cfgs:
+                                if cover and config_name(kind, config) in done:
+                                    continue
+                                done.add(config_name(kind, config))
+                                jobs.append((kind, config, dtype, arch, tl_, feats + suffix, None))
+                            if (feats in SPLIT_FEATURES and tl_ == two_level[0] and act == acts[0]
+                                    and not (cover and "reduce" in done)):
+                                # the reduce reads no rows: once per dtype, variant and arch
+                                done.add("reduce")
+                                jobs += [(REDUCE_KIND, c, dtype, arch, False, feats, None)
+                                         for c in _plan.reduce_configs(DTYPES[dtype][0].itemsize, arch_limits(arch))]
     return jobs
 
 
@@ -668,12 +701,13 @@ def _run_job(job):
 
 
 def run_gate(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_level=(False,), *, configs=None,
-             features=FEATURES, widths=STACK_WIDTHS, jobs: int = 1, progress=None, cover: bool = False) -> list[dict]:
+             features=FEATURES, widths=STACK_WIDTHS, jobs: int = 1, progress=None, cover: bool = False,
+             acts=("relu",)) -> list[dict]:
     """Compile every combination (``cover``: the covering set, see :func:`gate_jobs`); the
     records come back in a fixed order. ``jobs > 1`` compiles in that many worker processes
     (spawned: Triton's compiler is not fork-safe)."""
     _require_compiler()
-    todo = gate_jobs(kinds, archs, dtypes, two_level, configs, features, widths, cover)
+    todo = gate_jobs(kinds, archs, dtypes, two_level, configs, features, widths, cover, acts)
     records: list = [None] * len(todo)
     if jobs <= 1:
         for i, job in enumerate(todo):
@@ -757,12 +791,17 @@ def main(argv=None) -> int:
     parser.add_argument("--two-level", choices=("no", "yes", "both"), default="no",
                         help="rows of the example launch: contiguous (no, default), a [B,T,D].transpose(0,1) "
                              "view (yes), or both")
-    parser.add_argument("--features", default=FEATURES + SPLIT_FEATURES, type=_choices(FEATURES + SPLIT_FEATURES),
+    parser.add_argument("--features", default=DEFAULT_FEATURES, type=_choices(FEATURES + SPLIT_FEATURES),
                         help="kernel variants: base (bias, db), alpha+proj (tensor residual scale with dalpha, "
                              "projection shortcut), alpha-value (a Python-float alpha, by value), drop-path "
-                             "(stochastic depth's row scale) and mlp (the MLP block's passes); dW only: split, "
-                             "split+alpha+proj and split+drop-path (split-M partials, plus the reduce kernel); "
-                             "default all")
+                             "(stochastic depth's row scale), mlp (the MLP block's passes) and layerscale (a "
+                             "per-channel alpha with the row scale); dW only: split, split+alpha+proj, "
+                             "split+drop-path and split+layerscale (split-M partials, plus the reduce kernel); "
+                             "default all but the layerscale ones")
+    parser.add_argument("--acts", default=("relu",), type=_choices(tuple(_act_kernels.KERNELS)),
+                        help="activations each single-block variant is compiled with, comma list of "
+                             f"{','.join(_act_kernels.KERNELS)} (default relu: the other rows are not yet "
+                             "gate-clean on every shipped tile, see the README)")
     parser.add_argument("--cover", action="store_true",
                         help="the covering set instead of the full product: every config shipped for each kernel, "
                              "dtype and arch compiled once, in the heaviest variant that ships it (CI's set on "
@@ -797,7 +836,7 @@ def main(argv=None) -> int:
     records = run_gate(args.kernels, args.archs, args.dtypes,
                        {"no": (False,), "yes": (True,), "both": (False, True)}[args.two_level],
                        configs=args.config, features=args.features, widths=tuple(int(w) for w in args.widths),
-                       jobs=max(1, args.jobs), progress=progress, cover=args.cover)
+                       jobs=max(1, args.jobs), progress=progress, cover=args.cover, acts=args.acts)
     wall = time.perf_counter() - t0
     if args.json:
         with open(args.json, "w") as f:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .activations import ActLike, resolve as resolve_act
 from .droppath import check_drop_path
 from .module import FusedResidualBlock
 from .reference import ResidualBlock, ResidualMLPBlock
@@ -37,12 +38,17 @@ class ResidualMLP(nn.Module):
     for the last (the linear decay rule of Huang et al., "Deep Networks with Stochastic Depth");
     with ``depth == 1`` the single block gets 0. See :func:`fusedres.drop_path_scale`.
 
+    ``act``: every block's activation (the hidden one in MLP blocks), ``pre_act`` the MLP blocks'
+    activation on x (:mod:`fusedres.activations`); ``alpha_per_channel``: each block's alpha a
+    per-channel parameter (LayerScale).
+
     Shapes: ``(..., in_features) -> (..., out_features)``.
     """
 
     def __init__(self, in_features: int, dim: int, depth: int, out_features: int, *, fused: bool = True,
                  bias: bool = True, alpha: float = 1.0, learnable_alpha: bool = False,
-                 hidden_features: int | None = None, drop_path: float = 0.0, device=None, dtype=None) -> None:
+                 hidden_features: int | None = None, drop_path: float = 0.0, act: ActLike = "relu",
+                 pre_act: ActLike = "relu", alpha_per_channel: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         rates = drop_path_rates(check_drop_path(drop_path, "ResidualMLP: drop_path"), depth)
@@ -59,9 +65,15 @@ class ResidualMLP(nn.Module):
         # drop_path is passed only when used: with drop_path=0 the blocks are built exactly as
         # before it existed.
         extra = (lambda rate: {"drop_path": rate}) if drop_path > 0 else (lambda rate: {})
+        options = dict(act=act, alpha_per_channel=alpha_per_channel)
+        if hidden_features is not None:
+            options["pre_act"] = pre_act
+        elif resolve_act(pre_act, "ResidualMLP: pre_act", allow_none=True) != resolve_act("relu", ""):
+            raise ValueError("ResidualMLP: pre_act is the MLP blocks' (hidden_features=H); a one-layer block's "
+                             "activation is act")
         self.input = nn.Linear(in_features, dim, bias=bias, **factory)
         self.blocks = nn.Sequential(*[block(*args, bias=bias, alpha=alpha, learnable_alpha=learnable_alpha,
-                                            **extra(rate), **factory) for rate in rates])
+                                            **options, **extra(rate), **factory) for rate in rates])
         self.output = nn.Linear(dim, out_features, bias=bias, **factory)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,19 +1,19 @@
 """``fused_residual_mlp``: the residual block with a hidden layer, on the single block's kernels.
 
-    h = relu(x) @ W1.T + b1                               W1 [H, D], the hidden pre-activation
-    y = x + alpha * s * (relu(h) @ W2.T + b2)             W2 [D, H], s: stochastic depth's row scale
+    h = pre_act(x) @ W1.T + b1                               W1 [H, D], the hidden pre-activation
+    y = x + alpha * s * (act(h) @ W2.T + b2)             W2 [D, H], s: stochastic depth's row scale
 
 Every pass is one of the three kernels of :mod:`fusedres.kernels` (the GEMM family: the K loops
 exist once), with other operands and epilogue flags:
 
 | pass | GEMM | prologue | epilogue | kernel |
 |---|---|---|---|---|
-| forward 1 | ``h = relu(x) @ W1.T`` | relu on x | + b1; store h | fwd, no residual |
-| forward 2 | ``y = relu(h) @ W2.T`` | relu on h | + b2, * alpha * s, + x | fwd, residual x |
-| backward 1 | ``dh = g @ W2`` | - | * alpha * s, mask ``h > 0`` | dx, no residual |
-| backward 2 | ``dW2 = (s g).T @ relu(h)`` | relu on h, s on the rows | * alpha; db2, dalpha | dW (split-M) |
-| backward 3 | ``dx = dh @ W1`` | - | mask ``x > 0``, + g | dx, residual g |
-| backward 4 | ``dW1 = dh.T @ relu(x)`` | relu on x | db1 | dW (split-M) |
+| forward 1 | ``h = pre_act(x) @ W1.T`` | pre_act on x | + b1; store h | fwd, no residual |
+| forward 2 | ``y = act(h) @ W2.T`` | act on h | + b2, * alpha * s, + x | fwd, residual x |
+| backward 1 | ``dh = g @ W2`` | - | * alpha * s, ``* act'(h)`` | dx, no residual |
+| backward 2 | ``dW2 = (s g).T @ act(h)`` | act on h, s on the rows | * alpha; db2, dalpha | dW (split-M) |
+| backward 3 | ``dx = dh @ W1`` | - | ``* pre_act'(x)``, + g | dx, residual g |
+| backward 4 | ``dW1 = dh.T @ pre_act(x)`` | pre_act on x | db1 | dW (split-M) |
 
 Two launches forward; four backward, plus a reduce for each weight gradient the launch plan
 splits. Saved for the backward: x and h; with ``recompute=True`` x only (h is recomputed by
@@ -39,7 +39,14 @@ from .op import (
     _scale,
     refuse_double_backward,
 )
+from .activations import Activation, ActLike, kernel_args, resolve as resolve_act
 from .droppath import rows_per_sample, sample_rows
+from .op import _activation, check_alpha_shape, dalpha_from_partials
+
+
+def _acts(pre_act: str, pre_act_param: float, act: str, act_param: float) -> tuple[Activation | None, Activation]:
+    """The custom ops' activation arguments as table rows (``pre_act`` ``"none"``: None)."""
+    return (None if pre_act == "none" else _activation(pre_act, pre_act_param)), _activation(act, act_param)
 
 
 def _check_mlp_inputs(x, w1, b1, w2, b2, alpha, sample_scale) -> None:
@@ -49,7 +56,8 @@ def _check_mlp_inputs(x, w1, b1, w2, b2, alpha, sample_scale) -> None:
     if isinstance(alpha, Tensor):
         named.append(("alpha", alpha))
     elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"{who}: alpha must be a float or a one-element tensor, got {type(alpha).__name__}")
+        raise TypeError(f"{who}: alpha must be a float, a one-element tensor or a per-channel tensor [D], got "
+                        f"{type(alpha).__name__}")
     check_tensor_types(who, named)
     if x.dim() == 0:
         raise ValueError(f"{who}: x must have shape (..., D); got a 0-dim tensor")
@@ -62,32 +70,39 @@ def _check_mlp_inputs(x, w1, b1, w2, b2, alpha, sample_scale) -> None:
     for name, b, n in (("fc1_bias", b1, H), ("fc2_bias", b2, D)):
         if b is not None and tuple(b.shape) != (n,):
             raise ValueError(f"{who}: {name} must have shape [{n}], got {list(b.shape)}")
-    if isinstance(alpha, Tensor) and alpha.numel() != 1:
-        raise ValueError(f"{who}: alpha must have one element, got shape {list(alpha.shape)}")
+    check_alpha_shape(who, alpha, D)
     check_sample_scale_arg(who, x, sample_scale)
     check_one_device(who, named)
 
 
 def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                        fc2_bias: Optional[Tensor], *, alpha: float | Tensor = 1.0,
-                       sample_scale: Optional[Tensor] = None, recompute: bool = False) -> Tensor:
+                       sample_scale: Optional[Tensor] = None, recompute: bool = False, pre_act: ActLike = "relu",
+                       act: ActLike = "relu") -> Tensor:
     """Pre-activation residual block with a hidden layer, fused:
-    ``y = x + alpha * s * (relu(relu(x) @ fc1_weight.T + fc1_bias) @ fc2_weight.T + fc2_bias)``.
+    ``y = x + alpha * s * (act(pre_act(x) @ fc1_weight.T + fc1_bias) @ fc2_weight.T + fc2_bias)``.
 
     Args:
         x: ``(..., D)``, any strides; fp16, bf16, fp32 or fp64.
         fc1_weight, fc1_bias: ``[H, D]`` and ``[H]`` (or None), ``nn.Linear(D, H)``'s.
         fc2_weight, fc2_bias: ``[D, H]`` and ``[D]`` (or None), ``nn.Linear(H, D)``'s.
-        alpha: residual-branch scale, a float or a one-element tensor (learnable: its gradient
-            rides on the dW2 GEMM).
+        alpha: residual-branch scale, a float, a one-element tensor or a per-channel tensor ``[D]``
+            (LayerScale); a learnable one's gradient rides on the dW2 GEMM.
         sample_scale: stochastic depth's per-sample scale ``s`` (``[x.shape[0]]``; see
             :func:`fusedres.drop_path_scale`), or None.
         recompute: save only ``x`` for the backward and recompute ``h`` there (one more GEMM)
             instead of keeping the ``(..., H)`` hidden pre-activation.
+        pre_act: the activation on x before fc1 (default ``"relu"``, the pre-activation block);
+            None for none: the pre-norm blocks of timm's ``Mlp`` and rtdl, whose x reaches fc1 as is.
+        act: the hidden activation (default ``"relu"``; timm's ``Mlp`` uses ``nn.GELU()``). Both
+            take a name or module of :mod:`fusedres.activations`.
 
     Under ``torch.autocast`` the GEMMs run in the autocast dtype, as ``F.linear``'s would.
     """
     _check_mlp_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, sample_scale)
+    pre = resolve_act(pre_act, "fused_residual_mlp: pre_act", allow_none=True)
+    hidden = resolve_act(act, "fused_residual_mlp: act")
+    (pre_name, pre_param), (act_name, act_param) = kernel_args(pre), kernel_args(hidden)
     device_type = x.device.type
     w1, b1, w2, b2 = gemm_operands("fused_residual_mlp", x, [("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias),
                                                              ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias)])
@@ -96,7 +111,8 @@ def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
         alpha, alpha_value = None, float(alpha)
     with torch.autocast(device_type, enabled=False):
         y, _ = torch.ops.fusedres.residual_mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale,
-                                                       bool(recompute))
+                                                       bool(recompute), pre_name or "none", pre_param, act_name,
+                                                       act_param)
     return y
 
 
@@ -109,17 +125,23 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.numel() <= 1 or t.stride(0) == 1 else t.contiguous()
 
 
-def _triton_hidden(xk, xs, rows, w1, b1, h) -> None:
-    """Forward 1: ``h = relu(x) @ W1.T + b1``, stored as the pre-activation."""
-    kernels.residual_fwd(xk, xs, w1, b1, h.view(rows.M, w1.shape[0]), rows, add_residual=False)
+def _triton_hidden(xk, xs, rows, w1, b1, h, pre: Activation | None) -> None:
+    """Forward 1: ``h = pre_act(x) @ W1.T + b1``, stored as the pre-activation."""
+    name, param = kernel_args(pre)
+    kernels.residual_fwd(xk, xs, w1, b1, h.view(rows.M, w1.shape[0]), rows, add_residual=False, act=name,
+                         act_param=param)
 
 
-def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute):
+def _eager_hidden(x, w1, b1, pre: Activation | None):
+    return F.linear((x if pre is None else pre(x)).to(w1.dtype), w1, b1)
+
+
+def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute, pre, act):
     b1, b2, sample_scale = _contiguous(b1), _contiguous(b2), _contiguous(sample_scale)
-    scale = _scale(alpha, alpha_value)
+    scale = _contiguous(_scale(alpha, alpha_value))
     if backend_for(x.device) == "eager":
-        h = F.linear(F.relu(x).to(w1.dtype), w1, b1)
-        branch = F.linear(F.relu(h), w2, b2)
+        h = _eager_hidden(x, w1, b1, pre)
+        branch = F.linear(act(h), w2, b2)
         if sample_scale is not None:
             branch = branch * sample_rows(sample_scale, branch)
         if scale is not None:
@@ -129,65 +151,76 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute)
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, w2.dtype))
     rows, (xs, hs), (xk, hk) = plan_rows(x, h)
     if rows.M:
-        _triton_hidden(xk, xs, rows, w1, b1, h)
+        _triton_hidden(xk, xs, rows, w1, b1, h, pre)
         kernels.residual_fwd(hk, hs, w2, b2, y.view(rows.M, w2.shape[0]), rows, alpha=scale, residual=(xk, xs),
-                             sample_scale=sample_scale, rows_per_sample=rows_per_sample(x))
+                             sample_scale=sample_scale, rows_per_sample=rows_per_sample(x), act=act.name,
+                             act_param=act.param)
     return y, h
 
 
 @torch.library.custom_op("fusedres::residual_mlp_forward", mutates_args=())
 def residual_mlp_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                          fc2_bias: Optional[Tensor], alpha: Optional[Tensor], alpha_value: float,
-                         sample_scale: Optional[Tensor], recompute: bool) -> tuple[Tensor, Tensor]:
-    """``(y, h)``: the output and the hidden pre-activation (an empty tensor with ``recompute``)."""
-    y, h = _mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute)
+                         sample_scale: Optional[Tensor], recompute: bool, pre_act: str = "relu",
+                         pre_act_param: float = 0.0, act: str = "relu", act_param: float = 0.0
+                         ) -> tuple[Tensor, Tensor]:
+    """``(y, h)``: the output and the hidden pre-activation (an empty tensor with ``recompute``).
+    ``pre_act``: a name of the activation table, or ``"none"``."""
+    y, h = _mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute,
+                        *_acts(pre_act, pre_act_param, act, act_param))
     return y, (x.new_empty(0, dtype=fc1_weight.dtype) if recompute else h)
 
 
 @residual_mlp_forward.register_fake
-def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute):
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute, pre_act="relu",
+      pre_act_param=0.0, act="relu", act_param=0.0):
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, fc2_weight.dtype))
     h = x.new_empty(0 if recompute else _hidden_shape(x, fc1_weight), dtype=fc1_weight.dtype)
     return y, h
 
 
-def _eager_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, sample_scale, needs):
+def _eager_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, sample_scale, needs, pre, act):
     """The reference gradients, as eager autograd computes them: (dx, dW1, db1, dW2, db2, dalpha)."""
     need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha = needs
     D, H = w2.shape
     g = grad.to(w2.dtype)
     gs = g if sample_scale is None else g * sample_rows(sample_scale, g)
     ga = gs if alpha is None else alpha * gs
-    r = F.relu(h)
-    dh = torch.where(h <= 0, 0, ga @ w2)
-    dx = (grad + torch.where(x <= 0, 0, dh @ w1)).to(x.dtype).contiguous() if need_dx else None
+    r = act(h)
+    dh = act.backward(h, ga @ w2).to(h.dtype)
+    dx = None
+    if need_dx:
+        dxb = dh @ w1
+        dx = (grad + (dxb if pre is None else pre.backward(x, dxb))).to(x.dtype).contiguous()
     x2, dh2, ga2, r2 = x.reshape(-1, D).to(w1.dtype), dh.reshape(-1, H), ga.reshape(-1, D), r.reshape(-1, H)
-    dw1 = (dh2.T @ F.relu(x2)).to(w1.dtype) if need_w1 else None
+    dw1 = (dh2.T @ (x2 if pre is None else pre(x2))).to(w1.dtype) if need_w1 else None
     db1 = dh2.sum(0).to(w1.dtype) if need_b1 else None
     dw2 = (ga2.T @ r2).to(w2.dtype) if need_w2 else None
     db2 = ga2.sum(0).to(w2.dtype) if need_b2 else None
     dalpha = None
     if need_alpha:
         lin = F.linear(r2, w2, b2)
-        dalpha = (gs.reshape(-1, D) * lin).sum().to(alpha.dtype).reshape(alpha.shape)
+        prod = gs.reshape(-1, D) * lin
+        dalpha = (prod.sum(0) if alpha.numel() > 1 else prod.sum()).to(alpha.dtype).reshape(alpha.shape)
     return dx, dw1, db1, dw2, db2, dalpha
 
 
-def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, needs):
+def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, needs, pre, act):
     """(dx, dW1, db1, dW2, db2, dalpha), None for each not asked for."""
     b1, b2, sample_scale = _contiguous(b1), _contiguous(b2), _contiguous(sample_scale)
-    scale = _scale(alpha, alpha_value)
+    scale = _contiguous(_scale(alpha, alpha_value))
     eager = backend_for(x.device) == "eager"
     if h is None:                                                # recompute: forward 1 again
         if eager:
-            h = F.linear(F.relu(x).to(w1.dtype), w1, b1)
+            h = _eager_hidden(x, w1, b1, pre)
         else:
             h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
             rows, (xs,), (xk,) = plan_rows(x)
             if rows.M:
-                _triton_hidden(xk, xs, rows, w1, b1, h)
+                _triton_hidden(xk, xs, rows, w1, b1, h, pre)
     if eager:
-        return _eager_mlp_backward(grad, x, h, w1, b1, w2, b2, scale, sample_scale, needs)
+        return _eager_mlp_backward(grad, x, h, w1, b1, w2, b2, scale, sample_scale, needs, pre, act)
+    kact, kpre = dict(act=act.name, act_param=act.param), dict(zip(("act", "act_param"), kernel_args(pre)))
     need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha = needs
     D, H = w2.shape
     acc = torch.float64 if w2.dtype == torch.float64 else torch.float32
@@ -199,28 +232,29 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
     if dh is not None:
         # backward 1: dh = [h > 0] * (s * alpha * g @ W2)
         kernels.residual_dx(gk, gs, hk, hs, w2, dhk[0].view(rows.M, H), rows, alpha=scale, add_residual=False,
-                            sample_scale=sample_scale, rows_per_sample=rps)
+                            sample_scale=sample_scale, rows_per_sample=rps, **kact)
     if need_w2 or need_b2 or need_alpha:
         # backward 2: dW2 = alpha * (s g).T @ relu(h), db2, the dalpha partials
         dw2 = w2.new_empty(D, H)
         db2 = w2.new_empty(D) if need_b2 else None
-        partials = (torch.empty(kernels.dalpha_workspace_size(D, H, False), device=x.device, dtype=acc)
-                    if need_alpha else None)
+        partials = (torch.empty(kernels.dalpha_workspace_size(D, H, False, alpha.numel() > 1), device=x.device,
+                                dtype=acc) if need_alpha else None)
         launched = kernels.residual_dw(gk, gs, hk, hs, dw2, db2, rows, weight=w2, bias=b2, alpha=scale,
-                                       dalpha_partials=partials, sample_scale=sample_scale, rows_per_sample=rps)
+                                       dalpha_partials=partials, sample_scale=sample_scale, rows_per_sample=rps,
+                                       **kact)
         if need_alpha:
-            dalpha = partials[:launched.programs].sum().to(alpha.dtype).reshape(alpha.shape)
+            dalpha = dalpha_from_partials(partials, launched.programs, alpha, D)
         if not need_w2:
             dw2 = None
     if need_dx:
         # backward 3: dx = g + [x > 0] * (dh @ W1)
         dx = x.new_empty(x.shape)
-        kernels.residual_dx(dhk[0], strides[3], xk, xs, w1, dx.view(rows.M, D), rows, residual=(gk, gs))
+        kernels.residual_dx(dhk[0], strides[3], xk, xs, w1, dx.view(rows.M, D), rows, residual=(gk, gs), **kpre)
     if need_w1 or need_b1:
         # backward 4: dW1 = dh.T @ relu(x), db1
         dw1 = w1.new_empty(H, D)
         db1 = w1.new_empty(H) if need_b1 else None
-        kernels.residual_dw(dhk[0], strides[3], xk, xs, dw1, db1, rows)
+        kernels.residual_dw(dhk[0], strides[3], xk, xs, dw1, db1, rows, **kpre)
         if not need_w1:
             dw1 = None
     return dx, dw1, db1, dw2, db2, dalpha
@@ -230,20 +264,22 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
 def residual_mlp_backward(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
                           fc2_weight: Tensor, fc2_bias: Optional[Tensor], alpha: Optional[Tensor], alpha_value: float,
                           sample_scale: Optional[Tensor], recompute: bool, need_dx: bool, need_w1: bool,
-                          need_b1: bool, need_w2: bool, need_b2: bool, need_alpha: bool
+                          need_b1: bool, need_w2: bool, need_b2: bool, need_alpha: bool, pre_act: str = "relu",
+                          pre_act_param: float = 0.0, act: str = "relu", act_param: float = 0.0
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``residual_mlp_forward`` with respect to (x, fc1_weight, fc1_bias, fc2_weight,
     fc2_bias, alpha); an empty tensor stands for each not asked for. ``h`` is ignored (recomputed)
     with ``recompute``."""
     grads = _mlp_backward(grad, x, None if recompute else h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha,
-                          alpha_value, sample_scale, (need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha))
+                          alpha_value, sample_scale, (need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha),
+                          *_acts(pre_act, pre_act_param, act, act_param))
     likes = (x, fc1_weight, fc1_weight, fc2_weight, fc2_weight, fc2_weight)
     return tuple(t if t is not None else like.new_empty(0) for t, like in zip(grads, likes))
 
 
 @residual_mlp_backward.register_fake
 def _(grad, x, h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute, need_dx,
-      need_w1, need_b1, need_w2, need_b2, need_alpha):
+      need_w1, need_b1, need_w2, need_b2, need_alpha, pre_act="relu", pre_act_param=0.0, act="relu", act_param=0.0):
     H, D = fc1_weight.shape
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             fc1_weight.new_empty(H, D) if need_w1 else fc1_weight.new_empty(0),
@@ -254,8 +290,9 @@ def _(grad, x, h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute = inputs
+    x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute, *acts = inputs
     ctx.has = (b1 is not None, b2 is not None, alpha is not None)
+    ctx.acts = tuple(acts)
     ctx.alpha_value, ctx.recompute = alpha_value, recompute
     # Saved: x, the weights, alpha, s and h (not with recompute); b1 only to recompute h, b2 only
     # for dalpha's <g.sum(0), b2> term.
@@ -270,8 +307,8 @@ def _backward(ctx, grad, _grad_h):
     n = ctx.needs_input_grad
     needs = (n[0], n[1], n[2] and has_b1, n[3], n[4] and has_b2, n[5] and has_alpha)
     grads = torch.ops.fusedres.residual_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, ctx.alpha_value,
-                                                     sample_scale, ctx.recompute, *needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+                                                     sample_scale, ctx.recompute, *needs, *ctx.acts)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None, None, None)
 
 
 residual_mlp_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -20,6 +20,11 @@ class FusedResidualBlock(_ResidualParameters):
         bias: learn an additive bias, as ``nn.Linear(dim, out_features, bias)``.
         alpha: residual-branch scale (a buffer named ``alpha``); 0 with ``learnable_alpha`` is ReZero.
         learnable_alpha: make ``alpha`` a parameter; its gradient costs no extra GEMM.
+        act: the activation (``"relu"`` default, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``,
+            ``"relu_sq"``, ``"leaky_relu"``, or a torch module: :mod:`fusedres.activations`).
+        alpha_per_channel: make ``alpha`` a parameter of shape ``[out_features]`` filled with
+            ``alpha`` (timm's LayerScale: e.g. ``alpha=1e-5``); its gradient is a column sum in the
+            dW epilogue.
         drop_path: stochastic depth's rate ``p``: in training each sample (index of x's first
             dimension) keeps its branch, scaled by ``1/(1 - p)``, with probability ``1 - p``
             (timm's ``DropPath``; :func:`fusedres.drop_path_scale` draws the scale with torch's
@@ -33,7 +38,7 @@ class FusedResidualBlock(_ResidualParameters):
 
     def forward(self, x: Tensor) -> Tensor:
         return fused_residual(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight,
-                              sample_scale=self._sample_scale(x))
+                              sample_scale=self._sample_scale(x), act=self.act)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FusedResidualBlock":
@@ -50,12 +55,13 @@ class FusedResidualBlock(_ResidualParameters):
     @classmethod
     def from_block(cls, block: _ResidualParameters) -> "FusedResidualBlock":
         """A fused block sharing every parameter and buffer of a :class:`fusedres.ResidualBlock`
-        (weight, bias, alpha, proj_weight): no copy."""
+        (weight, bias, alpha, proj_weight, a per-channel alpha included) and its activation: no copy."""
         fused = cls(block.in_features, block.out_features, bias=block.bias is not None,
                     learnable_alpha=isinstance(block.alpha, nn.Parameter), drop_path=getattr(block, "drop_path", 0.0),
-                    device="meta")
+                    act=getattr(block, "act", "relu"), device="meta")
         for name in ("weight", "bias", "proj_weight", "alpha"):
             setattr(fused, name, getattr(block, name))
+        fused._alpha_init = getattr(block, "_alpha_init", 1.0)
         return fused
 
 
@@ -74,6 +80,10 @@ class FusedResidualMLPBlock(_ResidualMLPParameters):
             second GEMM's epilogue and on the backward's g.
         recompute: save only x for the backward and recompute the hidden pre-activation there
             (one more GEMM) instead of keeping the ``(..., H)`` tensor.
+        pre_act: the activation on x before fc1 (``"relu"`` default; None: none, timm's and rtdl's
+            pre-norm blocks).
+        act: the hidden activation (``"relu"`` default; timm's ``Mlp`` is ``nn.GELU()``).
+        alpha_per_channel: ``alpha`` a parameter of shape ``[dim]`` (LayerScale).
 
     ``fc1 = nn.Linear(dim, hidden_features)`` and ``fc2 = nn.Linear(hidden_features, dim)`` (timm's
     ``Mlp`` names and ``nn.Linear``'s init): a state_dict moves to and from
@@ -83,7 +93,8 @@ class FusedResidualMLPBlock(_ResidualMLPParameters):
 
     def forward(self, x: Tensor) -> Tensor:
         return fused_residual_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, alpha=self.alpha,
-                                  sample_scale=self._sample_scale(x), recompute=self.recompute)
+                                  sample_scale=self._sample_scale(x), recompute=self.recompute, pre_act=self.pre_act,
+                                  act=self.act)
 
     @classmethod
     def from_block(cls, block: _ResidualMLPParameters) -> "FusedResidualMLPBlock":
@@ -91,6 +102,7 @@ class FusedResidualMLPBlock(_ResidualMLPParameters):
         (fc1, fc2, alpha) and its settings (drop_path, recompute): no copy."""
         fused = cls(block.dim, block.hidden_features, bias=block.fc1.bias is not None,
                     learnable_alpha=isinstance(block.alpha, nn.Parameter), drop_path=block.drop_path,
-                    recompute=block.recompute, device="meta")
+                    recompute=block.recompute, pre_act=block.pre_act, act=block.act, device="meta")
         fused.fc1, fused.fc2, fused.alpha = block.fc1, block.fc2, block.alpha
+        fused._alpha_init = getattr(block, "_alpha_init", 1.0)
         return fused

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .activations import ACTIVATIONS, Activation, ActLike, resolve as resolve_act
 from ._layout import plan_rows
 from .droppath import rows_per_sample, sample_rows
 from .kernels import plan as _plan_module
@@ -128,6 +129,9 @@ def gemm_operands(who: str, x: Tensor, params: list[tuple[str, Optional[Tensor]]
     return tensors
 
 
+_RELU = ACTIVATIONS["relu"]
+
+
 def _check_inputs(x, weight, bias, alpha, proj_weight, sample_scale=None) -> None:
     """Raise a clear error for input the kernels cannot take, before anything is launched."""
     named = [("x", x), ("weight", weight)] + [(n, t) for n, t in (("bias", bias), ("proj_weight", proj_weight),
@@ -135,7 +139,8 @@ def _check_inputs(x, weight, bias, alpha, proj_weight, sample_scale=None) -> Non
     if isinstance(alpha, Tensor):
         named.append(("alpha", alpha))
     elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"fused_residual: alpha must be a float or a one-element tensor, got {type(alpha).__name__}")
+        raise TypeError(f"fused_residual: alpha must be a float, a one-element tensor or a per-channel tensor "
+                        f"[out_features], got {type(alpha).__name__}")
     check_tensor_types("fused_residual", named)
     if x.dim() == 0:
         raise ValueError("fused_residual: x must have shape (..., D); got a 0-dim tensor")
@@ -153,10 +158,16 @@ def _check_inputs(x, weight, bias, alpha, proj_weight, sample_scale=None) -> Non
                          f"x must have shape (..., {K})")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"fused_residual: bias must have shape [{N}], got {list(bias.shape)}")
-    if isinstance(alpha, Tensor) and alpha.numel() != 1:
-        raise ValueError(f"fused_residual: alpha must have one element, got shape {list(alpha.shape)}")
+    check_alpha_shape("fused_residual", alpha, N)
     check_sample_scale_arg("fused_residual", x, sample_scale)
     check_one_device("fused_residual", named)
+
+
+def check_alpha_shape(who: str, alpha, out_features: int) -> None:
+    """A tensor alpha is one element (any shape) or per channel, ``[out_features]`` (LayerScale)."""
+    if isinstance(alpha, Tensor) and alpha.numel() != 1 and tuple(alpha.shape) != (out_features,):
+        raise ValueError(f"{who}: a tensor alpha must have one element (a scalar scale) or shape "
+                         f"[out_features] = [{out_features}] (a per-channel scale); got shape {list(alpha.shape)}")
 
 
 def check_sample_scale_arg(who: str, x: Tensor, sample_scale: Optional[Tensor]) -> None:
@@ -176,21 +187,28 @@ def check_sample_scale_arg(who: str, x: Tensor, sample_scale: Optional[Tensor]) 
 
 
 def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, alpha: float | Tensor = 1.0,
-                   proj_weight: Optional[Tensor] = None, sample_scale: Optional[Tensor] = None) -> Tensor:
-    """Pre-activation residual block, fused: ``y = x + alpha * (relu(x) @ weight.T + bias)``, or
-    with a projection shortcut ``y = x @ proj_weight.T + alpha * (relu(x) @ weight.T + bias)``.
+                   proj_weight: Optional[Tensor] = None, sample_scale: Optional[Tensor] = None,
+                   act: ActLike = "relu") -> Tensor:
+    """Pre-activation residual block, fused: ``y = x + alpha * (act(x) @ weight.T + bias)``, or
+    with a projection shortcut ``y = x @ proj_weight.T + alpha * (act(x) @ weight.T + bias)``.
 
     Args:
         x: ``(..., in)``, any strides; fp16, bf16, fp32 or fp64.
         weight: ``[out, in]`` in ``nn.Linear`` layout, x's dtype; square unless ``proj_weight``.
         bias: ``[out]`` or None, x's dtype.
-        alpha: residual-branch scale, a float or a one-element tensor (learnable: it gets a
-            gradient, at no extra GEMM). ``alpha = 0`` is ReZero's start.
+        alpha: residual-branch scale, a float, a one-element tensor, or a per-channel tensor
+            ``[out]`` (timm's LayerScale). A tensor may be learnable: its gradient costs no extra
+            GEMM (a per-channel one is a column sum in the dW epilogue). ``alpha = 0`` is ReZero's
+            start.
         proj_weight: ``[out, in]`` projection for the shortcut when ``out != in``.
         sample_scale: stochastic depth's per-sample scale ``s`` (:func:`fusedres.drop_path_scale`),
             ``[x.shape[0]]``, or None: ``y[b] = shortcut[b] + s[b] * alpha * branch[b]``, applied
             as a row scale in the kernels' epilogues (and to g in the backward's branch terms).
             A sample with ``s[b] = 0`` gets ``y[b] = x[b]`` exactly.
+        act: the activation, a name or a torch module (:mod:`fusedres.activations`): ``"relu"``
+            (default), ``"gelu"``, ``"gelu_tanh"``, ``"silu"``, ``"relu_sq"``, ``"leaky_relu"``, or
+            ``nn.ReLU()``, ``nn.GELU()``, ``nn.SiLU()``, ``nn.LeakyReLU(slope)``. Its derivative is
+            recomputed from x in the backward: nothing more is saved than for relu.
 
     Returns:
         ``y`` of shape ``(..., out)``, in ``x``'s dtype (under autocast, eager's type promotion).
@@ -206,7 +224,8 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     # and autocast (which casts the parameters first) take the custom op.
     if (_is_compiling() or type(x) not in _PLAIN or type(weight) not in _PLAIN or _dispatch_modes()
             or _function_modes() or _functorch_active() or (_any_autocast() and torch.is_autocast_enabled(x.device.type))):
-        return _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale)
+        return _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale, act)
+    act = _RELU if act == "relu" else resolve_act(act, "fused_residual")
     if type(alpha) is float:
         alpha, alpha_value = None, alpha
     elif isinstance(alpha, Tensor):
@@ -219,9 +238,9 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
                        weight.device, None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
                        alpha_value == 1.0 if alpha is None else (alpha.shape, alpha.dtype, alpha.device),
                        None if proj_weight is None else _meta(proj_weight), _matmul_precision(),
-                       None if sample_scale is None else (_meta(sample_scale), sample_scale.requires_grad)))
+                       None if sample_scale is None else (_meta(sample_scale), sample_scale.requires_grad), act))
     if plan is None:
-        plan = _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
+        plan = _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, act=act)
     if _grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)
                                     or (alpha is not None and alpha.requires_grad)
@@ -240,11 +259,12 @@ _grad_enabled = torch.is_grad_enabled
 _empty_like = torch.empty_like
 
 
-def _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale=None) -> Tensor:
+def _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale=None, act: ActLike = "relu") -> Tensor:
     """What ``torch.compile`` traces (and any tensor subclass or dispatch mode meets): the
     ``fusedres::residual_forward`` custom op, whose registered autograd calls
     ``fusedres::residual_backward``."""
     _check_inputs(x, weight, bias, alpha, proj_weight, sample_scale)
+    act = resolve_act(act, "fused_residual")
     device_type = x.device.type
     weight, bias, proj_weight = gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias),
                                                                     ("proj_weight", proj_weight)])
@@ -253,7 +273,8 @@ def _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale=None) -
     if not isinstance(alpha, Tensor):
         alpha, alpha_value = None, float(alpha)
     with torch.autocast(device_type, enabled=False):
-        return torch.ops.fusedres.residual_forward(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
+        return torch.ops.fusedres.residual_forward(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale,
+                                                   act.name, act.param)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -286,7 +307,7 @@ class _FusedResidual(torch.autograd.Function):
         needs = (need_dx, need_weight, need_bias and has_bias, need_alpha and has_alpha, need_proj and has_proj)
         if torch.is_grad_enabled():
             grads = torch.ops.fusedres.residual_backward(grad, x, weight, bias, alpha, proj_weight, *needs,
-                                                         alpha_value, sample_scale)
+                                                         alpha_value, sample_scale, plan.act.name, plan.act.param)
         else:
             grads = plan.backward(grad, x, weight, bias, alpha, proj_weight, needs, alpha_value, sample_scale)
         return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
@@ -312,17 +333,18 @@ _matmul_precision = (functools.partial(kernels.configs._fp32_precision_getter, "
                      if kernels.configs._fp32_precision_getter is not None else kernels.configs.fp32_matmul_precision)
 
 
-def _signature(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=None) -> tuple:
+def _signature(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=None, act: Activation = _RELU) -> tuple:
     """Everything a call's checks, allocations and launches depend on, but the data: shapes,
     strides, dtypes, devices, which optional operands there are, a float alpha of 1 (no scale) or
     not, torch's fp32 matmul precision (tf32 or IEEE), and stochastic depth's scale (its
-    requires_grad too: the check that refuses it runs once per signature). (fused_residual builds
+    requires_grad too: the check that refuses it runs once per signature), and the activation's table
+    row. (fused_residual builds
     the same tuple inline, a Python call less on every call: keep the two equal.)"""
     return (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
             None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
             alpha_value == 1.0 if alpha is None else (alpha.shape, alpha.dtype, alpha.device),
             None if proj_weight is None else _meta(proj_weight), _matmul_precision(),
-            None if sample_scale is None else (_meta(sample_scale), sample_scale.requires_grad))
+            None if sample_scale is None else (_meta(sample_scale), sample_scale.requires_grad), act)
 
 
 # signature -> _Plan. Bounded: cleared when it grows past _PLANS_MAX; emptied by
@@ -332,12 +354,13 @@ _op_plans: dict = kernels.configs.register_prepared_cache({})
 _PLANS_MAX = 4096
 
 
-def _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=None, plans: dict = _plans) -> "_Plan":
+def _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=None, plans: dict = _plans, *,
+              act: Activation = _RELU) -> "_Plan":
     """The plan of this call's signature: found, or made after the input checks (which run once
     per signature: a signature that passed them once passes them always). ``fused_residual``'s
     plans (``_plans``) also hold its dtype rule (parameters in x's dtype outside autocast); the
     custom ops' (``_op_plans``) take what autocast made, parameters cast, x not."""
-    key = _signature(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
+    key = _signature(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, act)
     plan = plans.get(key)
     if plan is None:
         _check_inputs(x, weight, bias, alpha if alpha is not None else alpha_value, proj_weight, sample_scale)
@@ -345,7 +368,7 @@ def _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=Non
             gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias), ("proj_weight", proj_weight)])
         if len(plans) >= _PLANS_MAX:
             plans.clear()
-        plan = plans[key] = _Plan(x, weight, bias, sample_scale)
+        plan = plans[key] = _Plan(x, weight, bias, sample_scale, alpha, act)
     return plan
 
 
@@ -358,23 +381,29 @@ class _Plan:
     replay those launches with their own tensors. Same kernels, configs, grids and arguments, so
     the same results and launch counts.
     """
-    __slots__ = ("eager", "rows", "xs", "copy_x", "copy_bias", "copy_s", "rows_per_sample", "out_shape", "out_dtype",
-                 "like_x", "fast", "fwd", "bwd")
+    __slots__ = ("eager", "rows", "xs", "copy_x", "copy_bias", "copy_s", "copy_alpha", "rows_per_sample", "out_shape",
+                 "out_dtype", "like_x", "fast", "fwd", "bwd", "act", "kact")
 
-    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], sample_scale: Optional[Tensor] = None):
+    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], sample_scale: Optional[Tensor] = None,
+                 alpha: Optional[Tensor] = None, act: Activation = _RELU):
+        self.act = act
+        self.kact = dict(act=act.name, act_param=act.param)      # the launchers' keywords
+        if act.name != "relu" and x.device.type == "cuda":
+            warn_ungated(act.name)
         self.eager = backend_for(x.device) == "eager"
         self.rows, (self.xs,), (xk,) = plan_rows(x)
         self.copy_x = xk is not x
         # the kernels read bias[n] at n: a strided bias is made contiguous (D elements)
         self.copy_bias = bias is not None and bias.numel() > 1 and bias.stride(0) != 1
         self.copy_s = sample_scale is not None and sample_scale.numel() > 1 and sample_scale.stride(0) != 1
+        self.copy_alpha = alpha is not None and alpha.numel() > 1 and alpha.stride(0) != 1     # per channel
         self.rows_per_sample = rows_per_sample(x) if sample_scale is not None else 1
         self.out_shape = (*x.shape[:-1], weight.shape[0])
         self.out_dtype = torch.promote_types(x.dtype, weight.dtype)
         # y as x's own layout (the cheapest allocation) when that is the row-major output
         self.like_x = x.is_contiguous() and self.out_shape == x.shape and self.out_dtype == x.dtype
         # the common case: Triton, no copies, y like x
-        self.fast = self.like_x and not (self.eager or self.copy_x or self.copy_bias or self.copy_s)
+        self.fast = self.like_x and not (self.eager or self.copy_x or self.copy_bias or self.copy_s or self.copy_alpha)
         self.fwd = None
         self.bwd: dict = {}
 
@@ -385,16 +414,19 @@ class _Plan:
             launch.run(fwd_head(x, weight, bias, y, alpha if alpha is not None else
                                 (None if alpha_value == 1.0 else alpha_value), proj_weight, None, sample_scale))
             if _validate.ENABLED:
-                check_forward(y, x, weight, bias, _scale(alpha, alpha_value), proj_weight, sample_scale)
+                check_forward(y, x, weight, bias, _scale(alpha, alpha_value), proj_weight, sample_scale, self.act)
             return y
         if self.eager:      # (contiguous, as the custom op's fake kernel promises)
-            return eager_forward(x, weight, bias, _scale(alpha, alpha_value), proj_weight, sample_scale).contiguous()
+            return eager_forward(x, weight, bias, _scale(alpha, alpha_value), proj_weight, sample_scale,
+                                 self.act).contiguous()
         if self.copy_x:
             x = plan_rows(x)[2][0]
         if self.copy_bias:
             bias = bias.contiguous()
         if self.copy_s:
             sample_scale = sample_scale.contiguous()
+        if self.copy_alpha:
+            alpha = alpha.contiguous()
         y = torch.empty_like(x) if self.like_x else x.new_empty(self.out_shape, dtype=self.out_dtype)
         scale = _scale(alpha, alpha_value)
         if self.fwd is not None:
@@ -402,29 +434,34 @@ class _Plan:
         else:
             self.fwd = kernels.residual_fwd(x, self.xs, weight, bias, y.view(self.rows.M, weight.shape[0]),
                                             self.rows, alpha=scale, proj_weight=proj_weight,
-                                            sample_scale=sample_scale, rows_per_sample=self.rows_per_sample)
+                                            sample_scale=sample_scale, rows_per_sample=self.rows_per_sample,
+                                            **self.kact)
         if _validate.ENABLED:
-            check_forward(y, x, weight, bias, scale, proj_weight, sample_scale)
+            check_forward(y, x, weight, bias, scale, proj_weight, sample_scale, self.act)
         return y
 
     def backward(self, grad, x, weight, bias, alpha, proj_weight, needs, alpha_value, sample_scale=None):
         """(dx, dW, db, dalpha, dP), None for each not asked for."""
         scale = _scale(alpha, alpha_value)
         if self.eager:
-            return eager_backward(grad, x, weight, bias, scale, proj_weight, *needs, sample_scale=sample_scale)
+            return eager_backward(grad, x, weight, bias, scale, proj_weight, *needs, sample_scale=sample_scale,
+                                  act=self.act)
         # (the backward's bias is None unless alpha needs its gradient: only then saved)
         if self.copy_bias and bias is not None:
             bias = bias.contiguous()
         if self.copy_s and sample_scale is not None:
             sample_scale = sample_scale.contiguous()
+        if self.copy_alpha:
+            scale = scale.contiguous()
         key = (grad.shape, grad.stride(), grad.dtype, grad.device, needs, bias is None, _plan_module.forced_splits(),
                _matmul_precision())
         launches = self.bwd.get(key)
         if launches is None:
             launches = self.bwd[key] = _BackwardLaunches(grad, x)
-        grads = launches.run(grad, x, weight, bias, scale, proj_weight, *needs, sample_scale, self.rows_per_sample)
+        grads = launches.run(grad, x, weight, bias, scale, proj_weight, *needs, sample_scale, self.rows_per_sample,
+                             self.kact)
         if _validate.ENABLED:
-            check_backward(grads, grad, x, weight, bias, scale, proj_weight, sample_scale)
+            check_backward(grads, grad, x, weight, bias, scale, proj_weight, sample_scale, self.act)
         return grads
 
 
@@ -439,8 +476,9 @@ class _BackwardLaunches:
         self.dx = self.dw = None
 
     def run(self, grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha, need_proj,
-            sample_scale=None, rows_per_sample=1):
+            sample_scale=None, rows_per_sample=1, kact=None):
         N, K = weight.shape
+        kact = kact or {}
         rows, gs, xs = self.rows, self.gs, self.xs
         if self.copy:
             rows, (gs, xs), (grad, x_rows) = plan_rows(grad, x)
@@ -454,7 +492,7 @@ class _BackwardLaunches:
             else:
                 self.dx = kernels.residual_dx(grad, gs, x_rows, xs, weight, dx.view(rows.M, K), rows, alpha=alpha,
                                               proj_weight=proj_weight, sample_scale=sample_scale,
-                                              rows_per_sample=rows_per_sample)
+                                              rows_per_sample=rows_per_sample, **kact)
         if need_weight or need_alpha or need_proj:
             # dW is the GEMM the dalpha and dP reductions ride on: it is computed whenever they are.
             acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -462,18 +500,19 @@ class _BackwardLaunches:
             db = weight.new_empty(N) if need_bias else None
             dp = weight.new_empty(N, K) if need_proj else None
             # no zero fill: only the partials of the launch's own programs are summed
-            partials = (torch.empty(kernels.dalpha_workspace_size(N, K, need_proj), device=x.device, dtype=acc)
-                        if need_alpha else None)
+            per_channel = need_alpha and alpha.numel() > 1
+            partials = (torch.empty(kernels.dalpha_workspace_size(N, K, need_proj, per_channel), device=x.device,
+                                    dtype=acc) if need_alpha else None)
             if self.dw is not None:
                 programs = self.dw(grad, x_rows, dw, db, weight=weight, bias=bias, alpha=alpha,
                                    dalpha_partials=partials, dp=dp, sample_scale=sample_scale)
             else:
                 self.dw = kernels.residual_dw(grad, gs, x_rows, xs, dw, db, rows, weight=weight, bias=bias,
                                               alpha=alpha, dalpha_partials=partials, dp=dp, sample_scale=sample_scale,
-                                              rows_per_sample=rows_per_sample)
+                                              rows_per_sample=rows_per_sample, **kact)
                 programs = self.dw.programs
             if need_alpha:
-                dalpha = partials[:programs].sum().to(alpha.dtype).reshape(alpha.shape)
+                dalpha = dalpha_from_partials(partials, programs, alpha, N)
             if not need_weight:
                 dw = None
         elif need_bias:
@@ -487,6 +526,28 @@ class _BackwardLaunches:
                 db = db * alpha
             db = db.to(weight.dtype)
         return dx, dw, db, dalpha, dp
+
+
+_warned: set = set()
+
+
+def warn_ungated(name: str) -> None:
+    """Once per activation: its GPU tiles are correct but not all gate-clean yet (some spill)."""
+    if name not in _warned:
+        _warned.add(name)
+        import warnings
+        warnings.warn(f"fusedres: activation {name!r} runs the fused kernels, but not every shipped tile compiles "
+                      "without register spills for it yet (python -m fusedres.aot --acts " + name + "); the "
+                      "results are exact, some autotuned tiles may be slower than relu's", RuntimeWarning,
+                      stacklevel=3)
+
+
+def dalpha_from_partials(partials: Tensor, programs: int, alpha: Tensor, N: int) -> Tensor:
+    """dalpha from the dW kernels' partials: the sum of the first ``programs`` (a scalar alpha), or
+    per feature the sum of ``programs`` rows of ``N`` (a per-channel alpha), in a fixed order."""
+    if alpha.numel() > 1:
+        return partials[:programs * N].view(programs, N).sum(0).to(alpha.dtype).reshape(alpha.shape)
+    return partials[:programs].sum().to(alpha.dtype).reshape(alpha.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,22 +566,31 @@ def _empty_like_output(x: Tensor, weight: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
+def _activation(act: str, act_param: float) -> Activation:
+    """The custom ops' ``(act, act_param)`` as the table row (validated)."""
+    if act == "relu":
+        return _RELU
+    row = resolve_act(act, "fusedres::residual_forward")
+    return row if row.name != "leaky_relu" else Activation("leaky_relu", float(act_param))
+
+
 def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
-                  proj_weight: Optional[Tensor], alpha_value: float = 1.0, sample_scale: Optional[Tensor] = None
-                  ) -> Tensor:
-    return _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, _op_plans).forward(
+                  proj_weight: Optional[Tensor], alpha_value: float = 1.0, sample_scale: Optional[Tensor] = None,
+                  act: str = "relu", act_param: float = 0.0) -> Tensor:
+    row = _activation(act, act_param)
+    return _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, _op_plans, act=row).forward(
         x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
 
 
 @torch.library.custom_op("fusedres::residual_forward", mutates_args=())
 def residual_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
                      proj_weight: Optional[Tensor], alpha_value: float = 1.0,
-                     sample_scale: Optional[Tensor] = None) -> Tensor:
-    return _forward_impl(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale)
+                     sample_scale: Optional[Tensor] = None, act: str = "relu", act_param: float = 0.0) -> Tensor:
+    return _forward_impl(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, act, act_param)
 
 
 @residual_forward.register_fake
-def _(x, weight, bias, alpha, proj_weight, alpha_value=1.0, sample_scale=None):
+def _(x, weight, bias, alpha, proj_weight, alpha_value=1.0, sample_scale=None, act="relu", act_param=0.0):
     return _empty_like_output(x, weight)
 
 
@@ -528,26 +598,28 @@ def _(x, weight, bias, alpha, proj_weight, alpha_value=1.0, sample_scale=None):
 def residual_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
                       proj_weight: Optional[Tensor], need_dx: bool, need_weight: bool, need_bias: bool,
                       need_alpha: bool, need_proj: bool, alpha_value: float = 1.0,
-                      sample_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      sample_scale: Optional[Tensor] = None, act: str = "relu",
+                      act_param: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``residual_forward`` with respect to (x, weight, bias, alpha, proj_weight); an
     empty tensor stands for each gradient not asked for (and its kernel is not launched)."""
     grads = _backward_impl(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha,
-                           need_proj, alpha_value, sample_scale)
+                           need_proj, alpha_value, sample_scale, act, act_param)
     return tuple(t if t is not None else like.new_empty(0)
                  for t, like in zip(grads, (x, weight, weight, weight, weight)))
 
 
 def _backward_impl(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha,
-                   need_proj, alpha_value=1.0, sample_scale=None):
+                   need_proj, alpha_value=1.0, sample_scale=None, act="relu", act_param=0.0):
     """(dx, dW, db, dalpha, dP), None for each not asked for: both paths' backward."""
-    plan = _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, _op_plans)
+    plan = _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, _op_plans,
+                     act=_activation(act, act_param))
     return plan.backward(grad, x, weight, bias, alpha, proj_weight,
                          (need_dx, need_weight, need_bias, need_alpha, need_proj), alpha_value, sample_scale)
 
 
 @residual_backward.register_fake
 def _(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha, need_proj,
-      alpha_value=1.0, sample_scale=None):
+      alpha_value=1.0, sample_scale=None, act="relu", act_param=0.0):
     N, K = weight.shape
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             weight.new_empty(N, K) if need_weight else weight.new_empty(0),
@@ -557,9 +629,9 @@ def _(grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, alpha, proj_weight, alpha_value, sample_scale = inputs
+    x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, act, act_param = inputs
     ctx.has = (bias is not None, alpha is not None, proj_weight is not None)
-    ctx.alpha_value = alpha_value
+    ctx.alpha_value, ctx.act = alpha_value, (act, act_param)
     # Saved: x, the weights, alpha and stochastic depth's s; the bias only when alpha needs its
     # gradient (dalpha's <g.sum(0), b> term). Never relu(x) or any other M x D tensor.
     keep_bias = bias if (alpha is not None and alpha.requires_grad) else None
@@ -572,8 +644,8 @@ def _backward(ctx, grad):
     need_dx, need_weight, need_bias, need_alpha, need_proj = ctx.needs_input_grad[:5]
     needs = (need_dx, need_weight, need_bias and has_bias, need_alpha and has_alpha, need_proj and has_proj)
     grads = torch.ops.fusedres.residual_backward(grad, x, weight, bias, alpha, proj_weight, *needs,
-                                                 ctx.alpha_value, sample_scale)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+                                                 ctx.alpha_value, sample_scale, *ctx.act)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
 def refuse_double_backward(backward_op, who: str, reference: str) -> None:

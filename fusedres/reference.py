@@ -7,15 +7,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activations import ACTIVATIONS, Activation, ActLike, resolve as resolve_act
 from .droppath import apply_sample_scale, check_drop_path, check_sample_scale, drop_path_scale, sample_rows
 
 
+_RELU = ACTIVATIONS["relu"]
+
+
 def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, alpha: float | Tensor = 1.0,
-                       proj_weight: Tensor | None = None, sample_scale: Tensor | None = None) -> Tensor:
+                       proj_weight: Tensor | None = None, sample_scale: Tensor | None = None,
+                       act: ActLike = "relu") -> Tensor:
     """The definition of the block, in plain PyTorch:
 
-    ``x + alpha * F.linear(F.relu(x), weight, bias)``, or with a projection shortcut
-    ``F.linear(x, proj_weight) + alpha * F.linear(F.relu(x), weight, bias)``.
+    ``x + alpha * F.linear(act(x), weight, bias)``, or with a projection shortcut
+    ``F.linear(x, proj_weight) + alpha * F.linear(act(x), weight, bias)``. ``act``: a name or
+    module of :mod:`fusedres.activations` (default relu). ``alpha``: a float, a one-element
+    tensor, or a per-channel tensor ``[out]`` (LayerScale).
 
     ``sample_scale`` (stochastic depth, see :mod:`fusedres.droppath`): None, or a 1-D tensor ``s``
     of ``x.shape[0]`` values scaling each sample's branch,
@@ -23,8 +30,9 @@ def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     ``s[b] == 0`` the sample's output is its shortcut exactly.
     """
     check_sample_scale(sample_scale, x, "residual_reference")
+    act = resolve_act(act, "residual_reference")
     shortcut = x if proj_weight is None else F.linear(x, proj_weight)
-    branch = apply_sample_scale(F.linear(F.relu(x), weight, bias), sample_scale)
+    branch = apply_sample_scale(F.linear(act(x), weight, bias), sample_scale)
     return _add_branch(shortcut, branch, alpha)
 
 
@@ -37,10 +45,15 @@ def _add_branch(shortcut: Tensor, branch: Tensor, alpha: float | Tensor) -> Tens
 
 def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
                            fc2_bias: Tensor | None, *, alpha: float | Tensor = 1.0,
-                           sample_scale: Tensor | None = None) -> Tensor:
+                           sample_scale: Tensor | None = None, pre_act: ActLike = "relu",
+                           act: ActLike = "relu") -> Tensor:
     """The definition of the block with a hidden layer (the MLP block), in plain PyTorch:
 
-    ``y = x + alpha * s * (relu(relu(x) @ W1.T + b1) @ W2.T + b2)``
+    ``y = x + alpha * s * (act(pre_act(x) @ W1.T + b1) @ W2.T + b2)``
+
+    ``pre_act`` (default relu; None: none, the pre-norm blocks of timm and rtdl) applies to x
+    before fc1, ``act`` (default relu) to the hidden layer; each a name or module of
+    :mod:`fusedres.activations`.
 
     with ``W1 = fc1_weight [H, D]``, ``b1 = fc1_bias [H]``, ``W2 = fc2_weight [D, H]``,
     ``b2 = fc2_bias [D]`` (either bias may be None), ``x (..., D)``, and ``s`` the per-sample scale
@@ -54,16 +67,20 @@ def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | Non
         raise ValueError("residual_mlp_reference: expected fc1_weight [H, D] and fc2_weight [D, H] with "
                          f"D = x.shape[-1] = {D}, got fc1_weight {list(fc1_weight.shape)} and fc2_weight "
                          f"{list(fc2_weight.shape)}")
-    h = F.linear(F.relu(x), fc1_weight, fc1_bias)
-    branch = apply_sample_scale(F.linear(F.relu(h), fc2_weight, fc2_bias), sample_scale)
+    pre = resolve_act(pre_act, "residual_mlp_reference", allow_none=True)
+    act = resolve_act(act, "residual_mlp_reference")
+    h = F.linear(x if pre is None else pre(x), fc1_weight, fc1_bias)
+    branch = apply_sample_scale(F.linear(act(h), fc2_weight, fc2_bias), sample_scale)
     return _add_branch(x, branch, alpha)
 
 
 def eager_forward(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor | None = None,
-                  proj_weight: Tensor | None = None, sample_scale: Tensor | None = None) -> Tensor:
+                  proj_weight: Tensor | None = None, sample_scale: Tensor | None = None,
+                  act: Activation = _RELU) -> Tensor:
     """The reference forward in the dtypes the kernels see: the GEMMs in ``weight``'s dtype (under
-    autocast the wrapper has cast the parameters), the residual add in eager's type promotion."""
-    h = F.relu(x).to(weight.dtype)
+    autocast the wrapper has cast the parameters), the residual add in eager's type promotion.
+    ``act``: a row of :data:`fusedres.activations.ACTIVATIONS`."""
+    h = act(x).to(weight.dtype)
     branch = F.linear(h, weight, bias)
     if sample_scale is not None:
         branch = branch * sample_rows(sample_scale, branch)
@@ -75,29 +92,34 @@ def eager_forward(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor 
 
 def eager_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor | None,
                    proj_weight: Tensor | None, need_dx: bool, need_weight: bool, need_bias: bool,
-                   need_alpha: bool, need_proj: bool, sample_scale: Tensor | None = None):
+                   need_alpha: bool, need_proj: bool, sample_scale: Tensor | None = None,
+                   act: Activation = _RELU):
     """The reference gradients of :func:`eager_forward` as eager autograd computes them, None
-    where not asked for: (dx, dW, db, dalpha, dP). ``relu``'s backward is ``threshold_backward``,
-    ``x <= 0 -> 0``, which lets the gradient through at NaN. With ``sample_scale`` the branch's
-    gradient is ``s * g`` (the shortcut's, and dP's, stay ``g``)."""
+    where not asked for: (dx, dW, db, dalpha, dP). The activation's derivative is torch's own
+    backward (``relu``'s is ``threshold_backward``, ``x <= 0 -> 0``, which lets the gradient
+    through at NaN). With ``sample_scale`` the branch's gradient is ``s * g`` (the shortcut's,
+    and dP's, stay ``g``). A per-channel alpha scales g's columns before the GEMM, as autograd
+    does."""
     N, K = weight.shape
     g_shortcut = grad.to(weight.dtype)
     g = g_shortcut if sample_scale is None else g_shortcut * sample_rows(sample_scale, g_shortcut)
     g2 = g.reshape(-1, N)
-    h2 = F.relu(x).to(weight.dtype).reshape(-1, K)
+    h2 = act(x).to(weight.dtype).reshape(-1, K)
     scale = (lambda t: t) if alpha is None else (lambda t: alpha * t)
+    per_channel = isinstance(alpha, Tensor) and alpha.numel() > 1
     dx = dw = db = dalpha = dp = None
     if need_dx:
-        branch = torch.where(x <= 0, 0, scale(g @ weight))
+        dh = (alpha * g) @ weight if per_channel else scale(g @ weight)
+        branch = torch.where(x <= 0, 0, dh) if act.name == "relu" else act.backward(x, dh)
         shortcut = grad if proj_weight is None else g_shortcut @ proj_weight
         dx = (shortcut + branch).to(x.dtype)
     if need_weight:
-        dw = scale(g2.T @ h2).to(weight.dtype)
+        dw = ((alpha[:, None] * (g2.T @ h2)) if per_channel else scale(g2.T @ h2)).to(weight.dtype)
     if need_bias:
         db = scale(g2.sum(0)).to(weight.dtype)
     if need_alpha:
         lin = F.linear(h2, weight, bias)
-        dalpha = (g2 * lin).sum().to(alpha.dtype).reshape(alpha.shape)
+        dalpha = ((g2 * lin).sum(0) if per_channel else (g2 * lin).sum()).to(alpha.dtype).reshape(alpha.shape)
     if need_proj:
         dp = g_shortcut.reshape(-1, N).T @ x.to(weight.dtype).reshape(-1, K)
     return dx, dw, db, dalpha, dp
@@ -108,7 +130,14 @@ class _ResidualAlpha(nn.Module):
     buffer of that name, or with ``learnable_alpha`` a parameter), loading a checkpoint that has no
     ``alpha``, and the stochastic-depth rate ``drop_path`` (a plain float, not in the state_dict)."""
 
-    def _init_alpha(self, alpha: float, learnable_alpha: bool, device, dtype) -> None:
+    def _init_alpha(self, alpha: float, learnable_alpha: bool, device, dtype, per_channel: int | None = None) -> None:
+        """``alpha``: a 0-dim buffer (a parameter with ``learnable_alpha``), or with
+        ``per_channel = n`` a parameter of shape ``[n]`` filled with ``alpha`` (timm's LayerScale,
+        whose ``init_values`` is typically 1e-5)."""
+        if per_channel is not None:
+            self.alpha = nn.Parameter(torch.full((per_channel,), float(alpha), device=device, dtype=dtype))
+            self._alpha_init = float(alpha)
+            return
         alpha_t = torch.tensor(float(alpha), device=device, dtype=dtype)
         if learnable_alpha:
             self.alpha = nn.Parameter(alpha_t)
@@ -133,17 +162,24 @@ class _ResidualAlpha(nn.Module):
         if key not in state_dict:
             alpha = self.alpha
             if alpha.device.type == "meta":
-                alpha = torch.tensor(getattr(self, "_alpha_init", 1.0), dtype=alpha.dtype)
+                alpha = torch.full(alpha.shape, getattr(self, "_alpha_init", 1.0), dtype=alpha.dtype)
             state_dict[key] = alpha
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     def _alpha_repr(self) -> str:
         alpha = self.alpha
+        act = getattr(self, "act", None)
+        acts = "" if act is None or act.name == "relu" else f"act={act.spec}, "
+        pre = getattr(self, "pre_act", ACTIVATIONS["relu"])
+        acts = ("" if pre is not None and pre.name == "relu" else f"pre_act={pre.spec if pre else None}, ") + acts
+        drop = getattr(self, "drop_path", 0.0)
+        if alpha.dim() == 1:
+            return f"{acts}alpha=[{alpha.numel()}] per channel, init {getattr(self, '_alpha_init', 1.0):g}" + (
+                f", drop_path={drop:g}" if drop else "")
         value = getattr(self, "_alpha_init", 1.0) if alpha.device.type == "meta" else alpha.item()
         learnable = " (learnable)" if isinstance(alpha, nn.Parameter) else ""
-        drop = getattr(self, "drop_path", 0.0)
-        return f"alpha={value:g}{learnable}" + (f", drop_path={drop:g}" if drop else "")
+        return f"{acts}alpha={value:g}{learnable}" + (f", drop_path={drop:g}" if drop else "")
 
 
 class _ResidualParameters(_ResidualAlpha):
@@ -160,8 +196,10 @@ class _ResidualParameters(_ResidualAlpha):
     """
 
     def __init__(self, dim: int, out_features: int | None = None, bias: bool = True, *, alpha: float = 1.0,
-                 learnable_alpha: bool = False, drop_path: float = 0.0, device=None, dtype=None) -> None:
+                 learnable_alpha: bool = False, drop_path: float = 0.0, act: ActLike = "relu",
+                 alpha_per_channel: bool = False, device=None, dtype=None) -> None:
         super().__init__()
+        self.act = resolve_act(act, type(self).__name__)
         if isinstance(out_features, bool):
             out_features, bias = None, out_features
         out_features = dim if out_features is None else out_features
@@ -179,7 +217,7 @@ class _ResidualParameters(_ResidualAlpha):
             self.proj_weight = nn.Parameter(torch.empty(out_features, dim, **factory))
         else:
             self.register_parameter("proj_weight", None)
-        self._init_alpha(alpha, learnable_alpha, device, dtype)
+        self._init_alpha(alpha, learnable_alpha, device, dtype, out_features if alpha_per_channel else None)
         self._init_drop_path(drop_path)
         self.reset_parameters()
 
@@ -217,7 +255,7 @@ class ResidualBlock(_ResidualParameters):
 
     def forward(self, x: Tensor) -> Tensor:
         return residual_reference(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight,
-                                  sample_scale=self._sample_scale(x))
+                                  sample_scale=self._sample_scale(x), act=self.act)
 
 
 class _ResidualMLPParameters(_ResidualAlpha):
@@ -234,9 +272,12 @@ class _ResidualMLPParameters(_ResidualAlpha):
     """
 
     def __init__(self, dim: int, hidden_features: int, bias: bool = True, *, alpha: float = 1.0,
-                 learnable_alpha: bool = False, drop_path: float = 0.0, recompute: bool = False, device=None,
+                 learnable_alpha: bool = False, drop_path: float = 0.0, recompute: bool = False,
+                 pre_act: ActLike = "relu", act: ActLike = "relu", alpha_per_channel: bool = False, device=None,
                  dtype=None) -> None:
         super().__init__()
+        self.pre_act = resolve_act(pre_act, type(self).__name__, allow_none=True)
+        self.act = resolve_act(act, type(self).__name__)
         for name, n in (("dim", dim), ("hidden_features", hidden_features)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {n!r}")
@@ -244,7 +285,7 @@ class _ResidualMLPParameters(_ResidualAlpha):
         self.dim, self.hidden_features = dim, hidden_features
         self.fc1 = nn.Linear(dim, hidden_features, bias=bias, **factory)
         self.fc2 = nn.Linear(hidden_features, dim, bias=bias, **factory)
-        self._init_alpha(alpha, learnable_alpha, device, dtype)
+        self._init_alpha(alpha, learnable_alpha, device, dtype, dim if alpha_per_channel else None)
         self._init_drop_path(drop_path)
         self.recompute = bool(recompute)
 
@@ -282,7 +323,8 @@ class ResidualMLPBlock(_ResidualMLPParameters):
 
     def forward(self, x: Tensor) -> Tensor:
         return residual_mlp_reference(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                      alpha=self.alpha, sample_scale=self._sample_scale(x))
+                                      alpha=self.alpha, sample_scale=self._sample_scale(x), pre_act=self.pre_act,
+                                      act=self.act)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .kernels import configs as _configs
+from .activations import ACTIVATIONS, Activation
 from .reference import eager_backward, eager_forward
 
 
@@ -113,26 +114,27 @@ def _double(t: Tensor | float | None, absolute: bool = False) -> Tensor | float 
     return t.double().abs() if absolute else t.double()
 
 
-def check_forward(y: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight, sample_scale=None) -> None:
+def check_forward(y: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight, sample_scale=None,
+                  act: Activation = ACTIVATIONS["relu"]) -> None:
     if not ENABLED:
         return
     inputs = (x, weight, bias, alpha, proj_weight, sample_scale)
-    eager = eager_forward(*inputs)
-    reference = eager_forward(*(_double(t) for t in inputs))
-    scale = eager_forward(*(_double(t, absolute=True) for t in inputs))
+    eager = eager_forward(*inputs, act=act)
+    reference = eager_forward(*(_double(t) for t in inputs), act=act)
+    scale = eager_forward(*(_double(t, absolute=True) for t in inputs), act=act)
     _raise_if_broken("fusedres::residual_forward", "y", y, eager, reference, scale, _shapes(x=x, weight=weight))
 
 
 def check_backward(grads, grad: Tensor, x: Tensor, weight: Tensor, bias, alpha, proj_weight,
-                   sample_scale=None) -> None:
+                   sample_scale=None, act: Activation = ACTIVATIONS["relu"]) -> None:
     if not ENABLED:
         return
     needs = [g is not None for g in grads]
     inputs = (grad, x, weight, bias, alpha, proj_weight)
     s = (sample_scale, _double(sample_scale), _double(sample_scale, absolute=True))
-    eager = eager_backward(*inputs, *needs, sample_scale=s[0])
-    reference = eager_backward(*(_double(t) for t in inputs), *needs, sample_scale=s[1])
-    scale = eager_backward(*(_double(t, absolute=True) for t in inputs), *needs, sample_scale=s[2])
+    eager = eager_backward(*inputs, *needs, sample_scale=s[0], act=act)
+    reference = eager_backward(*(_double(t) for t in inputs), *needs, sample_scale=s[1], act=act)
+    scale = eager_backward(*(_double(t, absolute=True) for t in inputs), *needs, sample_scale=s[2], act=act)
     for name, f, e, r, sc in zip(("dx", "dweight", "dbias", "dalpha", "dproj_weight"), grads, eager, reference,
                                  scale):
         if f is not None:

@@ -57,13 +57,13 @@ def make_params(D, dtype, device, bias=True, weight_layout="contiguous", seed=1)
     return w, b
 
 
-def run(fn, x, w, b, g, dtype=None, alpha=None, proj=None):
+def run(fn, x, w, b, g, dtype=None, alpha=None, proj=None, act="relu"):
     """Forward and backward of ``fn``; returns (y, dx, dW, db, dalpha, dP), None for what is not
     there, with the inputs cast to ``dtype``."""
     cast = (lambda t: t.detach().to(dtype)) if dtype is not None else (lambda t: t.detach())
     leaves = [cast(t).requires_grad_() if t is not None else None for t in (x, w, b, alpha, proj)]
     xx, ww, bb, aa, pp = leaves
-    kwargs = {}
+    kwargs = {} if act == "relu" else {"act": act}
     if aa is not None:
         kwargs["alpha"] = aa
     if pp is not None:
@@ -73,16 +73,16 @@ def run(fn, x, w, b, g, dtype=None, alpha=None, proj=None):
     return [y.detach()] + [t.grad if t is not None else None for t in leaves]
 
 
-def check_parity(x, w, b, g=None, *, alpha=None, proj=None, names=NAMES):
+def check_parity(x, w, b, g=None, *, alpha=None, proj=None, names=NAMES, act="relu"):
     """Run fused, eager and fp64 on the same rounded inputs and assert the parity rule for every
     output and gradient. Returns the fused results (y, dx, dW, db, dalpha, dP)."""
     if g is None:
         g = torch.randn((*x.shape[:-1], w.shape[0]), generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype)
-    fused = run(fused_residual, x, w, b, g, alpha=alpha, proj=proj)
-    eager = run(residual_reference, x, w, b, g, alpha=alpha, proj=proj)
-    ref = run(residual_reference, x, w, b, g, dtype=torch.float64, alpha=alpha, proj=proj)
+    fused = run(fused_residual, x, w, b, g, alpha=alpha, proj=proj, act=act)
+    eager = run(residual_reference, x, w, b, g, alpha=alpha, proj=proj, act=act)
+    ref = run(residual_reference, x, w, b, g, dtype=torch.float64, alpha=alpha, proj=proj, act=act)
     absolute = [t.abs() if t is not None else None for t in (x, w, b, g, alpha, proj)]
-    scale = run(residual_reference, *absolute[:4], dtype=torch.float64, alpha=absolute[4], proj=absolute[5])
+    scale = run(residual_reference, *absolute[:4], dtype=torch.float64, alpha=absolute[4], proj=absolute[5], act=act)
     for name, f, e, r, sc in zip(names, fused, eager, ref, scale):
         if r is None:
             assert f is None and e is None, name
@@ -120,11 +120,12 @@ def check_mlp_parity(x, w1, b1, w2, b2, *, alpha=1.0, s=None, **kwargs):
     """Fused, eager in the same dtype, fp64 on the same rounded inputs, and the absolute-value
     computation for the floor: the parity rule for y and every gradient. Returns the fused results."""
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype)
+    acts = {k: kwargs[k] for k in ("pre_act", "act") if k in kwargs}     # the block's definition: every run
     fused = run_mlp(fused_residual_mlp, x, w1, b1, w2, b2, g, alpha, s, x.dtype, **kwargs)
-    eager = run_mlp(residual_mlp_reference, x, w1, b1, w2, b2, g, alpha, s, x.dtype)
-    ref = run_mlp(residual_mlp_reference, x, w1, b1, w2, b2, g, alpha, s, torch.float64)
+    eager = run_mlp(residual_mlp_reference, x, w1, b1, w2, b2, g, alpha, s, x.dtype, **acts)
+    ref = run_mlp(residual_mlp_reference, x, w1, b1, w2, b2, g, alpha, s, torch.float64, **acts)
     absolute = [t.abs() if isinstance(t, torch.Tensor) else t for t in (x, w1, b1, w2, b2, g, alpha, s)]
-    scale = run_mlp(residual_mlp_reference, *absolute[:6], absolute[6], absolute[7], torch.float64)
+    scale = run_mlp(residual_mlp_reference, *absolute[:6], absolute[6], absolute[7], torch.float64, **acts)
     for name, f, e, r, sc in zip(MLP_NAMES, fused, eager, ref, scale):
         if r is None:
             assert f is None and e is None, name

@@ -499,12 +499,12 @@ def test_compile_gate_builds_both_alpha_variants():
     assert "alpha-value" in aot.FEATURES and "alpha+proj" in aot.FEATURES
     for kind in aot.KINDS:
         args, consts = aot.example_launch(kind, "fp32", M=64, D=32, features="alpha-value")
-        assert consts["HAS_ALPHA"] and not consts["ALPHA_IS_PTR"]
+        assert consts["ALPHA"] == "value"
         assert [a for a in args if type(a) is float] == [0.5]
         args, consts = aot.example_launch(kind, "fp32", M=64, D=32, features="alpha+proj")
-        assert consts["HAS_ALPHA"] and consts["ALPHA_IS_PTR"]
+        assert consts["ALPHA"] == "scalar"
         args, consts = aot.example_launch(kind, "fp32", M=64, D=32, features="base")
-        assert not consts["HAS_ALPHA"]
+        assert consts["ALPHA"] is None
 
 
 def test_float_alpha_ops_pass_opcheck_and_compile(device, launches):

@@ -129,18 +129,6 @@ def to_gemm_operand(v, GEMM_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
-def relu_nan(v):
-    """relu that keeps NaN, as ``torch.relu`` does (the default ``tl.maximum`` returns 0).
-
-    The result keeps ``v``'s dtype on every supported triton, so it can meet the other fp16/bf16
-    dot operand: triton 3.7 and 3.8 promote an fp16 ``v`` against the Python scalar ``0.0`` to
-    fp32 (hence a zero of ``v``'s own dtype), and ``tl.maximum`` itself promotes bf16 to fp32
-    there (hence the cast back, which is exact and a no-op on 3.9).
-    """
-    return tl.maximum(v, tl.zeros_like(v), propagate_nan=tl.PropagateNan.ALL).to(v.dtype)
-
-
-@triton.jit
 def store_rounded(ptrs, v, mask, EMULATE_BF16: tl.constexpr):
     """Store an fp32/fp64 tile into its output dtype, rounding to nearest even."""
     if EMULATE_BF16:

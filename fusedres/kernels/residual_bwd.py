@@ -29,7 +29,6 @@ from ._common import (
     RowStrides,
     grouped_tile,
     next_pow2_bucket,
-    relu_nan,
     row_offsets,
     store_rounded,
     to_gemm_operand,
@@ -47,7 +46,7 @@ from .configs import (
     prune_for,
     resolve_config,
 )
-from .residual_fwd import alpha_args, residual_scale, row_scale
+from .residual_fwd import act_consts, alpha_args, alpha_kind, recipe_key, residual_scale, row_scale
 
 
 @triton.jit
@@ -60,8 +59,10 @@ def residual_dx_kernel(
     stride_wn, stride_wk,
     stride_pn, stride_pk,
     stride_dxm, stride_dxk,
-    HAS_ALPHA: tl.constexpr,
-    ALPHA_IS_PTR: tl.constexpr,
+    DACT: tl.constexpr,
+    ACT_PARAM: tl.constexpr,
+    RECIPE: tl.constexpr,
+    ALPHA: tl.constexpr,
     HAS_PROJ: tl.constexpr,
     RESIDUAL: tl.constexpr,
     ROW_SCALE: tl.constexpr,
@@ -74,14 +75,12 @@ def residual_dx_kernel(
     """One [BLOCK_M, BLOCK_K] tile of dx; the loop runs over the N output features.
 
     The general form, which the MLP block's two data-gradient GEMMs also run:
-    ``dx = [r | g @ P | 0] + [x > 0] * s[m // R] * alpha * (g @ W)``, with ``r`` the residual
-    gradient (``RESIDUAL``: ``g`` itself for the block) and ``x`` the tensor whose relu mask
-    applies (the MLP's hidden pre-activation for its ``dh``).
-
-    The mask is ``x <= 0 -> 0``, not ``x > 0 -> 1``: for ``x = NaN`` PyTorch's relu backward
-    (``threshold_backward``) passes the gradient through, and so does this kernel. With a
-    projection, the ``g @ P`` half accumulates after the mask is applied, into the same
-    accumulator.
+    ``dx = [r | g @ P | 0] + act'(x) * s[m // R] * ((alpha * g) @ W)``, with ``r`` the residual
+    gradient (``RESIDUAL``: ``g`` itself for the block) and ``x`` the pre-activation whose
+    derivative applies (``DACT``, from :mod:`.activations`; the MLP's hidden pre-activation for its
+    ``dh``; None: no activation, and ``x`` is not read). A scalar alpha scales the accumulator, a
+    per-channel one g's columns. With a projection, the ``g @ P`` half accumulates after the
+    derivative is applied, into the same accumulator.
     """
     GEMM_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
@@ -101,17 +100,23 @@ def residual_dx_kernel(
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if ALPHA == "channel":
+            # a per-channel alpha scales g's columns (the features n this loop reduces over): a
+            # prologue on the A tile, in registers, rounded once as eager rounds alpha * g
+            g = g.to(ACC_DTYPE) * residual_scale(alpha_ptr, alpha_value, n, mask_n, ALPHA, ACC_DTYPE)
         g = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
         w = to_gemm_operand(w, GEMM_DTYPE, EMULATE_BF16)
         acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     mask = mask_m[:, None] & mask_k[None, :]
-    if HAS_ALPHA:
-        acc = acc * residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
+    if ALPHA is not None:
+        if ALPHA != "channel":
+            acc = acc * residual_scale(alpha_ptr, alpha_value, offs_k, mask_k, ALPHA, ACC_DTYPE)
     if ROW_SCALE:
         acc = acc * row_scale(s_ptr, offs_m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)[:, None]
-    x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(ACC_DTYPE)
-    acc = tl.where(x <= 0, 0.0, acc)
+    if DACT is not None:
+        x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(ACC_DTYPE)
+        acc = DACT(acc, x, ACT_PARAM)
     if HAS_PROJ:
         for nt in range(0, tl.maximum(tl.cdiv(N, BLOCK_N), 1)):
             n = nt * BLOCK_N + offs_n
@@ -140,10 +145,12 @@ def residual_dw_kernel(
     stride_wn, stride_wk,
     stride_dwn, stride_dwk,
     stride_dpn, stride_dpk,
+    ACT: tl.constexpr,
+    ACT_PARAM: tl.constexpr,
+    RECIPE: tl.constexpr,
     HAS_DB: tl.constexpr,
     SUM_G: tl.constexpr,
-    HAS_ALPHA: tl.constexpr,
-    ALPHA_IS_PTR: tl.constexpr,
+    ALPHA: tl.constexpr,
     NEED_DALPHA: tl.constexpr,
     DALPHA_BIAS: tl.constexpr,
     HAS_PROJ: tl.constexpr,
@@ -190,7 +197,11 @@ def residual_dw_kernel(
     projection, dP's rows after dW's) and, with ``SUM_G``, its column sums of g into
     ``dbpart_ptr`` (``[S, N]``). No alpha, no dalpha, no cast, no atomics: the reduce kernel
     (:func:`residual_dw_reduce_kernel`) sums the slabs in the order s = 0..S-1 and runs the
-    epilogue. (The launcher passes HAS_DB, HAS_ALPHA, NEED_DALPHA and DALPHA_BIAS as False.)
+    epilogue. (The launcher passes HAS_DB, NEED_DALPHA and DALPHA_BIAS as False, ALPHA as None.)
+
+    ``ACT`` is the activation's A-tile prologue (:mod:`.activations`), recomputing ``act(x)`` from
+    the saved ``x``. A per-channel alpha (``ALPHA == "channel"``) gets per-feature dalpha partials,
+    row ``pid_k`` of a ``[cdiv(K, BLOCK_K), N]`` workspace, instead of one per program.
     """
     GEMM_DTYPE: tl.constexpr = dw_ptr.dtype.element_ty
     num_k = tl.cdiv(K, BLOCK_K)
@@ -229,11 +240,11 @@ def residual_dw_kernel(
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         g = tl.load(g_ptr + g_rows[:, None] + offs_n[None, :] * stride_gn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        at = to_gemm_operand(xt, GEMM_DTYPE, EMULATE_BF16)
         if HAS_PROJ:
-            at = tl.where(is_proj, at, relu_nan(at))
+            at = tl.where(is_proj, to_gemm_operand(xt, GEMM_DTYPE, EMULATE_BF16),
+                          ACT(xt, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM))
         else:
-            at = relu_nan(at)
+            at = ACT(xt, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM)
         if ROW_SCALE:
             # s scales the reduction's rows: on A (registers already, for the relu), not on g (a
             # shared-memory wgmma operand; see the docstring); after the relu, so any s is exact
@@ -277,21 +288,30 @@ def residual_dw_kernel(
             if pid_k == 0:
                 tl.store(dbpart_ptr + split.to(tl.int64) * N + offs_n, db, mask=mask_n)
     else:
-        if HAS_ALPHA:
-            alpha = residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
+        if ALPHA is not None:
+            alpha = residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA, ACC_DTYPE)
         if NEED_DALPHA:
             wt = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                          mask=tile_mask, other=0.0).to(ACC_DTYPE)
-            partial = tl.sum(tl.sum(acc * wt, axis=1), axis=0)
-            if HAS_PROJ:
-                partial = tl.where(is_proj, 0.0, partial)
-            if DALPHA_BIAS:
-                if pid_k == 0:
-                    partial += tl.sum(db * tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE), axis=0)
-            tl.store(dalpha_ptr + pid, partial)
+            if ALPHA == "channel":
+                # one partial per feature n and K tile: row pid_k of a [K tiles, N] workspace
+                partial = tl.sum(acc * wt, axis=0)
+                if DALPHA_BIAS:
+                    if pid_k == 0:
+                        partial += db * tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
+                tl.store(dalpha_ptr + pid_k.to(tl.int64) * N + offs_n, partial, mask=mask_n & (pid_k < num_k))
+            else:
+                partial = tl.sum(tl.sum(acc * wt, axis=1), axis=0)
+                if HAS_PROJ:
+                    partial = tl.where(is_proj, 0.0, partial)
+                if DALPHA_BIAS:
+                    if pid_k == 0:
+                        partial += tl.sum(db * tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE),
+                                          axis=0)
+                tl.store(dalpha_ptr + pid, partial)
 
         scaled = acc
-        if HAS_ALPHA:
+        if ALPHA is not None:
             scaled = acc * alpha
         dw_ptrs = dw_ptr + offs_n.to(tl.int64)[None, :] * stride_dwn + offs_k[:, None] * stride_dwk
         if HAS_PROJ:
@@ -304,8 +324,8 @@ def residual_dw_kernel(
             store_rounded(dw_ptrs, scaled, tile_mask, EMULATE_BF16)
         if HAS_DB:
             if pid_k == 0:
-                if HAS_ALPHA:
-                    db = db * alpha
+                if ALPHA is not None:
+                    db = db * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA, ACC_DTYPE, "vec")
                 store_rounded(db_ptr + offs_n, db, mask_n, EMULATE_BF16)
 
 
@@ -317,8 +337,7 @@ def residual_dw_reduce_kernel(
     stride_dwn, stride_dwk,
     stride_dpn, stride_dpk,
     HAS_DB: tl.constexpr,
-    HAS_ALPHA: tl.constexpr,
-    ALPHA_IS_PTR: tl.constexpr,
+    ALPHA: tl.constexpr,
     NEED_DALPHA: tl.constexpr,
     DALPHA_BIAS: tl.constexpr,
     HAS_PROJ: tl.constexpr,
@@ -332,7 +351,9 @@ def residual_dw_reduce_kernel(
     = sum, cast (rounded) to the parameter dtype; the programs of the first column tile also sum
     the db slabs (db = alpha * sum). With ``NEED_DALPHA`` each program writes one dalpha partial,
     ``<sum, W>`` over its dW rows (plus ``<db, b>`` over its db rows) into ``dalpha_ptr[pid]``:
-    the launcher returns this kernel's program count, so that op.py sums exactly those."""
+    the launcher returns this kernel's program count, so that op.py sums exactly those. A
+    per-channel alpha writes per-feature partials instead, row ``pid_c`` of a ``[cdiv(K, BLOCK_C),
+    N]`` workspace (the launcher then returns that row count)."""
     pid = tl.program_id(0)
     num_c = tl.cdiv(K, BLOCK_C)
     pid_r = pid // num_c
@@ -353,14 +374,18 @@ def residual_dw_reduce_kernel(
     is_w = offs_r < N
     w_rows = tl.where(is_w, offs_r, 0).to(tl.int64)
     w_mask = mask & is_w[:, None]
-    if HAS_ALPHA:
-        alpha = residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
+    w_mask_r = is_w
+    if ALPHA is not None:
+        alpha = residual_scale(alpha_ptr, alpha_value, w_rows, w_mask_r, ALPHA, ACC_DTYPE, "col")
     if NEED_DALPHA:
         w = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_c[None, :] * stride_wk, mask=w_mask,
                     other=0.0).to(ACC_DTYPE)
-        partial = tl.sum(tl.sum(acc * w, axis=1), axis=0)
+        if ALPHA == "channel":
+            partial = tl.sum(acc * w, axis=1)
+        else:
+            partial = tl.sum(tl.sum(acc * w, axis=1), axis=0)
     scaled = acc
-    if HAS_ALPHA:
+    if ALPHA is not None:
         scaled = acc * alpha
     store_rounded(dw_ptr + w_rows[:, None] * stride_dwn + offs_c[None, :] * stride_dwk, scaled, w_mask,
                   EMULATE_BF16)
@@ -376,13 +401,21 @@ def residual_dw_reduce_kernel(
                 db += tl.load(dbpart_ptr + s * N + w_rows, mask=db_mask, other=0.0)
             if NEED_DALPHA:
                 if DALPHA_BIAS:
-                    partial += tl.sum(db * tl.load(b_ptr + w_rows, mask=db_mask, other=0.0).to(ACC_DTYPE), axis=0)
+                    if ALPHA == "channel":
+                        partial += db * tl.load(b_ptr + w_rows, mask=db_mask, other=0.0).to(ACC_DTYPE)
+                    else:
+                        partial += tl.sum(db * tl.load(b_ptr + w_rows, mask=db_mask, other=0.0).to(ACC_DTYPE),
+                                          axis=0)
             if HAS_DB:
-                if HAS_ALPHA:
-                    db = db * alpha
+                if ALPHA is not None:
+                    db = db * residual_scale(alpha_ptr, alpha_value, w_rows, db_mask, ALPHA, ACC_DTYPE, "vec")
                 store_rounded(db_ptr + w_rows, db, db_mask, EMULATE_BF16)
     if NEED_DALPHA:
-        tl.store(dalpha_ptr + pid, partial)
+        if ALPHA == "channel":
+            # per-feature partials: row pid_c of a [column tiles, N] workspace (dP's rows write none)
+            tl.store(dalpha_ptr + pid_c.to(tl.int64) * N + w_rows, partial, mask=is_w)
+        else:
+            tl.store(dalpha_ptr + pid, partial)
 
 
 residual_dx_kernel_tuned = triton.autotune(
@@ -397,7 +430,7 @@ residual_dw_kernel_tuned = triton.autotune(
 def dx_head(g, x, weight, dx, alpha=None, proj_weight=None, residual=None, sample_scale=None) -> tuple:
     """The dx kernel's per-call arguments: the first :data:`DX_HEAD` of :func:`dx_launch_args`.
     ``residual``: the gradient added in the epilogue (None: ``g``, the block's own)."""
-    alpha_ptr, alpha_value, _, _ = alpha_args(alpha, weight)
+    alpha_ptr, alpha_value, _ = alpha_args(alpha, weight)
     return (g, x, weight, proj_weight if proj_weight is not None else weight, alpha_ptr, alpha_value,
             residual if residual is not None else g, sample_scale if sample_scale is not None else weight, dx)
 
@@ -410,7 +443,7 @@ def dw_head(g, x, dw, db, weight=None, bias=None, alpha=None, dalpha_partials=No
     """The dW kernel's per-call arguments: the first :data:`DW_HEAD` of :func:`dw_launch_args`
     (``workspaces``: the split-M slabs ``(slab, db_slab)``; ``dw`` itself as placeholders when
     unsplit)."""
-    alpha_ptr, alpha_value, _, _ = alpha_args(alpha, dw)
+    alpha_ptr, alpha_value, _ = alpha_args(alpha, dw)
     slab, db_slab = workspaces if workspaces is not None else (dw, dw)
     return (g, x, weight if weight is not None else dw, bias if bias is not None else dw, alpha_ptr, alpha_value,
             dw, dp if dp is not None else dw, db if db is not None else dw,
@@ -431,19 +464,21 @@ REDUCE_HEAD = 10
 
 
 def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, alpha=None, proj_weight=None, *,
-                   residual=None, sample_scale=None, rows_per_sample: int = 1, add_residual: bool = True):
+                   residual=None, sample_scale=None, rows_per_sample: int = 1, add_residual: bool = True,
+                   act: str | None = "relu", act_param: float = 0.0):
     """The dx kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
     launcher and the compile gate, ``fusedres.aot``). ``residual``: ``(r, r's RowStrides)``, the
     gradient added in the epilogue (default ``g``); ``add_residual=False``: none (the MLP's
-    ``dh``). ``sample_scale``: ``s [B]``, ``rows_per_sample`` rows per sample."""
+    ``dh``). ``sample_scale``: ``s [B]``, ``rows_per_sample`` rows per sample. ``act``: the
+    activation whose derivative at ``x`` applies (None: none, and ``x`` is not read)."""
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
-    _, _, has_alpha, alpha_is_ptr = alpha_args(alpha, weight)
     r, rs = residual if residual is not None else (g, gs)
     args = dx_head(g, x, weight, dx, alpha, proj_weight, r, sample_scale) + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), rows_per_sample, *gs, *xs, *rs,
         weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), dx.stride(0), dx.stride(1))
-    consts = dict(HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr, HAS_PROJ=proj_weight is not None,
+    consts = dict(**act_consts(act, act_param, derivative=True), RECIPE=recipe_key(act, act_param, alpha),
+                  ALPHA=alpha_kind(alpha), HAS_PROJ=proj_weight is not None,
                   RESIDUAL=add_residual and proj_weight is None, ROW_SCALE=sample_scale is not None,
                   TWO_LEVEL_ROWS=rows.two_level,
                   **gemm_flags(weight.dtype, g.dtype, x.dtype, dx.dtype))
@@ -454,17 +489,21 @@ def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows,
     return args, consts, grid
 
 
-def dalpha_workspace_size(N: int, K: int, proj: bool) -> int:
+def dalpha_workspace_size(N: int, K: int, proj: bool, per_channel: bool = False) -> int:
     """Room for one dalpha partial per dW program under any config (tiles are at least 16 wide).
     A launch writes the first ``P`` of them, ``P`` its program count (``residual_dw`` returns it):
-    sum those only, the rest may hold another config's values (autotuning) or garbage."""
+    sum those only, the rest may hold another config's values (autotuning) or garbage.
+    ``per_channel``: room for ``P`` rows of ``N`` per-feature partials, ``P`` the launch's K (or
+    column) tiles: dalpha is ``partials[:P * N].view(P, N).sum(0)``."""
+    if per_channel:
+        return N * max(cdiv(K, 16), *(cdiv(K, c.kwargs["BLOCK_C"]) for c in _plan.REDUCE_CONFIGS))
     return max(cdiv(K, 16) * (2 if proj else 1) * cdiv(N, 16),
                *(_plan.reduce_programs(N, K, c, proj) for c in _plan.REDUCE_CONFIGS))
 
 
 def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None,
                    alpha=None, dalpha_partials=None, dp=None, split=None, sample_scale=None,
-                   rows_per_sample: int = 1):
+                   rows_per_sample: int = 1, act: str | None = "relu", act_param: float = 0.0):
     """The dW kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
     launcher and the compile gate, ``fusedres.aot``). ``weight`` (and ``bias``, if any) are read
     only for the dalpha partials, which go to ``dalpha_partials`` (:func:`dalpha_workspace_size`
@@ -478,21 +517,22 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
     w = weight if weight is not None else dw
     dpt = dp if dp is not None else dw
     need_dalpha = dalpha_partials is not None
-    _, _, has_alpha, alpha_is_ptr = alpha_args(alpha, dw)
-    if need_dalpha and not alpha_is_ptr:
+    kind = alpha_kind(alpha)
+    if need_dalpha and kind not in ("scalar", "channel"):
         raise ValueError("residual_dw: dalpha needs alpha as a tensor")
     splits, per = (split[2], split[3]) if split is not None else (1, 1)
     args = dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale,
                    split[:2] if split is not None else None) + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), per, rows_per_sample,
         *gs, *xs, w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
-    consts = dict(HAS_DB=db is not None, SUM_G=db is not None or (need_dalpha and bias is not None),
-                  HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr, NEED_DALPHA=need_dalpha,
+    consts = dict(**act_consts(act, act_param), RECIPE=recipe_key(act, act_param, alpha),
+                  HAS_DB=db is not None, SUM_G=db is not None or (need_dalpha and bias is not None),
+                  ALPHA=kind, NEED_DALPHA=need_dalpha,
                   DALPHA_BIAS=need_dalpha and bias is not None, HAS_PROJ=dp is not None,
                   ROW_SCALE=sample_scale is not None, TWO_LEVEL_ROWS=rows.two_level, SPLIT_M=False,
                   **gemm_flags(dw.dtype, g.dtype, x.dtype))
     if split is not None:   # the split's first launch: partials only, the reduce does the epilogue
-        consts.update(HAS_DB=False, HAS_ALPHA=False, NEED_DALPHA=False, DALPHA_BIAS=False, SPLIT_M=True)
+        consts.update(HAS_DB=False, ALPHA=None, NEED_DALPHA=False, DALPHA_BIAS=False, SPLIT_M=True)
 
     def grid(meta):
         return (cdiv(K, meta["BLOCK_K"]) * (2 if dp is not None else 1) * cdiv(N, meta["BLOCK_N"]) * splits,)
@@ -518,11 +558,10 @@ def dw_reduce_launch_args(slab, db_slab, splits: int, dw, db, *, weight=None, bi
     w = weight if weight is not None else dw
     dpt = dp if dp is not None else dw
     need_dalpha = dalpha_partials is not None
-    _, _, has_alpha, alpha_is_ptr = alpha_args(alpha, dw)
     args = reduce_head(slab, db_slab, dw, db, weight, bias, alpha, dalpha_partials, dp) + (N, K, splits,
             w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
     flags = gemm_flags(dw.dtype)
-    consts = dict(HAS_DB=db is not None, HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr, NEED_DALPHA=need_dalpha,
+    consts = dict(HAS_DB=db is not None, ALPHA=alpha_kind(alpha), NEED_DALPHA=need_dalpha,
                   DALPHA_BIAS=need_dalpha and bias is not None, HAS_PROJ=dp is not None,
                   ACC_DTYPE=flags["ACC_DTYPE"], EMULATE_BF16=flags["EMULATE_BF16"])
 
@@ -534,7 +573,8 @@ def dw_reduce_launch_args(slab, db_slab, splits: int, dw, db, *, weight=None, bi
 
 def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *, alpha=None, proj_weight=None,
                 config: triton.Config | None = None, residual=None, sample_scale=None, rows_per_sample: int = 1,
-                add_residual: bool = True) -> PreparedLaunch | None:
+                add_residual: bool = True, act: str | None = "relu", act_param: float = 0.0
+                ) -> PreparedLaunch | None:
     """Launch the dx kernel; ``dx`` is ``[M, K]`` row-major (any view of it); the keyword arguments
     after ``config`` are :func:`dx_launch_args`'s. Returns the launch as a :class:`PreparedLaunch`
     (repeat it with :func:`dx_head`'s arguments), None without rows."""
@@ -542,7 +582,7 @@ def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *,
         return None
     args, consts, grid = dx_launch_args(g, gs, x, xs, weight, dx, rows, alpha, proj_weight, residual=residual,
                                         sample_scale=sample_scale, rows_per_sample=rows_per_sample,
-                                        add_residual=add_residual)
+                                        add_residual=add_residual, act=act, act_param=act_param)
     return launch_and_prepare(residual_dx_kernel, residual_dx_kernel_tuned, "dx", grid, args, consts, rows.M,
                               max(weight.shape), config, n_head=DX_HEAD)
 
@@ -566,14 +606,17 @@ def _gpu_split_config(sms: int, M: int, N: int, K: int, named: dict, consts: dic
 
 def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None, alpha=None,
                 dalpha_partials=None, dp=None, config: triton.Config | None = None,
-                splits: int | None = None, sample_scale=None, rows_per_sample: int = 1) -> "PreparedDw":
+                splits: int | None = None, sample_scale=None, rows_per_sample: int = 1, act: str | None = "relu",
+                act_param: float = 0.0) -> "PreparedDw":
     """Launch the dW kernel: ``dw = alpha * g.T @ relu(x)``, ``db = alpha * g.sum(0)`` if ``db`` is
     given, ``dp = g.T @ x`` if ``dp`` is given, and per-program dalpha partials if
     ``dalpha_partials`` is given (:func:`dalpha_workspace_size` long, fp32 or fp64, needs ``alpha``
     as a tensor; any contents). Returns the launches it made as a :class:`PreparedDw`, whose
     ``programs`` is the number ``P`` of programs that wrote dalpha partials: dalpha is
     ``dalpha_partials[:P].sum()``. (Summing the whole workspace would add the partials that
-    autotuning's other configs, with smaller tiles and so more programs, left behind.)
+    autotuning's other configs, with smaller tiles and so more programs, left behind.) With a
+    per-channel alpha, ``P`` rows of ``N`` per-feature partials: ``dalpha_partials[:P * N].view(P,
+    N).sum(0)``. ``act``: the activation recomputed on ``x`` (None: none).
 
     It runs for M == 0 too, so that the gradients come out as zeros, as in eager.
 
@@ -588,7 +631,8 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
     """
     args, consts, grid = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
                                         dalpha_partials=dalpha_partials, dp=dp, sample_scale=sample_scale,
-                                        rows_per_sample=rows_per_sample)
+                                        rows_per_sample=rows_per_sample, act=act, act_param=act_param)
+    per_channel = consts["ALPHA"] == "channel"
     N, K = dw.shape
     proj = dp is not None
     forced = splits if splits is not None else _plan.forced_splits()
@@ -609,7 +653,8 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
             args1, consts1, grid1 = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
                                                    dalpha_partials=dalpha_partials, dp=dp,
                                                    split=(slab, db_slab, p.splits, p.tiles_per_split),
-                                                   sample_scale=sample_scale, rows_per_sample=rows_per_sample)
+                                                   sample_scale=sample_scale, rows_per_sample=rows_per_sample,
+                                                   act=act, act_param=act_param)
             main = launch_and_prepare(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid1, args1, consts1,
                                       rows.M, max(dw.shape), config, n_head=DW_HEAD)
             args2, consts2, grid2 = dw_reduce_launch_args(slab, db_slab, p.splits, dw, db, weight=weight, bias=bias,
@@ -618,11 +663,11 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
                 sms, N, K, p.splits, proj=proj, candidates=_plan.reduce_configs(dw.element_size(), limits_for(dw.device)))
             reduce = launch_and_prepare(residual_dw_reduce_kernel, residual_dw_reduce_kernel, "dw_reduce", grid2,
                                         args2, consts2, rows.M, max(dw.shape), reduce_config, n_head=REDUCE_HEAD)
-            return PreparedDw(main, reduce, slab.numel(), db_slab.numel() if sum_g else 0, slab.dtype,
-                              reduce.grid[0])
+            programs = cdiv(K, reduce_config.kwargs["BLOCK_C"]) if per_channel else reduce.grid[0]
+            return PreparedDw(main, reduce, slab.numel(), db_slab.numel() if sum_g else 0, slab.dtype, programs)
     main = launch_and_prepare(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid, args, consts, rows.M,
                               max(dw.shape), config, n_head=DW_HEAD)
-    return PreparedDw(main, None, 0, 0, None, main.grid[0])
+    return PreparedDw(main, None, 0, 0, None, cdiv(K, main.config.kwargs["BLOCK_K"]) if per_channel else main.grid[0])
 
 
 class PreparedDw:

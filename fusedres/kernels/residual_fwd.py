@@ -34,34 +34,72 @@ from ._common import (
     RowStrides,
     grouped_tile,
     next_pow2_bucket,
-    relu_nan,
     row_offsets,
     store_rounded,
     to_gemm_operand,
 )
+from .activations import KERNELS as ACTIVATION_KERNELS, identity
 from .configs import FWD_CONFIGS, PreparedLaunch, gemm_flags, launch_and_prepare, prune_for
 
 
 @triton.jit
-def residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """alpha in the accumulator dtype: read from a one-element tensor (which may be learnable), or
-    the Python float passed by value, so that it costs no host-to-device copy. The float arrives as
-    fp64 and is rounded here as eager rounds a Python scalar (to the fp32 opmath of fp16/bf16/fp32).
+def residual_scale(alpha_ptr, alpha_value, offs, mask, ALPHA: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   SHAPE: tl.constexpr = "row"):
+    """The residual scale alpha as a factor, in the accumulator dtype. ``ALPHA`` is the scale's
+    kind (:func:`alpha_args`):
+
+    - ``"value"``: the Python float passed by value (no host-to-device copy). It arrives as fp64
+      and is rounded here as eager rounds a Python scalar (to the fp32 opmath of fp16/bf16/fp32);
+    - ``"scalar"``: a one-element tensor (which may be learnable), read through ``alpha_ptr``;
+    - ``"channel"``: a per-channel tensor ``[N]`` (timm's LayerScale), read at the output features
+      ``offs`` and shaped for the tile: ``[1, n]`` (``SHAPE="row"``: features along the tile's
+      second axis), ``[n, 1]`` (``"col"``) or ``[n]`` (``"vec"``).
     """
-    if ALPHA_IS_PTR:
+    if ALPHA == "channel":
+        scale = tl.load(alpha_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        if SHAPE == "row":
+            return scale[None, :]
+        elif SHAPE == "col":
+            return scale[:, None]
+        else:
+            return scale
+    elif ALPHA == "scalar":
         return tl.load(alpha_ptr).to(ACC_DTYPE)
     else:
         return tl.full((), alpha_value, ACC_DTYPE)
 
 
-def alpha_args(alpha, placeholder) -> tuple:
-    """``(alpha_ptr, alpha_value, HAS_ALPHA, ALPHA_IS_PTR)`` for an alpha that is a one-element
-    tensor (a pointer), a Python float (by value) or None (no scale)."""
+#: The kinds of residual scale a kernel takes (``ALPHA``): None (no scale) or one of these.
+ALPHA_KINDS = ("value", "scalar", "channel")
+
+
+def alpha_kind(alpha) -> str | None:
+    """``ALPHA`` for an alpha that is None, a Python float, a one-element tensor or a per-channel
+    tensor (more than one element: the caller has checked its shape)."""
     if alpha is None:
-        return placeholder, 1.0, False, False
+        return None
     if hasattr(alpha, "data_ptr"):
-        return alpha, 1.0, True, True
-    return placeholder, float(alpha), True, False
+        return "scalar" if alpha.numel() == 1 else "channel"
+    return "value"
+
+
+def alpha_args(alpha, placeholder) -> tuple:
+    """``(alpha_ptr, alpha_value, ALPHA)`` for an alpha that is a tensor (a pointer), a Python
+    float (by value) or None (no scale)."""
+    if alpha is None:
+        return placeholder, 1.0, None
+    if hasattr(alpha, "data_ptr"):
+        return alpha, 1.0, alpha_kind(alpha)
+    return placeholder, float(alpha), "value"
+
+
+def recipe_key(act: str | None, act_param: float, alpha) -> str:
+    """The launch's recipe string: the pieces that change the kernel's code beyond its flags,
+    JSON-safe (the autotune key's ``RECIPE``, saved by :func:`fusedres.save_tuning`)."""
+    name = act or "identity"
+    if name == "leaky_relu":
+        name = f"leaky_relu({act_param!r})"
+    return f"{name}|{alpha_kind(alpha) or 'none'}"
 
 
 @triton.jit
@@ -80,9 +118,11 @@ def residual_fwd_kernel(
     stride_wn, stride_wk,
     stride_pn, stride_pk,
     stride_ym, stride_yn,
+    ACT: tl.constexpr,
+    ACT_PARAM: tl.constexpr,
+    RECIPE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    HAS_ALPHA: tl.constexpr,
-    ALPHA_IS_PTR: tl.constexpr,
+    ALPHA: tl.constexpr,
     HAS_PROJ: tl.constexpr,
     RESIDUAL: tl.constexpr,
     ROW_SCALE: tl.constexpr,
@@ -117,7 +157,7 @@ def residual_fwd_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         wt = tl.load(w_ptr + w_cols[None, :] + k[:, None] * stride_wk,
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        a = relu_nan(to_gemm_operand(a, GEMM_DTYPE, EMULATE_BF16))
+        a = ACT(a, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM)
         wt = to_gemm_operand(wt, GEMM_DTYPE, EMULATE_BF16)
         acc = tl.dot(a, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
@@ -128,11 +168,14 @@ def residual_fwd_kernel(
         # alpha folded into the per-row factor: one multiply of the tile (a second one spilled
         # 16 B at 128x128x32, 8 warps, on sm_80)
         rs = row_scale(s_ptr, offs_m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)
-        if HAS_ALPHA:
-            rs = rs * residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
-        acc = acc * rs[:, None]
-    elif HAS_ALPHA:
-        acc = acc * residual_scale(alpha_ptr, alpha_value, ALPHA_IS_PTR, ACC_DTYPE)
+        if ALPHA == "channel":
+            acc = acc * rs[:, None] * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA, ACC_DTYPE)
+        else:
+            if ALPHA is not None:
+                rs = rs * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA, ACC_DTYPE)
+            acc = acc * rs[:, None]
+    elif ALPHA is not None:
+        acc = acc * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA, ACC_DTYPE)
     if HAS_PROJ:
         p_cols = offs_n.to(tl.int64) * stride_pn
         for kt in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):
@@ -154,7 +197,8 @@ def residual_fwd_kernel(
 
 
 residual_fwd_kernel_tuned = triton.autotune(
-    configs=FWD_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_PROJ", "ROW_SCALE", "INPUT_PRECISION"],
+    configs=FWD_CONFIGS, key=["M_BUCKET", "N", "K", "RECIPE", "TWO_LEVEL_ROWS", "HAS_PROJ", "ROW_SCALE",
+                                 "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_for("fwd")})(residual_fwd_kernel)
 
 
@@ -176,23 +220,35 @@ def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None, residual=None, sa
 FWD_HEAD = 9
 
 
+def act_consts(act: str | None, act_param: float, derivative: bool = False) -> dict:
+    """The activation's constexprs: ``ACT`` (the A-tile prologue; :func:`activations.identity`
+    for None) or, with ``derivative``, ``DACT`` (None for no activation: nothing to mask), and
+    ``ACT_PARAM``. ``act``: a name of :data:`activations.KERNELS`."""
+    if derivative:
+        return dict(DACT=ACTIVATION_KERNELS[act][1] if act is not None else None, ACT_PARAM=float(act_param))
+    return dict(ACT=ACTIVATION_KERNELS[act][0] if act is not None else identity, ACT_PARAM=float(act_param))
+
+
 def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, proj_weight=None, *,
-                    residual=None, sample_scale=None, rows_per_sample: int = 1, add_residual: bool = True):
+                    residual=None, sample_scale=None, rows_per_sample: int = 1, add_residual: bool = True,
+                    act: str | None = "relu", act_param: float = 0.0):
     """The forward kernel's launch arguments, without launching: ``(args, consts, grid)``.
 
     The launcher and the compile gate (``fusedres.aot``) both build them here, so the gate
     compiles the signature a real launch specialises on. ``residual``: ``(r, r's RowStrides)``
     added in the epilogue, default ``x`` itself; ``add_residual=False``: no residual (the MLP's
-    first GEMM). ``sample_scale``: ``s [B]`` with ``rows_per_sample`` rows per sample.
+    first GEMM). ``sample_scale``: ``s [B]`` with ``rows_per_sample`` rows per sample. ``act``:
+    the activation on the A operand (a name of :data:`activations.KERNELS`, None: none) with its
+    ``act_param``.
     """
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
-    _, _, has_alpha, alpha_is_ptr = alpha_args(alpha, weight)
     r, rs = residual if residual is not None else (x, xs)
     args = fwd_head(x, weight, bias, y, alpha, proj_weight, r, sample_scale) + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), rows_per_sample,
         *xs, *rs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), y.stride(0), y.stride(1))
-    consts = dict(HAS_BIAS=bias is not None, HAS_ALPHA=has_alpha, ALPHA_IS_PTR=alpha_is_ptr,
+    consts = dict(**act_consts(act, act_param), RECIPE=recipe_key(act, act_param, alpha),
+                  HAS_BIAS=bias is not None, ALPHA=alpha_kind(alpha),
                   HAS_PROJ=proj_weight is not None, RESIDUAL=add_residual and proj_weight is None,
                   ROW_SCALE=sample_scale is not None,
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, x.dtype, y.dtype))
@@ -205,12 +261,13 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
 
 def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, proj_weight=None,
                  config: triton.Config | None = None, residual=None, sample_scale=None, rows_per_sample: int = 1,
-                 add_residual: bool = True) -> PreparedLaunch | None:
+                 add_residual: bool = True, act: str | None = "relu", act_param: float = 0.0
+                 ) -> PreparedLaunch | None:
     """Launch the forward kernel.
 
     ``x`` ``(..., K)`` is addressed through ``rows`` and its strides ``xs``; ``weight`` (and
     ``proj_weight``) are ``[N, K]``; ``bias`` ``[N]`` contiguous, or None; ``alpha`` a one-element
-    tensor, a Python float (passed by value) or None (1); ``y`` is ``[M, N]`` row-major (any view
+    tensor, a per-channel tensor ``[N]`` (contiguous), a Python float (passed by value) or None (1); ``y`` is ``[M, N]`` row-major (any view
     of it). Without ``proj_weight`` and with the default residual (``x``), ``N == K``. The keyword
     arguments after ``config`` are :func:`fwd_launch_args`'s (the MLP block's and stochastic
     depth's). Returns the launch as a :class:`PreparedLaunch`
@@ -221,7 +278,7 @@ def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, 
         return None
     args, consts, grid = fwd_launch_args(x, xs, weight, bias, y, rows, alpha, proj_weight, residual=residual,
                                          sample_scale=sample_scale, rows_per_sample=rows_per_sample,
-                                         add_residual=add_residual)
+                                         add_residual=add_residual, act=act, act_param=act_param)
     return launch_and_prepare(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M,
                               max(weight.shape), config, n_head=FWD_HEAD)
 

@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cdiv, record_launch, relu_nan, store_rounded, to_gemm_operand
+from ._common import INTERPRET, cdiv, record_launch, store_rounded, to_gemm_operand
+from .activations import KERNELS as ACTIVATION_KERNELS
 from . import configs as _configs
 from .configs import _launch_lock, gemm_flags, stack_config, stack_operand_class
 from .device import limits_for
@@ -51,6 +52,8 @@ STACK_WIDTHS = (16, 32, 64, 128)
 def residual_stack_fwd_kernel(
     x_ptr, w_ptr, b_ptr, saved_ptr, y_ptr,
     M, L,
+    ACT: tl.constexpr,
+    ACT_PARAM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SAVE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -73,22 +76,23 @@ def residual_stack_fwd_kernel(
 
     h = tl.load(x_ptr + tile, mask=mask, other=0.0).to(ACC_DTYPE)
     for l in range(0, L - 1):
-        h = _forward_layer(h, w_ptr, b_ptr, l, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16, D)
+        h = _forward_layer(h, w_ptr, b_ptr, l, ACT, ACT_PARAM, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16, D)
         if SAVE:
             store_rounded(saved_ptr + tl.cast(l, tl.int64) * M * D + tile, h, mask, EMULATE_BF16)
-    h = _forward_layer(h, w_ptr, b_ptr, L - 1, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16, D)
+    h = _forward_layer(h, w_ptr, b_ptr, L - 1, ACT, ACT_PARAM, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16, D)
     store_rounded(y_ptr + tile, h, mask, EMULATE_BF16)
 
 
 @triton.jit
-def _forward_layer(h, w_ptr, b_ptr, l, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, D: tl.constexpr):
-    """``h + relu(h) @ W_l.T + b_l`` for the carried tile ``h``."""
+def _forward_layer(h, w_ptr, b_ptr, l, ACT: tl.constexpr, ACT_PARAM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                   D: tl.constexpr):
+    """``h + act(h) @ W_l.T + b_l`` for the carried tile ``h`` (``ACT``: :mod:`.activations`)."""
     GEMM_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
     offs_d = tl.arange(0, D)
     # W_l read as stored, [n, k] with rows of k contiguous (whole-row vector loads), transposed on chip.
     w = tl.load(w_ptr + tl.cast(l, tl.int64) * (D * D) + offs_d[:, None] * D + offs_d[None, :])
-    a = relu_nan(to_gemm_operand(h, GEMM_DTYPE, EMULATE_BF16))
+    a = ACT(h, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM)
     acc = tl.dot(a, tl.trans(to_gemm_operand(w, GEMM_DTYPE, EMULATE_BF16)), input_precision=INPUT_PRECISION,
                  out_dtype=ACC_DTYPE)
     if HAS_BIAS:
@@ -113,6 +117,9 @@ def _accumulate(ptrs, value, t, first_t, DETERMINISTIC: tl.constexpr):
 def residual_stack_bwd_kernel(
     g_ptr, x_ptr, saved_ptr, w_ptr, dx_ptr, carry_ptr, ws_ptr,
     M, L, LAYERS_PER_CHUNK,
+    ACT: tl.constexpr,
+    DACT: tl.constexpr,
+    ACT_PARAM: tl.constexpr,
     NEED_DX: tl.constexpr,
     NEED_PARAMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -168,7 +175,7 @@ def residual_stack_bwd_kernel(
                     ws = ws_ptr + (tl.cast(slot, tl.int64) * L + l) * WS_LAYER
                     g_t = tl.trans(g_op)
                     if DW_COLS == D:
-                        part = tl.dot(g_t, relu_nan(to_gemm_operand(x, GEMM_DTYPE, EMULATE_BF16)),
+                        part = tl.dot(g_t, ACT(x, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM),
                                       input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                         _accumulate(ws + w_tile, part, t, pid, DETERMINISTIC)
                     else:
@@ -178,7 +185,7 @@ def residual_stack_bwd_kernel(
                             # `if l == 0` above (a tensor scf.if result) and emits 16-bit loads.
                             xc = tl.load(tl.multiple_of(x_rows[:, None] + cols[None, :], [1, 16]),
                                          mask=(offs_m < M)[:, None] & (cols < D)[None, :], other=0.0)
-                            part = tl.dot(g_t, relu_nan(to_gemm_operand(xc, GEMM_DTYPE, EMULATE_BF16)),
+                            part = tl.dot(g_t, ACT(xc, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM),
                                           input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                             _accumulate(ws + offs_d[:, None] * D + cols[None, :], part, t, pid, DETERMINISTIC)
                     if HAS_BIAS:
@@ -186,8 +193,7 @@ def residual_stack_bwd_kernel(
                 w = tl.load(w_ptr + tl.cast(l, tl.int64) * (D * D) + w_tile)
                 gw = tl.dot(g_op, to_gemm_operand(w, GEMM_DTYPE, EMULATE_BF16), input_precision=INPUT_PRECISION,
                             out_dtype=ACC_DTYPE)
-                # x <= 0 -> 0, not x > 0 -> 1: at x = NaN the gradient passes, as in threshold_backward.
-                g = g + tl.where(x.to(ACC_DTYPE) <= 0, 0.0, gw)
+                g = g + DACT(gw, x.to(ACC_DTYPE), ACT_PARAM)
             if l_lo == 0:
                 if NEED_DX:
                     store_rounded(dx_ptr + tile, g, mask, EMULATE_BF16)
@@ -258,26 +264,30 @@ def _launch(kernel, name: str, grid, args, consts: dict, config: triton.Config) 
     record_launch(name)
 
 
-def stack_fwd_launch_args(x, weight, bias, saved, y, config: triton.Config):
+def stack_fwd_launch_args(x, weight, bias, saved, y, config: triton.Config, act: str = "relu",
+                          act_param: float = 0.0):
     """The forward's launch arguments ``(args, consts, grid)``: built here for the launcher and
     for the compile gate alike. ``x``, ``y`` ``[M, D]``; ``weight`` ``[L, D, D]``; ``bias``
     ``[L, D]`` or None; ``saved`` ``[L-1, M, D]`` (training) or None (inference)."""
     L, D, _ = weight.shape
     M = x.shape[0]
     args = (x, weight, bias if bias is not None else weight, saved if saved is not None else y, y, M, L)
-    consts = dict(HAS_BIAS=bias is not None, SAVE=saved is not None, D=D,
+    consts = dict(ACT=ACTIVATION_KERNELS[act][0], ACT_PARAM=float(act_param),
+                  HAS_BIAS=bias is not None, SAVE=saved is not None, D=D,
                   **gemm_flags(weight.dtype, x.dtype, y.dtype))
     return args, consts, (cdiv(M, config.kwargs["BLOCK_M"]),)
 
 
-def residual_stack_fwd(x, weight, bias, y, saved=None, *, config: triton.Config | None = None) -> None:
-    """``y = x_L`` of the stack, and ``saved[l] = x_{l+1}`` (l < L-1) if ``saved`` is given."""
+def residual_stack_fwd(x, weight, bias, y, saved=None, *, config: triton.Config | None = None, act: str = "relu",
+                       act_param: float = 0.0) -> None:
+    """``y = x_L`` of the stack, and ``saved[l] = x_{l+1}`` (l < L-1) if ``saved`` is given.
+    ``act``: the activation (a name of :data:`activations.KERNELS`) with its ``act_param``."""
     _check_operands(x=x, weight=weight, bias=bias, y=y, saved=saved)
     if x.shape[0] == 0:
         return
     config = config or stack_config("stack_fwd", weight.shape[-1], stack_operand_class(weight.dtype, x.dtype),
                                     limits=_limits(x))
-    args, consts, grid = stack_fwd_launch_args(x, weight, bias, saved, y, config)
+    args, consts, grid = stack_fwd_launch_args(x, weight, bias, saved, y, config, act, act_param)
     _launch(residual_stack_fwd_kernel, "residual_stack_fwd", grid, args, consts, config)
 
 
@@ -307,12 +317,14 @@ def layers_per_chunk(L: int, D: int, programs: int, acc_size: int, l2: int, dete
 
 
 def stack_bwd_launch_args(grad, x, saved, weight, dx, carry, ws, *, chunk: int, need_dx: bool, need_params: bool,
-                          has_bias: bool, deterministic: bool, programs: int, config: triton.Config):
+                          has_bias: bool, deterministic: bool, programs: int, config: triton.Config,
+                          act: str = "relu", act_param: float = 0.0):
     L, D, _ = weight.shape
     M = x.shape[0]
     args = (grad, x, saved if saved is not None else x, weight, dx if dx is not None else grad,
             carry if carry is not None else grad, ws if ws is not None else weight, M, L, chunk)
-    consts = dict(NEED_DX=need_dx, NEED_PARAMS=need_params, HAS_BIAS=has_bias, DETERMINISTIC=deterministic, D=D,
+    prologue, derivative = ACTIVATION_KERNELS[act]
+    consts = dict(ACT=prologue, DACT=derivative, ACT_PARAM=float(act_param), NEED_DX=need_dx, NEED_PARAMS=need_params, HAS_BIAS=has_bias, DETERMINISTIC=deterministic, D=D,
                   **gemm_flags(weight.dtype, x.dtype, grad.dtype))
     return args, consts, (programs,)
 
@@ -326,7 +338,7 @@ def reduce_launch_args(ws, dw, db, programs: int, config: triton.Config):
 
 def residual_stack_bwd(grad, x, saved, weight, *, has_bias: bool, need_dx: bool, need_params: bool,
                        deterministic: bool = True, programs: int | None = None, chunk: int | None = None,
-                       config: triton.Config | None = None):
+                       config: triton.Config | None = None, act: str = "relu", act_param: float = 0.0):
     """Gradients of the stack: ``(dx, dW, db)``, None for what is not asked for (``need_params``
     covers dW and, with ``has_bias``, db).
 
@@ -361,7 +373,8 @@ def residual_stack_bwd(grad, x, saved, weight, *, has_bias: bool, need_dx: bool,
     carry = torch.empty(M, D, device=x.device, dtype=acc) if chunk < L else None
     args, consts, grid = stack_bwd_launch_args(grad, x, saved, weight, dx, carry, ws, chunk=chunk, need_dx=need_dx,
                                                need_params=need_params, has_bias=has_bias,
-                                               deterministic=deterministic, programs=P, config=config)
+                                               deterministic=deterministic, programs=P, config=config,
+                                               act=act, act_param=act_param)
     _launch(residual_stack_bwd_kernel, "residual_stack_bwd", grid, args, consts, config)
     if need_params:
         rconfig = stack_config("stack_reduce", D, limits=_limits(x))
