@@ -299,7 +299,10 @@ def residual_dw_kernel(
                 if DALPHA_BIAS:
                     if pid_k == 0:
                         partial += db * tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
-                tl.store(dalpha_ptr + pid_k.to(tl.int64) * N + offs_n, partial, mask=mask_n & (pid_k < num_k))
+                # (dP's K tiles write none; the comparison made a vector first: triton 3.9's
+                # interpreter refuses a vector mask and'ed with a scalar)
+                tl.store(dalpha_ptr + pid_k.to(tl.int64) * N + offs_n, partial,
+                         mask=mask_n & ((tl.zeros_like(offs_n) + pid_k) < num_k))
             else:
                 partial = tl.sum(tl.sum(acc * wt, axis=1), axis=0)
                 if HAS_PROJ:
