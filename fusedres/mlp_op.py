@@ -122,7 +122,7 @@ def _hidden_shape(x: Tensor, w1: Tensor) -> tuple:
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     """The kernels read biases and ``s`` at unit stride."""
-    return t if t is None or t.numel() <= 1 or t.stride(0) == 1 else t.contiguous()
+    return t if not isinstance(t, Tensor) or t.numel() <= 1 or t.stride(0) == 1 else t.contiguous()
 
 
 def _triton_hidden(xk, xs, rows, w1, b1, h, pre: Activation | None) -> None:
