@@ -75,7 +75,7 @@ class CheckPlan:
         return [(v, d) for d in self.dtypes for v in self.block_variants]
 
     def stack_cases(self) -> list[tuple[str, str, int]]:
-        """The stack's cases; none where the installed triton does not ship the stack (3.6: see
+        """The stack's cases; none where the installed triton does not ship the stack (older than
         ``configs.STACK_MIN_TRITON``; the report's header says so)."""
         if not configs.stack_supported():
             return []

@@ -660,7 +660,7 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
     jobs = []
     for kind in kinds:
         if kind in STACK_KINDS:
-            if not _configs.stack_supported():      # triton 3.6: the stack is not shipped (its launches refuse)
+            if not _configs.stack_supported():      # a triton older than STACK_MIN_TRITON: its launches refuse
                 continue
             # Under autocast the stack's fwd and bwd carry fp32 activations beside 16-bit weights; its
             # reduce sees only the fp32 partials and the weights' dtype, as in the 16-bit variant.

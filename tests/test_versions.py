@@ -82,19 +82,40 @@ def test_release_overrides_reach_the_launch_config():
     assert (64, 64, 16, 4, 4) in configs.dropped_tiles("dw", 4, (3, 7))
 
 
-def test_the_stack_is_refused_on_a_gpu_with_triton_3_6(monkeypatch):
-    """triton 3.6 compiles the stack's backward to scalar 16-bit loads and spills (compile gate):
-    on a GPU its launches raise a clear error instead of running that slow path; the
-    interpreter, which has no such compiler, still runs it. The gate skips the stack there."""
+def test_every_supported_release_ships_the_stack():
+    """triton 3.6 ships the stack with its own entries (STACK_BY_TRITON[(3, 6)], compile gate):
+    they reach the launch config there, and only there."""
+    assert all(configs.stack_supported(v) for v in configs.SUPPORTED_TRITON)
+    assert configs.STACK_MIN_TRITON == min(configs.SUPPORTED_TRITON)
+    c = configs.stack_config("stack_fwd", 128, "16bit", (9, 0), version=(3, 6))
+    assert (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) == (64, 8, 3)
+    c = configs.stack_config("stack_fwd", 128, "16bit", (9, 0), version=(3, 7))
+    assert (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) == configs.STACK_FWD_TILES["16bit"][128]
+    # a release's "autocast" entry at the table arch wins over STACK_AUTOCAST; 16-bit is untouched
+    bwd = configs.stack_config("stack_bwd", 128, "autocast", (9, 0), version=(3, 6))
+    assert (bwd.kwargs["BLOCK_M"], bwd.kwargs["DW_COLS"]) == (64, 16)
+    bwd = configs.stack_config("stack_bwd", 128, "autocast", (9, 0), version=(3, 7))
+    assert (bwd.kwargs["BLOCK_M"], bwd.kwargs["DW_COLS"]) == configs.STACK_AUTOCAST[("stack_bwd", "sm_90")][128][::3]
+    bwd = configs.stack_config("stack_bwd", 128, "16bit", (9, 0), version=(3, 6))
+    assert (bwd.kwargs["BLOCK_M"], bwd.kwargs["DW_COLS"]) == configs.STACK_BWD_TILES["16bit"][128][::3]
+    # the sm_80 key reaches every mma.sync part unless the part's own key restates it (sm_120)
+    assert configs.stack_config("stack_bwd", 16, "16bit", (8, 0), version=(3, 6)).num_stages == 3
+    assert configs.stack_config("stack_bwd", 16, "16bit", (12, 0), version=(3, 6)).num_stages == 2
+
+
+def test_the_stack_is_refused_on_a_gpu_with_an_older_triton(monkeypatch):
+    """A triton older than STACK_MIN_TRITON (none supported now) has no gated stack entries: on a
+    GPU its launches raise a clear error instead; the interpreter, which has no such compiler,
+    still runs it. The gate skips the stack there."""
     import torch
 
     from fusedres import aot
     from fusedres.kernels import residual_stack
-    assert configs.stack_supported((3, 7)) and not configs.stack_supported((3, 6))
-    monkeypatch.setattr(configs, "TRITON_VERSION", (3, 6))
+    assert configs.stack_supported((3, 6)) and not configs.stack_supported((3, 5))
+    monkeypatch.setattr(configs, "TRITON_VERSION", (3, 5))
     assert not [j for j in aot.gate_jobs(kinds=aot.STACK_KINDS, cover=True)]
     monkeypatch.setattr(residual_stack, "INTERPRET", False)
-    with pytest.raises(RuntimeError, match=r"narrow stack \(FusedResidualStack\) needs triton >= 3\.7"):
+    with pytest.raises(RuntimeError, match=r"narrow stack \(FusedResidualStack\) needs triton >= 3\.6"):
         residual_stack._launch(None, "residual_stack_fwd", (1,), (torch.empty(1),), {},
                                configs.stack_config("stack_fwd", 16))
 

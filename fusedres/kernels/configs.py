@@ -832,13 +832,25 @@ STACK_AUTOCAST: dict[tuple[str, str], dict] = {
 
 
 # Per triton release, the stack entries that differ from the lists above: (kernel, arch) ->
-# operand class -> {width: tile}; the reduce's entry is (BLOCK, warps). Found with the same sweep
+# operand class ("autocast" for fp32 activations beside 16-bit weights, over STACK_AUTOCAST; a
+# "16bit" entry also reaches autocast where STACK_AUTOCAST has none) -> {width: tile}; the
+# reduce's entry is (BLOCK, warps). Found with the same sweep
 # and rule as above, on that release's compiler, where the 3.9 entry spills:
 # - triton 3.7.1 (ptxas 12.8): fwd ieee sm_90 D=64 (64, 4, 3) spills 168-1888 B and D=128
 #   (32, 16, 3) 4296 B; bwd tf32 sm_90 D=64 (128, 8, 2, 64) 48-96 B, D=128 (32, 4, 2, 16) 80 B;
 #   bwd ieee sm_80 D=16 (64, 4, 2, 16) 16 B; the reduce at 4 warps spills 20 B on sm_80 (fp32).
 # - triton 3.8.0: fwd ieee sm_90 D=32 (128, 4, 2) 40 B, D=64 (64, 4, 3) 1624-1888 B, D=128
 #   (32, 16, 3) 2320-4240 B; bwd tf32 sm_90 D=64 (128, 8, 2, 64) 64 B, D=128 (32, 4, 2, 16) 24 B.
+# - triton 3.6.0 (ptxas 12.8; 12.9 for sm_120), every variant of each kernel, each dtype of the
+#   class: fwd 16bit sm_80 D=64 (128, 4, 3) 8-48 B (fp16 and bf16 train; 2 stages 8 B);
+#   sm_90 D=128 (128, 8, 3) 296 B (bf16 train) and 48 B under autocast (both mixes, train): every
+#   128-row tile spills, 64 rows at 4 warps load scalars; ieee sm_90 D=32 (128, 4, 2) 8 B
+#   (inference; 3 stages are clean here), D=128 (32, 16, 3) 2484 B (inference). bwd (atomic) D=16
+#   16bit (128, 4, 2, 16) 8 B on sm_80 (bf16), sm_86 and sm_89 (fp16); sm_120 compiles it clean,
+#   so its entry restates it against the sm_80 key; tf32 D=16 8 B on sm_80 (128, 4, 1, 16), sm_86,
+#   sm_89 and sm_120 (each 4-warp tile spills 8-16 B there); tf32 sm_90 D=64 (128, 8, 2, 64)
+#   136-144 B, D=128 (32, 4, 2, 16) 80 B; autocast sm_90 D=128 (64, 8, 2, 32) 8 B
+#   (deterministic, both mixes); the reduce at 4 warps 20 B on sm_80 (fp32, tf32).
 STACK_BY_TRITON: dict[tuple[int, int], dict[tuple[str, str], dict]] = {
     (3, 7): {
         ("stack_fwd", "sm_90"): {"ieee": {64: (64, 8, 3), 128: (32, 8, 3)}},
@@ -849,6 +861,17 @@ STACK_BY_TRITON: dict[tuple[int, int], dict[tuple[str, str], dict]] = {
     (3, 8): {
         ("stack_fwd", "sm_90"): {"ieee": {32: (128, 8, 3), 64: (64, 8, 2), 128: (16, 16, 2)}},
         ("stack_bwd", "sm_90"): {"tf32": {64: (128, 8, 1, 64), 128: (32, 8, 2, 128)}},
+    },
+    (3, 6): {
+        ("stack_fwd", "sm_80"): {"16bit": {64: (128, 4, 1)}},
+        ("stack_fwd", "sm_90"): {"16bit": {128: (64, 8, 3)}, "ieee": {32: (128, 4, 3), 128: (64, 8, 3)}},
+        ("stack_bwd", "sm_80"): {"16bit": {16: (128, 4, 3, 16)}, "tf32": {16: (128, 4, 2, 16)}},
+        ("stack_bwd", "sm_86"): {"16bit": {16: (128, 4, 1, 16)}, "tf32": {16: (128, 8, 2, 16)}},
+        ("stack_bwd", "sm_89"): {"16bit": {16: (128, 4, 1, 16)}, "tf32": {16: (128, 8, 2, 16)}},
+        ("stack_bwd", "sm_120"): {"16bit": {16: (128, 4, 2, 16)}, "tf32": {16: (128, 8, 2, 16)}},
+        ("stack_bwd", "sm_90"): {"tf32": {64: (128, 8, 1, 16), 128: (32, 8, 2, 128)},
+                                 "autocast": {128: (64, 8, 2, 16)}},
+        ("stack_reduce", "sm_80"): (STACK_REDUCE_BLOCK, 8),
     },
     # triton 3.9.0, sm_86 and sm_89 (ptxas 12.9): fwd ieee D=32 (128, 4, 2) spills 32 B (train)
     (3, 9): {
@@ -885,12 +908,14 @@ STACK_BY_ARCH: dict[tuple[str, str], dict] = {
 }
 
 
-#: The narrow stack's kernels ship from triton 3.7 on. triton 3.6.0 (torch 2.11's) compiles its
-#: 16-bit backward with scalar 16-bit global loads at every width and arch, and spills 8-296 B in
-#: 30 more of its sm_80-sm_120 entries (compile gate, covering set): a slow path the package does
-#: not ship. On 3.6 the stack's launches are refused on a GPU with that reason; the single blocks
-#: and the MLP block are unaffected.
-STACK_MIN_TRITON = (3, 7)
+#: The oldest triton whose compiler the narrow stack's kernels ship for: every supported release.
+#: triton 3.6.0 (torch 2.11's) compiled the 16-bit backward with scalar 16-bit global loads until
+#: the launcher's alignment reached it as a ``tl.multiple_of`` hint, and spilled 8-2484 B in 27
+#: compiles of the shipped entries (full product, sm_80-sm_120, every default dtype): its own
+#: entries are in STACK_BY_TRITON[(3, 6)].
+#: On an older triton the stack's launches are refused on a GPU; the single blocks and the MLP
+#: block are unaffected.
+STACK_MIN_TRITON = (3, 6)
 
 
 def stack_supported(version: tuple[int, int] | None = None) -> bool:
@@ -936,6 +961,7 @@ def _stack_config(kind: str, D: int, operands: str, limits: DeviceLimits | None,
     cls = "autocast" if mixed else operands
     release = {**overrides.get((kind, arch), {}).get(operands, {}),
                **(STACK_AUTOCAST.get((kind, arch), {}) if mixed else {}),
+               **(overrides.get((kind, arch), {}).get("autocast", {}) if mixed else {}),
                **(STACK_SMALL_SMEM.get(kind, {}).get(operands, {}) if small and not mixed else {}),
                **(STACK_BY_ARCH.get((kind, own), {}).get(cls, {}) if own != arch else {}),
                **(overrides.get((kind, own), {}).get(cls, {}) if own != arch else {})}

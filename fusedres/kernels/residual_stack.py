@@ -255,8 +255,9 @@ def _launch(kernel, name: str, grid, args, consts: dict, config: triton.Config) 
         raise RuntimeError(
             f"fusedres: the narrow stack (FusedResidualStack) needs triton >= "
             f"{'.'.join(map(str, _configs.STACK_MIN_TRITON))}; this is triton {triton.__version__}, whose "
-            "compiler turns its backward into scalar 16-bit loads and register spills. Use FusedResidualBlock "
-            "(fusedres.fuse(model) without stacks=True), or torch >= 2.12 with the triton it brings.")
+            "compiler its kernels have not been checked with (no entries for it in the compile gate). Use "
+            "FusedResidualBlock (fusedres.fuse(model) without stacks=True), or torch >= 2.11 with the triton it "
+            "brings.")
     kw = {**consts, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     with _launch_lock, _configs.device_guard(args[0].device):
         _configs._check_capture_safe(name, kernel, args, kw)
