@@ -165,18 +165,21 @@ EXAMPLE_M, EXAMPLE_D, EXAMPLE_B = 8192, 1024, 8
 #:
 #: A variant may name the activation after an ``@`` (``"alpha+proj@gelu"``, a key of
 #: :data:`fusedres.kernels.activations.KERNELS`); without one it is relu, the default block's.
-FEATURES = ("base", "alpha+proj", "alpha-value", "drop-path", "mlp", "layerscale")
-#: The activations besides relu (:func:`gate_jobs`'s ``acts``, ``--acts``): compiled on request.
-GATE_ACTS = tuple(a for a in _act_kernels.KERNELS if a != "relu")
+#: ``no-bias``: no bias anywhere (the forward's epilogue without it, dW without db and without the
+#: column sum of g) and a learnable tensor alpha (dalpha without its bias term).
+FEATURES = ("base", "alpha+proj", "alpha-value", "drop-path", "mlp", "layerscale", "no-bias")
+#: The activations besides relu, and ``identity`` (no activation: the MLP block's ``pre_act=None``),
+#: as :func:`gate_jobs`'s ``acts`` and ``--acts`` take them.
+GATE_ACTS = tuple(a for a in _act_kernels.KERNELS if a != "relu") + ("identity",)
+#: Each row's own parameter as the public API's default gives it (leaky_relu's slope).
+_ACT_PARAMS = {"leaky_relu": 0.01}
 #: dW only: the split-M variant (``SPLIT_M``: fp32 partial slabs, no epilogue) of the dW kernel, in
 #: every shipped dW config, plus its reduce kernel (``dw_reduce``, :data:`fusedres.kernels.plan.REDUCE_CONFIGS`):
 #: ``split`` (bias: db partials) and ``split+alpha+proj`` (dP's slab rows; the reduce with a tensor
 #: alpha, dalpha partials and dP). The CLI compiles them by default; fwd and dx skip them.
 SPLIT_FEATURES = ("split", "split+alpha+proj", "split+drop-path", "split+layerscale")
-#: The CLI's default variants: all but the per-channel ones (``layerscale``, ``split+layerscale``),
-#: which are gated on request until every release and arch has compiled them (sm_80 and sm_90 on
-#: triton 3.7.1 have: README, "Activations and LayerScale").
-DEFAULT_FEATURES = tuple(f for f in FEATURES + SPLIT_FEATURES if "layerscale" not in f)
+#: The CLI's default variants: all of them.
+DEFAULT_FEATURES = FEATURES + SPLIT_FEATURES
 #: The reduce kernel, compiled with each split variant of dW (not a ``--kernels`` choice of its own).
 REDUCE_KIND = "dw_reduce"
 #: The example split: S slabs, with a ragged tile count per split (not 1, not a multiple of 16).
@@ -247,16 +250,17 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     row_scale = features in ("drop-path", "mlp", "split+drop-path") or layerscale
     mlp = features == "mlp"
     N = 2 * D if extra else D
-    kact = dict(act=act_name)
+    kact = dict(act=None if act_name == "identity" else act_name, act_param=_ACT_PARAMS.get(act_name, 0.0))
+    nobias = features == "no-bias"
 
     def act(width):
         if two_level:   # [T, B, D] view of a [B, T, D] tensor: its rows need two strides
             return torch.empty(EXAMPLE_B, M // EXAMPLE_B, width, dtype=act_dtype).transpose(0, 1)
         return torch.empty(M, width, dtype=act_dtype)
 
-    w, b = torch.empty(N, D, dtype=tdtype), torch.empty(N, dtype=tdtype)
-    alpha = (torch.empty(N, dtype=act_dtype) if layerscale else torch.empty((), dtype=act_dtype) if extra or row_scale
-             else 0.5 if features == "alpha-value" else None)
+    w, b = torch.empty(N, D, dtype=tdtype), (None if nobias else torch.empty(N, dtype=tdtype))
+    alpha = (torch.empty(N, dtype=act_dtype) if layerscale else torch.empty((), dtype=act_dtype)
+             if extra or row_scale or nobias else 0.5 if features == "alpha-value" else None)
     proj = torch.empty(N, D, dtype=tdtype) if extra else None
     scale = dict(sample_scale=torch.empty(EXAMPLE_B, dtype=act_dtype), rows_per_sample=M // EXAMPLE_B) \
         if row_scale else {}
@@ -290,8 +294,8 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
             K = w.shape[1]
             g, x = act(N), (act(H).to(tdtype) if mlp else act(D))
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
-            dw, db = torch.empty(N, K, dtype=tdtype), torch.empty(N, dtype=tdtype)
-            need_dalpha = extra or row_scale
+            dw, db = torch.empty(N, K, dtype=tdtype), (None if nobias else torch.empty(N, dtype=tdtype))
+            need_dalpha = extra or row_scale or nobias
             partials = torch.empty(kernels.dalpha_workspace_size(N, K, extra, layerscale), dtype=torch.float32) \
                 if need_dalpha else None
             dp = torch.empty(N, D, dtype=tdtype) if extra else None
@@ -315,7 +319,7 @@ def split_features(features: str) -> tuple[str, str]:
     """``"alpha+proj@gelu"`` -> ``("alpha+proj", "gelu")``; no ``@``: relu."""
     base, _, act = features.partition("@")
     act = act or "relu"
-    if act not in _act_kernels.KERNELS:
+    if act not in _act_kernels.KERNELS and act != "identity":
         raise ValueError(f"unknown activation {act!r} in {features!r}; one of {tuple(_act_kernels.KERNELS)}")
     return base, act
 
@@ -374,7 +378,8 @@ def gate_configs(kind: str, dtype: str, two_level: bool = False, features: str =
         kept = tuned.early_config_prune(tuned.configs, named, **consts) if tuned.early_config_prune else tuned.configs
     elem_size, operand_sizes = _configs.launch_operand_sizes(kind, {**named, **consts})
     expected = _configs.shipped_configs(kind, elem_size, two_level, operand_sizes, consts["HAS_PROJ"],
-                                        consts.get("ROW_SCALE", False), limits)
+                                        consts.get("ROW_SCALE", False), limits,
+                                        _configs.act_name_of(consts.get("RECIPE")))
     if [id(c) for c in kept] != [id(c) for c in expected]:
         raise AssertionError(f"{kind}: the autotuner's prune and shipped_configs disagree")
     return list(kept)
@@ -636,7 +641,7 @@ def failures(rec: dict) -> list[str]:
 #: second K loop and a tensor alpha, then the row scale, then the rest): each shipped config is
 #: compiled once, in the heaviest variant that ships it.
 COVER_ORDER = ("split+alpha+proj", "alpha+proj", "split+layerscale", "layerscale", "split+drop-path", "drop-path",
-               "mlp", "split", "alpha-value", "base")
+               "mlp", "split", "alpha-value", "base", "no-bias")
 #: The stack kernels' heavier variant of each pair (the covering set compiles only these).
 STACK_COVER = {"stack_fwd": ("train",), "stack_bwd": ("deterministic",), "stack_reduce": ("base",)}
 
@@ -679,7 +684,7 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
                         suffix = "" if act == "relu" else "@" + act
                         done: set = set()
                         for feats in feats_of_kind:
-                            cfgs = (gate_configs(kind, dtype, tl_, feats, arch) if configs is None
+                            cfgs = (gate_configs(kind, dtype, tl_, feats + suffix, arch) if configs is None
                                     else [config_from_name(kind, n) for n in configs])
                             for config in cfgs:
                                 if cover and config_name(kind, config) in done:
@@ -693,6 +698,53 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
                                 jobs += [(REDUCE_KIND, c, dtype, arch, False, feats, None)
                                          for c in _plan.reduce_configs(DTYPES[dtype][0].itemsize, arch_limits(arch))]
     return jobs
+
+
+def derive_act_drops(records: list[dict]) -> dict:
+    """:data:`fusedres.kernels.configs.ACT_DROPPED` from gate records: every single-block record of
+    an activation other than relu (``"variant@act"``) that failed, as activation -> arch -> kind ->
+    (element size, projection) -> tiles. A tile that fails without a projection is dropped with one
+    too (the projection's second K loop only adds registers)."""
+    out: dict = {}
+    for r in records:
+        if r["ok"] or r["kernel"] not in KINDS or "@" not in r.get("features", ""):
+            continue
+        feats, act = split_features(r["features"])
+        elem = DTYPES[r["variant"]][0].itemsize
+        tile = _configs._tile(r["kernel"], config_from_name(r["kernel"], r["config_name"]))
+        by_kind = out.setdefault(act, {}).setdefault(r["arch"], {}).setdefault(r["kernel"], {})
+        proj = feats in ("alpha+proj", "split+alpha+proj")
+        for key in ([(elem, True)] if proj else [(elem, False), (elem, True)]):
+            by_kind.setdefault(key, set()).add(tile)
+    return {a: {arch: {k: {key: sorted(t, reverse=True) for key, t in sorted(keys.items())}
+                       for k, keys in sorted(kinds.items())} for arch, kinds in sorted(arches.items())}
+            for a, arches in sorted(out.items())}
+
+
+def _format_act_drops(table: dict) -> str:
+    """The table as the Python literal configs.py holds."""
+    lines = ["ACT_DROPPED: dict = {"]
+    for act, arches in table.items():
+        lines.append(f"    {act!r}: {{")
+        for arch, kinds in arches.items():
+            lines.append(f"        {arch!r}: {{")
+            for kind, keys in kinds.items():
+                lines.append(f"            {kind!r}: {{")
+                for key, tiles in keys.items():
+                    head = f"                {key!r}: {{"
+                    line = head
+                    for i, t in enumerate(tiles):
+                        item = repr(t) + (", " if i < len(tiles) - 1 else "},")
+                        if len(line) + len(item) > 116:
+                            lines.append(line.rstrip())
+                            line = " " * len(head)
+                        line += item
+                    lines.append(line)
+                lines.append("            },")
+            lines.append("        },")
+        lines.append("    },")
+    lines.append("}")
+    return "\n".join(lines)
 
 
 def _run_job(job):
@@ -797,11 +849,15 @@ def main(argv=None) -> int:
                              "(stochastic depth's row scale), mlp (the MLP block's passes) and layerscale (a "
                              "per-channel alpha with the row scale); dW only: split, split+alpha+proj, "
                              "split+drop-path and split+layerscale (split-M partials, plus the reduce kernel); "
-                             "default all but the layerscale ones")
-    parser.add_argument("--acts", default=("relu",), type=_choices(tuple(_act_kernels.KERNELS)),
+                             "no-bias; default all")
+    parser.add_argument("--acts", default=("relu",), type=_choices(tuple(_act_kernels.KERNELS) + ("identity",)),
                         help="activations each single-block variant is compiled with, comma list of "
                              f"{','.join(_act_kernels.KERNELS)} (default relu: the other rows are not yet "
                              "gate-clean on every shipped tile, see the README)")
+    parser.add_argument("--derive-act-drops", action="store_true",
+                        help="print configs.ACT_DROPPED as derived from this run's failures (derive_act_drops)")
+    parser.add_argument("--from-json", action="append", metavar="PATH",
+                        help="with --derive-act-drops: derive from these saved records instead of compiling")
     parser.add_argument("--cover", action="store_true",
                         help="the covering set instead of the full product: every config shipped for each kernel, "
                              "dtype and arch compiled once, in the heaviest variant that ships it (CI's set on "
@@ -819,6 +875,10 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, "-m", "fusedres.aot", *(sys.argv[1:] if argv is None else argv)],
                                env=env)
 
+    if args.derive_act_drops and args.from_json:
+        records = [r for path in args.from_json for r in json.load(open(path))]
+        print(_format_act_drops(derive_act_drops(records)))
+        return 0
     t0 = time.perf_counter()
     if not _configs.stack_supported() and set(args.kernels) & set(STACK_KINDS):
         print(f"fusedres.aot: triton {triton.__version__} does not ship the narrow stack "
@@ -843,6 +903,8 @@ def main(argv=None) -> int:
             json.dump(records, f, indent=1)
     if not args.quiet:
         print(format_table(records))
+    if args.derive_act_drops:
+        print(_format_act_drops(derive_act_drops(records)))
     failed = [r for r in records if not r["ok"]]
     print(f"\nfusedres.aot: {len(records)} compiles{' (covering set)' if args.cover else ''} "
           f"({','.join(args.kernels)} x {','.join(args.archs)} x "

@@ -389,7 +389,10 @@ class _Plan:
         self.act = act
         self.kact = dict(act=act.name, act_param=act.param)      # the launchers' keywords
         if act.name != "relu" and x.device.type == "cuda":
-            warn_ungated(act.name)
+            limits = kernels.device.limits_for(x.device)
+            arch = kernels.configs.gate_arch(limits.capability) if limits is not None else None
+            if arch is not None and arch not in kernels.configs.ACT_GATED_ARCHS:
+                warn_ungated(act.name, arch)
         self.eager = backend_for(x.device) == "eager"
         self.rows, (self.xs,), (xk,) = plan_rows(x)
         self.copy_x = xk is not x
@@ -531,15 +534,16 @@ class _BackwardLaunches:
 _warned: set = set()
 
 
-def warn_ungated(name: str) -> None:
-    """Once per activation: its GPU tiles are correct but not all gate-clean yet (some spill)."""
-    if name not in _warned:
-        _warned.add(name)
+def warn_ungated(name: str, arch: str) -> None:
+    """Once per activation and arch: the row's tiles were gate-derived on sm_80 and sm_90
+    (configs.ACT_GATED_ARCHS); this arch takes its family's list, not compiled for it."""
+    if (name, arch) not in _warned:
+        _warned.add((name, arch))
         import warnings
-        warnings.warn(f"fusedres: activation {name!r} runs the fused kernels, but not every shipped tile compiles "
-                      "without register spills for it yet (python -m fusedres.aot --acts " + name + "); the "
-                      "results are exact, some autotuned tiles may be slower than relu's", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(f"fusedres: the tiles of activation {name!r} were chosen with the compile gate on "
+                      f"{', '.join(kernels.configs.ACT_GATED_ARCHS)}; this GPU ({arch}) takes its family's list, "
+                      f"not gated for it (python -m fusedres.aot --cover --archs {arch} --acts {name}). Results "
+                      "are exact; a tile may spill registers", RuntimeWarning, stacklevel=3)
 
 
 def dalpha_from_partials(partials: Tensor, programs: int, alpha: Tensor, N: int) -> Tensor:

@@ -17,8 +17,10 @@ import textwrap
 
 import pytest
 import torch
+from torch import nn
 
-from fusedres import aot
+import fusedres
+from fusedres import activations, aot
 from fusedres.kernels import configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,8 +125,9 @@ def _expected_stack(dtypes, archs=FULL_ARCHS, cover=False):
 #: fp16 with the projection checks it.
 #: fp16 split-M with two-level rows: 64x128x64 at 4 warps spilled 12 B there on sm_80 (triton 3.7.1)
 #: before it was dropped.
-#: The per-channel variants (``layerscale``) are gated on request (aot.DEFAULT_FEATURES).
-FULL_FEATURES = tuple(f for f in aot.FEATURES if f in aot.DEFAULT_FEATURES)
+#: Every variant but dW's split ones and layerscale (the covering set on the 99 KB archs compiles
+#: those; layerscale's tiles are drop-path's, so there it costs no compile).
+FULL_FEATURES = tuple(f for f in aot.FEATURES if f != "layerscale")
 RUNS = [(tuple(d for d in aot.DEFAULT_DTYPES if d not in aot.ACTIVATIONS), (False,), FULL_FEATURES),
         (("fp32", "tf32"), (True,), ("base",)),
         (("fp16",), (True,), ("alpha+proj", "split"))]
@@ -548,3 +551,130 @@ def test_the_covering_set_compiles_each_shipped_config_once_in_its_heaviest_vari
         shipping = [f for k, c2, d, a, _, f, _ in full
                     if (k, aot.config_name(k, c2), d, a) == (kind, aot.config_name(kind, c), dtype, arch)]
         assert feats == min(shipping, key=aot.COVER_ORDER.index), (kind, aot.config_name(kind, c), dtype, arch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The activation table's rows (issue 21): each row besides relu in every pass, on sm_80 and sm_90
+
+#: Per row: every config shipped for it (configs.ACT_DROPPED applied) in each pass, once, in the
+#: heaviest variant that ships it (a projection's second K loop with a tensor alpha first, then the
+#: row scale), in bf16 (16-bit lists) and tf32 (fp32 lists, tensor cores). The full set, every
+#: default dtype and variant, is ``python -m fusedres.aot --cover --acts gelu,...`` (README).
+ACT_GATE = (("bf16", "tf32"), ("alpha+proj", "split+alpha+proj", "drop-path"))
+
+
+@pytest.fixture(scope="module")
+def act_gate(tmp_path_factory):
+    dtypes, features = ACT_GATE
+    path = tmp_path_factory.mktemp("aot") / "acts.json"
+    proc = _run(["-m", "fusedres.aot", "-q", "--cover", "-j", str(os.cpu_count() or 2), "--kernels", "fwd,dx,dw",
+                 "--dtypes", ",".join(dtypes), "--features", ",".join(features), "--archs", ",".join(FULL_ARCHS),
+                 "--acts", ",".join(aot.GATE_ACTS), "--json", str(path)])
+    records = json.loads(path.read_text()) if path.exists() else None
+    return proc, records
+
+
+@pytest.mark.parametrize("name", aot.GATE_ACTS)
+def test_every_activation_row_compiles_clean_on_sm80_and_sm90(act_gate, name):
+    """No spills, no serialised wgmma (C751x), tensor cores, in fwd, dx and dW (split included) on
+    both archs, at exactly the configs the prune ships for the row."""
+    proc, records = act_gate
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    mine = [r for r in records if r["kernel"] in aot.KINDS and r["features"].endswith("@" + name)]
+    assert {(r["kernel"], r["arch"]) for r in mine} == {(k, a) for k in aot.KINDS for a in FULL_ARCHS}
+    for r in mine:
+        _check_record(r)
+    dtypes, features = ACT_GATE
+    for kind in aot.KINDS:
+        for dtype in dtypes:
+            for arch in FULL_ARCHS:
+                shipped = {aot.config_name(kind, c) for f in features if f not in aot.SPLIT_FEATURES or kind == "dw"
+                           for c in aot.gate_configs(kind, dtype, features=f"{f}@{name}", arch=arch)}
+                got = {r["config_name"] for r in mine if (r["kernel"], r["variant"], r["arch"]) == (kind, dtype, arch)}
+                assert got == shipped, (name, kind, dtype, arch)
+
+
+def test_act_drops_are_derived_from_gate_records():
+    """derive_act_drops reads failing records of a row into the table's shape; a failure without a
+    projection drops the tile with one too; relu's and passing records drop nothing."""
+    def rec(kernel, features, config, ok, variant="bf16", arch="sm_80"):
+        return {"kernel": kernel, "features": features, "config_name": config, "ok": ok, "variant": variant,
+                "arch": arch}
+    table = aot.derive_act_drops([
+        rec("fwd", "base@gelu", "64x128x64 w4 s4", False),
+        rec("dx", "alpha+proj@silu", "128x64x64 w4 s4", False, arch="sm_90"),
+        rec("dx", "alpha+proj@silu", "64x64x32 w4 s5", True, arch="sm_90"),
+        rec("dw", "base", "64x128x64 w4 s4", False),
+    ])
+    assert table == {"gelu": {"sm_80": {"fwd": {(2, False): [(64, 128, 64, 4, 4)], (2, True): [(64, 128, 64, 4, 4)]}}},
+                     "silu": {"sm_90": {"dx": {(2, True): [(128, 64, 64, 4, 4)]}}}}
+    assert (64, 128, 64, 4, 4) not in {configs._tile("fwd", c) for c in configs.shipped_configs(
+        "fwd", 2, act="gelu", limits=aot.arch_limits("sm_80"))}
+    assert (64, 128, 64, 4, 4) in {configs._tile("fwd", c) for c in configs.shipped_configs(
+        "fwd", 2, act="relu", limits=aot.arch_limits("sm_80"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Every public option lands on pieces the compile gate compiles
+
+#: The constexprs that are pieces of a launch (tiles and numerics are the gate's other axes).
+#: (``ACT_PARAM``, leaky_relu's slope, is not one: a constant of the same code.)
+_PIECES = ("ACT", "DACT", "ALPHA", "HAS_BIAS", "HAS_PROJ", "RESIDUAL", "ROW_SCALE", "HAS_DB", "SUM_G",
+           "NEED_DALPHA", "DALPHA_BIAS", "SPLIT_M")
+
+
+def _pieces(kind, consts):
+    out = set()
+    for name in _PIECES:
+        if name in consts:
+            value = consts[name]
+            value = getattr(value, "__name__", value)      # a jit function: its name
+            out.add((kind, name, value))
+    return out
+
+
+def _compiled_pieces(*record_lists):
+    """(kind, constexpr, value) of every launch the gate runs compiled: each record's variant,
+    rebuilt by the example launch it was compiled from."""
+    out = set()
+    for kind, feats in {(r["kernel"], r["features"]) for records in record_lists for r in records
+                        if r["kernel"] in aot.KINDS}:
+        _, consts = aot.example_launch(kind, "bf16", M=64, D=32, features=feats)
+        out |= _pieces(kind, consts)
+    return out
+
+
+def test_every_api_option_lands_on_pieces_the_gate_compiles(gate, cover_gate, act_gate, monkeypatch, device):
+    """Enumerate the public options (activation, alpha kind, projection, stochastic depth, bias,
+    the MLP block's pre_act) and spy on every launch's constexprs: each piece a user can reach is
+    one this module's gate runs compiled (their records: what CI compiles)."""
+    import importlib
+    seen = set()
+    for module in map(importlib.import_module, ("fusedres.kernels.residual_fwd", "fusedres.kernels.residual_bwd")):
+        original = module.launch_and_prepare
+
+        def spy(kernel, tuned, kind, grid, args, consts, *rest, _original=original, **kw):
+            seen.update(_pieces(kind, consts))
+            return _original(kernel, tuned, kind, grid, args, consts, *rest, **kw)
+        monkeypatch.setattr(module, "launch_and_prepare", spy)
+    D = 16
+    x = torch.randn(2, 4, D, device=device, requires_grad=True)
+    for act in [*activations.ACTIVATIONS, nn.LeakyReLU(0.2)]:
+        for alpha in (1.0, 0.5, "scalar", "channel"):
+            for bias in (True, False):
+                block = fusedres.FusedResidualBlock(D, bias=bias, act=act, alpha=0.5,
+                                                    learnable_alpha=alpha == "scalar",
+                                                    alpha_per_channel=alpha == "channel", device=device)
+                if isinstance(alpha, float):    # a Python float: passed by value (1.0: no scale)
+                    y = fusedres.fused_residual(x, block.weight, block.bias, alpha=alpha, act=act)
+                else:
+                    y = block(x)
+                y.sum().backward()
+    for drop_path in (0.0, 0.5):
+        block = fusedres.FusedResidualBlock(D, 2 * D, drop_path=drop_path, learnable_alpha=True, device=device)
+        block(x).sum().backward()
+        for pre_act in ("relu", None):
+            fusedres.FusedResidualMLPBlock(D, 2 * D, drop_path=drop_path, pre_act=pre_act, act="gelu",
+                                           learnable_alpha=True, device=device)(x).sum().backward()
+    missing = seen - _compiled_pieces(*(records for _, records, _ in gate), cover_gate[1], act_gate[1])
+    assert seen and not missing, sorted(missing, key=str)

@@ -225,6 +225,171 @@ _ADDED_ON_ARCH: dict = {
 }
 
 
+#: Tiles dropped for an activation other than relu, whose prologue (fwd, dW: the A tile computed in
+#: fp32, torch's opmath) or derivative (dx: on the accumulator tile, with x loaded) costs registers
+#: relu's does not: activation -> table arch ("sm_80": the mma.sync parts, "sm_90": Hopper) ->
+#: kind -> (element size, projection) -> tiles. Derived from the compile gate's records by
+#: ``fusedres.aot.derive_act_drops`` (``python -m fusedres.aot --acts gelu,... --derive-act-drops``),
+#: triton 3.7.1 on sm_80 and sm_90, every default dtype, the covering sets with and without a
+#: projection: each tile listed spilled (or serialised its wgmma) in some variant there. A tile's
+#: drop applies to its element size whatever the dtype (fp32 covers IEEE and tf32; 2 covers fp16,
+#: bf16 and autocast's 16-bit GEMMs). Filled below from the gate's output.
+ACT_DROPPED: dict = {
+    'gelu': {
+        'sm_80': {
+            'dw': {
+                (2, False): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)},
+                (2, True): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)},
+            },
+            'dx': {
+                (2, False): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                             (64, 128, 64, 4, 4), (64, 64, 32, 4, 5)},
+                (2, True): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                            (64, 128, 64, 4, 4), (64, 64, 32, 4, 5)},
+                (4, False): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4)},
+                (4, True): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4)},
+            },
+            'fwd': {
+                (2, False): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4)},
+                (2, True): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)},
+            },
+        },
+        'sm_90': {
+            'dw': {
+                (2, True): {(128, 64, 64, 4, 4)},
+            },
+            'dx': {
+                (2, False): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4)},
+                (2, True): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                            (64, 128, 64, 4, 4)},
+                (4, False): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4)},
+                (4, True): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4), (32, 64, 16, 4, 3)},
+            },
+        },
+    },
+    'gelu_tanh': {
+        'sm_80': {
+            'dw': {
+                (2, False): {(64, 128, 64, 4, 4), (64, 64, 64, 4, 4)},
+                (2, True): {(64, 128, 64, 4, 4), (64, 64, 64, 4, 4)},
+            },
+            'dx': {
+                (2, False): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                             (64, 128, 64, 4, 4)},
+                (2, True): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                            (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)},
+                (4, False): {(128, 128, 16, 8, 4)},
+                (4, True): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4)},
+            },
+            'fwd': {
+                (2, False): {(128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 5)},
+                (2, True): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4),
+                            (64, 64, 32, 4, 5)},
+            },
+        },
+        'sm_90': {
+            'dx': {
+                (2, False): {(128, 128, 32, 8, 4), (128, 64, 64, 4, 4)},
+                (2, True): {(128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)},
+                (4, False): {(128, 128, 16, 8, 4)},
+                (4, True): {(128, 128, 16, 8, 4), (32, 64, 16, 4, 3)},
+            },
+        },
+    },
+    'leaky_relu': {
+        'sm_80': {
+            'fwd': {
+                (2, False): {(64, 128, 64, 4, 4)},
+                (2, True): {(128, 128, 64, 8, 4), (64, 128, 64, 4, 4)},
+            },
+        },
+        'sm_90': {
+            'dx': {
+                (4, True): {(32, 64, 16, 4, 3)},
+            },
+        },
+    },
+    'relu_sq': {
+        'sm_80': {
+            'dx': {
+                (2, False): {(128, 64, 64, 4, 4)},
+                (2, True): {(128, 64, 64, 4, 4)},
+                (4, True): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4)},
+            },
+        },
+        'sm_90': {
+            'dx': {
+                (2, False): {(128, 64, 64, 4, 4)},
+                (2, True): {(128, 64, 64, 4, 4)},
+                (4, True): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4), (32, 64, 16, 4, 3)},
+            },
+        },
+    },
+    'silu': {
+        'sm_80': {
+            'dx': {
+                (2, False): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                             (64, 128, 64, 4, 4)},
+                (2, True): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                            (64, 128, 64, 4, 4)},
+                (4, False): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4)},
+                (4, True): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4)},
+            },
+            'fwd': {
+                (2, False): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)},
+                (2, True): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4),
+                            (64, 64, 64, 4, 4)},
+            },
+        },
+        'sm_90': {
+            'dx': {
+                (2, False): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                             (64, 128, 64, 4, 4)},
+                (2, True): {(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                            (64, 128, 64, 4, 4)},
+                (4, False): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4)},
+                (4, True): {(128, 128, 16, 8, 4), (64, 128, 16, 4, 4), (32, 64, 16, 4, 3)},
+            },
+        },
+    },
+}
+
+
+
+#: Tiles added for an activation other than relu where it drops every listed one: (kind, element
+#: size) -> tiles. dx fp32 (gelu, silu: both fp32 tiles spill; 3.7 drops the third with a
+#: projection) would fall back to 32x64x16, which has no wgmma on sm_90; 64x64x16 at 8 warps is the
+#: fp32 tile that compiled clean in every variant and arch when triton 3.6 needed one (see
+#: _PROJ_TILES_BY_TRITON).
+ACT_ADDED: dict = {("dx", 4): [(64, 64, 16, 8, 4)]}
+#: The archs whose activation lists the gate derived (:data:`ACT_DROPPED`); other archs take the
+#: list of their family (:func:`stack_table_arch`) and are not gate-verified for these rows.
+ACT_GATED_ARCHS = ("sm_80", "sm_90")
+
+
+def act_name_of(recipe: str | None) -> str:
+    """The activation of a launch's ``RECIPE`` string (``"gelu|scalar"`` -> ``"gelu"``)."""
+    if not recipe:
+        return "relu"
+    return recipe.split("|", 1)[0].split("(", 1)[0]
+
+
+def act_dropped(act: str, kind: str, elem_size: int, proj: bool, arch: str | None) -> set:
+    """The tiles :data:`ACT_DROPPED` removes for ``act`` (none for relu)."""
+    if act in ("relu", "identity"):
+        return set()
+    table_arch = "sm_80" if arch is None or stack_table_arch(_arch_capability(arch)) == "sm_80" else "sm_90"
+    if arch is None:    # no device (the interpreter): the union, as the lists for every arch
+        return {t for a in ACT_GATED_ARCHS
+                for t in ACT_DROPPED.get(act, {}).get(a, {}).get(kind, {}).get((elem_size, proj), ())}
+    return set(ACT_DROPPED.get(act, {}).get(table_arch, {}).get(kind, {}).get((elem_size, proj), ()))
+
+
+def _arch_capability(arch: str) -> tuple[int, int]:
+    n = int(arch.split("_")[1])
+    return (n // 10, n % 10)
+
+
 def gate_arch(capability: tuple[int, int]) -> str:
     """The compile gate's arch whose lists a GPU of ``capability`` takes: its own for 8.0, 8.6,
     8.9 and 9.0; the family's for the other Blackwell parts (10.x -> sm_100, 12.x -> sm_120) and
@@ -296,14 +461,16 @@ def _tile(kind: str, config: triton.Config) -> tuple:
 
 def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
                     operand_sizes: tuple[int, int] | None = None, proj: bool = False,
-                    row_scale: bool = False, limits: DeviceLimits | None = None) -> list[triton.Config]:
+                    row_scale: bool = False, limits: DeviceLimits | None = None,
+                    act: str = "relu") -> list[triton.Config]:
     """The configs of ``kind`` that a GEMM in an ``elem_size``-byte dtype (and two-level rows, if
     ``two_level``; a projection shortcut, if ``proj``; stochastic depth's row scale, if
     ``row_scale``) may run on a device with ``limits`` (None: no GPU; see
     :func:`fusedres.kernels.device.limits_for`): the tiles listed for it (all tiles for an
     unlisted element size) whose pipeline fits that device's shared memory
     (:func:`smem_budget`), with its A and B tiles loaded at ``operand_sizes`` bytes per element
-    (default ``elem_size``; see :func:`pipeline_smem_bytes`). Largest tiles first."""
+    (default ``elem_size``; see :func:`pipeline_smem_bytes`), less those the activation ``act``
+    drops (:data:`ACT_DROPPED`). Largest tiles first."""
     listed = (_TILES_TWO_LEVEL.get(elem_size) if two_level else None) or _TILES.get(elem_size)
     if proj and not two_level and (kind, elem_size) in _PROJ_TILES_BY_TRITON.get(TRITON_VERSION, {}):
         listed = _PROJ_TILES_BY_TRITON[TRITON_VERSION][(kind, elem_size)]
@@ -312,6 +479,8 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
     added = _ADDED_ON_ARCH.get(TRITON_VERSION, {}).get(arch, {}).get(kind, {}).get((elem_size, two_level), [])
     if added and listed is not None:
         listed = list(listed) + added
+    if act not in ("relu", "identity") and listed is not None:
+        listed = list(listed) + ACT_ADDED.get((kind, elem_size), [])
     spills = (_MIXED_HEAVY_SPILLS[kind] | _MIXED_HEAVY_BY_TRITON.get(TRITON_VERSION, {}).get(arch, {}).get(kind, set())
               if mixed and (proj or two_level) else set())
     if row_scale:
@@ -321,7 +490,8 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
 
     def smem(c):
         return pipeline_smem_bytes(kind, c, elem_size, operand_sizes)
-    dropped = dropped_tiles(kind, elem_size, two_level=two_level, arch=arch)
+    dropped = dropped_tiles(kind, elem_size, two_level=two_level, arch=arch) | act_dropped(act, kind, elem_size,
+                                                                                             proj, arch)
     fits = [c for c in CONFIGS[kind] if (listed is None or _tile(kind, c) in listed)
             and fits_device(c.num_warps, smem(c), limits)
             and _tile(kind, c) not in spills and _tile(kind, c) not in dropped]
@@ -346,7 +516,7 @@ def launch_shipped_configs(kind: str, named_args: dict) -> list[triton.Config]:
     elem_size, operand_sizes = launch_operand_sizes(kind, named_args)
     return shipped_configs(kind, elem_size, bool(named_args.get("TWO_LEVEL_ROWS", False)), operand_sizes,
                            bool(named_args.get("HAS_PROJ", False)), bool(named_args.get("ROW_SCALE", False)),
-                           launch_limits(kind, named_args))
+                           launch_limits(kind, named_args), act_name_of(named_args.get("RECIPE")))
 
 
 def prune_for(kind: str):

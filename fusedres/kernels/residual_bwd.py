@@ -83,6 +83,9 @@ def residual_dx_kernel(
     derivative is applied, into the same accumulator.
     """
     GEMM_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
+    # the scale kind as the constexprs residual_scale takes (triton 3.6 passes no string into a jit function)
+    ALPHA_PTR: tl.constexpr = ALPHA == "scalar" or ALPHA == "channel"
+    PER_CHANNEL: tl.constexpr = ALPHA == "channel"
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -103,7 +106,7 @@ def residual_dx_kernel(
         if ALPHA == "channel":
             # a per-channel alpha scales g's columns (the features n this loop reduces over): a
             # prologue on the A tile, in registers, rounded once as eager rounds alpha * g
-            g = g.to(ACC_DTYPE) * residual_scale(alpha_ptr, alpha_value, n, mask_n, ALPHA, ACC_DTYPE)
+            g = g.to(ACC_DTYPE) * residual_scale(alpha_ptr, alpha_value, n, mask_n, ALPHA_PTR, PER_CHANNEL, ACC_DTYPE)
         g = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
         w = to_gemm_operand(w, GEMM_DTYPE, EMULATE_BF16)
         acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
@@ -111,7 +114,7 @@ def residual_dx_kernel(
     mask = mask_m[:, None] & mask_k[None, :]
     if ALPHA is not None:
         if ALPHA != "channel":
-            acc = acc * residual_scale(alpha_ptr, alpha_value, offs_k, mask_k, ALPHA, ACC_DTYPE)
+            acc = acc * residual_scale(alpha_ptr, alpha_value, offs_k, mask_k, ALPHA_PTR, PER_CHANNEL, ACC_DTYPE)
     if ROW_SCALE:
         acc = acc * row_scale(s_ptr, offs_m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)[:, None]
     if DACT is not None:
@@ -204,6 +207,9 @@ def residual_dw_kernel(
     row ``pid_k`` of a ``[cdiv(K, BLOCK_K), N]`` workspace, instead of one per program.
     """
     GEMM_DTYPE: tl.constexpr = dw_ptr.dtype.element_ty
+    # the scale kind as the constexprs residual_scale takes (triton 3.6 passes no string into a jit function)
+    ALPHA_PTR: tl.constexpr = ALPHA == "scalar" or ALPHA == "channel"
+    PER_CHANNEL: tl.constexpr = ALPHA == "channel"
     num_k = tl.cdiv(K, BLOCK_K)
     if HAS_PROJ:
         num_k_tiles = 2 * num_k
@@ -289,7 +295,7 @@ def residual_dw_kernel(
                 tl.store(dbpart_ptr + split.to(tl.int64) * N + offs_n, db, mask=mask_n)
     else:
         if ALPHA is not None:
-            alpha = residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA, ACC_DTYPE)
+            alpha = residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA_PTR, PER_CHANNEL, ACC_DTYPE)
         if NEED_DALPHA:
             wt = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                          mask=tile_mask, other=0.0).to(ACC_DTYPE)
@@ -328,7 +334,8 @@ def residual_dw_kernel(
         if HAS_DB:
             if pid_k == 0:
                 if ALPHA is not None:
-                    db = db * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA, ACC_DTYPE, "vec")
+                    db = db * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n,
+                                             ALPHA_PTR, PER_CHANNEL, ACC_DTYPE, -1)
                 store_rounded(db_ptr + offs_n, db, mask_n, EMULATE_BF16)
 
 
@@ -357,6 +364,9 @@ def residual_dw_reduce_kernel(
     the launcher returns this kernel's program count, so that op.py sums exactly those. A
     per-channel alpha writes per-feature partials instead, row ``pid_c`` of a ``[cdiv(K, BLOCK_C),
     N]`` workspace (the launcher then returns that row count)."""
+    # the scale kind as the constexprs residual_scale takes (triton 3.6 passes no string into a jit function)
+    ALPHA_PTR: tl.constexpr = ALPHA == "scalar" or ALPHA == "channel"
+    PER_CHANNEL: tl.constexpr = ALPHA == "channel"
     pid = tl.program_id(0)
     num_c = tl.cdiv(K, BLOCK_C)
     pid_r = pid // num_c
@@ -379,7 +389,7 @@ def residual_dw_reduce_kernel(
     w_mask = mask & is_w[:, None]
     w_mask_r = is_w
     if ALPHA is not None:
-        alpha = residual_scale(alpha_ptr, alpha_value, w_rows, w_mask_r, ALPHA, ACC_DTYPE, "col")
+        alpha = residual_scale(alpha_ptr, alpha_value, w_rows, w_mask_r, ALPHA_PTR, PER_CHANNEL, ACC_DTYPE, 0)
     if NEED_DALPHA:
         w = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_c[None, :] * stride_wk, mask=w_mask,
                     other=0.0).to(ACC_DTYPE)
@@ -411,7 +421,8 @@ def residual_dw_reduce_kernel(
                                           axis=0)
             if HAS_DB:
                 if ALPHA is not None:
-                    db = db * residual_scale(alpha_ptr, alpha_value, w_rows, db_mask, ALPHA, ACC_DTYPE, "vec")
+                    db = db * residual_scale(alpha_ptr, alpha_value, w_rows, db_mask,
+                                             ALPHA_PTR, PER_CHANNEL, ACC_DTYPE, -1)
                 store_rounded(db_ptr + w_rows, db, db_mask, EMULATE_BF16)
     if NEED_DALPHA:
         if ALPHA == "channel":
@@ -598,7 +609,7 @@ def _gpu_split_config(sms: int, M: int, N: int, K: int, named: dict, consts: dic
     shipped config with the best fill, :func:`fusedres.kernels.plan.choose_dw`), or None (no split:
     autotune as before). Cached per (SMs, sizes, dtypes, layout, projection): it runs on every backward."""
     key = (sms, launch_limits("dw", named), M, N, K, bool(consts["HAS_PROJ"]), bool(consts["TWO_LEVEL_ROWS"]),
-           bool(consts["ROW_SCALE"]), *(str(named[n].dtype) for n in ("dw_ptr", "x_ptr", "g_ptr")))
+           bool(consts["ROW_SCALE"]), consts["RECIPE"], *(str(named[n].dtype) for n in ("dw_ptr", "x_ptr", "g_ptr")))
     if key not in _split_choice:
         tuned = residual_dw_kernel_tuned
         candidates = tuned.early_config_prune(tuned.configs, named, **consts)

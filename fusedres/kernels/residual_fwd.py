@@ -43,27 +43,28 @@ from .configs import FWD_CONFIGS, PreparedLaunch, gemm_flags, launch_and_prepare
 
 
 @triton.jit
-def residual_scale(alpha_ptr, alpha_value, offs, mask, ALPHA: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                   SHAPE: tl.constexpr = "row"):
-    """The residual scale alpha as a factor, in the accumulator dtype. ``ALPHA`` is the scale's
-    kind (:func:`alpha_args`):
+def residual_scale(alpha_ptr, alpha_value, offs, mask, FROM_PTR: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr, AXIS: tl.constexpr = 1):
+    """The residual scale alpha as a factor, in the accumulator dtype. The kernels take its kind as
+    ``ALPHA`` (:func:`alpha_args`) and pass ``FROM_PTR = ALPHA != "value"`` and ``PER_CHANNEL =
+    ALPHA == "channel"`` (triton 3.6 cannot pass a string constexpr into a jit function):
 
     - ``"value"``: the Python float passed by value (no host-to-device copy). It arrives as fp64
       and is rounded here as eager rounds a Python scalar (to the fp32 opmath of fp16/bf16/fp32);
     - ``"scalar"``: a one-element tensor (which may be learnable), read through ``alpha_ptr``;
     - ``"channel"``: a per-channel tensor ``[N]`` (timm's LayerScale), read at the output features
-      ``offs`` and shaped for the tile: ``[1, n]`` (``SHAPE="row"``: features along the tile's
-      second axis), ``[n, 1]`` (``"col"``) or ``[n]`` (``"vec"``).
+      ``offs`` and shaped for the tile: ``[1, n]`` (``AXIS=1``: features along the tile's second
+      axis), ``[n, 1]`` (``AXIS=0``) or ``[n]`` (``AXIS=-1``).
     """
-    if ALPHA == "channel":
+    if PER_CHANNEL:
         scale = tl.load(alpha_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        if SHAPE == "row":
+        if AXIS == 1:
             return scale[None, :]
-        elif SHAPE == "col":
+        elif AXIS == 0:
             return scale[:, None]
         else:
             return scale
-    elif ALPHA == "scalar":
+    elif FROM_PTR:
         return tl.load(alpha_ptr).to(ACC_DTYPE)
     else:
         return tl.full((), alpha_value, ACC_DTYPE)
@@ -140,6 +141,9 @@ def residual_fwd_kernel(
     A tile feeds a register-A wgmma that Triton pipelines normally.
     """
     GEMM_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
+    # the scale kind as the constexprs residual_scale takes (triton 3.6 passes no string into a jit function)
+    ALPHA_PTR: tl.constexpr = ALPHA == "scalar" or ALPHA == "channel"
+    PER_CHANNEL: tl.constexpr = ALPHA == "channel"
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -169,13 +173,14 @@ def residual_fwd_kernel(
         # 16 B at 128x128x32, 8 warps, on sm_80)
         rs = row_scale(s_ptr, offs_m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)
         if ALPHA == "channel":
-            acc = acc * rs[:, None] * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA, ACC_DTYPE)
+            acc = acc * rs[:, None] * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n,
+                                                     ALPHA_PTR, PER_CHANNEL, ACC_DTYPE)
         else:
             if ALPHA is not None:
-                rs = rs * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA, ACC_DTYPE)
+                rs = rs * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA_PTR, PER_CHANNEL, ACC_DTYPE)
             acc = acc * rs[:, None]
     elif ALPHA is not None:
-        acc = acc * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA, ACC_DTYPE)
+        acc = acc * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA_PTR, PER_CHANNEL, ACC_DTYPE)
     if HAS_PROJ:
         p_cols = offs_n.to(tl.int64) * stride_pn
         for kt in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):
@@ -267,8 +272,8 @@ def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, 
 
     ``x`` ``(..., K)`` is addressed through ``rows`` and its strides ``xs``; ``weight`` (and
     ``proj_weight``) are ``[N, K]``; ``bias`` ``[N]`` contiguous, or None; ``alpha`` a one-element
-    tensor, a per-channel tensor ``[N]`` (contiguous), a Python float (passed by value) or None (1); ``y`` is ``[M, N]`` row-major (any view
-    of it). Without ``proj_weight`` and with the default residual (``x``), ``N == K``. The keyword
+    tensor, a per-channel tensor ``[N]`` (contiguous), a Python float (passed by value) or None
+    (1); ``y`` is ``[M, N]`` row-major (any view of it). Without ``proj_weight`` and with the default residual (``x``), ``N == K``. The keyword
     arguments after ``config`` are :func:`fwd_launch_args`'s (the MLP block's and stochastic
     depth's). Returns the launch as a :class:`PreparedLaunch`
     (call it with :func:`fwd_head`'s arguments to repeat it for the same signature), or None when

@@ -325,7 +325,8 @@ def stack_bwd_launch_args(grad, x, saved, weight, dx, carry, ws, *, chunk: int, 
     args = (grad, x, saved if saved is not None else x, weight, dx if dx is not None else grad,
             carry if carry is not None else grad, ws if ws is not None else weight, M, L, chunk)
     prologue, derivative = ACTIVATION_KERNELS[act]
-    consts = dict(ACT=prologue, DACT=derivative, ACT_PARAM=float(act_param), NEED_DX=need_dx, NEED_PARAMS=need_params, HAS_BIAS=has_bias, DETERMINISTIC=deterministic, D=D,
+    consts = dict(ACT=prologue, DACT=derivative, ACT_PARAM=float(act_param), NEED_DX=need_dx, NEED_PARAMS=need_params,
+                  HAS_BIAS=has_bias, DETERMINISTIC=deterministic, D=D,
                   **gemm_flags(weight.dtype, x.dtype, grad.dtype))
     return args, consts, (programs,)
 
