@@ -21,6 +21,7 @@ name                  torch                                   module
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Union
 
 import torch
@@ -45,11 +46,11 @@ class Activation:
         return _TORCH[self.name](x, self.param)
 
     def backward(self, x: Tensor, grad: Tensor) -> Tensor:
-        """``grad * act'(x)`` as torch's autograd computes it (the reference derivative)."""
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            (dx,) = torch.autograd.grad(self(xr), xr, grad.to(x.dtype))
-        return dx
+        """``grad * act'(x)`` as torch's autograd computes it (the reference derivative): the aten
+        backward op autograd itself runs, callable where no graph is recorded (inside a custom
+        op's body, below the autograd key). ``grad`` is cast to ``x``'s dtype first, as autograd
+        hands the activation a gradient of its output's dtype."""
+        return _BACKWARD[self.name](grad.to(x.dtype), x, self.param)
 
     def module(self) -> nn.Module:
         """The torch module that computes it (relu_sq, which torch has none of: a small one)."""
@@ -83,6 +84,16 @@ _TORCH: dict[str, Callable[[Tensor, float], Tensor]] = {
     "relu_sq": lambda x, p: F.relu(x).square(),
     "leaky_relu": lambda x, p: F.leaky_relu(x, p),
 }
+_aten = torch.ops.aten
+_BACKWARD: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "relu": lambda g, x, p: _aten.threshold_backward(g, x, 0),
+    "gelu": lambda g, x, p: _aten.gelu_backward(g, x, approximate="none"),
+    "gelu_tanh": lambda g, x, p: _aten.gelu_backward(g, x, approximate="tanh"),
+    "silu": lambda g, x, p: _aten.silu_backward(g, x),
+    # relu(x)**2: pow's backward (2 relu(x) g), then relu's threshold_backward
+    "relu_sq": lambda g, x, p: _aten.threshold_backward(g * 2 * F.relu(x), x, 0),
+    "leaky_relu": lambda g, x, p: _aten.leaky_relu_backward(g, x, p, False),
+}
 _MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
             "relu_sq": ReLUSquared}
 
@@ -110,6 +121,8 @@ def resolve(act: ActLike, who: str, *, allow_none: bool = False) -> Activation |
     if isinstance(act, Activation):
         if act.name not in ACTIVATIONS:
             raise ValueError(f"{who}: unknown activation {act.name!r}; supported: {_supported()}")
+        if not math.isfinite(act.param):
+            raise ValueError(f"{who}: the activation's parameter must be finite, got {act.param}")
         return act
     if isinstance(act, str):
         row = ACTIVATIONS.get(act.strip().lower())

@@ -852,8 +852,8 @@ def main(argv=None) -> int:
                              "no-bias; default all")
     parser.add_argument("--acts", default=("relu",), type=_choices(tuple(_act_kernels.KERNELS) + ("identity",)),
                         help="activations each single-block variant is compiled with, comma list of "
-                             f"{','.join(_act_kernels.KERNELS)} (default relu: the other rows are not yet "
-                             "gate-clean on every shipped tile, see the README)")
+                             f"{','.join(_act_kernels.KERNELS)},identity (default relu; each row compiles "
+                             "the tiles configs.ACT_DROPPED leaves it)")
     parser.add_argument("--derive-act-drops", action="store_true",
                         help="print configs.ACT_DROPPED as derived from this run's failures (derive_act_drops)")
     parser.add_argument("--from-json", action="append", metavar="PATH",

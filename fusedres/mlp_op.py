@@ -10,7 +10,7 @@ exist once), with other operands and epilogue flags:
 |---|---|---|---|---|
 | forward 1 | ``h = pre_act(x) @ W1.T`` | pre_act on x | + b1; store h | fwd, no residual |
 | forward 2 | ``y = act(h) @ W2.T`` | act on h | + b2, * alpha * s, + x | fwd, residual x |
-| backward 1 | ``dh = g @ W2`` | - | * alpha * s, ``* act'(h)`` | dx, no residual |
+| backward 1 | ``dh = g @ W2`` | per-channel alpha on g | * alpha * s, ``* act'(h)`` | dx, no residual |
 | backward 2 | ``dW2 = (s g).T @ act(h)`` | act on h, s on the rows | * alpha; db2, dalpha | dW (split-M) |
 | backward 3 | ``dx = dh @ W1`` | - | ``* pre_act'(x)``, + g | dx, residual g |
 | backward 4 | ``dW1 = dh.T @ pre_act(x)`` | pre_act on x | db1 | dW (split-M) |
@@ -41,7 +41,7 @@ from .op import (
 )
 from .activations import Activation, ActLike, kernel_args, resolve as resolve_act
 from .droppath import rows_per_sample, sample_rows
-from .op import _activation, check_alpha_shape, dalpha_from_partials
+from .op import _activation, check_alpha_shape, dalpha_from_partials, warn_if_ungated
 
 
 def _acts(pre_act: str, pre_act_param: float, act: str, act_param: float) -> tuple[Activation | None, Activation]:
@@ -147,6 +147,8 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
         if scale is not None:
             branch = scale * branch
         return (x + branch).contiguous(), h.contiguous()      # the fake kernel's layout
+    warn_if_ungated(pre, x.device)
+    warn_if_ungated(act, x.device)
     h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, w2.dtype))
     rows, (xs, hs), (xk, hk) = plan_rows(x, h)
@@ -185,7 +187,7 @@ def _eager_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, sample_scale, needs, 
     D, H = w2.shape
     g = grad.to(w2.dtype)
     gs = g if sample_scale is None else g * sample_rows(sample_scale, g)
-    ga = gs if alpha is None else alpha * gs
+    ga = gs if alpha is None else (alpha * gs).to(w2.dtype)    # (a per-channel alpha would promote)
     r = act(h)
     dh = act.backward(h, ga @ w2).to(h.dtype)
     dx = None

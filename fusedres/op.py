@@ -236,7 +236,8 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
         alpha, alpha_value = None, float(alpha)
     plan = _plans.get((x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype,
                        weight.device, None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
-                       alpha_value == 1.0 if alpha is None else (alpha.shape, alpha.dtype, alpha.device),
+                       alpha_value == 1.0 if alpha is None else (alpha.shape, alpha.stride(), alpha.dtype,
+                                                                 alpha.device),
                        None if proj_weight is None else _meta(proj_weight), _matmul_precision(),
                        None if sample_scale is None else (_meta(sample_scale), sample_scale.requires_grad), act))
     if plan is None:
@@ -342,7 +343,7 @@ def _signature(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=No
     the same tuple inline, a Python call less on every call: keep the two equal.)"""
     return (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
             None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
-            alpha_value == 1.0 if alpha is None else (alpha.shape, alpha.dtype, alpha.device),
+            alpha_value == 1.0 if alpha is None else (alpha.shape, alpha.stride(), alpha.dtype, alpha.device),
             None if proj_weight is None else _meta(proj_weight), _matmul_precision(),
             None if sample_scale is None else (_meta(sample_scale), sample_scale.requires_grad), act)
 
@@ -388,11 +389,7 @@ class _Plan:
                  alpha: Optional[Tensor] = None, act: Activation = _RELU):
         self.act = act
         self.kact = dict(act=act.name, act_param=act.param)      # the launchers' keywords
-        if act.name != "relu" and x.device.type == "cuda":
-            limits = kernels.device.limits_for(x.device)
-            arch = kernels.configs.gate_arch(limits.capability) if limits is not None else None
-            if arch is not None and arch not in kernels.configs.ACT_GATED_ARCHS:
-                warn_ungated(act.name, arch)
+        warn_if_ungated(act, x.device)
         self.eager = backend_for(x.device) == "eager"
         self.rows, (self.xs,), (xk,) = plan_rows(x)
         self.copy_x = xk is not x
@@ -532,6 +529,16 @@ class _BackwardLaunches:
 
 
 _warned: set = set()
+
+
+def warn_if_ungated(act: Optional[Activation], device: torch.device) -> None:
+    """On a CUDA device whose arch the activation's tile lists were not gated on, warn once."""
+    if act is None or act.name == "relu" or device.type != "cuda":
+        return
+    limits = kernels.device.limits_for(device)
+    arch = kernels.configs.gate_arch(limits.capability) if limits is not None else None
+    if arch is not None and arch not in kernels.configs.ACT_GATED_ARCHS:
+        warn_ungated(act.name, arch)
 
 
 def warn_ungated(name: str, arch: str) -> None:

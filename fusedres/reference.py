@@ -109,12 +109,12 @@ def eager_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
     per_channel = isinstance(alpha, Tensor) and alpha.numel() > 1
     dx = dw = db = dalpha = dp = None
     if need_dx:
-        dh = (alpha * g) @ weight if per_channel else scale(g @ weight)
+        dh = (alpha * g).to(weight.dtype) @ weight if per_channel else scale(g @ weight)
         branch = torch.where(x <= 0, 0, dh) if act.name == "relu" else act.backward(x, dh)
         shortcut = grad if proj_weight is None else g_shortcut @ proj_weight
         dx = (shortcut + branch).to(x.dtype)
     if need_weight:
-        dw = ((alpha[:, None] * (g2.T @ h2)) if per_channel else scale(g2.T @ h2)).to(weight.dtype)
+        dw = (((alpha * g2).to(weight.dtype).T @ h2) if per_channel else scale(g2.T @ h2)).to(weight.dtype)
     if need_bias:
         db = scale(g2.sum(0)).to(weight.dtype)
     if need_alpha:

@@ -115,7 +115,7 @@ def _warmup_dim(dim: int, batch_sizes, dtypes, device, bias: bool, training: boo
     for M in batch_sizes:
         buckets.setdefault(next_pow2_bucket(int(M)), int(M))
     for dtype in dtypes:
-        # the block passes its alpha buffer (a tensor: the HAS_ALPHA variant); the function, none
+        # the block passes its alpha buffer (a tensor: ALPHA "scalar"); the function, none
         block = FusedResidualBlock(dim, bias=bias, device=device, dtype=dtype)
         block.requires_grad_(training)
         w = block.weight.detach().clone().requires_grad_(training)

@@ -224,3 +224,48 @@ def test_alpha_of_another_shape_is_refused():
             fusedres.fused_residual(x, w, alpha=bad)
     with pytest.raises(ValueError, match=r"\[D\]|out_features"):
         fusedres.fused_residual_mlp(x, torch.randn(16, 8), None, torch.randn(8, 16), None, alpha=torch.ones(16))
+
+
+def test_eager_backend_and_custom_op_paths_take_every_row(device):
+    """The eager backend (and the custom ops' bodies, where autograd records no graph) compute each
+    row's derivative with torch's own backward op; create_graph=True takes the custom op."""
+    previous = fusedres.set_backend("eager")
+    try:
+        x = make_x((3, 8), torch.float64, device).requires_grad_()
+        block = fusedres.FusedResidualMLPBlock(8, 16, pre_act="silu", act="gelu", alpha_per_channel=True,
+                                               device=device, dtype=torch.float64)
+        ref = fusedres.ResidualMLPBlock(8, 16, pre_act="silu", act="gelu", alpha_per_channel=True, device=device,
+                                        dtype=torch.float64)
+        ref.load_state_dict(block.state_dict())
+        got = torch.autograd.grad(block(x).sum(), (x, block.alpha))
+        want = torch.autograd.grad(ref(x).sum(), (x, ref.alpha))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    finally:
+        fusedres.set_backend(previous)
+    w = make_params(8, torch.float64, device)[0].requires_grad_()
+    for name in ACTS:
+        (gx,) = torch.autograd.grad(fusedres.fused_residual(x, w, act=name).sum(), x, create_graph=True)
+        (rx,) = torch.autograd.grad(fusedres.residual_reference(x, w, act=name).sum(), x)
+        torch.testing.assert_close(gx.detach(), rx)
+
+
+def test_a_strided_alpha_gets_its_own_plan(device):
+    """Two per-channel alphas of one shape, one contiguous and one a strided view: the second is not
+    read through the first one's (contiguous) plan."""
+    x = make_x((4, 16), torch.float32, device)
+    w, b = make_params(16, torch.float32, device)
+    base = torch.arange(32.0, device=device) / 32
+    for alpha in (base[::2].contiguous(), base[::2], base[1::2]):
+        torch.testing.assert_close(fusedres.fused_residual(x, w, b, alpha=alpha),
+                                   fusedres.residual_reference(x, w, b, alpha=alpha))
+
+
+def test_per_channel_alpha_under_autocast(device):
+    x = make_x((4, 16), torch.float32, device).requires_grad_()
+    w, b = make_params(16, torch.float32, device)
+    alpha = torch.linspace(0.2, 1.0, 16, device=device, requires_grad=True)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = fusedres.fused_residual(x, w, b, alpha=alpha, act="gelu")
+    y.float().sum().backward()
+    assert alpha.grad.dtype == torch.float32 and alpha.grad.shape == (16,) and x.grad.dtype == torch.float32

@@ -367,9 +367,9 @@ def test_capture_guard_checks_the_variant_not_only_the_key(fake_gpu, capturing):
     """The older warmup(dim, batch_sizes) tunes every key a FusedResidualBlock(dim) uses; a
     learnable alpha, a Python-float alpha or autocast are other specialisations of the same keys."""
     compiled = fake_gpu
-    # the older form: fwd under two recipes (the block's tensor alpha, the function's none: the
-    # recipe, activation and scale kind, is part of the autotune key), dx and dW
-    assert fusedres.warmup(32, batch_sizes=[64], dtypes=[torch.float32], device="cpu") == 4
+    # the older form: each kernel under two recipes (the block's tensor alpha, the function's none:
+    # the recipe, activation and scale kind, is part of the autotune key)
+    assert fusedres.warmup(32, batch_sizes=[64], dtypes=[torch.float32], device="cpu") == 6
     capturing(True)
     x = torch.randn(64, 32, requires_grad=True)
     block = FusedResidualBlock(32)

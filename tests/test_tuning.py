@@ -34,7 +34,7 @@ def autotuned(monkeypatch):
 
 
 def test_warmup_tunes_each_bucket_once(autotuned, launches, device):
-    assert fusedres.warmup(32, [100, 120], dtypes=[torch.float32], device=device) == 4    # fwd under two recipes (the block's tensor alpha, the function's none), dx, dW
+    assert fusedres.warmup(32, [100, 120], dtypes=[torch.float32], device=device) == 6    # each kernel under two recipes (the block's tensor alpha, the function's none)
     first = len(autotuned)
     assert {k for k, _ in autotuned} == {"fwd", "dx", "dw"}
     # every shipped config that fits was a candidate

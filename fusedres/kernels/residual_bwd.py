@@ -433,10 +433,11 @@ def residual_dw_reduce_kernel(
 
 
 residual_dx_kernel_tuned = triton.autotune(
-    configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_PROJ", "ROW_SCALE", "INPUT_PRECISION"],
+    configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "RECIPE", "TWO_LEVEL_ROWS", "HAS_PROJ", "ROW_SCALE",
+                             "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_for("dx")})(residual_dx_kernel)
 residual_dw_kernel_tuned = triton.autotune(
-    configs=DW_CONFIGS, key=["M_BUCKET", "N", "K", "TWO_LEVEL_ROWS", "HAS_DB", "HAS_PROJ", "ROW_SCALE",
+    configs=DW_CONFIGS, key=["M_BUCKET", "N", "K", "RECIPE", "TWO_LEVEL_ROWS", "HAS_DB", "HAS_PROJ", "ROW_SCALE",
                                    "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_for("dw")})(residual_dw_kernel)
 
@@ -622,7 +623,7 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
                 dalpha_partials=None, dp=None, config: triton.Config | None = None,
                 splits: int | None = None, sample_scale=None, rows_per_sample: int = 1, act: str | None = "relu",
                 act_param: float = 0.0) -> "PreparedDw":
-    """Launch the dW kernel: ``dw = alpha * g.T @ relu(x)``, ``db = alpha * g.sum(0)`` if ``db`` is
+    """Launch the dW kernel: ``dw = alpha * g.T @ act(x)``, ``db = alpha * g.sum(0)`` if ``db`` is
     given, ``dp = g.T @ x`` if ``dp`` is given, and per-program dalpha partials if
     ``dalpha_partials`` is given (:func:`dalpha_workspace_size` long, fp32 or fp64, needs ``alpha``
     as a tensor; any contents). Returns the launches it made as a :class:`PreparedDw`, whose
