@@ -235,6 +235,13 @@ _ADDED_ON_ARCH: dict = {
 #: drop applies to its element size whatever the dtype (fp32 covers IEEE and tf32; 2 covers fp16,
 #: bf16 and autocast's 16-bit GEMMs). Filled below from the gate's output.
 ACT_DROPPED: dict = {
+    'identity': {
+        'sm_80': {
+            'dx': {
+                (2, True): {(128, 64, 64, 4, 4)},
+            },
+        },
+    },
     'gelu': {
         'sm_80': {
             'dw': {
@@ -375,8 +382,9 @@ def act_name_of(recipe: str | None) -> str:
 
 
 def act_dropped(act: str, kind: str, elem_size: int, proj: bool, arch: str | None) -> set:
-    """The tiles :data:`ACT_DROPPED` removes for ``act`` (none for relu)."""
-    if act in ("relu", "identity"):
+    """The tiles :data:`ACT_DROPPED` removes for ``act`` (none for relu; ``identity``: no activation,
+    the MLP block's ``pre_act=None``)."""
+    if act == "relu":
         return set()
     table_arch = "sm_80" if arch is None or stack_table_arch(_arch_capability(arch)) == "sm_80" else "sm_90"
     if arch is None:    # no device (the interpreter): the union, as the lists for every arch
