@@ -67,7 +67,8 @@ SHARED_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 2324
 def _shipped(kind, dtype, tl_, feats, arch):
     return configs.shipped_configs(kind, *_operand_sizes(kind, dtype)[:1], tl_, _operand_sizes(kind, dtype, feats)[1],
                                    proj=feats in ("alpha+proj", "split+alpha+proj"),
-                                   row_scale=feats in ("drop-path", "mlp", "split+drop-path"),
+                                   row_scale=feats in ("drop-path", "mlp", "split+drop-path", "layerscale",
+                                                       "split+layerscale"),
                                    limits=aot.arch_limits(arch))
 
 
