@@ -703,8 +703,8 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
 def derive_act_drops(records: list[dict]) -> dict:
     """:data:`fusedres.kernels.configs.ACT_DROPPED` from gate records: every single-block record of
     an activation other than relu (``"variant@act"``) that failed, as activation -> arch -> kind ->
-    (element size, projection) -> tiles. A tile that fails without a projection is dropped with one
-    too (the projection's second K loop only adds registers)."""
+    (element size, projection) -> tiles, under the variant's own projection flag (a launch with a
+    projection also drops the tiles without: :func:`fusedres.kernels.configs.act_dropped`)."""
     out: dict = {}
     for r in records:
         if r["ok"] or r["kernel"] not in KINDS or "@" not in r.get("features", ""):
@@ -713,9 +713,7 @@ def derive_act_drops(records: list[dict]) -> dict:
         elem = DTYPES[r["variant"]][0].itemsize
         tile = _configs._tile(r["kernel"], config_from_name(r["kernel"], r["config_name"]))
         by_kind = out.setdefault(act, {}).setdefault(r["arch"], {}).setdefault(r["kernel"], {})
-        proj = feats in ("alpha+proj", "split+alpha+proj")
-        for key in ([(elem, True)] if proj else [(elem, False), (elem, True)]):
-            by_kind.setdefault(key, set()).add(tile)
+        by_kind.setdefault((elem, feats in ("alpha+proj", "split+alpha+proj")), set()).add(tile)
     return {a: {arch: {k: {key: sorted(t, reverse=True) for key, t in sorted(keys.items())}
                        for k, keys in sorted(kinds.items())} for arch, kinds in sorted(arches.items())}
             for a, arches in sorted(out.items())}

@@ -597,8 +597,9 @@ def test_every_activation_row_compiles_clean_on_sm80_and_sm90(act_gate, name):
 
 
 def test_act_drops_are_derived_from_gate_records():
-    """derive_act_drops reads failing records of a row into the table's shape; a failure without a
-    projection drops the tile with one too; relu's and passing records drop nothing."""
+    """derive_act_drops reads failing records of a row into the table's shape, under the variant's
+    own projection flag; a launch with a projection drops the list without one too; relu's and
+    passing records drop nothing."""
     def rec(kernel, features, config, ok, variant="bf16", arch="sm_80"):
         return {"kernel": kernel, "features": features, "config_name": config, "ok": ok, "variant": variant,
                 "arch": arch}
@@ -608,12 +609,13 @@ def test_act_drops_are_derived_from_gate_records():
         rec("dx", "alpha+proj@silu", "64x64x32 w4 s5", True, arch="sm_90"),
         rec("dw", "base", "64x128x64 w4 s4", False),
     ])
-    assert table == {"gelu": {"sm_80": {"fwd": {(2, False): [(64, 128, 64, 4, 4)], (2, True): [(64, 128, 64, 4, 4)]}}},
+    assert table == {"gelu": {"sm_80": {"fwd": {(2, False): [(64, 128, 64, 4, 4)]}}},
                      "silu": {"sm_90": {"dx": {(2, True): [(128, 64, 64, 4, 4)]}}}}
     assert (64, 128, 64, 4, 4) not in {configs._tile("fwd", c) for c in configs.shipped_configs(
         "fwd", 2, act="gelu", limits=aot.arch_limits("sm_80"))}
     assert (64, 128, 64, 4, 4) in {configs._tile("fwd", c) for c in configs.shipped_configs(
         "fwd", 2, act="relu", limits=aot.arch_limits("sm_80"))}
+    assert configs.act_dropped("gelu", "fwd", 2, True, "sm_80") >= configs.act_dropped("gelu", "fwd", 2, False, "sm_80")
 
 
 # ---------------------------------------------------------------------------------------------
