@@ -89,7 +89,7 @@ class CheckPlan:
 
 def planned_compiles(plan: CheckPlan) -> int:
     """Kernel specialisations a first run compiles: each block case launches fwd, dx and dW in a
-    specialisation of its own (dtypes, flags, layout); the timing adds the bf16 base variant at
+    specialisation of its own (dtypes, operands, layout); the timing adds the bf16 base variant at
     16-divisible sizes; each stack case compiles its kernels not compiled by an earlier case (its
     width and operand class are constexprs; the training forward is the atomic case's forward too).
     Assumes ``stack_M`` spans several row tiles (more than one backward program)."""

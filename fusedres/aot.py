@@ -154,9 +154,9 @@ EXAMPLE_M, EXAMPLE_D, EXAMPLE_B = 8192, 1024, 8
 #: residual scale with its dalpha partials, and a projection shortcut widening D to 2D: the second
 #: K loop in the forward and dx, dP tiles in dW). Every constexpr branch a user can reach is in one
 #: of them. ``alpha-value``: a Python-float alpha, passed by value (a tensor alpha is a pointer).
-#: ``drop-path``: stochastic depth's per-sample row scale (``ROW_SCALE``) with a tensor alpha, 1024
+#: ``drop-path``: stochastic depth's per-sample row scale (``s_ptr``) with a tensor alpha, 1024
 #: rows per sample. ``mlp``: the MLP block's passes that no single block makes: the forward and dx
-#: kernels without a residual (``RESIDUAL`` off: its first GEMM, ``N = 4D``, and its ``dh``,
+#: kernels without a residual (``r_ptr`` None: its first GEMM, ``N = 4D``, and its ``dh``,
 #: ``K = 4D``, masked by the hidden tensor), and dW2 (``g [M, D]`` against the hidden
 #: ``[M, 4D]``), each with the row scale and a tensor alpha.
 #: ``layerscale``: a per-channel tensor alpha ``[N]`` (timm's LayerScale) with its dalpha partials and
@@ -173,7 +173,7 @@ FEATURES = ("base", "alpha+proj", "alpha-value", "drop-path", "mlp", "layerscale
 GATE_ACTS = tuple(a for a in _act_kernels.KERNELS if a != "relu") + ("identity",)
 #: Each row's own parameter as the public API's default gives it (leaky_relu's slope).
 _ACT_PARAMS = {"leaky_relu": 0.01}
-#: dW only: the split-M variant (``SPLIT_M``: fp32 partial slabs, no epilogue) of the dW kernel, in
+#: dW only: the split-M variant (``part_ptr``: fp32 partial slabs, no epilogue) of the dW kernel, in
 #: every shipped dW config, plus its reduce kernel (``dw_reduce``, :data:`fusedres.kernels.plan.REDUCE_CONFIGS`):
 #: ``split`` (bias: db partials) and ``split+alpha+proj`` (dP's slab rows; the reduce with a tensor
 #: alpha, dalpha partials and dP). The CLI compiles them by default; fwd and dx skip them.
@@ -377,9 +377,11 @@ def gate_configs(kind: str, dtype: str, two_level: bool = False, features: str =
     with _device.simulated_device(limits):
         kept = tuned.early_config_prune(tuned.configs, named, **consts) if tuned.early_config_prune else tuned.configs
     elem_size, operand_sizes = _configs.launch_operand_sizes(kind, {**named, **consts})
-    expected = _configs.shipped_configs(kind, elem_size, two_level, operand_sizes, consts["HAS_PROJ"],
-                                        consts.get("ROW_SCALE", False), limits,
-                                        _configs.act_name_of(consts.get("RECIPE")))
+    expected = _configs.shipped_configs(kind, elem_size, two_level, operand_sizes,
+                                        _configs.launch_has(kind, named, "proj"),
+                                        _configs.launch_has(kind, named, "row_scale"), limits,
+                                        _configs.act_name_of(consts.get("RECIPE")),
+                                        _configs.launch_has(kind, named, "channel_alpha"))
     if [id(c) for c in kept] != [id(c) for c in expected]:
         raise AssertionError(f"{kind}: the autotuner's prune and shipped_configs disagree")
     return list(kept)
@@ -474,6 +476,17 @@ def _ptxas_log(ptx: str, cc: int, options) -> str:
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
 
 
+def _error_chain(err: BaseException) -> str:
+    """A compile error, root cause first: an error inside a jit helper (the K loop) reaches the
+    kernel as a CompilationError at the call site, whose own message names only that call."""
+    parts, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        parts.append(f"{type(err).__name__}: {err}")
+        err = err.__cause__ or err.__context__
+    return "\nraised through ".join(reversed(parts))
+
+
 def parse_ptxas_log(log: str) -> tuple[int, int, int, list[str]]:
     """(spill store bytes, spill load bytes, stack frame bytes, advisories) of a ``ptxas -v`` log.
     Advisories are every ``ptxas[-blackwell] <level> : ...`` line but the routine statistics."""
@@ -553,7 +566,7 @@ def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: 
                 err = e
         if err is not None:
             tail = fd2.getvalue().strip()
-            raise RuntimeError(f"{type(err).__name__}: {err}" + (f"\n{tail[-2000:]}" if tail else ""))
+            raise RuntimeError(_error_chain(err) + (f"\n{tail[-2000:]}" if tail else ""))
         rec["compile_s"] = round(time.perf_counter() - t0, 2)
         log = stdout.getvalue()
         if "Used " not in log:

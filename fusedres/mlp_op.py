@@ -4,7 +4,7 @@
     y = x + alpha * s * (act(h) @ W2.T + b2)             W2 [D, H], s: stochastic depth's row scale
 
 Every pass is one of the three kernels of :mod:`fusedres.kernels` (the GEMM family: the K loops
-exist once), with other operands and epilogue flags:
+exist once), with other operands (``fusedres.kernels.recipe.MLPRecipe``):
 
 | pass | GEMM | prologue | epilogue | kernel |
 |---|---|---|---|---|

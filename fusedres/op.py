@@ -269,7 +269,8 @@ def _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale=None, a
     device_type = x.device.type
     weight, bias, proj_weight = gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias),
                                                                     ("proj_weight", proj_weight)])
-    # A Python float goes by value (no host-to-device copy, nothing to capture); a tensor by pointer.
+    # A Python float goes by value (no host-to-device copy, nothing to capture; fp64: a one-element
+    # tensor cached per value, kernels.residual_fwd.alpha_args); a tensor by pointer.
     alpha_value = 1.0
     if not isinstance(alpha, Tensor):
         alpha, alpha_value = None, float(alpha)

@@ -482,10 +482,13 @@ def _grid_call(self, *args_dev, **kwargs):
     try:
         _originals["GridExecutor.__call__"](self, *args_dev, **kwargs)
     except Exception as exc:
-        # The interpreter wraps errors of the kernel body in InterpreterError; hand a sanitizer
-        # the BoundsViolation itself.
-        if isinstance(exc.__cause__, BoundsViolation):
-            raise exc.__cause__ from None
+        # The interpreter wraps errors of the kernel body in InterpreterError, once more per jit
+        # function the access sits in (the K-loop helper); hand a sanitizer the BoundsViolation itself.
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, BoundsViolation):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
         raise
     finally:
         _current = None

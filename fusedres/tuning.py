@@ -115,7 +115,7 @@ def _warmup_dim(dim: int, batch_sizes, dtypes, device, bias: bool, training: boo
     for M in batch_sizes:
         buckets.setdefault(next_pow2_bucket(int(M)), int(M))
     for dtype in dtypes:
-        # the block passes its alpha buffer (a tensor: ALPHA "scalar"); the function, none
+        # the block passes its alpha buffer (a tensor: recipe alpha=scalar); the function, none
         block = FusedResidualBlock(dim, bias=bias, device=device, dtype=dtype)
         block.requires_grad_(training)
         w = block.weight.detach().clone().requires_grad_(training)
@@ -134,6 +134,11 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+#: The layout of :func:`save_tuning`'s keys: 2 since the kernels key on their recipe string
+#: (``fusedres.kernels.recipe``); files without a format field are 1.
+TUNING_FORMAT = 2
+
+
 def save_tuning(path: str | os.PathLike) -> int:
     """Write every cached autotune choice to ``path`` (JSON, with the GPU and versions it was
     tuned on). Returns the number of entries written."""
@@ -141,8 +146,8 @@ def save_tuning(path: str | os.PathLike) -> int:
                                                     "num_stages": c.num_stages}}
                       for key, c in tuned.cache.items()]
                for kind, tuned in TUNED_KERNELS.items()}
-    doc = {"device": _device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "kernels": entries}
+    doc = {"format": TUNING_FORMAT, "device": _device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "kernels": entries}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     return sum(len(v) for v in entries.values())
@@ -156,6 +161,10 @@ def load_tuning(path: str | os.PathLike, *, strict: bool = True) -> int:
     """
     with open(path) as f:
         doc = json.load(f)
+    if doc.get("format") != TUNING_FORMAT:
+        raise ValueError(f"load_tuning: {path} has autotune keys of format {doc.get('format', 1)}, this fusedres "
+                         f"writes format {TUNING_FORMAT} (the kernels' recipes changed the keys: a launch would never "
+                         "find those entries); tune again (fusedres.warmup) and save_tuning")
     if strict and (doc["device"], doc["triton"]) != (_device_name(), triton.__version__):
         raise ValueError(f"load_tuning: {path} was tuned on {doc['device']!r} with triton {doc['triton']}; "
                          f"this is {_device_name()!r} with triton {triton.__version__} (strict=False loads anyway)")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import fusedres
-from fusedres import activations, aot
+from fusedres import activations, aot, kernels
 from fusedres.kernels import configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def _shipped(kind, dtype, tl_, feats, arch):
                                    proj=feats in ("alpha+proj", "split+alpha+proj"),
                                    row_scale=feats in ("drop-path", "mlp", "split+drop-path", "layerscale",
                                                        "split+layerscale"),
-                                   limits=aot.arch_limits(arch))
+                                   limits=aot.arch_limits(arch), channel_alpha=feats.split("@")[0] == "layerscale")
 
 
 def _expected(dtypes, two_level, features, archs=FULL_ARCHS):
@@ -265,7 +265,8 @@ _BROKEN = textwrap.dedent('''
                      inspect.getsource(residual_fwd_kernel.fn))
     assert n >= 1, "the forward kernel's K loop changed; update this test"
     mod = tempfile.NamedTemporaryFile("w", suffix="_fwd_c7515.py", delete=False)
-    mod.write("import triton\\nimport triton.language as tl\\nfrom fusedres.kernels._common import *\\n" + src)
+    mod.write("import triton\\nimport triton.language as tl\\nfrom fusedres.kernels._common import *\\n"
+              "from fusedres.kernels.gemm import *\\n" + src)
     mod.close()
     spec = importlib.util.spec_from_file_location("fwd_c7515", mod.name)
     m = importlib.util.module_from_spec(spec)
@@ -478,7 +479,9 @@ def test_split_variants_are_gated():
             (aot.config_name(aot.REDUCE_KIND, c), a) for a in aot.DEFAULT_ARCHS
             for c in plan.reduce_configs(2, aot.arch_limits(a)))
     args, consts = aot.example_launch("dw", "bf16", features="split+alpha+proj")
-    assert consts["SPLIT_M"] and consts["HAS_PROJ"] and not consts["NEED_DALPHA"]
+    named = dict(zip(kernels.residual_dw_kernel.arg_names, args))
+    assert named["part_ptr"] is not None and named["dp_ptr"] is not None and named["dalpha_ptr"] is None
+    assert {"split", "proj"} <= set(consts["RECIPE"].split("|"))
     assert aot.gate_jobs(kinds=aot.KINDS, dtypes=("bf16",)) == aot.gate_jobs(kinds=aot.KINDS, dtypes=("bf16",),
                                                                              features=aot.FEATURES)
 
@@ -621,19 +624,14 @@ def test_act_drops_are_derived_from_gate_records():
 # ---------------------------------------------------------------------------------------------
 # Every public option lands on pieces the compile gate compiles
 
-#: The constexprs that are pieces of a launch (tiles and numerics are the gate's other axes).
-#: (``ACT_PARAM``, leaky_relu's slope, is not one: a constant of the same code.)
-_PIECES = ("ACT", "DACT", "ALPHA", "HAS_BIAS", "HAS_PROJ", "RESIDUAL", "ROW_SCALE", "HAS_DB", "SUM_G",
-           "NEED_DALPHA", "DALPHA_BIAS", "SPLIT_M")
-
-
 def _pieces(kind, consts):
-    out = set()
-    for name in _PIECES:
+    """A launch's pieces: its activation (``ACT``/``DACT``, a jit function: its name; ``ACT_PARAM``,
+    leaky_relu's slope, is a constant of the same code) and the parts of its recipe string (the
+    scale kind and every operand it was given: what changes its code beside tiles and numerics)."""
+    out = {(kind, part) for part in consts["RECIPE"].split("|")[2:]}
+    for name in ("ACT", "DACT"):
         if name in consts:
-            value = consts[name]
-            value = getattr(value, "__name__", value)      # a jit function: its name
-            out.add((kind, name, value))
+            out.add((kind, name, getattr(consts[name], "__name__", consts[name])))
     return out
 
 

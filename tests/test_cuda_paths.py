@@ -20,6 +20,7 @@ from torch import nn
 import fusedres
 from fusedres import FusedResidualBlock, FusedResidualStack, ResidualBlock, fused_residual, residual_reference, tuning
 from fusedres._layout import plan_rows
+from fusedres import kernels
 from fusedres.kernels import configs
 from fusedres.kernels import device as device_limits
 from fusedres.kernels import residual_stack as stack_kernels
@@ -348,7 +349,8 @@ def test_warmup_model_compiles_what_capture_launches(fake_gpu, capturing, launch
         FusedResidualStack(32, 2),                                  # the stack, training and inference
     )
     x = torch.randn(64, 32)
-    assert fusedres.warmup(model, x) == 6     # fwd, dx, dW: one key at width 32, one with the projection
+    # fwd, dx, dW at width 32, dW again with dalpha (the learnable alpha's recipe), and the projection's three
+    assert fusedres.warmup(model, x) == 7
     assert model[1].alpha.grad is None and model[0].weight.grad is None   # no trace left
     n = len(compiled)
     capturing(True)
@@ -365,7 +367,7 @@ def test_warmup_model_compiles_what_capture_launches(fake_gpu, capturing, launch
 @cpu_only
 def test_capture_guard_checks_the_variant_not_only_the_key(fake_gpu, capturing):
     """The older warmup(dim, batch_sizes) tunes every key a FusedResidualBlock(dim) uses; a
-    learnable alpha, a Python-float alpha or autocast are other specialisations of the same keys."""
+    learnable alpha, a Python-float alpha or autocast are other specialisations (recipes)."""
     compiled = fake_gpu
     # the older form: each kernel under two recipes (the block's tensor alpha, the function's none:
     # the recipe, activation and scale kind, is part of the autotune key)
@@ -500,13 +502,19 @@ def test_compile_gate_builds_both_alpha_variants():
     from fusedres import aot
     assert "alpha-value" in aot.FEATURES and "alpha+proj" in aot.FEATURES
     for kind in aot.KINDS:
+        kernel = {"fwd": kernels.residual_fwd_kernel, "dx": kernels.residual_dx_kernel,
+                  "dw": kernels.residual_dw_kernel}[kind]
         args, consts = aot.example_launch(kind, "fp32", M=64, D=32, features="alpha-value")
-        assert consts["ALPHA"] == "value"
+        named = dict(zip(kernel.arg_names, args))
+        assert named["alpha_value"] == 0.5 and named["alpha_ptr"] is None and named["channel_alpha_ptr"] is None
+        assert "alpha=value" in consts["RECIPE"]
         assert [a for a in args if type(a) is float] == [0.5]
         args, consts = aot.example_launch(kind, "fp32", M=64, D=32, features="alpha+proj")
-        assert consts["ALPHA"] == "scalar"
+        named = dict(zip(kernel.arg_names, args))
+        assert named["alpha_ptr"] is not None and "alpha=scalar" in consts["RECIPE"]
         args, consts = aot.example_launch(kind, "fp32", M=64, D=32, features="base")
-        assert consts["ALPHA"] is None
+        named = dict(zip(kernel.arg_names, args))
+        assert named["alpha_ptr"] is None and named["alpha_value"] is None and "alpha" not in consts["RECIPE"]
 
 
 def test_float_alpha_ops_pass_opcheck_and_compile(device, launches):
@@ -581,7 +589,9 @@ def test_prepared_launch_calls_the_compiled_launcher_with_the_jit_arguments(fake
     x2, y2 = torch.randn(64, 32), torch.empty(64, 32)
     prepared(*rf.fwd_head(x2, w, b, y2, 0.25))
     assert len(fake_gpu) == compiled_before + 1 and calls[-1][0] is jit_kernel and len(through_jit) == 1
-    assert calls[-1][1][9] is x2 and calls[-1][1][14] == 0.25 and calls[-1][1][17] is y2
+    at = {name: 9 + i for i, name in enumerate(kernel.arg_names)}
+    assert calls[-1][1][at["x_ptr"]] is x2 and calls[-1][1][at["alpha_value"]] == 0.25
+    assert calls[-1][1][at["y_ptr"]] is y2 and calls[-1][1][at["r_ptr"]] is x2 and calls[-1][1][at["p_ptr"]] is None
     # x misaligned by 4 bytes: Triton would specialise differently, so kernel[grid] decides (and compiles)
     x3 = torch.randn(64 * 32 + 1)[1:].view(64, 32)
     prepared(*rf.fwd_head(x3, w, b, y2, 0.5))

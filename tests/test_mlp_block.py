@@ -1,8 +1,8 @@
 """The residual block with a hidden layer (fused_residual_mlp, FusedResidualMLPBlock) and stochastic
 depth on the fused kernels (issue 16).
 
-Every pass of the MLP block is one of the single block's three kernels with other operands and
-epilogue flags; the launch counts prove it: forward 2 ``residual_fwd``, backward 2 ``residual_dx``
+Every pass of the MLP block is one of the single block's three kernels with other operands; the
+launch counts prove it: forward 2 ``residual_fwd``, backward 2 ``residual_dx``
 and 2 ``residual_dw`` (plus a ``residual_dw_reduce`` per split weight gradient).
 """
 from __future__ import annotations

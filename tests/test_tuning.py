@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import triton
 
 import fusedres
 from fusedres import fused_residual, tuning
@@ -56,7 +57,8 @@ def test_autotune_key_is_the_autotuners(autotuned, device):
     from fusedres.kernels.residual_fwd import fwd_launch_args
     x, w = torch.randn(64, 32, device=device), torch.randn(32, 32, device=device)
     rows, (xs,), _ = plan_rows(x)
-    args, consts, _ = fwd_launch_args(x, xs, w, None, torch.empty(64, 32, device=device), rows)
+    b = torch.randn(32, device=device)        # as warmup's FusedResidualBlock(32): a bias (a piece of the recipe)
+    args, consts, _ = fwd_launch_args(x, xs, w, b, torch.empty(64, 32, device=device), rows)
     assert configs.autotune_key(tuning.TUNED_KERNELS["fwd"], args, consts) in tuning.TUNED_KERNELS["fwd"].cache
 
 
@@ -74,7 +76,8 @@ def test_save_and_load_tuning(autotuned, tmp_path, device):
         assert {k: (c.kwargs, c.num_warps, c.num_stages) for k, c in t.cache.items()} == \
                {k: (c.kwargs, c.num_warps, c.num_stages) for k, c in saved[kind].items()}
     n = len(autotuned)
-    fused_residual(torch.randn(64, 32, device=device), torch.randn(32, 32, device=device))  # loaded: no tuning
+    fused_residual(torch.randn(64, 32, device=device), torch.randn(32, 32, device=device),
+                   torch.randn(32, device=device))  # loaded (warmup's recipe: with a bias): no tuning
     assert len(autotuned) == n
     doc["device"] = "Some Other GPU"
     path.write_text(json.dumps(doc))
@@ -135,7 +138,7 @@ def test_pinned_configs_never_autotune(autotuned, launches, device):
         fused_residual(x, w, alpha=0.5).sum().backward()
     assert launches() == {"residual_fwd": 1, "residual_dx": 1, "residual_dw": 1}
     assert autotuned == [] and not any(t.cache for t in tuning.TUNED_KERNELS.values())
-    named = {"w_ptr": w, "x_ptr": x, "g_ptr": x, "dw_ptr": w, "TWO_LEVEL_ROWS": False, "HAS_PROJ": False}
+    named = {"w_ptr": w, "x_ptr": x, "g_ptr": x, "dw_ptr": w, "dp_ptr": None, "TWO_LEVEL_ROWS": False}
     assert configs.pinned_config("dw", named) is configs.shipped_configs("dw", 4)[0]
 
 
@@ -153,3 +156,12 @@ def test_pin_configs_environment_variable():
                            f"{__file__}::test_pin_configs_mode_is_session_wide"],
                           env={**os.environ, "FUSEDRES_PIN_CONFIGS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_load_tuning_refuses_keys_of_another_format(tmp_path):
+    """Keys written before the kernels keyed on their recipe string would never match a launch:
+    refused, with what to do, instead of loading entries no launch can find."""
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"device": tuning._device_name(), "triton": triton.__version__, "kernels": {}}))
+    with pytest.raises(ValueError, match="format 1.*tune again"):
+        fusedres.load_tuning(path)

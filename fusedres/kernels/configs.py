@@ -147,7 +147,7 @@ _PROJ_TILES_BY_TRITON: dict[tuple[int, int], dict[tuple[str, int], list]] = {
 }
 
 
-#: Tiles the row-scale variants (stochastic depth's ``ROW_SCALE``: the MLP block's passes and
+#: Tiles the row-scale variants (stochastic depth's ``s_ptr``: the MLP block's passes and
 #: drop_path) do not ship, on every release. dW scales its relu'd A tile by ``s[m // R]`` in the
 #: reduction loop; measured with the compile gate (triton 3.7.1, ptxas 12.8): fp32 64x128x16 at
 #: 4 warps and 4 stages spills 8 B on sm_80 (IEEE; with the scale before or after the relu, and
@@ -357,16 +357,23 @@ ACT_DROPPED: dict = {
 #: fp32 tile that compiled clean in every variant and arch when triton 3.6 needed one (see
 #: _PROJ_TILES_BY_TRITON).
 ACT_ADDED: dict = {("dx", 4): [(64, 64, 16, 8, 4)]}
+#: Tiles a launch with a per-channel alpha (``channel_alpha_ptr``: timm's LayerScale) does not ship,
+#: per gate arch (the interpreter: every arch's): 16-bit dW 64x128x64 at 4 warps and 4 stages
+#: spills 8 B on sm_80 (fp16, with DropPath's row scale; ptxas 12.8 allots it 168 registers), since
+#: the kernels are composed from pieces (issue 21; ptxas allotted the flag-built kernel 187). Every
+#: other variant and arch compiles it clean. Keyed by arch, then (kind, element size).
+_CHANNEL_ALPHA_SPILLS: dict[str, dict[tuple[str, int], set]] = {"sm_80": {("dw", 2): {(64, 128, 64, 4, 4)}}}
 #: The archs whose activation lists the gate derived (:data:`ACT_DROPPED`); other archs take the
 #: list of their family (:func:`stack_table_arch`) and are not gate-verified for these rows.
 ACT_GATED_ARCHS = ("sm_80", "sm_90")
 
 
 def act_name_of(recipe: str | None) -> str:
-    """The activation of a launch's ``RECIPE`` string (``"gelu|scalar"`` -> ``"gelu"``)."""
+    """The activation of a launch's ``RECIPE`` string (``"fwd|gelu|alpha=scalar"`` -> ``"gelu"``;
+    no activation: ``"identity"``)."""
     if not recipe:
         return "relu"
-    return recipe.split("|", 1)[0].split("(", 1)[0]
+    return recipe.split("|")[1].split("(", 1)[0]
 
 
 def act_dropped(act: str, kind: str, elem_size: int, proj: bool, arch: str | None) -> set:
@@ -457,7 +464,7 @@ def _tile(kind: str, config: triton.Config) -> tuple:
 def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
                     operand_sizes: tuple[int, int] | None = None, proj: bool = False,
                     row_scale: bool = False, limits: DeviceLimits | None = None,
-                    act: str = "relu") -> list[triton.Config]:
+                    act: str = "relu", channel_alpha: bool = False) -> list[triton.Config]:
     """The configs of ``kind`` that a GEMM in an ``elem_size``-byte dtype (and two-level rows, if
     ``two_level``; a projection shortcut, if ``proj``; stochastic depth's row scale, if
     ``row_scale``) may run on a device with ``limits`` (None: no GPU; see
@@ -465,7 +472,8 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
     unlisted element size) whose pipeline fits that device's shared memory
     (:func:`smem_budget`), with its A and B tiles loaded at ``operand_sizes`` bytes per element
     (default ``elem_size``; see :func:`pipeline_smem_bytes`), less those the activation ``act``
-    drops (:data:`ACT_DROPPED`). Largest tiles first."""
+    drops (:data:`ACT_DROPPED`) and, with ``channel_alpha`` (a per-channel alpha),
+    :data:`_CHANNEL_ALPHA_SPILLS`. Largest tiles first."""
     listed = (_TILES_TWO_LEVEL.get(elem_size) if two_level else None) or _TILES.get(elem_size)
     if proj and not two_level and (kind, elem_size) in _PROJ_TILES_BY_TRITON.get(TRITON_VERSION, {}):
         listed = _PROJ_TILES_BY_TRITON[TRITON_VERSION][(kind, elem_size)]
@@ -482,6 +490,9 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
         spills = spills | _ROW_SCALE_SPILLS.get((kind, elem_size), set())
         if listed is not None and not two_level:
             listed = list(listed) + _ROW_SCALE_TILES.get((kind, elem_size), [])
+    if channel_alpha:
+        spills = spills | {t for a, table in _CHANNEL_ALPHA_SPILLS.items() if arch is None or a == arch
+                           for t in table.get((kind, elem_size), ())}
 
     def smem(c):
         return pipeline_smem_bytes(kind, c, elem_size, operand_sizes)
@@ -505,13 +516,27 @@ def launch_limits(kind: str, named_args: dict) -> DeviceLimits | None:
 
 
 def launch_shipped_configs(kind: str, named_args: dict) -> list[triton.Config]:
-    """:func:`shipped_configs` for a launch: its GEMM dtype, operand dtypes, row layout,
-    projection and row scale (``TWO_LEVEL_ROWS``, ``HAS_PROJ``, ``ROW_SCALE``: launch
-    constexprs), on its device."""
+    """:func:`shipped_configs` for a launch: its GEMM dtype, operand dtypes, row layout
+    (``TWO_LEVEL_ROWS``), projection, row scale and per-channel alpha (the operands
+    ``p_ptr``/``dp_ptr``, ``s_ptr`` and ``channel_alpha_ptr``, given or None) and activation
+    (``RECIPE``), on its device."""
     elem_size, operand_sizes = launch_operand_sizes(kind, named_args)
     return shipped_configs(kind, elem_size, bool(named_args.get("TWO_LEVEL_ROWS", False)), operand_sizes,
-                           bool(named_args.get("HAS_PROJ", False)), bool(named_args.get("ROW_SCALE", False)),
-                           launch_limits(kind, named_args), act_name_of(named_args.get("RECIPE")))
+                           launch_has(kind, named_args, "proj"), launch_has(kind, named_args, "row_scale"),
+                           launch_limits(kind, named_args), act_name_of(named_args.get("RECIPE")),
+                           launch_has(kind, named_args, "channel_alpha"))
+
+
+#: The operand that carries a piece, per kernel.
+_PIECE_OPERAND = {"proj": {"fwd": "p_ptr", "dx": "p_ptr", "dw": "dp_ptr"},
+                  "row_scale": {"fwd": "s_ptr", "dx": "s_ptr", "dw": "s_ptr"},
+                  "channel_alpha": {"fwd": "channel_alpha_ptr", "dx": "channel_alpha_ptr", "dw": "channel_alpha_ptr"}}
+
+
+def launch_has(kind: str, named_args: dict, piece: str) -> bool:
+    """Whether a launch of ``kind`` has ``piece`` (``"proj"``, ``"row_scale"``, ``"channel_alpha"``):
+    its operand given."""
+    return named_args.get(_PIECE_OPERAND[piece][kind]) is not None
 
 
 def prune_for(kind: str):

@@ -9,7 +9,7 @@ With ``g = dL/dy``, ``h = relu(x)`` and ``[x > 0]`` the relu mask (relu'(0) = 0,
     db[n]     = alpha * sum_m g[m, n]
     dalpha    = <g.T @ h, W> + <g.sum(0), b>
 
-With stochastic depth's per-sample scale ``s`` (``ROW_SCALE``), ``g`` is ``s[m // R] * g`` in
+With stochastic depth's per-sample scale ``s`` (``s_ptr``), ``g`` is ``s[m // R] * g`` in
 every term but the shortcut's (``dx``'s residual ``g`` and ``dP``).
 
 Two kernels, and neither keeps an ``M x D`` temporary: ``h`` is recomputed from the saved ``x`` in
@@ -46,12 +46,22 @@ from .configs import (
     prune_for,
     resolve_config,
 )
-from .residual_fwd import act_consts, alpha_args, alpha_kind, recipe_key, residual_scale, row_scale
+from .gemm import (
+    add_rows,
+    dalpha_of_bias,
+    dalpha_of_tile,
+    mma_loop,
+    row_scale,
+    scalar_alpha,
+    scale_by_alpha,
+    store_db,
+)
+from .residual_fwd import act_consts, alpha_args, alpha_kind, recipe_key
 
 
 @triton.jit
 def residual_dx_kernel(
-    g_ptr, x_ptr, w_ptr, p_ptr, alpha_ptr, alpha_value: tl.float64, r_ptr, s_ptr, dx_ptr,
+    g_ptr, x_ptr, w_ptr, dx_ptr, p_ptr, r_ptr, alpha_ptr, channel_alpha_ptr, alpha_value, s_ptr,
     M, N, K, T, M_BUCKET, ROWS_PER_SAMPLE,
     stride_go, stride_gm, stride_gn,
     stride_xo, stride_xm, stride_xk,
@@ -62,10 +72,6 @@ def residual_dx_kernel(
     DACT: tl.constexpr,
     ACT_PARAM: tl.constexpr,
     RECIPE: tl.constexpr,
-    ALPHA: tl.constexpr,
-    HAS_PROJ: tl.constexpr,
-    RESIDUAL: tl.constexpr,
-    ROW_SCALE: tl.constexpr,
     TWO_LEVEL_ROWS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -76,72 +82,53 @@ def residual_dx_kernel(
 
     The general form, which the MLP block's two data-gradient GEMMs also run:
     ``dx = [r | g @ P | 0] + act'(x) * s[m // R] * ((alpha * g) @ W)``, with ``r`` the residual
-    gradient (``RESIDUAL``: ``g`` itself for the block) and ``x`` the pre-activation whose
+    gradient (``r_ptr``: ``g`` itself for the block) and ``x`` the pre-activation whose
     derivative applies (``DACT``, from :mod:`.activations`; the MLP's hidden pre-activation for its
-    ``dh``; None: no activation, and ``x`` is not read). A scalar alpha scales the accumulator, a
-    per-channel one g's columns. With a projection, the ``g @ P`` half accumulates after the
-    derivative is applied, into the same accumulator.
+    ``dh``; None: no activation, and ``x`` is not read). A per-channel alpha scales g's columns in
+    the loop's A-tile prologue (the features this loop reduces over), rounded once as eager rounds
+    ``alpha * g``; a scalar one the accumulator. With a projection (``p_ptr``), the ``g @ P`` loop
+    accumulates after the derivative is applied, into the same accumulator.
     """
     GEMM_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
-    # the scale kind as the constexprs residual_scale takes (triton 3.6 passes no string into a jit function)
-    ALPHA_PTR: tl.constexpr = ALPHA == "scalar" or ALPHA == "channel"
-    PER_CHANNEL: tl.constexpr = ALPHA == "channel"
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_k = offs_k < K
     g_rows = row_offsets(offs_m, T, stride_go, stride_gm, TWO_LEVEL_ROWS)
-    x_rows = row_offsets(offs_m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
+    n_trips = tl.maximum(tl.cdiv(N, BLOCK_N), 1)
+    unused = tl.zeros((BLOCK_K,), dtype=ACC_DTYPE)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-    for nt in range(0, tl.maximum(tl.cdiv(N, BLOCK_N), 1)):
-        n = nt * BLOCK_N + offs_n
-        mask_n = n < N
-        g = tl.load(g_ptr + g_rows[:, None] + n[None, :] * stride_gn,
-                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if ALPHA == "channel":
-            # a per-channel alpha scales g's columns (the features n this loop reduces over): a
-            # prologue on the A tile, in registers, rounded once as eager rounds alpha * g
-            g = g.to(ACC_DTYPE) * residual_scale(alpha_ptr, alpha_value, n, mask_n, ALPHA_PTR, PER_CHANNEL, ACC_DTYPE)
-        g = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
-        w = to_gemm_operand(w, GEMM_DTYPE, EMULATE_BF16)
-        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    acc, _ = mma_loop(acc, unused, g_ptr, g_rows, 0, stride_gn, mask_m,
+                      w_ptr, offs_k * stride_wk, 0, stride_wn, mask_k,
+                      0, n_trips, N, T, None, 0.0, None, channel_alpha_ptr, None, None,
+                      None, True, BLOCK_N, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
 
     mask = mask_m[:, None] & mask_k[None, :]
-    if ALPHA is not None:
-        if ALPHA != "channel":
-            acc = acc * residual_scale(alpha_ptr, alpha_value, offs_k, mask_k, ALPHA_PTR, PER_CHANNEL, ACC_DTYPE)
-    if ROW_SCALE:
+    if alpha_ptr is not None or alpha_value is not None:
+        acc = acc * scalar_alpha(alpha_ptr, alpha_value, ACC_DTYPE)
+    if s_ptr is not None:
         acc = acc * row_scale(s_ptr, offs_m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)[:, None]
     if DACT is not None:
+        x_rows = row_offsets(offs_m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
         x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(ACC_DTYPE)
         acc = DACT(acc, x, ACT_PARAM)
-    if HAS_PROJ:
-        for nt in range(0, tl.maximum(tl.cdiv(N, BLOCK_N), 1)):
-            n = nt * BLOCK_N + offs_n
-            mask_n = n < N
-            g = tl.load(g_ptr + g_rows[:, None] + n[None, :] * stride_gn,
-                        mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-            p = tl.load(p_ptr + n.to(tl.int64)[:, None] * stride_pn + offs_k[None, :] * stride_pk,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            g = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
-            p = to_gemm_operand(p, GEMM_DTYPE, EMULATE_BF16)
-            acc = tl.dot(g, p, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    elif RESIDUAL:
-        r_rows = row_offsets(offs_m, T, stride_ro, stride_rm, TWO_LEVEL_ROWS)
-        acc += tl.load(r_ptr + r_rows[:, None] + offs_k[None, :] * stride_rk, mask=mask, other=0.0).to(ACC_DTYPE)
+    if p_ptr is not None:
+        acc, _ = mma_loop(acc, unused, g_ptr, g_rows, 0, stride_gn, mask_m,
+                          p_ptr, offs_k * stride_pk, 0, stride_pn, mask_k,
+                          0, n_trips, N, T, None, 0.0, None, None, None, None,
+                          None, True, BLOCK_N, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
+    acc = add_rows(acc, r_ptr, row_offsets(offs_m, T, stride_ro, stride_rm, TWO_LEVEL_ROWS), offs_k, stride_rk,
+                   mask, ACC_DTYPE)
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     store_rounded(dx_ptrs, acc, mask, EMULATE_BF16)
 
 
 @triton.jit
 def residual_dw_kernel(
-    g_ptr, x_ptr, w_ptr, b_ptr, alpha_ptr, alpha_value: tl.float64, dw_ptr, dp_ptr, db_ptr, dalpha_ptr,
-    part_ptr, dbpart_ptr, s_ptr,
+    g_ptr, x_ptr, dw_ptr, db_ptr, dp_ptr, w_ptr, b_ptr, alpha_ptr, channel_alpha_ptr, alpha_value,
+    dalpha_ptr, part_ptr, dbpart_ptr, s_ptr,
     M, N, K, T, M_BUCKET, TILES_PER_SPLIT, ROWS_PER_SAMPLE,
     stride_go, stride_gm, stride_gn,
     stride_xo, stride_xm, stride_xk,
@@ -151,15 +138,7 @@ def residual_dw_kernel(
     ACT: tl.constexpr,
     ACT_PARAM: tl.constexpr,
     RECIPE: tl.constexpr,
-    HAS_DB: tl.constexpr,
-    SUM_G: tl.constexpr,
-    ALPHA: tl.constexpr,
-    NEED_DALPHA: tl.constexpr,
-    DALPHA_BIAS: tl.constexpr,
-    HAS_PROJ: tl.constexpr,
-    ROW_SCALE: tl.constexpr,
     TWO_LEVEL_ROWS: tl.constexpr,
-    SPLIT_M: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -175,8 +154,8 @@ def residual_dw_kernel(
     BLOCK_K)`` tiles produce dW, the rest dP, from one launch.
 
     db is folded in without atomics: the programs of the first K tile also sum their g tiles over
-    the rows they already load (``SUM_G``), so each db element has exactly one writer and a fixed
-    reduction order. Each program writes its own dalpha partial: only the launch's own programs'
+    the rows they already load (``SUM_G``: when db, or dalpha's bias term, or the split's db
+    partials need them), so each db element has exactly one writer and a fixed reduction order. Each program writes its own dalpha partial: only the launch's own programs'
     slots are to be summed (``residual_dw`` returns how many), since autotuning runs configs with
     more programs on the same workspace first. The results are bitwise reproducible for a given
     config.
@@ -193,30 +172,30 @@ def residual_dw_kernel(
     kept the pipeline, but Triton then allocates both loops' buffers: up to twice the shared
     memory.) The summation order is fixed: 16-row partial sums, in row order.
 
-    ``SPLIT_M`` (split-M, when the output tiles alone leave the GPU under one wave): the grid is
+    Split-M (``part_ptr`` given: when the output tiles alone leave the GPU under one wave): the grid is
     ``tiles x S``; program ``pid`` reduces row tiles ``[s * TILES_PER_SPLIT, (s + 1) *
     TILES_PER_SPLIT)`` (clipped to M) of tile ``pid % tiles``, ``s = pid // tiles``, and stores
     its unscaled fp32 sums into slab ``s`` of ``part_ptr`` (``[S, N, K]``; ``[S, 2N, K]`` with a
     projection, dP's rows after dW's) and, with ``SUM_G``, its column sums of g into
-    ``dbpart_ptr`` (``[S, N]``). No alpha, no dalpha, no cast, no atomics: the reduce kernel
-    (:func:`residual_dw_reduce_kernel`) sums the slabs in the order s = 0..S-1 and runs the
-    epilogue. (The launcher passes HAS_DB, NEED_DALPHA and DALPHA_BIAS as False, ALPHA as None.)
+    ``dbpart_ptr`` (``[S, N]``; None: no column sums). No alpha, no dalpha, no cast, no atomics:
+    the reduce kernel (:func:`residual_dw_reduce_kernel`) sums the slabs in the order s = 0..S-1
+    and runs the epilogue. (The launcher then passes db, W, b, alpha and dalpha as None.)
 
     ``ACT`` is the activation's A-tile prologue (:mod:`.activations`), recomputing ``act(x)`` from
-    the saved ``x``. A per-channel alpha (``ALPHA == "channel"``) gets per-feature dalpha partials,
-    row ``pid_k`` of a ``[cdiv(K, BLOCK_K), N]`` workspace, instead of one per program.
+    the saved ``x``. ``w_ptr`` and ``b_ptr`` are given only for dalpha (``dalpha_ptr``). A
+    per-channel alpha (``channel_alpha_ptr``) gets per-feature dalpha partials, row ``pid_k`` of a
+    ``[cdiv(K, BLOCK_K), N]`` workspace, instead of one per program.
     """
     GEMM_DTYPE: tl.constexpr = dw_ptr.dtype.element_ty
-    # the scale kind as the constexprs residual_scale takes (triton 3.6 passes no string into a jit function)
-    ALPHA_PTR: tl.constexpr = ALPHA == "scalar" or ALPHA == "channel"
-    PER_CHANNEL: tl.constexpr = ALPHA == "channel"
+    SUM_G: tl.constexpr = dbpart_ptr is not None or db_ptr is not None or (dalpha_ptr is not None and b_ptr is not None)
+    PER_FEATURE: tl.constexpr = channel_alpha_ptr is not None
     num_k = tl.cdiv(K, BLOCK_K)
-    if HAS_PROJ:
+    if dp_ptr is not None:
         num_k_tiles = 2 * num_k
     else:
         num_k_tiles = num_k
     pid = tl.program_id(0)
-    if SPLIT_M:
+    if part_ptr is not None:
         num_tiles = num_k_tiles * tl.cdiv(N, BLOCK_N)
         split = pid // num_tiles
         m_tile0 = split * TILES_PER_SPLIT
@@ -230,100 +209,63 @@ def residual_dw_kernel(
     is_proj = pid_k >= num_k
     offs_k = (pid_k % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     mask_k = offs_k < K
     mask_n = offs_n < N
+    if dp_ptr is not None:
+        plain = is_proj         # dP's tiles: x as it is, rows unscaled
+    else:
+        plain = None
+    if SUM_G:
+        sum_g = pid_k == 0
+    else:
+        sum_g = None
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC_DTYPE)
     db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    for mi in range(0, m_trips):
-        mt = m_tile0 + mi
-        m = mt * BLOCK_M + offs_m
-        mask_m = m < M
-        x_rows = row_offsets(m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
-        g_rows = row_offsets(m, T, stride_go, stride_gm, TWO_LEVEL_ROWS)
-        xt = tl.load(x_ptr + x_rows[None, :] + offs_k[:, None] * stride_xk,
-                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-        g = tl.load(g_ptr + g_rows[:, None] + offs_n[None, :] * stride_gn,
-                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        if HAS_PROJ:
-            at = tl.where(is_proj, to_gemm_operand(xt, GEMM_DTYPE, EMULATE_BF16),
-                          ACT(xt, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM))
-        else:
-            at = ACT(xt, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM)
-        if ROW_SCALE:
-            # s scales the reduction's rows: on A (registers already, for the relu), not on g (a
-            # shared-memory wgmma operand; see the docstring); after the relu, so any s is exact
-            # (relu(s x) = s relu(x) only for s >= 0). dP's half keeps s = 1. (One fp32 tile does
-            # not ship with it: configs._ROW_SCALE_SPILLS.)
-            sv = row_scale(s_ptr, m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)
-            if HAS_PROJ:
-                sv = tl.where(is_proj, 1.0, sv)
-            at = to_gemm_operand(at.to(ACC_DTYPE) * sv[None, :], GEMM_DTYPE, EMULATE_BF16)
-        g = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
-        acc = tl.dot(at, g, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if SUM_G:
-            if pid_k == 0:
-                # db reads its own copy of the g tile (L2 hits: the pipeline just fetched it), 16
-                # rows at a time to bound registers, so that the GEMM's g stays a pure
-                # shared-memory wgmma operand (see the docstring).
-                DB_ROWS: tl.constexpr = 16 if BLOCK_M > 16 else BLOCK_M
-                for r in tl.static_range(0, BLOCK_M, DB_ROWS):
-                    m_db = mt * BLOCK_M + r + tl.arange(0, DB_ROWS)
-                    g_db = tl.load(g_ptr + row_offsets(m_db, T, stride_go, stride_gm, TWO_LEVEL_ROWS)[:, None]
-                                   + offs_n[None, :] * stride_gn,
-                                   mask=(m_db < M)[:, None] & mask_n[None, :], other=0.0)
-                    g_db = to_gemm_operand(g_db, GEMM_DTYPE, EMULATE_BF16).to(ACC_DTYPE)
-                    if ROW_SCALE:
-                        g_db = g_db * row_scale(s_ptr, m_db, m_db < M, ROWS_PER_SAMPLE, ACC_DTYPE)[:, None]
-                    db += tl.sum(g_db, axis=0)
+    acc, db = mma_loop(acc, db, x_ptr, offs_k * stride_xk, stride_xo, stride_xm, mask_k,
+                       g_ptr, offs_n * stride_gn, stride_go, stride_gm, mask_n,
+                       m_tile0, m_trips, M, T, ACT, ACT_PARAM, plain, s_ptr, ROWS_PER_SAMPLE, sum_g,
+                       TWO_LEVEL_ROWS, False, BLOCK_M, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
 
     tile_mask = mask_k[:, None] & mask_n[None, :]
-    if SPLIT_M:
+    if part_ptr is not None:
         # unscaled fp32 partials: row n of slab s (dP's rows after dW's: n + N)
-        if HAS_PROJ:
+        if dp_ptr is not None:
             rows_per_slab = 2 * N
         else:
             rows_per_slab = N
         slab = part_ptr + split.to(tl.int64) * rows_per_slab * K
         part_rows = offs_n.to(tl.int64)
-        if HAS_PROJ:
+        if dp_ptr is not None:
             part_rows = part_rows + tl.where(is_proj, N, 0)
         tl.store(slab + part_rows[None, :] * K + offs_k[:, None], acc, mask=tile_mask)
-        if SUM_G:
+        if dbpart_ptr is not None:
             if pid_k == 0:
                 tl.store(dbpart_ptr + split.to(tl.int64) * N + offs_n, db, mask=mask_n)
     else:
-        if ALPHA is not None:
-            alpha = residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA_PTR, PER_CHANNEL, ACC_DTYPE)
-        if NEED_DALPHA:
+        if dalpha_ptr is not None:
             wt = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                          mask=tile_mask, other=0.0).to(ACC_DTYPE)
-            if ALPHA == "channel":
-                # one partial per feature n and K tile: row pid_k of a [K tiles, N] workspace
-                partial = tl.sum(acc * wt, axis=0)
-                if DALPHA_BIAS:
-                    if pid_k == 0:
-                        partial += db * tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
-                # (dP's K tiles write none; the comparison made a vector first: triton 3.9's
-                # interpreter refuses a vector mask and'ed with a scalar)
+            partial = dalpha_of_tile(acc, wt, PER_FEATURE, 1)
+            if not PER_FEATURE:
+                if dp_ptr is not None:
+                    partial = tl.where(is_proj, 0.0, partial)
+            if b_ptr is not None:
+                if pid_k == 0:
+                    partial += dalpha_of_bias(db, tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE),
+                                              PER_FEATURE)
+            if PER_FEATURE:
+                # one partial per feature n and K tile: row pid_k of a [K tiles, N] workspace (dP's
+                # K tiles write none; the comparison made a vector first: triton 3.9's interpreter
+                # refuses a vector mask and'ed with a scalar)
                 tl.store(dalpha_ptr + pid_k.to(tl.int64) * N + offs_n, partial,
                          mask=mask_n & ((tl.zeros_like(offs_n) + pid_k) < num_k))
             else:
-                partial = tl.sum(tl.sum(acc * wt, axis=1), axis=0)
-                if HAS_PROJ:
-                    partial = tl.where(is_proj, 0.0, partial)
-                if DALPHA_BIAS:
-                    if pid_k == 0:
-                        partial += tl.sum(db * tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE),
-                                          axis=0)
                 tl.store(dalpha_ptr + pid, partial)
 
-        scaled = acc
-        if ALPHA is not None:
-            scaled = acc * alpha
+        scaled = scale_by_alpha(acc, alpha_ptr, alpha_value, channel_alpha_ptr, offs_n, mask_n, ACC_DTYPE, 1)
         dw_ptrs = dw_ptr + offs_n.to(tl.int64)[None, :] * stride_dwn + offs_k[:, None] * stride_dwk
-        if HAS_PROJ:
+        if dp_ptr is not None:
             if is_proj:
                 dp_ptrs = dp_ptr + offs_n.to(tl.int64)[None, :] * stride_dpn + offs_k[:, None] * stride_dpk
                 store_rounded(dp_ptrs, acc, tile_mask, EMULATE_BF16)
@@ -331,26 +273,20 @@ def residual_dw_kernel(
                 store_rounded(dw_ptrs, scaled, tile_mask, EMULATE_BF16)
         else:
             store_rounded(dw_ptrs, scaled, tile_mask, EMULATE_BF16)
-        if HAS_DB:
+        if db_ptr is not None:
             if pid_k == 0:
-                if ALPHA is not None:
-                    db = db * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n,
-                                             ALPHA_PTR, PER_CHANNEL, ACC_DTYPE, -1)
-                store_rounded(db_ptr + offs_n, db, mask_n, EMULATE_BF16)
+                store_db(db_ptr, db, offs_n, mask_n, alpha_ptr, alpha_value, channel_alpha_ptr, ACC_DTYPE,
+                         EMULATE_BF16)
 
 
 @triton.jit
 def residual_dw_reduce_kernel(
-    part_ptr, dbpart_ptr, w_ptr, b_ptr, alpha_ptr, alpha_value: tl.float64, dw_ptr, dp_ptr, db_ptr, dalpha_ptr,
+    part_ptr, dbpart_ptr, dw_ptr, db_ptr, dp_ptr, w_ptr, b_ptr, alpha_ptr, channel_alpha_ptr,
+    alpha_value, dalpha_ptr,
     N, K, S,
     stride_wn, stride_wk,
     stride_dwn, stride_dwk,
     stride_dpn, stride_dpk,
-    HAS_DB: tl.constexpr,
-    ALPHA: tl.constexpr,
-    NEED_DALPHA: tl.constexpr,
-    DALPHA_BIAS: tl.constexpr,
-    HAS_PROJ: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -359,19 +295,17 @@ def residual_dw_reduce_kernel(
     (``[2N, K]`` with a projection: dW's rows, then dP's), summed over the ``S`` fp32 slabs in
     the fixed order s = 0..S-1; then the epilogue the single-launch dW runs: dW = alpha * sum, dP
     = sum, cast (rounded) to the parameter dtype; the programs of the first column tile also sum
-    the db slabs (db = alpha * sum). With ``NEED_DALPHA`` each program writes one dalpha partial,
+    the db slabs (db = alpha * sum). With ``dalpha_ptr`` each program writes one dalpha partial,
     ``<sum, W>`` over its dW rows (plus ``<db, b>`` over its db rows) into ``dalpha_ptr[pid]``:
     the launcher returns this kernel's program count, so that op.py sums exactly those. A
     per-channel alpha writes per-feature partials instead, row ``pid_c`` of a ``[cdiv(K, BLOCK_C),
     N]`` workspace (the launcher then returns that row count)."""
-    # the scale kind as the constexprs residual_scale takes (triton 3.6 passes no string into a jit function)
-    ALPHA_PTR: tl.constexpr = ALPHA == "scalar" or ALPHA == "channel"
-    PER_CHANNEL: tl.constexpr = ALPHA == "channel"
+    PER_FEATURE: tl.constexpr = channel_alpha_ptr is not None
     pid = tl.program_id(0)
     num_c = tl.cdiv(K, BLOCK_C)
     pid_r = pid // num_c
     pid_c = pid % num_c
-    if HAS_PROJ:
+    if dp_ptr is not None:
         rows_total = 2 * N
     else:
         rows_total = N
@@ -387,45 +321,32 @@ def residual_dw_reduce_kernel(
     is_w = offs_r < N
     w_rows = tl.where(is_w, offs_r, 0).to(tl.int64)
     w_mask = mask & is_w[:, None]
-    w_mask_r = is_w
-    if ALPHA is not None:
-        alpha = residual_scale(alpha_ptr, alpha_value, w_rows, w_mask_r, ALPHA_PTR, PER_CHANNEL, ACC_DTYPE, 0)
-    if NEED_DALPHA:
+    if dalpha_ptr is not None:
         w = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_c[None, :] * stride_wk, mask=w_mask,
                     other=0.0).to(ACC_DTYPE)
-        if ALPHA == "channel":
-            partial = tl.sum(acc * w, axis=1)
-        else:
-            partial = tl.sum(tl.sum(acc * w, axis=1), axis=0)
-    scaled = acc
-    if ALPHA is not None:
-        scaled = acc * alpha
+        partial = dalpha_of_tile(acc, w, PER_FEATURE, 0)
+    scaled = scale_by_alpha(acc, alpha_ptr, alpha_value, channel_alpha_ptr, w_rows, is_w, ACC_DTYPE, 0)
     store_rounded(dw_ptr + w_rows[:, None] * stride_dwn + offs_c[None, :] * stride_dwk, scaled, w_mask,
                   EMULATE_BF16)
-    if HAS_PROJ:
+    if dp_ptr is not None:
         p_rows = tl.where(is_w, 0, offs_r - N).to(tl.int64)
         store_rounded(dp_ptr + p_rows[:, None] * stride_dpn + offs_c[None, :] * stride_dpk, acc,
                       mask & (offs_r >= N)[:, None], EMULATE_BF16)
-    if HAS_DB or DALPHA_BIAS:
+    if dbpart_ptr is not None:
         if pid_c == 0:
             db_mask = offs_r < N
             db = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
             for s in range(0, S):
                 db += tl.load(dbpart_ptr + s * N + w_rows, mask=db_mask, other=0.0)
-            if NEED_DALPHA:
-                if DALPHA_BIAS:
-                    if ALPHA == "channel":
-                        partial += db * tl.load(b_ptr + w_rows, mask=db_mask, other=0.0).to(ACC_DTYPE)
-                    else:
-                        partial += tl.sum(db * tl.load(b_ptr + w_rows, mask=db_mask, other=0.0).to(ACC_DTYPE),
-                                          axis=0)
-            if HAS_DB:
-                if ALPHA is not None:
-                    db = db * residual_scale(alpha_ptr, alpha_value, w_rows, db_mask,
-                                             ALPHA_PTR, PER_CHANNEL, ACC_DTYPE, -1)
-                store_rounded(db_ptr + w_rows, db, db_mask, EMULATE_BF16)
-    if NEED_DALPHA:
-        if ALPHA == "channel":
+            if dalpha_ptr is not None:
+                if b_ptr is not None:
+                    partial += dalpha_of_bias(db, tl.load(b_ptr + w_rows, mask=db_mask, other=0.0).to(ACC_DTYPE),
+                                              PER_FEATURE)
+            if db_ptr is not None:
+                store_db(db_ptr, db, w_rows, db_mask, alpha_ptr, alpha_value, channel_alpha_ptr, ACC_DTYPE,
+                         EMULATE_BF16)
+    if dalpha_ptr is not None:
+        if PER_FEATURE:
             # per-feature partials: row pid_c of a [column tiles, N] workspace (dP's rows write none)
             tl.store(dalpha_ptr + pid_c.to(tl.int64) * N + w_rows, partial, mask=is_w)
         else:
@@ -433,49 +354,53 @@ def residual_dw_reduce_kernel(
 
 
 residual_dx_kernel_tuned = triton.autotune(
-    configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "RECIPE", "TWO_LEVEL_ROWS", "HAS_PROJ", "ROW_SCALE",
-                             "INPUT_PRECISION"],
+    configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "RECIPE", "TWO_LEVEL_ROWS", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_for("dx")})(residual_dx_kernel)
 residual_dw_kernel_tuned = triton.autotune(
-    configs=DW_CONFIGS, key=["M_BUCKET", "N", "K", "RECIPE", "TWO_LEVEL_ROWS", "HAS_DB", "HAS_PROJ", "ROW_SCALE",
-                                   "INPUT_PRECISION"],
+    configs=DW_CONFIGS, key=["M_BUCKET", "N", "K", "RECIPE", "TWO_LEVEL_ROWS", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_for("dw")})(residual_dw_kernel)
 
 
-def dx_head(g, x, weight, dx, alpha=None, proj_weight=None, residual=None, sample_scale=None) -> tuple:
-    """The dx kernel's per-call arguments: the first :data:`DX_HEAD` of :func:`dx_launch_args`.
-    ``residual``: the gradient added in the epilogue (None: ``g``, the block's own)."""
-    alpha_ptr, alpha_value, _ = alpha_args(alpha, weight)
-    return (g, x, weight, proj_weight if proj_weight is not None else weight, alpha_ptr, alpha_value,
-            residual if residual is not None else g, sample_scale if sample_scale is not None else weight, dx)
+def dx_head(g, x, weight, dx, alpha=None, proj_weight=None, residual=None, sample_scale=None,
+            add_residual: bool = True) -> tuple:
+    """The dx kernel's per-call arguments (operands, None where absent): the first
+    :data:`DX_HEAD` of :func:`dx_launch_args`. ``residual``: the gradient added in the epilogue
+    (None: ``g``, the block's own; none with a projection or without ``add_residual``)."""
+    r = None if proj_weight is not None or not add_residual else (g if residual is None else residual)
+    return (g, x, weight, dx, proj_weight, r, *alpha_args(alpha, weight), sample_scale)
 
 
-DX_HEAD = 9
+#: The dx kernel's per-call arguments: those before its sizes.
+DX_HEAD = residual_dx_kernel.arg_names.index("M")
 
 
 def dw_head(g, x, dw, db, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None, sample_scale=None,
             workspaces=None) -> tuple:
-    """The dW kernel's per-call arguments: the first :data:`DW_HEAD` of :func:`dw_launch_args`
-    (``workspaces``: the split-M slabs ``(slab, db_slab)``; ``dw`` itself as placeholders when
-    unsplit)."""
-    alpha_ptr, alpha_value, _ = alpha_args(alpha, dw)
-    slab, db_slab = workspaces if workspaces is not None else (dw, dw)
-    return (g, x, weight if weight is not None else dw, bias if bias is not None else dw, alpha_ptr, alpha_value,
-            dw, dp if dp is not None else dw, db if db is not None else dw,
-            dalpha_partials if dalpha_partials is not None else dw, slab, db_slab,
-            sample_scale if sample_scale is not None else dw)
+    """The dW kernel's per-call arguments (operands, None where absent): the first
+    :data:`DW_HEAD` of :func:`dw_launch_args`. ``weight`` and ``bias`` go to the kernel only for
+    dalpha. ``workspaces``: the split-M slabs ``(slab, db_slab)`` of the split's first launch,
+    which writes partials only: then no db, alpha or dalpha."""
+    if workspaces is not None:
+        return (g, x, dw, None, dp, None, None, None, None, None, None, *workspaces, sample_scale)
+    alpha_ptr, channel_alpha_ptr, alpha_value = alpha_args(alpha, dw)
+    if dalpha_partials is None:
+        weight = bias = None
+    return (g, x, dw, db, dp, weight, bias, alpha_ptr, channel_alpha_ptr, alpha_value, dalpha_partials, None, None,
+            sample_scale)
 
 
-DW_HEAD = 13
+#: The dW kernel's per-call arguments: those before its sizes.
+DW_HEAD = residual_dw_kernel.arg_names.index("M")
 
 
 def reduce_head(slab, db_slab, dw, db, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None) -> tuple:
     """The split-M reduce's per-call arguments: the first :data:`REDUCE_HEAD` of
-    :func:`dw_reduce_launch_args`."""
-    return (slab, db_slab) + dw_head(None, None, dw, db, weight, bias, alpha, dalpha_partials, dp)[2:10]
+    :func:`dw_reduce_launch_args` (the dW kernel's epilogue operands, after the slabs)."""
+    return (slab, db_slab) + dw_head(None, None, dw, db, weight, bias, alpha, dalpha_partials, dp)[2:11]
 
 
-REDUCE_HEAD = 10
+#: The split reduce's per-call arguments: those before its sizes.
+REDUCE_HEAD = residual_dw_reduce_kernel.arg_names.index("N")
 
 
 def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, alpha=None, proj_weight=None, *,
@@ -489,14 +414,14 @@ def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows,
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
     r, rs = residual if residual is not None else (g, gs)
-    args = dx_head(g, x, weight, dx, alpha, proj_weight, r, sample_scale) + (
+    head = dx_head(g, x, weight, dx, alpha, proj_weight, r, sample_scale, add_residual)
+    args = head + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), rows_per_sample, *gs, *xs, *rs,
         weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), dx.stride(0), dx.stride(1))
-    consts = dict(**act_consts(act, act_param, derivative=True), RECIPE=recipe_key(act, act_param, alpha),
-                  ALPHA=alpha_kind(alpha), HAS_PROJ=proj_weight is not None,
-                  RESIDUAL=add_residual and proj_weight is None, ROW_SCALE=sample_scale is not None,
-                  TWO_LEVEL_ROWS=rows.two_level,
-                  **gemm_flags(weight.dtype, g.dtype, x.dtype, dx.dtype))
+    consts = dict(**act_consts(act, act_param, derivative=True),
+                  RECIPE=recipe_key("dx", act, act_param, head[6:9], proj=proj_weight,
+                                    residual=add_residual and proj_weight is None, row_scale=sample_scale),
+                  TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, g.dtype, x.dtype, dx.dtype))
 
     def grid(meta):
         return (cdiv(rows.M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
@@ -522,32 +447,32 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
     """The dW kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
     launcher and the compile gate, ``fusedres.aot``). ``weight`` (and ``bias``, if any) are read
     only for the dalpha partials, which go to ``dalpha_partials`` (:func:`dalpha_workspace_size`
-    slots, fp32, or fp64 for fp64). ``alpha``: a one-element tensor, a Python float or None.
+    slots, fp32, or fp64 for fp64). ``alpha``: a tensor (one element, or per channel), a Python
+    float or None.
 
-    ``split``: ``(slab, db_slab, splits, tiles_per_split)`` for the first launch of a split-M dW
-    (``SPLIT_M``): the kernel then writes only the fp32 partials (:func:`dw_split_workspaces`),
-    and :func:`dw_reduce_launch_args` does the rest. ``sample_scale``: stochastic depth's ``s [B]``
+    ``split``: ``(slab, db_slab, splits, tiles_per_split)`` for the first launch of a split-M dW:
+    the kernel then writes only the fp32 partials (:func:`dw_split_workspaces`), and
+    :func:`dw_reduce_launch_args` does the rest. ``sample_scale``: stochastic depth's ``s [B]``
     (``rows_per_sample`` rows per sample), scaling g's rows in dW, db and dalpha (not in dP)."""
     N, K = dw.shape
     w = weight if weight is not None else dw
     dpt = dp if dp is not None else dw
     need_dalpha = dalpha_partials is not None
-    kind = alpha_kind(alpha)
-    if need_dalpha and kind not in ("scalar", "channel"):
+    if need_dalpha and alpha_kind(alpha) not in ("scalar", "channel"):
         raise ValueError("residual_dw: dalpha needs alpha as a tensor")
     splits, per = (split[2], split[3]) if split is not None else (1, 1)
-    args = dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale,
-                   split[:2] if split is not None else None) + (
+    head = dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale,
+                   split[:2] if split is not None else None)
+    args = head + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), per, rows_per_sample,
         *gs, *xs, w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
-    consts = dict(**act_consts(act, act_param), RECIPE=recipe_key(act, act_param, alpha),
-                  HAS_DB=db is not None, SUM_G=db is not None or (need_dalpha and bias is not None),
-                  ALPHA=kind, NEED_DALPHA=need_dalpha,
-                  DALPHA_BIAS=need_dalpha and bias is not None, HAS_PROJ=dp is not None,
-                  ROW_SCALE=sample_scale is not None, TWO_LEVEL_ROWS=rows.two_level, SPLIT_M=False,
-                  **gemm_flags(dw.dtype, g.dtype, x.dtype))
-    if split is not None:   # the split's first launch: partials only, the reduce does the epilogue
-        consts.update(HAS_DB=False, ALPHA=None, NEED_DALPHA=False, DALPHA_BIAS=False, SPLIT_M=True)
+    if split is None:
+        pieces = dict(scale=head[7:10], db=db, proj=dp, dalpha=dalpha_partials,
+                      dalpha_bias=need_dalpha and bias is not None, row_scale=sample_scale)
+    else:                   # the split's first launch: partials only, the reduce does the epilogue
+        pieces = dict(proj=dp, split=True, col_sums=split[1], row_scale=sample_scale)
+    consts = dict(**act_consts(act, act_param), RECIPE=recipe_key("dw", act, act_param, **pieces),
+                  TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(dw.dtype, g.dtype, x.dtype))
 
     def grid(meta):
         return (cdiv(K, meta["BLOCK_K"]) * (2 if dp is not None else 1) * cdiv(N, meta["BLOCK_N"]) * splits,)
@@ -557,12 +482,12 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
 
 def dw_split_workspaces(dw, splits: int, *, proj: bool, sum_g: bool):
     """The split-M dW's fp32 (fp64 for fp64) partials: ``(slab [S, N or 2N, K] flat, db slab [S, N]
-    flat)``; the db slab is ``slab`` itself (unused) when no column sum is needed. No zero fill:
-    every element is written by the first launch."""
+    flat)``; the db slab is None when no column sum is needed. No zero fill: every element is
+    written by the first launch."""
     N, K = dw.shape
     acc = torch.float64 if dw.dtype == torch.float64 else torch.float32
     slab = torch.empty(splits * (2 if proj else 1) * N * K, device=dw.device, dtype=acc)
-    db_slab = torch.empty(splits * N, device=dw.device, dtype=acc) if sum_g else slab
+    db_slab = torch.empty(splits * N, device=dw.device, dtype=acc) if sum_g else None
     return slab, db_slab
 
 
@@ -572,13 +497,10 @@ def dw_reduce_launch_args(slab, db_slab, splits: int, dw, db, *, weight=None, bi
     N, K = dw.shape
     w = weight if weight is not None else dw
     dpt = dp if dp is not None else dw
-    need_dalpha = dalpha_partials is not None
     args = reduce_head(slab, db_slab, dw, db, weight, bias, alpha, dalpha_partials, dp) + (N, K, splits,
             w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
     flags = gemm_flags(dw.dtype)
-    consts = dict(HAS_DB=db is not None, ALPHA=alpha_kind(alpha), NEED_DALPHA=need_dalpha,
-                  DALPHA_BIAS=need_dalpha and bias is not None, HAS_PROJ=dp is not None,
-                  ACC_DTYPE=flags["ACC_DTYPE"], EMULATE_BF16=flags["EMULATE_BF16"])
+    consts = dict(ACC_DTYPE=flags["ACC_DTYPE"], EMULATE_BF16=flags["EMULATE_BF16"])
 
     def grid(meta):
         return (cdiv((2 if dp is not None else 1) * N, meta["BLOCK_R"]) * cdiv(K, meta["BLOCK_C"]),)
@@ -608,13 +530,15 @@ _split_choice: dict = {}
 def _gpu_split_config(sms: int, M: int, N: int, K: int, named: dict, consts: dict):
     """The config a GPU dW launch that would autotune runs instead, because the plan splits it (the
     shipped config with the best fill, :func:`fusedres.kernels.plan.choose_dw`), or None (no split:
-    autotune as before). Cached per (SMs, sizes, dtypes, layout, projection): it runs on every backward."""
-    key = (sms, launch_limits("dw", named), M, N, K, bool(consts["HAS_PROJ"]), bool(consts["TWO_LEVEL_ROWS"]),
-           bool(consts["ROW_SCALE"]), consts["RECIPE"], *(str(named[n].dtype) for n in ("dw_ptr", "x_ptr", "g_ptr")))
+    autotune as before). Cached per (SMs, device limits, sizes, layout, recipe, dtypes): it runs on every
+    backward."""
+    proj = named["dp_ptr"] is not None
+    key = (sms, launch_limits("dw", named), M, N, K, bool(consts["TWO_LEVEL_ROWS"]), consts["RECIPE"],
+           *(str(named[n].dtype) for n in ("dw_ptr", "x_ptr", "g_ptr")))
     if key not in _split_choice:
         tuned = residual_dw_kernel_tuned
         candidates = tuned.early_config_prune(tuned.configs, named, **consts)
-        best, best_plan = _plan.choose_dw(sms, M, N, K, candidates, proj=bool(consts["HAS_PROJ"]))
+        best, best_plan = _plan.choose_dw(sms, M, N, K, candidates, proj=proj)
         _split_choice[key] = best if best_plan.splits > 1 else None
     return _split_choice[key]
 
@@ -647,7 +571,7 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
     args, consts, grid = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
                                         dalpha_partials=dalpha_partials, dp=dp, sample_scale=sample_scale,
                                         rows_per_sample=rows_per_sample, act=act, act_param=act_param)
-    per_channel = consts["ALPHA"] == "channel"
+    per_channel = alpha_kind(alpha) == "channel"
     N, K = dw.shape
     proj = dp is not None
     forced = splits if splits is not None else _plan.forced_splits()
@@ -663,7 +587,7 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
     if config is not None:
         p = _plan.plan_dw(sms, rows.M, N, K, config, proj=proj, splits=forced)
         if p.splits > 1:
-            sum_g = bool(consts["SUM_G"])
+            sum_g = db is not None or (dalpha_partials is not None and bias is not None)
             slab, db_slab = dw_split_workspaces(dw, p.splits, proj=proj, sum_g=sum_g)
             args1, consts1, grid1 = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
                                                    dalpha_partials=dalpha_partials, dp=dp,
@@ -702,7 +626,7 @@ class PreparedDw:
             self.main.run(dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale))
             return self.programs
         slab = torch.empty(self.slab_numel, device=dw.device, dtype=self.acc)
-        db_slab = torch.empty(self.db_numel, device=dw.device, dtype=self.acc) if self.db_numel else slab
+        db_slab = torch.empty(self.db_numel, device=dw.device, dtype=self.acc) if self.db_numel else None
         self.main.run(dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale, (slab, db_slab)))
         self.reduce(*reduce_head(slab, db_slab, dw, db, weight, bias, alpha, dalpha_partials, dp))
         return self.programs

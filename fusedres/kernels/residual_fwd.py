@@ -13,8 +13,9 @@ The general form, which the MLP block's two forward GEMMs also run (``fusedres.m
     y[m, n] = [r[m, n] | x @ P.T | 0] + s[m // R] * alpha * (sum_k relu(a[m, k]) * W[n, k] + b[n])
 
 with ``a`` the A operand (``x``, or the MLP's hidden pre-activation), ``r`` the residual tensor
-(``RESIDUAL``; ``x`` itself for the block, none for the MLP's first GEMM) and ``s`` the
-per-sample scale of stochastic depth (``ROW_SCALE``; ``R`` rows per sample).
+(``r_ptr``: ``x`` itself for the block, None for the MLP's first GEMM), ``s`` the per-sample
+scale of stochastic depth (``s_ptr``; ``R`` rows per sample) and relu standing for any activation
+of :mod:`.activations`. The kernel is composed from the pieces of :mod:`.gemm`.
 
 One kernel, one accumulator, a reduction over the concatenation ``[relu(x), x] @ [W; P].T``: the
 relu half runs first, the epilogue-side ``alpha`` and bias are applied to the accumulator between
@@ -25,58 +26,24 @@ eager's ``e * (7MD + D^2 + D)``.
 """
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    cdiv,
-    Rows,
-    RowStrides,
-    grouped_tile,
-    next_pow2_bucket,
-    row_offsets,
-    store_rounded,
-    to_gemm_operand,
-)
+from ._common import cdiv, Rows, RowStrides, grouped_tile, next_pow2_bucket, row_offsets, store_rounded
 from .activations import KERNELS as ACTIVATION_KERNELS, identity
+from .gemm import add_bias, add_rows, mma_loop, scale_branch
+from .recipe import pass_recipe
 from .configs import FWD_CONFIGS, PreparedLaunch, gemm_flags, launch_and_prepare, prune_for
 
 
-@triton.jit
-def residual_scale(alpha_ptr, alpha_value, offs, mask, FROM_PTR: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr, AXIS: tl.constexpr = 1):
-    """The residual scale alpha as a factor, in the accumulator dtype. The kernels take its kind as
-    ``ALPHA`` (:func:`alpha_args`) and pass ``FROM_PTR = ALPHA != "value"`` and ``PER_CHANNEL =
-    ALPHA == "channel"`` (triton 3.6 cannot pass a string constexpr into a jit function):
-
-    - ``"value"``: the Python float passed by value (no host-to-device copy). It arrives as fp64
-      and is rounded here as eager rounds a Python scalar (to the fp32 opmath of fp16/bf16/fp32);
-    - ``"scalar"``: a one-element tensor (which may be learnable), read through ``alpha_ptr``;
-    - ``"channel"``: a per-channel tensor ``[N]`` (timm's LayerScale), read at the output features
-      ``offs`` and shaped for the tile: ``[1, n]`` (``AXIS=1``: features along the tile's second
-      axis), ``[n, 1]`` (``AXIS=0``) or ``[n]`` (``AXIS=-1``).
-    """
-    if PER_CHANNEL:
-        scale = tl.load(alpha_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        if AXIS == 1:
-            return scale[None, :]
-        elif AXIS == 0:
-            return scale[:, None]
-        else:
-            return scale
-    elif FROM_PTR:
-        return tl.load(alpha_ptr).to(ACC_DTYPE)
-    else:
-        return tl.full((), alpha_value, ACC_DTYPE)
-
-
-#: The kinds of residual scale a kernel takes (``ALPHA``): None (no scale) or one of these.
-ALPHA_KINDS = ("value", "scalar", "channel")
-
-
 def alpha_kind(alpha) -> str | None:
-    """``ALPHA`` for an alpha that is None, a Python float, a one-element tensor or a per-channel
-    tensor (more than one element: the caller has checked its shape)."""
+    """The residual scale's kind, for the recipe string: None (no scale), ``"value"`` (a Python
+    float, passed by value), ``"scalar"`` (a one-element tensor, read through a pointer) or
+    ``"channel"`` (a per-channel tensor ``[N]``, timm's LayerScale; the caller has checked its
+    shape)."""
     if alpha is None:
         return None
     if hasattr(alpha, "data_ptr"):
@@ -84,35 +51,52 @@ def alpha_kind(alpha) -> str | None:
     return "value"
 
 
-def alpha_args(alpha, placeholder) -> tuple:
-    """``(alpha_ptr, alpha_value, ALPHA)`` for an alpha that is a tensor (a pointer), a Python
-    float (by value) or None (no scale)."""
+def alpha_args(alpha, like) -> tuple:
+    """The kernels' three scale operands ``(alpha_ptr, channel_alpha_ptr, alpha_value)`` for an
+    alpha that is None, a Python float, a one-element tensor or a per-channel tensor; at most one
+    is given, the others are None. A float is passed by value, which Triton types fp32 (eager
+    rounds a Python scalar to fp16/bf16/fp32's fp32 opmath too); for an fp64 launch (``like``: its
+    GEMM operand) it is a one-element fp64 tensor, so that it keeps every bit: made once per value
+    and device, then reused (no allocation or copy per call after the first)."""
     if alpha is None:
-        return placeholder, 1.0, None
+        return None, None, None
     if hasattr(alpha, "data_ptr"):
-        return alpha, 1.0, alpha_kind(alpha)
-    return placeholder, float(alpha), "value"
+        return (alpha, None, None) if alpha.numel() == 1 else (None, alpha, None)
+    if like.dtype == torch.float64:
+        return _fp64_alpha(float(alpha), like.device), None, None
+    return None, None, float(alpha)
 
 
-def recipe_key(act: str | None, act_param: float, alpha) -> str:
-    """The launch's recipe string: the pieces that change the kernel's code beyond its flags,
-    JSON-safe (the autotune key's ``RECIPE``, saved by :func:`fusedres.save_tuning`)."""
-    name = act or "identity"
-    if name == "leaky_relu":
-        name = f"leaky_relu({act_param!r})"
-    return f"{name}|{alpha_kind(alpha) or 'none'}"
+_FP64 = torch.float64
 
 
-@triton.jit
-def row_scale(s_ptr, offs_m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE: tl.constexpr):
-    """Stochastic depth's per-sample scale of each row of a tile: ``s[m // ROWS_PER_SAMPLE]``
-    (rows are flattened ``(B, ...)`` indices; one scale per index of the first dimension)."""
-    return tl.load(s_ptr + offs_m // ROWS_PER_SAMPLE, mask=mask_m, other=0.0).to(ACC_DTYPE)
+@functools.lru_cache(maxsize=64)
+def _fp64_alpha(value: float, device):
+    return torch.tensor(value, dtype=torch.float64, device=device)
+
+
+def scale_kind(alpha_ptr, channel_alpha_ptr, alpha_value) -> str | None:
+    """The kind of residual scale of :func:`alpha_args`'s operands, as a recipe names it."""
+    if alpha_ptr is not None:
+        return "scalar"
+    if channel_alpha_ptr is not None:
+        return "channel"
+    return None if alpha_value is None else "value"
+
+
+def recipe_key(pass_: str, act: str | None, act_param: float, scale=(None, None, None), **operands) -> str:
+    """A launch's ``RECIPE`` string: the key of the :class:`~.recipe.PassRecipe` it makes, from its
+    scale operands (:func:`alpha_args`) and the other operands it is given (present or not),
+    e.g. ``"fwd|gelu|alpha=scalar|bias|residual|row_scale"``. It is the autotune key's recipe
+    (JSON-safe, saved by :func:`fusedres.save_tuning`): every piece that changes the compiled code
+    is in it, since a ``None`` operand leaves the autotuner's own key (the tensors' dtypes)
+    unchanged."""
+    return pass_recipe(pass_, act, act_param, alpha=scale_kind(*scale), **operands).key
 
 
 @triton.jit
 def residual_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, p_ptr, alpha_ptr, alpha_value: tl.float64, r_ptr, s_ptr, y_ptr,
+    x_ptr, w_ptr, y_ptr, b_ptr, p_ptr, r_ptr, alpha_ptr, channel_alpha_ptr, alpha_value, s_ptr,
     M, N, K, T, M_BUCKET, ROWS_PER_SAMPLE,
     stride_xo, stride_xm, stride_xk,
     stride_ro, stride_rm, stride_rn,
@@ -122,11 +106,6 @@ def residual_fwd_kernel(
     ACT: tl.constexpr,
     ACT_PARAM: tl.constexpr,
     RECIPE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ALPHA: tl.constexpr,
-    HAS_PROJ: tl.constexpr,
-    RESIDUAL: tl.constexpr,
-    ROW_SCALE: tl.constexpr,
     TWO_LEVEL_ROWS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -135,94 +114,77 @@ def residual_fwd_kernel(
 ):
     """One [BLOCK_M, BLOCK_N] tile of y (see the module docstring for the math).
 
+    The skeleton: the K loop with the activation as the A-tile prologue, then the epilogue
+    steps: bias (``b_ptr``), the scales (``s_ptr``, and ``alpha_ptr``, ``channel_alpha_ptr`` or
+    ``alpha_value``), then the shortcut, which is the projection's K loop (``p_ptr``) or the
+    residual tensor (``r_ptr``) or nothing. Every optional operand may be None.
+
     Each K loop runs at least once (``tl.maximum(cdiv(K, BLOCK_K), 1)``). Without that bound, the
     path on which the loop is skipped keeps the zero-initialised accumulator live into the
-    epilogue, and on sm_90 ptxas then serialises every wgmma (advisory C7515). With it the relu'd
-    A tile feeds a register-A wgmma that Triton pipelines normally.
+    epilogue, and on sm_90 ptxas then serialises every wgmma (advisory C7515). With it the
+    activated A tile feeds a register-A wgmma that Triton pipelines normally.
     """
     GEMM_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
-    # the scale kind as the constexprs residual_scale takes (triton 3.6 passes no string into a jit function)
-    ALPHA_PTR: tl.constexpr = ALPHA == "scalar" or ALPHA == "channel"
-    PER_CHANNEL: tl.constexpr = ALPHA == "channel"
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = row_offsets(offs_m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
-    w_cols = offs_n.to(tl.int64) * stride_wn
+    k_trips = tl.maximum(tl.cdiv(K, BLOCK_K), 1)
+    unused = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for kt in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):
-        k = kt * BLOCK_K + offs_k
-        mask_k = k < K
-        a = tl.load(x_ptr + x_rows[:, None] + k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptr + w_cols[None, :] + k[:, None] * stride_wk,
-                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        a = ACT(a, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM)
-        wt = to_gemm_operand(wt, GEMM_DTYPE, EMULATE_BF16)
-        acc = tl.dot(a, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    acc, _ = mma_loop(acc, unused, x_ptr, x_rows, 0, stride_xk, mask_m,
+                      w_ptr, offs_n.to(tl.int64) * stride_wn, 0, stride_wk, mask_n,
+                      0, k_trips, K, T, ACT, ACT_PARAM, None, None, None, None,
+                      None, False, BLOCK_K, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
 
     mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
-    if ROW_SCALE:
-        # alpha folded into the per-row factor: one multiply of the tile (a second one spilled
-        # 16 B at 128x128x32, 8 warps, on sm_80)
-        rs = row_scale(s_ptr, offs_m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)
-        if ALPHA == "channel":
-            acc = acc * rs[:, None] * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n,
-                                                     ALPHA_PTR, PER_CHANNEL, ACC_DTYPE)
-        else:
-            if ALPHA is not None:
-                rs = rs * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA_PTR, PER_CHANNEL, ACC_DTYPE)
-            acc = acc * rs[:, None]
-    elif ALPHA is not None:
-        acc = acc * residual_scale(alpha_ptr, alpha_value, offs_n, mask_n, ALPHA_PTR, PER_CHANNEL, ACC_DTYPE)
-    if HAS_PROJ:
-        p_cols = offs_n.to(tl.int64) * stride_pn
-        for kt in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):
-            k = kt * BLOCK_K + offs_k
-            mask_k = k < K
-            a = tl.load(x_ptr + x_rows[:, None] + k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            pt = tl.load(p_ptr + p_cols[None, :] + k[:, None] * stride_pk,
-                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            a = to_gemm_operand(a, GEMM_DTYPE, EMULATE_BF16)
-            pt = to_gemm_operand(pt, GEMM_DTYPE, EMULATE_BF16)
-            acc = tl.dot(a, pt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    elif RESIDUAL:
-        r_rows = row_offsets(offs_m, T, stride_ro, stride_rm, TWO_LEVEL_ROWS)
-        residual = tl.load(r_ptr + r_rows[:, None] + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
-        acc += residual.to(ACC_DTYPE)
+    acc = add_bias(acc, b_ptr, offs_n, mask_n, ACC_DTYPE)
+    acc = scale_branch(acc, alpha_ptr, alpha_value, channel_alpha_ptr, s_ptr, offs_m, mask_m, offs_n, mask_n,
+                       ROWS_PER_SAMPLE, ACC_DTYPE)
+    if p_ptr is not None:
+        acc, _ = mma_loop(acc, unused, x_ptr, x_rows, 0, stride_xk, mask_m,
+                          p_ptr, offs_n.to(tl.int64) * stride_pn, 0, stride_pk, mask_n,
+                          0, k_trips, K, T, None, 0.0, None, None, None, None,
+                          None, False, BLOCK_K, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
+    acc = add_rows(acc, r_ptr, row_offsets(offs_m, T, stride_ro, stride_rm, TWO_LEVEL_ROWS), offs_n, stride_rn,
+                   mask, ACC_DTYPE)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     store_rounded(y_ptrs, acc, mask, EMULATE_BF16)
 
 
 residual_fwd_kernel_tuned = triton.autotune(
-    configs=FWD_CONFIGS, key=["M_BUCKET", "N", "K", "RECIPE", "TWO_LEVEL_ROWS", "HAS_PROJ", "ROW_SCALE",
-                                 "INPUT_PRECISION"],
+    configs=FWD_CONFIGS, key=["M_BUCKET", "N", "K", "RECIPE", "TWO_LEVEL_ROWS", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_for("fwd")})(residual_fwd_kernel)
 
 
-def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None, residual=None, sample_scale=None) -> tuple:
-    """The forward kernel's per-call arguments (its tensors and ``alpha_value``): the first
-    :data:`FWD_HEAD` of :func:`fwd_launch_args`; the rest is fixed by the input signature.
-    ``residual``: the tensor added in the epilogue (None: ``x``, the block's own input)."""
-    if alpha is None:       # alpha_args, inline: this runs on every call
-        alpha_ptr, alpha_value = weight, 1.0
+def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None, residual=None, sample_scale=None,
+             add_residual: bool = True) -> tuple:
+    """The forward kernel's per-call arguments (its operands, None where absent, and
+    ``alpha_value``): the first :data:`FWD_HEAD` of :func:`fwd_launch_args`; the rest is fixed by
+    the input signature. ``residual``: the tensor added in the epilogue (None: ``x``, the block's
+    own input; none with a projection or without ``add_residual``)."""
+    # alpha_args and the shortcut rule, inline: a prepared launch calls this on every step
+    alpha_ptr = channel_alpha_ptr = alpha_value = None
+    if alpha is None:
+        pass
     elif hasattr(alpha, "data_ptr"):
-        alpha_ptr, alpha_value = alpha, 1.0
+        if alpha.numel() == 1:
+            alpha_ptr = alpha
+        else:
+            channel_alpha_ptr = alpha
+    elif weight.dtype is not _FP64:
+        alpha_value = float(alpha)
     else:
-        alpha_ptr, alpha_value = weight, float(alpha)
-    return (x, weight, bias if bias is not None else weight, proj_weight if proj_weight is not None else weight,
-            alpha_ptr, alpha_value, residual if residual is not None else x,
-            sample_scale if sample_scale is not None else weight, y)
+        alpha_ptr = _fp64_alpha(float(alpha), weight.device)
+    r = None if proj_weight is not None or not add_residual else (x if residual is None else residual)
+    return (x, weight, y, bias, proj_weight, r, alpha_ptr, channel_alpha_ptr, alpha_value, sample_scale)
 
 
-FWD_HEAD = 9
+#: The forward kernel's per-call arguments: those before its sizes.
+FWD_HEAD = residual_fwd_kernel.arg_names.index("M")
 
 
 def act_consts(act: str | None, act_param: float, derivative: bool = False) -> dict:
@@ -249,13 +211,13 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
     r, rs = residual if residual is not None else (x, xs)
-    args = fwd_head(x, weight, bias, y, alpha, proj_weight, r, sample_scale) + (
+    head = fwd_head(x, weight, bias, y, alpha, proj_weight, r, sample_scale, add_residual)
+    args = head + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), rows_per_sample,
         *xs, *rs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), y.stride(0), y.stride(1))
-    consts = dict(**act_consts(act, act_param), RECIPE=recipe_key(act, act_param, alpha),
-                  HAS_BIAS=bias is not None, ALPHA=alpha_kind(alpha),
-                  HAS_PROJ=proj_weight is not None, RESIDUAL=add_residual and proj_weight is None,
-                  ROW_SCALE=sample_scale is not None,
+    consts = dict(**act_consts(act, act_param),
+                  RECIPE=recipe_key("fwd", act, act_param, head[6:9], bias=bias, proj=proj_weight,
+                                    residual=add_residual and proj_weight is None, row_scale=sample_scale),
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, x.dtype, y.dtype))
 
     def grid(meta):

@@ -54,8 +54,6 @@ def residual_stack_fwd_kernel(
     M, L,
     ACT: tl.constexpr,
     ACT_PARAM: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SAVE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -64,7 +62,8 @@ def residual_stack_fwd_kernel(
 ):
     """Rows ``[pid * BLOCK_M, (pid + 1) * BLOCK_M)`` through all L layers.
 
-    ``saved`` is ``[L - 1, M, D]``: ``saved[l] = x_{l+1}``, written only with ``SAVE``. The
+    ``saved`` is ``[L - 1, M, D]``: ``saved[l] = x_{l+1}``, written unless ``saved_ptr`` is None
+    (inference); ``b_ptr`` None: no bias. The
     per-layer sum runs in the order of the single-block kernel (GEMM, + bias, + residual), so in
     fp32 a stack and L single-block launches differ only by the GEMM's internal summation order.
     The last layer is peeled off the loop: it writes ``y`` instead of a saved activation.
@@ -76,16 +75,15 @@ def residual_stack_fwd_kernel(
 
     h = tl.load(x_ptr + tile, mask=mask, other=0.0).to(ACC_DTYPE)
     for l in range(0, L - 1):
-        h = _forward_layer(h, w_ptr, b_ptr, l, ACT, ACT_PARAM, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16, D)
-        if SAVE:
+        h = _forward_layer(h, w_ptr, b_ptr, l, ACT, ACT_PARAM, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16, D)
+        if saved_ptr is not None:
             store_rounded(saved_ptr + tl.cast(l, tl.int64) * M * D + tile, h, mask, EMULATE_BF16)
-    h = _forward_layer(h, w_ptr, b_ptr, L - 1, ACT, ACT_PARAM, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16, D)
+    h = _forward_layer(h, w_ptr, b_ptr, L - 1, ACT, ACT_PARAM, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16, D)
     store_rounded(y_ptr + tile, h, mask, EMULATE_BF16)
 
 
 @triton.jit
-def _forward_layer(h, w_ptr, b_ptr, l, ACT: tl.constexpr, ACT_PARAM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+def _forward_layer(h, w_ptr, b_ptr, l, ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
                    D: tl.constexpr):
     """``h + act(h) @ W_l.T + b_l`` for the carried tile ``h`` (``ACT``: :mod:`.activations`)."""
     GEMM_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
@@ -95,7 +93,7 @@ def _forward_layer(h, w_ptr, b_ptr, l, ACT: tl.constexpr, ACT_PARAM: tl.constexp
     a = ACT(h, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM)
     acc = tl.dot(a, tl.trans(to_gemm_operand(w, GEMM_DTYPE, EMULATE_BF16)), input_precision=INPUT_PRECISION,
                  out_dtype=ACC_DTYPE)
-    if HAS_BIAS:
+    if b_ptr is not None:
         acc += tl.load(b_ptr + l * D + offs_d).to(ACC_DTYPE)[None, :]
     return acc + h
 
@@ -120,8 +118,6 @@ def residual_stack_bwd_kernel(
     ACT: tl.constexpr,
     DACT: tl.constexpr,
     ACT_PARAM: tl.constexpr,
-    NEED_DX: tl.constexpr,
-    NEED_PARAMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -143,6 +139,9 @@ def residual_stack_bwd_kernel(
 
     ``DW_COLS < D`` computes ``dW_l`` in column slices (re-reading those columns of ``x_l``, an
     L1/L2 hit), which keeps the D=128 fp32 partial tile out of the register file at once.
+
+    ``dx_ptr`` None: dx is not wanted; ``ws_ptr`` None: neither are the weight gradients (then
+    ``HAS_BIAS``, whether db is summed into ``ws``, is False too).
     """
     GEMM_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
     WS_LAYER: tl.constexpr = D * D + D
@@ -171,7 +170,7 @@ def residual_stack_bwd_kernel(
                     x_rows = saved_ptr + (tl.cast(l - 1, tl.int64) * M + offs_m) * D
                 x = tl.load(x_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
                 g_op = to_gemm_operand(g, GEMM_DTYPE, EMULATE_BF16)
-                if NEED_PARAMS:
+                if ws_ptr is not None:
                     ws = ws_ptr + (tl.cast(slot, tl.int64) * L + l) * WS_LAYER
                     g_t = tl.trans(g_op)
                     if DW_COLS == D:
@@ -195,7 +194,7 @@ def residual_stack_bwd_kernel(
                             out_dtype=ACC_DTYPE)
                 g = g + DACT(gw, x.to(ACC_DTYPE), ACT_PARAM)
             if l_lo == 0:
-                if NEED_DX:
+                if dx_ptr is not None:
                     store_rounded(dx_ptr + tile, g, mask, EMULATE_BF16)
             else:
                 tl.store(carry_ptr + tile, g, mask=mask)
@@ -205,13 +204,13 @@ def residual_stack_bwd_kernel(
 def residual_stack_reduce_kernel(
     ws_ptr, dw_ptr, db_ptr,
     P, L,
-    HAS_BIAS: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     D: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """``dW[l], db[l] = sum_p ws[p, l]``, p = 0, 1, ..., P-1 in that order: the same grid gives
-    the same bits. Each program sums ``BLOCK`` consecutive elements of the ``[L, D*D + D]`` plane."""
+    the same bits. Each program sums ``BLOCK`` consecutive elements of the ``[L, D*D + D]`` plane
+    (``db_ptr`` None: no bias)."""
     WS_LAYER: tl.constexpr = D * D + D
     plane = tl.cast(L, tl.int64) * WS_LAYER
     offs = tl.cast(tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -222,7 +221,7 @@ def residual_stack_reduce_kernel(
     layer = offs // WS_LAYER
     r = offs % WS_LAYER
     store_rounded(dw_ptr + layer * (D * D) + r, acc, mask & (r < D * D), EMULATE_BF16)
-    if HAS_BIAS:
+    if db_ptr is not None:
         store_rounded(db_ptr + layer * D + (r - D * D), acc, mask & (r >= D * D), EMULATE_BF16)
 
 
@@ -272,9 +271,8 @@ def stack_fwd_launch_args(x, weight, bias, saved, y, config: triton.Config, act:
     ``[L, D]`` or None; ``saved`` ``[L-1, M, D]`` (training) or None (inference)."""
     L, D, _ = weight.shape
     M = x.shape[0]
-    args = (x, weight, bias if bias is not None else weight, saved if saved is not None else y, y, M, L)
-    consts = dict(ACT=ACTIVATION_KERNELS[act][0], ACT_PARAM=float(act_param),
-                  HAS_BIAS=bias is not None, SAVE=saved is not None, D=D,
+    args = (x, weight, bias, saved, y, M, L)
+    consts = dict(ACT=ACTIVATION_KERNELS[act][0], ACT_PARAM=float(act_param), D=D,
                   **gemm_flags(weight.dtype, x.dtype, y.dtype))
     return args, consts, (cdiv(M, config.kwargs["BLOCK_M"]),)
 
@@ -322,19 +320,19 @@ def stack_bwd_launch_args(grad, x, saved, weight, dx, carry, ws, *, chunk: int, 
                           act: str = "relu", act_param: float = 0.0):
     L, D, _ = weight.shape
     M = x.shape[0]
-    args = (grad, x, saved if saved is not None else x, weight, dx if dx is not None else grad,
-            carry if carry is not None else grad, ws if ws is not None else weight, M, L, chunk)
+    args = (grad, x, saved if saved is not None else x, weight, dx if need_dx else None,
+            carry if carry is not None else grad, ws if need_params else None, M, L, chunk)
     prologue, derivative = ACTIVATION_KERNELS[act]
-    consts = dict(ACT=prologue, DACT=derivative, ACT_PARAM=float(act_param), NEED_DX=need_dx, NEED_PARAMS=need_params,
-                  HAS_BIAS=has_bias, DETERMINISTIC=deterministic, D=D,
+    consts = dict(ACT=prologue, DACT=derivative, ACT_PARAM=float(act_param), HAS_BIAS=has_bias and need_params,
+                  DETERMINISTIC=deterministic, D=D,
                   **gemm_flags(weight.dtype, x.dtype, grad.dtype))
     return args, consts, (programs,)
 
 
 def reduce_launch_args(ws, dw, db, programs: int, config: triton.Config):
     L, D, _ = dw.shape
-    args = (ws, dw, db if db is not None else dw, programs, L)
-    consts = dict(HAS_BIAS=db is not None, D=D, EMULATE_BF16=gemm_flags(dw.dtype)["EMULATE_BF16"])
+    args = (ws, dw, db, programs, L)
+    consts = dict(D=D, EMULATE_BF16=gemm_flags(dw.dtype)["EMULATE_BF16"])
     return args, consts, (cdiv(L * (D * D + D), config.kwargs["BLOCK"]),)
 
 

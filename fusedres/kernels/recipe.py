@@ -1,0 +1,192 @@
+"""Recipes: a block names its pieces, and its passes follow.
+
+A :class:`Recipe` (the single block) or :class:`MLPRecipe` (the two-layer block) is a small frozen
+dataclass of a block's pieces: activation, residual scale, bias, shortcut, stochastic depth. Its
+:meth:`~Recipe.passes` are the kernel launches one training step makes, each a :class:`PassRecipe`:
+the kernel (``fwd``, ``dx``, ``dw``), its activation and the pieces it is given. A pass's
+:attr:`PassRecipe.key` is the launch's ``RECIPE`` constexpr, the autotune key's recipe string
+(JSON-safe, so :func:`fusedres.save_tuning` can write it): the launchers build it with
+:func:`pass_recipe` from the operands they are given, the tests check that a block's launches are
+exactly its recipe's passes, and the README's pass table is :func:`pass_table`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: The pieces a pass may have, in the order its key lists them:
+#: ``bias`` (forward epilogue), ``db`` (dW's column sum of g, scaled), ``proj`` (the projection
+#: shortcut's second K loop; dP tiles in dW), ``residual`` (the residual added in the epilogue),
+#: ``dalpha`` and ``dalpha_bias`` (dW's dalpha partials, and their bias term), ``row_scale``
+#: (stochastic depth's per-sample scale), ``split`` and ``col_sums`` (split-M dW's first launch:
+#: partial slabs, and the column sums of g into db partials).
+PIECES = ("bias", "db", "proj", "residual", "dalpha", "dalpha_bias", "row_scale", "split", "col_sums")
+#: The kinds of residual scale, each its own code: a Python float passed by value, a one-element
+#: tensor read through a pointer, a per-channel tensor ``[N]``. (None: no scale, no multiply.)
+ALPHA_KINDS = ("value", "scalar", "channel")
+
+
+def act_label(act: str | None, act_param: float = 0.0) -> str:
+    """An activation as a key names it: ``"identity"`` for none, leaky_relu with its slope."""
+    name = act or "identity"
+    return f"leaky_relu({act_param!r})" if name == "leaky_relu" else name
+
+
+@dataclass(frozen=True)
+class PassRecipe:
+    """One kernel launch of a block: ``kind`` (``fwd``, ``dx``, ``dw``), the activation (its
+    forward as dW's and the forward's A-tile prologue, its derivative in dx's epilogue; None:
+    none), the residual scale kind (:data:`ALPHA_KINDS` or None) and its pieces
+    (:data:`PIECES`)."""
+    kind: str
+    act: str | None = "relu"
+    act_param: float = 0.0
+    alpha: str | None = None
+    pieces: frozenset = field(default_factory=frozenset)
+
+    def __post_init__(self):
+        unknown = set(self.pieces) - set(PIECES)
+        if unknown or self.alpha not in (None, *ALPHA_KINDS):
+            raise ValueError(f"PassRecipe: unknown pieces {sorted(unknown)} or alpha {self.alpha!r}")
+        object.__setattr__(self, "pieces", frozenset(self.pieces))
+
+    @property
+    def key(self) -> str:
+        """``"fwd|gelu|alpha=scalar|bias|residual"``: the launch's ``RECIPE``."""
+        parts = [self.kind, act_label(self.act, self.act_param)]
+        if self.alpha is not None:
+            parts.append(f"alpha={self.alpha}")
+        return "|".join(parts + [p for p in PIECES if p in self.pieces])
+
+    @classmethod
+    def parse(cls, key: str) -> "PassRecipe":
+        """The inverse of :attr:`key`."""
+        kind, act, *rest = key.split("|")
+        param = 0.0
+        if act.startswith("leaky_relu("):
+            act, param = "leaky_relu", float(act[len("leaky_relu("):-1])
+        alpha = next((p.split("=", 1)[1] for p in rest if p.startswith("alpha=")), None)
+        return cls(kind, None if act == "identity" else act, param, alpha,
+                   frozenset(p for p in rest if not p.startswith("alpha=")))
+
+    def describe(self) -> tuple[str, str, str]:
+        """(A-tile prologue, epilogue, column sums) in words, for the pass table."""
+        act = act_label(self.act, self.act_param)
+        scale = {"value": "x alpha (float)", "scalar": "x alpha (tensor)", "channel": "x alpha[n]", None: None}[self.alpha]
+        has = self.pieces.__contains__
+        if self.kind == "fwd":
+            prologue = act
+            epilogue = ["+ b" if has("bias") else None, "x s[m]" if has("row_scale") else None, scale,
+                        "+ x P^T (2nd K loop)" if has("proj") else "+ residual" if has("residual") else None]
+            sums = []
+        elif self.kind == "dx":
+            prologue = "g x alpha[n]" if self.alpha == "channel" else "g"
+            epilogue = [None if self.alpha == "channel" else scale, "x s[m]" if has("row_scale") else None,
+                        f"x {act}'(x)" if self.act is not None else None,
+                        "+ g P (2nd K loop)" if has("proj") else "+ residual grad" if has("residual") else None]
+            sums = []
+        else:
+            prologue = act + (" x s[m]" if has("row_scale") else "")
+            if has("split"):
+                epilogue = ["fp32 partial slabs (reduce kernel: the epilogue)"]
+                sums = ["db partials"] if has("col_sums") else []
+            else:
+                epilogue = [scale, "dP tiles" if has("proj") else None]
+                sums = [s for s, p in (("db", "db"), ("dalpha", "dalpha")) if has(p)]
+                if has("dalpha_bias"):
+                    sums.append("dalpha bias term")
+        return prologue, ", ".join(e for e in epilogue if e) or "-", ", ".join(sums) or "-"
+
+
+def pass_recipe(kind: str, act: str | None, act_param: float = 0.0, *, alpha: str | None = None,
+                **operands) -> PassRecipe:
+    """The pass a launch makes, from what it is given: ``alpha``, the kind of its scale (None or
+    one of :data:`ALPHA_KINDS`), and the pieces of :data:`PIECES` as operands (a tensor or True:
+    given; None or False: not)."""
+    return PassRecipe(kind, act, act_param, alpha,
+                      frozenset(p for p, v in operands.items() if v is not None and v is not False))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The single block ``y = [x | x @ P.T] + s[m] * alpha * (act(x) @ W.T + b)``: its pieces.
+
+    ``alpha``: None (no scale), ``"value"`` (a Python float), ``"scalar"`` (a one-element tensor)
+    or ``"channel"`` (``[N]``, LayerScale); ``learnable_alpha``: its gradient is wanted;
+    ``proj``: a projection shortcut; ``row_scale``: stochastic depth's per-sample scale."""
+    act: str | None = "relu"
+    act_param: float = 0.0
+    alpha: str | None = None
+    learnable_alpha: bool = False
+    bias: bool = True
+    proj: bool = False
+    row_scale: bool = False
+
+    def passes(self) -> tuple[PassRecipe, PassRecipe, PassRecipe]:
+        """The forward, dx and dW launches of a training step that needs every gradient."""
+        alpha = self.alpha
+        dalpha = self.learnable_alpha and alpha in ("scalar", "channel")
+        shortcut = "proj" if self.proj else "residual"
+        rs = {"row_scale"} if self.row_scale else set()
+        return (PassRecipe("fwd", self.act, self.act_param, alpha, {shortcut, *rs} | ({"bias"} if self.bias else set())),
+                PassRecipe("dx", self.act, self.act_param, alpha, {shortcut, *rs}),
+                PassRecipe("dw", self.act, self.act_param, alpha,
+                           {p for p, on in (("db", self.bias), ("proj", self.proj), ("dalpha", dalpha),
+                                            ("dalpha_bias", dalpha and self.bias)) if on} | rs))
+
+
+@dataclass(frozen=True)
+class MLPRecipe:
+    """The two-layer block ``y = x + s[m] * alpha * (act(pre_act(x) @ W1.T + b1) @ W2.T + b2)``:
+    ``pre_act`` None is the pre-norm blocks' (timm's, rtdl's) first GEMM without activation."""
+    pre_act: str | None = "relu"
+    pre_act_param: float = 0.0
+    act: str = "relu"
+    act_param: float = 0.0
+    alpha: str | None = None
+    learnable_alpha: bool = False
+    bias: bool = True
+    row_scale: bool = False
+
+    def passes(self) -> tuple[PassRecipe, ...]:
+        """fc1's and fc2's forwards; then dh, dW2, dx, dW1: a training step's six launches."""
+        alpha = self.alpha
+        dalpha = self.learnable_alpha and alpha in ("scalar", "channel")
+        rs = {"row_scale"} if self.row_scale else set()
+        bias = {"bias"} if self.bias else set()
+        db = {"db"} if self.bias else set()
+        pre, act = (self.pre_act, self.pre_act_param), (self.act, self.act_param)
+        return (PassRecipe("fwd", *pre, None, bias),
+                PassRecipe("fwd", *act, alpha, bias | {"residual"} | rs),
+                PassRecipe("dx", *act, alpha, rs),
+                PassRecipe("dw", *act, alpha, db | rs | ({"dalpha"} if dalpha else set())
+                           | ({"dalpha_bias"} if dalpha and self.bias else set())),
+                PassRecipe("dx", *pre, None, {"residual"}),
+                PassRecipe("dw", *pre, None, db))
+
+
+#: The blocks the README's pass table shows: the mission's block, LayerScale with DropPath, a
+#: projection with a learnable alpha, and timm's MLP half (LN's block: no pre-activation, GELU).
+TABLE_RECIPES = (
+    ("FusedResidualBlock(D)", Recipe(alpha="scalar")),
+    ("FusedResidualBlock(D, act='gelu', alpha_per_channel=True, drop_path=0.1)",
+     Recipe(act="gelu", alpha="channel", learnable_alpha=True, row_scale=True)),
+    ("FusedResidualBlock(D, 2 * D, learnable_alpha=True)", Recipe(alpha="scalar", learnable_alpha=True, proj=True)),
+    ("FusedResidualMLPBlock(D, 4 * D, pre_act=None, act='gelu', alpha_per_channel=True)",
+     MLPRecipe(pre_act=None, act="gelu", alpha="channel", learnable_alpha=True)),
+)
+_MLP_PASS_NAMES = ("fwd (fc1)", "fwd (fc2)", "dx (dh)", "dw (dW2)", "dx (dx)", "dw (dW1)")
+
+
+def pass_table(recipes=TABLE_RECIPES) -> str:
+    """The README's pass table: each block's launches with their prologue, epilogue and column
+    sums, as its recipe yields them (markdown)."""
+    lines = ["| block | pass | A-tile prologue | epilogue | column sums | recipe key |",
+             "|---|---|---|---|---|---|"]
+    for name, recipe in recipes:
+        passes = recipe.passes()
+        names = _MLP_PASS_NAMES if isinstance(recipe, MLPRecipe) else ("fwd", "dx", "dw")
+        for i, (label, p) in enumerate(zip(names, passes)):
+            prologue, epilogue, sums = p.describe()
+            lines.append(f"| {f'`{name}`' if i == 0 else ''} | {label} | {prologue} | {epilogue} | {sums} "
+                         f"| `{p.key.replace('|', chr(92) + '|')}` |")
+    return "\n".join(lines)
