@@ -67,6 +67,7 @@ from .kernels.residual_bwd import (
 from .kernels.residual_fwd import fwd_launch_args
 from .kernels import residual_stack as _stack
 from .kernels import activations as _act_kernels
+from .kernels.recipe import MLPRecipe, Recipe
 from .tuning import TUNED_KERNELS
 
 # Triton 3.9 warns once per process that its fp-fusion default will change; the gate compiles
@@ -168,6 +169,18 @@ EXAMPLE_M, EXAMPLE_D, EXAMPLE_B = 8192, 1024, 8
 #: ``no-bias``: no bias anywhere (the forward's epilogue without it, dW without db and without the
 #: column sum of g) and a learnable tensor alpha (dalpha without its bias term).
 FEATURES = ("base", "alpha+proj", "alpha-value", "drop-path", "mlp", "layerscale", "no-bias")
+#: Each variant is a block's recipe (``fusedres.kernels.recipe``): its example launch of each
+#: kernel is one of the recipe's passes (``mlp``: the MLP block's passes no single block makes),
+#: with the activation of its ``@`` suffix (``tests/test_recipe.py`` checks every pair).
+FEATURE_RECIPES = {
+    "base": Recipe(),
+    "alpha+proj": Recipe(alpha="scalar", learnable_alpha=True, proj=True),
+    "alpha-value": Recipe(alpha="value"),
+    "drop-path": Recipe(alpha="scalar", learnable_alpha=True, row_scale=True),
+    "mlp": MLPRecipe(alpha="scalar", learnable_alpha=True, row_scale=True),
+    "layerscale": Recipe(alpha="channel", learnable_alpha=True, row_scale=True),
+    "no-bias": Recipe(alpha="scalar", learnable_alpha=True, bias=False),
+}
 #: The activations besides relu, and ``identity`` (no activation: the MLP block's ``pre_act=None``),
 #: as :func:`gate_jobs`'s ``acts`` and ``--acts`` take them.
 GATE_ACTS = tuple(a for a in _act_kernels.KERNELS if a != "relu") + ("identity",)

@@ -88,3 +88,19 @@ def test_the_readme_pass_table_is_the_recipes():
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = re.search(r"<!-- pass-table -->\n(.*?)\n<!-- /pass-table -->", readme, re.S)
     assert table and table.group(1) == recipe.pass_table()
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "identity"])
+def test_every_gate_variant_is_a_recipe(act):
+    """The compile gate's variants are recipes: each kernel's example launch (what the gate
+    compiles) is one of its recipe's passes."""
+    import dataclasses
+    from fusedres import aot
+    for feats in aot.FEATURES:
+        r = aot.FEATURE_RECIPES[feats]
+        name = None if act == "identity" else act
+        r = dataclasses.replace(r, act=name) if isinstance(r, Recipe) else dataclasses.replace(r, pre_act=name, act=name)
+        keys = {p.key for p in r.passes()}
+        for kind in aot.KINDS:
+            _, consts = aot.example_launch(kind, "bf16", M=64, D=32, features=f"{feats}@{act}")
+            assert consts["RECIPE"] in keys, (feats, kind, consts["RECIPE"], sorted(keys))
