@@ -127,7 +127,7 @@ def reduction_scale(scale_ptr, l, mask_l, scale_div, ACC_DTYPE: tl.constexpr):
     per-channel alpha at the features ``l``, or stochastic depth's per-sample scale of the
     flattened rows ``l`` (``scale_div`` rows per sample)."""
     if scale_div is not None:
-        return tl.load(scale_ptr + l // scale_div, mask=mask_l, other=0.0).to(ACC_DTYPE)
+        return row_scale(scale_ptr, l, mask_l, scale_div, ACC_DTYPE)
     else:
         return tl.load(scale_ptr + l, mask=mask_l, other=0.0).to(ACC_DTYPE)
 

@@ -31,7 +31,6 @@ from ._common import (
     next_pow2_bucket,
     row_offsets,
     store_rounded,
-    to_gemm_operand,
 )
 from . import plan as _plan
 from .device import limits_for
