@@ -8,8 +8,9 @@ CPU mode (no CUDA, or ``--mode cpu``): measures memory traffic per call, reads w
 generated here, projects onto GPUs with a roofline MODEL, checks parity and summarises the compile
 gate; writes ``OUT/cpu_traffic.md``, ``OUT/cpu_records.json`` (or ``--json PATH``),
 ``OUT/cpu_bytes.png`` and ``OUT/cpu_model_time.png``. Its sections: the single block, the narrow
-stack (``--no-stack``), the MLP block's bytes against its formulas and eager (``--no-mlp``), host
-overhead (``--no-host``).
+stack (``--no-stack``), the MLP block's bytes against its formulas and eager (``--no-mlp``), the
+normalized block's bytes (BatchNorm, LayerNorm, RMSNorm) against eager and the compulsory minimum
+(``--no-norm``), host overhead (``--no-host``).
 """
 from __future__ import annotations
 
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLP-block section: M rows, width D; hidden widths H = 4D and H = D (default 512x128, in "
                         "--dtype): the fused MLP block's measured bytes against its formulas and eager")
     c.add_argument("--no-mlp", action="store_true", help="skip the MLP-block section (CPU mode)")
+    c.add_argument("--norm-size", type=_size, default=(512, 128), metavar="MxD",
+                   help="the normalized block's section: M rows of width D (default 512x128)")
+    c.add_argument("--no-norm", action="store_true",
+                   help="skip the normalized block's section (BatchNorm, LayerNorm, RMSNorm bytes; CPU mode)")
     g.add_argument("--stack-gpu", type=_stack_size, default=(65536, 64, 8), metavar="MxDxL",
                    help="GPU mode: the narrow stack timed against L single-block kernels and eager "
                         "(default 65536x64x8, bf16; written to OUT/gpu_stack.md)")
@@ -312,6 +317,15 @@ def cpu_main(args) -> int:
         mlp_lines, mlp_exact = mlp.section(mm)
         lines += mlp_lines
         recs += mlp.records(mm)
+    norm_ok = True
+    if not args.no_norm:
+        from . import norm
+        t0 = time.perf_counter()
+        nm = norm.measure(*args.norm_size)
+        res.timings["normalized block"] = time.perf_counter() - t0
+        norm_lines, norm_ok = norm.section(nm)
+        lines += norm_lines
+        recs += norm.records(nm)
     if not args.no_host:
         from . import host
         t0 = time.perf_counter()
@@ -353,4 +367,4 @@ def cpu_main(args) -> int:
     e = ELEMENT_SIZE[args.dtype]
     within = all(abs(res.traffic[("fused", m)].unique_bytes / minimum_bytes(m, M, D, e) - 1) <= 0.01
                  for m in ("fwd", "bwd"))
-    return 0 if all_ok(res.parity) and within and stack_exact and mlp_exact and not res.violations else 1
+    return 0 if all_ok(res.parity) and within and stack_exact and mlp_exact and norm_ok and not res.violations else 1

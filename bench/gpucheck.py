@@ -14,7 +14,7 @@
 - **A JSON report**: every case, the timings, versions and the wall time.
 
 Its cost on a first run is the compiles: :func:`planned_compiles` counts them (each case is its
-own specialisation of each kernel it launches); the README turns that count into the runtime
+own specialisation of each kernel it launches); docs/benchmarks.md turns that count into the runtime
 estimate. The same pipeline runs on a CPU in the interpreter with a stand-in timer (the tests do);
 its rows then say ``measured: false`` and carry the stand-in's name, never a GPU's.
 """

@@ -40,6 +40,7 @@ import io
 import json
 import multiprocessing
 import os
+import pprint
 import re
 import subprocess
 import sys
@@ -135,7 +136,7 @@ KINDS = ("fwd", "dx", "dw")
 #: The narrow stack's kernels (``fusedres.kernels.residual_stack``): one config per width and
 #: arch, compiled at every width of ``STACK_WIDTHS`` in each of its variants.
 STACK_KINDS = ("stack_fwd", "stack_bwd", "stack_reduce")
-ALL_KINDS = KINDS + STACK_KINDS
+ALL_KINDS = KINDS + STACK_KINDS + ("norm_row_stats", "norm_col_stats", "norm_dx")
 STACK_VARIANTS = {"stack_fwd": ("train", "inference"), "stack_bwd": ("deterministic", "atomic"),
                   "stack_reduce": ("base",)}
 STACK_WIDTHS = _stack.STACK_WIDTHS
@@ -180,7 +181,21 @@ FEATURE_RECIPES = {
     "mlp": MLPRecipe(alpha="scalar", learnable_alpha=True, row_scale=True),
     "layerscale": Recipe(alpha="channel", learnable_alpha=True, row_scale=True),
     "no-bias": Recipe(alpha="scalar", learnable_alpha=True, bias=False),
+    # the normalizations (issue 22), each with its heaviest company: BatchNorm in training with a
+    # learnable alpha (dx's column sums: dgamma, dbeta, the batch correction); LayerNorm with
+    # LayerScale and DropPath (dx's row and column sums); RMSNorm with a float alpha
+    "norm-batch": Recipe(alpha="scalar", learnable_alpha=True, norm="batch"),
+    "norm-layer": Recipe(alpha="channel", learnable_alpha=True, row_scale=True, norm="layer"),
+    "norm-rms": Recipe(alpha="value", norm="rms", norm_bias=False),
 }
+#: The normalization variants: compiled when asked for (``--features norm-batch,norm-layer,norm-rms``),
+#: each with the norm's own kernels (:data:`NORM_KINDS`) beside the GEMMs.
+NORM_FEATURES = ("norm-batch", "norm-layer", "norm-rms")
+#: The normalization's own small kernels (``fusedres.kernels.norm``), one config each
+#: (``NORM_CONFIGS``), compiled with the norm variants that launch them.
+NORM_KINDS = ("norm_row_stats", "norm_col_stats", "norm_dx")
+_NORM_KIND_FEATURES = {"norm_row_stats": ("norm-layer", "norm-rms"), "norm_col_stats": ("norm-batch",),
+                       "norm_dx": NORM_FEATURES}
 #: The activations besides relu, and ``identity`` (no activation: the MLP block's ``pre_act=None``),
 #: as :func:`gate_jobs`'s ``acts`` and ``--acts`` take them.
 GATE_ACTS = tuple(a for a in _act_kernels.KERNELS if a != "relu") + ("identity",)
@@ -253,14 +268,15 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     tdtype, precision = DTYPES[dtype]
     act_dtype = ACTIVATIONS.get(dtype, tdtype)     # x, y, g, dx (and a module's alpha)
     features, act_name = split_features(features)
-    if features not in FEATURES + SPLIT_FEATURES:
-        raise ValueError(f"unknown features {features!r}; one of {FEATURES + SPLIT_FEATURES}")
+    if features not in FEATURES + SPLIT_FEATURES + NORM_FEATURES:
+        raise ValueError(f"unknown features {features!r}; one of {FEATURES + SPLIT_FEATURES + NORM_FEATURES}")
     split = features in SPLIT_FEATURES
     if split and kind not in ("dw", REDUCE_KIND):
         raise ValueError(f"{kind}: the split variants are dW's and its reduce's only")
     extra = features in ("alpha+proj", "split+alpha+proj")
-    layerscale = features in ("layerscale", "split+layerscale")
+    layerscale = features in ("layerscale", "split+layerscale", "norm-layer")
     row_scale = features in ("drop-path", "mlp", "split+drop-path") or layerscale
+    norm_kind = features[len("norm-"):] if features in NORM_FEATURES else None
     mlp = features == "mlp"
     N = 2 * D if extra else D
     kact = dict(act=None if act_name == "identity" else act_name, act_param=_ACT_PARAMS.get(act_name, 0.0))
@@ -273,11 +289,19 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
 
     w, b = torch.empty(N, D, dtype=tdtype), (None if nobias else torch.empty(N, dtype=tdtype))
     alpha = (torch.empty(N, dtype=act_dtype) if layerscale else torch.empty((), dtype=act_dtype)
-             if extra or row_scale or nobias else 0.5 if features == "alpha-value" else None)
+             if extra or row_scale or nobias or norm_kind == "batch"
+             else 0.5 if features in ("alpha-value", "norm-rms") else None)
     proj = torch.empty(N, D, dtype=tdtype) if extra else None
     scale = dict(sample_scale=torch.empty(EXAMPLE_B, dtype=act_dtype), rows_per_sample=M // EXAMPLE_B) \
         if row_scale else {}
     H = 4 * D
+    if norm_kind is not None:
+        # the statistics in fp32, the affine in the activations' dtype (a module's parameters)
+        stats = torch.empty(D if norm_kind == "batch" else M, dtype=torch.float32)
+        norm = kernels.norm_operands(norm_kind, None if norm_kind == "rms" else stats, stats,
+                                     torch.empty(D, dtype=act_dtype),
+                                     None if norm_kind == "rms" else torch.empty(D, dtype=act_dtype))
+        kact["norm"] = norm
     with _matmul_precision(precision):
         if kind == "fwd" and mlp:       # the MLP's first GEMM: h = relu(x) @ W1.T + b1, no residual
             x = act(D)
@@ -296,6 +320,14 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
             dh = torch.empty(rows.M, H, dtype=tdtype)
             args, consts, _ = dx_launch_args(gk, gs, hk, hs, torch.empty(D, H, dtype=tdtype), dh, rows, alpha,
                                              add_residual=False, **scale, **kact)
+        elif kind == "dx" and norm_kind is not None:    # dz, with the norm's sinks; no residual
+            g, x = act(N), act(D)
+            rows, (gs, xs), (gk, xk) = plan_rows(g, x)
+            dx = torch.empty(rows.M, D, dtype=act_dtype)
+            sums = (torch.empty(rows.M // 16 * 2 * D, dtype=torch.float32),
+                    torch.empty(D // 16 * 2 * rows.M, dtype=torch.float32) if norm_kind != "batch" else None)
+            args, consts, _ = dx_launch_args(gk, gs, xk, xs, w, dx, rows, alpha, proj, add_residual=False,
+                                             norm_sums=sums, **scale, **kact)
         elif kind == "dx":
             g, x = act(N), act(D)
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
@@ -308,7 +340,7 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
             g, x = act(N), (act(H).to(tdtype) if mlp else act(D))
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
             dw, db = torch.empty(N, K, dtype=tdtype), (None if nobias else torch.empty(N, dtype=tdtype))
-            need_dalpha = extra or row_scale or nobias
+            need_dalpha = extra or row_scale or nobias or norm_kind == "batch"
             partials = torch.empty(kernels.dalpha_workspace_size(N, K, extra, layerscale), dtype=torch.float32) \
                 if need_dalpha else None
             dp = torch.empty(N, D, dtype=tdtype) if extra else None
@@ -321,11 +353,31 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
                                                  dalpha_partials=partials, dp=dp,
                                                  split=(*slabs, EXAMPLE_SPLITS, EXAMPLE_TILES_PER_SPLIT)
                                                  if split else None, **scale, **kact)
+        elif kind in NORM_KINDS:
+            x = act(D)
+            rows, (xs,), (xk,) = plan_rows(x)
+            args, consts, _ = norm_example_launch(kind, xk, xs, rows, norm)
         else:
-            raise ValueError(f"unknown kernel {kind!r}; one of {KINDS}")
+            raise ValueError(f"unknown kernel {kind!r}; one of {KINDS + NORM_KINDS}")
     if rows.two_level != two_level:
         raise AssertionError(f"the example launch has two_level={rows.two_level}, asked for {two_level}")
     return args, consts
+
+
+def norm_example_launch(kind: str, x, xs, rows, norm: tuple):
+    """``(args, consts, grid)`` of the norm kernel ``kind`` on ``x``, by its launcher's builder."""
+    from .kernels import norm as _norm
+    row_mean, row_rstd, col_mean, col_rstd, weight, _ = norm
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if kind == "norm_row_stats":
+        return _norm.row_stats_launch_args(x, xs, rows, row_mean, row_rstd)
+    if kind == "norm_col_stats":
+        S, _ = _norm.col_splits(rows.M, x.shape[-1])
+        return _norm.col_stats_launch_args(x, xs, rows, torch.empty(S, x.shape[-1], dtype=acc),
+                                           torch.empty(S, x.shape[-1], dtype=acc))
+    stats = row_rstd if row_rstd is not None else col_rstd
+    return _norm.norm_dx_launch_args(torch.empty(rows.M, x.shape[-1], dtype=x.dtype), torch.empty_like(x), xs, x, xs,
+                                     rows, norm, None if row_mean is None and col_mean is None else stats, stats)
 
 
 def split_features(features: str) -> tuple[str, str]:
@@ -394,7 +446,8 @@ def gate_configs(kind: str, dtype: str, two_level: bool = False, features: str =
                                         _configs.launch_has(kind, named, "proj"),
                                         _configs.launch_has(kind, named, "row_scale"), limits,
                                         _configs.act_name_of(consts.get("RECIPE")),
-                                        _configs.launch_has(kind, named, "channel_alpha"))
+                                        _configs.launch_has(kind, named, "channel_alpha"),
+                                        _configs.launch_has(kind, named, "norm"))
     if [id(c) for c in kept] != [id(c) for c in expected]:
         raise AssertionError(f"{kind}: the autotuner's prune and shipped_configs disagree")
     return list(kept)
@@ -407,7 +460,7 @@ def config_dict(config: triton.Config) -> dict:
 def config_name(kind: str, config: triton.Config) -> str:
     """Output tile rows x cols x reduction step, warps, stages: ``128x128x64 w8 s3``; a stack
     kernel's tile: ``BLOCK_M=128 DW_COLS=64 w8 s2``."""
-    if kind in STACK_KINDS or kind == REDUCE_KIND:
+    if kind in STACK_KINDS or kind == REDUCE_KIND or kind in NORM_KINDS:
         return " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
     rows, cols, red = (config.kwargs.get(n, "?") for n in _configs._TILE_NAMES[kind])
     return f"{rows}x{cols}x{red} w{config.num_warps} s{config.num_stages}"
@@ -543,7 +596,7 @@ def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: 
                registers=None, spill_bytes=None, spill_stores=None, spill_loads=None, stack_bytes=None,
                local_bytes=None, shared_bytes=None, shared_limit=a.shared_limit, tensor_core=False,
                tensor_core_instr=None,
-               tensor_core_expected=(None if kind in ("stack_reduce", REDUCE_KIND)
+               tensor_core_expected=(None if kind in ("stack_reduce", REDUCE_KIND, *NORM_KINDS)
                                      else expected_tensor_core(arch, dtype)),
                advisories=[],
                scalar_loads=None, vector_loads=None, atomics=None, non_relaxed_atomics=None,
@@ -552,7 +605,8 @@ def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: 
     target = GPUTarget("cuda", a.cc, 32)
     backend = make_backend(target)
     fn = _jit_fn(kernel if kernel is not None else TUNED[kind] if kind in KINDS
-                 else residual_dw_reduce_kernel if kind == REDUCE_KIND else _STACK_KERNELS[kind])
+                 else residual_dw_reduce_kernel if kind == REDUCE_KIND else _norm_kernel(kind) if kind in NORM_KINDS
+                 else _STACK_KERNELS[kind])
     t0 = time.perf_counter()
     stdout = io.StringIO()
     try:
@@ -604,6 +658,12 @@ def compile_config(kind: str, config: triton.Config, dtype: str = "fp16", arch: 
     rec["failures"] = failures(rec)
     rec["ok"] = not rec["failures"]
     return rec
+
+
+def _norm_kernel(kind: str):
+    from .kernels import norm as _norm
+    return {"norm_row_stats": _norm.row_stats_kernel, "norm_col_stats": _norm.col_stats_kernel,
+            "norm_dx": _norm.norm_dx_kernel}[kind]
 
 
 _STACK_KERNELS = {"stack_fwd": _stack.residual_stack_fwd_kernel, "stack_bwd": _stack.residual_stack_bwd_kernel,
@@ -690,6 +750,13 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
     variant. The reduce has no activation: once, with the first."""
     jobs = []
     for kind in kinds:
+        if kind in NORM_KINDS:
+            # the norm's own kernels: one config, with each norm variant asked for that launches them
+            from .kernels.norm import NORM_CONFIGS
+            jobs += [(kind, NORM_CONFIGS[kind], dtype, arch, tl_, feats, None)
+                     for feats in features if feats in _NORM_KIND_FEATURES[kind]
+                     for dtype in dtypes for tl_ in two_level for arch in archs]
+            continue
         if kind in STACK_KINDS:
             if not _configs.stack_supported():      # a triton older than STACK_MIN_TRITON: its launches refuse
                 continue
@@ -700,16 +767,18 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
                      for dtype in dtypes if not (kind == "stack_reduce" and dtype in ACTIVATIONS)
                      for width in widths for variant in variants for arch in archs]
             continue
-        feats_of_kind = [f for f in features if f not in SPLIT_FEATURES or kind == "dw"]
+        feats_of_kind = [f for f in features if (f not in SPLIT_FEATURES or kind == "dw") and f not in NORM_FEATURES]
         if cover:
             feats_of_kind = sorted(feats_of_kind, key=lambda f: COVER_ORDER.index(f))
+        # each norm variant gets its own pass of the covering set: its prologue is in no other variant
+        groups = [feats_of_kind] + [[f] for f in features if f in NORM_FEATURES]
         for dtype in dtypes:
             for tl_ in two_level:
                 for arch in archs:
-                    for act in acts:
+                    for act, group in ((a, g) for a in acts for g in groups if g):
                         suffix = "" if act == "relu" else "@" + act
                         done: set = set()
-                        for feats in feats_of_kind:
+                        for feats in group:
                             cfgs = (gate_configs(kind, dtype, tl_, feats + suffix, arch) if configs is None
                                     else [config_from_name(kind, n) for n in configs])
                             for config in cfgs:
@@ -743,6 +812,20 @@ def derive_act_drops(records: list[dict]) -> dict:
     return {a: {arch: {k: {key: sorted(t, reverse=True) for key, t in sorted(keys.items())}
                        for k, keys in sorted(kinds.items())} for arch, kinds in sorted(arches.items())}
             for a, arches in sorted(out.items())}
+
+
+def derive_norm_drops(records: list[dict]) -> dict:
+    """:data:`fusedres.kernels.configs.NORM_DROPPED` from gate records: every GEMM record of a norm
+    variant that failed, as arch -> kind -> element size -> tiles."""
+    out: dict = {}
+    for r in records:
+        if r["ok"] or r["kernel"] not in KINDS or split_features(r.get("features", ""))[0] not in NORM_FEATURES:
+            continue
+        elem = DTYPES[r["variant"]][0].itemsize
+        tile = _configs._tile(r["kernel"], config_from_name(r["kernel"], r["config_name"]))
+        out.setdefault(r["arch"], {}).setdefault(r["kernel"], {}).setdefault(elem, set()).add(tile)
+    return {arch: {k: {e: sorted(t, reverse=True) for e, t in sorted(by.items())} for k, by in sorted(kinds.items())}
+            for arch, kinds in sorted(out.items())}
 
 
 def _format_act_drops(table: dict) -> str:
@@ -867,19 +950,23 @@ def main(argv=None) -> int:
     parser.add_argument("--two-level", choices=("no", "yes", "both"), default="no",
                         help="rows of the example launch: contiguous (no, default), a [B,T,D].transpose(0,1) "
                              "view (yes), or both")
-    parser.add_argument("--features", default=DEFAULT_FEATURES, type=_choices(FEATURES + SPLIT_FEATURES),
+    parser.add_argument("--features", default=DEFAULT_FEATURES,
+                        type=_choices(FEATURES + SPLIT_FEATURES + NORM_FEATURES),
                         help="kernel variants: base (bias, db), alpha+proj (tensor residual scale with dalpha, "
                              "projection shortcut), alpha-value (a Python-float alpha, by value), drop-path "
                              "(stochastic depth's row scale), mlp (the MLP block's passes) and layerscale (a "
                              "per-channel alpha with the row scale); dW only: split, split+alpha+proj, "
                              "split+drop-path and split+layerscale (split-M partials, plus the reduce kernel); "
-                             "no-bias; default all")
+                             "no-bias; default all of these. On request: norm-batch, norm-layer, norm-rms (the "
+                             "normalizations, with their statistics and finishing kernels)")
     parser.add_argument("--acts", default=("relu",), type=_choices(tuple(_act_kernels.KERNELS) + ("identity",)),
                         help="activations each single-block variant is compiled with, comma list of "
                              f"{','.join(_act_kernels.KERNELS)},identity (default relu; each row compiles "
                              "the tiles configs.ACT_DROPPED leaves it)")
     parser.add_argument("--derive-act-drops", action="store_true",
                         help="print configs.ACT_DROPPED as derived from this run's failures (derive_act_drops)")
+    parser.add_argument("--derive-norm-drops", action="store_true",
+                        help="print configs.NORM_DROPPED as derived from this run's failures (derive_norm_drops)")
     parser.add_argument("--from-json", action="append", metavar="PATH",
                         help="with --derive-act-drops: derive from these saved records instead of compiling")
     parser.add_argument("--cover", action="store_true",
@@ -899,9 +986,12 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, "-m", "fusedres.aot", *(sys.argv[1:] if argv is None else argv)],
                                env=env)
 
-    if args.derive_act_drops and args.from_json:
+    if (args.derive_act_drops or args.derive_norm_drops) and args.from_json:
         records = [r for path in args.from_json for r in json.load(open(path))]
-        print(_format_act_drops(derive_act_drops(records)))
+        if args.derive_act_drops:
+            print(_format_act_drops(derive_act_drops(records)))
+        if args.derive_norm_drops:
+            print("NORM_DROPPED: dict = " + pprint.pformat(derive_norm_drops(records), width=110))
         return 0
     t0 = time.perf_counter()
     if not _configs.stack_supported() and set(args.kernels) & set(STACK_KINDS):
@@ -929,6 +1019,8 @@ def main(argv=None) -> int:
         print(format_table(records))
     if args.derive_act_drops:
         print(_format_act_drops(derive_act_drops(records)))
+    if args.derive_norm_drops:
+        print("NORM_DROPPED: dict = " + pprint.pformat(derive_norm_drops(records), width=110))
     failed = [r for r in records if not r["ok"]]
     print(f"\nfusedres.aot: {len(records)} compiles{' (covering set)' if args.cover else ''} "
           f"({','.join(args.kernels)} x {','.join(args.archs)} x "

@@ -25,6 +25,11 @@ class FusedResidualBlock(_ResidualParameters):
         alpha_per_channel: make ``alpha`` a parameter of shape ``[out_features]`` filled with
             ``alpha`` (timm's LayerScale: e.g. ``alpha=1e-5``); its gradient is a column sum in the
             dW epilogue.
+        norm: a normalization before the activation (He et al.'s full pre-activation, ``x + alpha *
+            (act(norm(x)) @ weight.T + bias)``): None, ``"batch"``, ``"layer"``, ``"rms"`` (a new
+            ``nn.BatchNorm1d(dim)``, ``nn.LayerNorm(dim)``, ``nn.RMSNorm(dim)``) or such an instance,
+            held as the submodule ``norm`` (state_dict keys ``norm.weight``, ``norm.running_mean``,
+            ...). BatchNorm normalizes over every row of ``x.reshape(-1, dim)``.
         drop_path: stochastic depth's rate ``p``: in training each sample (index of x's first
             dimension) keeps its branch, scaled by ``1/(1 - p)``, with probability ``1 - p``
             (timm's ``DropPath``; :func:`fusedres.drop_path_scale` draws the scale with torch's
@@ -38,7 +43,7 @@ class FusedResidualBlock(_ResidualParameters):
 
     def forward(self, x: Tensor) -> Tensor:
         return fused_residual(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight,
-                              sample_scale=self._sample_scale(x), act=self.act)
+                              sample_scale=self._sample_scale(x), act=self.act, norm=self.norm)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FusedResidualBlock":
@@ -59,6 +64,7 @@ class FusedResidualBlock(_ResidualParameters):
         fused = cls(block.in_features, block.out_features, bias=block.bias is not None,
                     learnable_alpha=isinstance(block.alpha, nn.Parameter), drop_path=getattr(block, "drop_path", 0.0),
                     act=getattr(block, "act", "relu"), device="meta")
+        fused.norm = getattr(block, "norm", None)
         for name in ("weight", "bias", "proj_weight", "alpha"):
             setattr(fused, name, getattr(block, name))
         fused._alpha_init = getattr(block, "_alpha_init", 1.0)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import kernels
 from .activations import ACTIVATIONS, Activation, ActLike, resolve as resolve_act
+from .norm import NormLike
 from ._layout import plan_rows
 from .droppath import rows_per_sample, sample_rows
 from .kernels import plan as _plan_module
@@ -188,7 +189,7 @@ def check_sample_scale_arg(who: str, x: Tensor, sample_scale: Optional[Tensor]) 
 
 def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, alpha: float | Tensor = 1.0,
                    proj_weight: Optional[Tensor] = None, sample_scale: Optional[Tensor] = None,
-                   act: ActLike = "relu") -> Tensor:
+                   act: ActLike = "relu", norm: NormLike = None) -> Tensor:
     """Pre-activation residual block, fused: ``y = x + alpha * (act(x) @ weight.T + bias)``, or
     with a projection shortcut ``y = x @ proj_weight.T + alpha * (act(x) @ weight.T + bias)``.
 
@@ -209,6 +210,14 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
             (default), ``"gelu"``, ``"gelu_tanh"``, ``"silu"``, ``"relu_sq"``, ``"leaky_relu"``, or
             ``nn.ReLU()``, ``nn.GELU()``, ``nn.SiLU()``, ``nn.LeakyReLU(slope)``. Its derivative is
             recomputed from x in the backward: nothing more is saved than for relu.
+        norm: a normalization before the activation, He et al.'s full pre-activation
+            ``y = x + alpha * (act(norm(x)) @ weight.T + bias)``: None (default), ``"batch"``,
+            ``"layer"``, ``"rms"`` (parameter-free, torch's default eps; ``"batch"`` on batch
+            statistics), or an ``nn.BatchNorm1d``, ``nn.LayerNorm`` or ``nn.RMSNorm`` instance, whose
+            parameters, eps, mode and running statistics are used and updated as its own forward
+            would (:mod:`fusedres.norm`). BatchNorm normalizes over every row of ``x.reshape(-1,
+            D)``. Not with ``proj_weight``. The normalized tensor is never written: the kernels
+            apply the statistics to their A tiles (:mod:`fusedres.norm_op`).
 
     Returns:
         ``y`` of shape ``(..., out)``, in ``x``'s dtype (under autocast, eager's type promotion).
@@ -222,6 +231,12 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     # call). Inputs are checked once per signature (_plan_for); a signature seen before replays its
     # prepared launches. torch.compile, tensor subclasses, dispatch modes, functorch transforms
     # and autocast (which casts the parameters first) take the custom op.
+    if norm is not None:
+        _check_inputs(x, weight, bias, alpha, proj_weight, sample_scale)
+        if proj_weight is not None:
+            raise ValueError("fused_residual: norm with a projection shortcut is not supported (which input the "
+                             "shortcut takes, x or norm(x), differs between code bases); normalize before the block")
+        return _norm_op.fused_norm_residual(x, weight, bias, alpha, sample_scale, act, norm)
     if (_is_compiling() or type(x) not in _PLAIN or type(weight) not in _PLAIN or _dispatch_modes()
             or _function_modes() or _functorch_active() or (_any_autocast() and torch.is_autocast_enabled(x.device.type))):
         return _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale, act)
@@ -517,16 +532,20 @@ class _BackwardLaunches:
             if not need_weight:
                 dw = None
         elif need_bias:
-            # db alone is a column sum: a native reduction, with no GEMM to fold it into.
-            acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-            g = grad if sample_scale is None else grad * sample_rows(sample_scale, grad)
-            db = g.reshape(-1, N).sum(0, dtype=acc)
-            if isinstance(alpha, Tensor):
-                db = db * alpha.to(acc)
-            elif alpha is not None:
-                db = db * alpha
-            db = db.to(weight.dtype)
+            db = bias_grad(grad, sample_scale, alpha, weight)
         return dx, dw, db, dalpha, dp
+
+
+def bias_grad(grad: Tensor, sample_scale: Optional[Tensor], alpha, weight: Tensor) -> Tensor:
+    """db alone (no dW GEMM to fold it into): ``alpha * (s * g).sum over rows``, a native reduction."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    g = grad if sample_scale is None else grad * sample_rows(sample_scale, grad)
+    db = g.reshape(-1, weight.shape[0]).sum(0, dtype=acc)
+    if isinstance(alpha, Tensor):
+        db = db * alpha.to(acc)
+    elif alpha is not None:
+        db = db * alpha
+    return db.to(weight.dtype)
 
 
 _warned: set = set()
@@ -672,3 +691,6 @@ def refuse_double_backward(backward_op, who: str, reference: str) -> None:
 
 residual_forward.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(residual_backward, "fused_residual", "ResidualBlock")
+
+
+from . import norm_op as _norm_op      # (last: it registers its custom ops with this module's helpers)

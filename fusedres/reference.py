@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import ACTIVATIONS, Activation, ActLike, resolve as resolve_act
+from .norm import apply_norm, make_norm
 from .droppath import apply_sample_scale, check_drop_path, check_sample_scale, drop_path_scale, sample_rows
 
 
@@ -16,7 +17,7 @@ _RELU = ACTIVATIONS["relu"]
 
 def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, alpha: float | Tensor = 1.0,
                        proj_weight: Tensor | None = None, sample_scale: Tensor | None = None,
-                       act: ActLike = "relu") -> Tensor:
+                       act: ActLike = "relu", norm=None) -> Tensor:
     """The definition of the block, in plain PyTorch:
 
     ``x + alpha * F.linear(act(x), weight, bias)``, or with a projection shortcut
@@ -28,11 +29,16 @@ def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     of ``x.shape[0]`` values scaling each sample's branch,
     ``y[b] = shortcut[b] + s[b] * alpha * F.linear(F.relu(x[b]), weight, bias)``; where
     ``s[b] == 0`` the sample's output is its shortcut exactly.
+
+    ``norm`` (:mod:`fusedres.norm`): None, a name or a torch norm module applied before the
+    activation, ``x + alpha * F.linear(act(norm(x)), weight, bias)`` (He et al.'s full
+    pre-activation); the module is called as it is, so BatchNorm updates its running statistics.
     """
     check_sample_scale(sample_scale, x, "residual_reference")
     act = resolve_act(act, "residual_reference")
     shortcut = x if proj_weight is None else F.linear(x, proj_weight)
-    branch = apply_sample_scale(F.linear(act(x), weight, bias), sample_scale)
+    z = x if norm is None else apply_norm(norm, x)
+    branch = apply_sample_scale(F.linear(act(z), weight, bias), sample_scale)
     return _add_branch(shortcut, branch, alpha)
 
 
@@ -197,7 +203,7 @@ class _ResidualParameters(_ResidualAlpha):
 
     def __init__(self, dim: int, out_features: int | None = None, bias: bool = True, *, alpha: float = 1.0,
                  learnable_alpha: bool = False, drop_path: float = 0.0, act: ActLike = "relu",
-                 alpha_per_channel: bool = False, device=None, dtype=None) -> None:
+                 alpha_per_channel: bool = False, norm=None, device=None, dtype=None) -> None:
         super().__init__()
         self.act = resolve_act(act, type(self).__name__)
         if isinstance(out_features, bool):
@@ -219,6 +225,11 @@ class _ResidualParameters(_ResidualAlpha):
             self.register_parameter("proj_weight", None)
         self._init_alpha(alpha, learnable_alpha, device, dtype, out_features if alpha_per_channel else None)
         self._init_drop_path(drop_path)
+        if norm is not None and out_features != dim:
+            raise ValueError(f"{type(self).__name__}: norm with a projection shortcut (out_features != dim) is not "
+                             "supported")
+        # the norm is a real torch module named ``norm``: its state_dict keys are torch's own
+        self.norm = make_norm(norm, dim, type(self).__name__, device, dtype)
         self.reset_parameters()
 
     @property
@@ -255,7 +266,7 @@ class ResidualBlock(_ResidualParameters):
 
     def forward(self, x: Tensor) -> Tensor:
         return residual_reference(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight,
-                                  sample_scale=self._sample_scale(x), act=self.act)
+                                  sample_scale=self._sample_scale(x), act=self.act, norm=self.norm)
 
 
 class _ResidualMLPParameters(_ResidualAlpha):

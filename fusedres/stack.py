@@ -2,7 +2,7 @@
 
 ``L`` blocks ``x_{l+1} = x_l + relu(x_l) @ W_l.T + b_l`` of width ``D`` in {16, 32, 64, 128} run
 as one forward kernel and one backward kernel (plus a fixed-order reduce of the weight
-gradients). See ``fusedres/kernels/residual_stack.py`` for the kernels and README "The narrow
+gradients). See ``fusedres/kernels/residual_stack.py`` for the kernels and docs/stack.md, "The narrow
 stack" for when it pays.
 
 Two custom ops carry the work, so that ``torch.compile`` sees opaque, shape-known nodes:

@@ -564,7 +564,7 @@ def test_the_covering_set_compiles_each_shipped_config_once_in_its_heaviest_vari
 #: Per row: every config shipped for it (configs.ACT_DROPPED applied) in each pass, once, in the
 #: heaviest variant that ships it (a projection's second K loop with a tensor alpha first, then the
 #: row scale), in bf16 (16-bit lists) and tf32 (fp32 lists, tensor cores). The full set, every
-#: default dtype and variant, is ``python -m fusedres.aot --cover --acts gelu,...`` (README).
+#: default dtype and variant, is ``python -m fusedres.aot --cover --acts gelu,...`` (docs/compile-gate.md).
 ACT_GATE = (("bf16", "tf32"), ("alpha+proj", "split+alpha+proj", "drop-path"))
 
 
@@ -622,6 +622,66 @@ def test_act_drops_are_derived_from_gate_records():
 
 
 # ---------------------------------------------------------------------------------------------
+# The normalizations (issue 22): every norm recipe's passes and the norm's own kernels, sm_80 and sm_90
+
+#: fp16 (the 16-bit lists, mma/wgmma) and fp32 (IEEE on CUDA cores: the most registers, where the
+#: norm prologue's statistics loads spill first); bf16 and tf32 compile as fp16 and fp32 do in the
+#: full run (``python -m fusedres.aot --cover --features norm-batch,norm-layer,norm-rms``).
+NORM_GATE_DTYPES = ("fp16", "fp32")
+
+
+@pytest.fixture(scope="module")
+def norm_gate(tmp_path_factory):
+    path = tmp_path_factory.mktemp("aot") / "norms.json"
+    proc = _run(["-m", "fusedres.aot", "-q", "--cover", "-j", str(os.cpu_count() or 2),
+                 "--kernels", ",".join(aot.KINDS + aot.NORM_KINDS), "--dtypes", ",".join(NORM_GATE_DTYPES),
+                 "--features", ",".join(aot.NORM_FEATURES), "--archs", ",".join(FULL_ARCHS), "--json", str(path)])
+    return proc, json.loads(path.read_text()) if path.exists() else None
+
+
+def test_every_norm_recipe_compiles_clean_on_sm80_and_sm90(norm_gate):
+    """Every pass of the three norm recipes at exactly the configs the prune ships for a norm launch
+    (configs.NORM_DROPPED applied), and the statistics and finishing kernels: no spills, no
+    serialised wgmma, tensor cores in the GEMMs."""
+    proc, records = norm_gate
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for r in records:
+        if r["kernel"] in aot.NORM_KINDS:
+            where = f"{r['kernel']} {r['arch']} {r['variant']} {r['features']}"
+            assert r["ok"] and r["spill_bytes"] == 0 and r["local_bytes"] == 0, where
+            assert not any("C75" in a for a in r["advisories"]) and r["tensor_core_expected"] is None, where
+        else:
+            _check_record(r)
+    got = {(r["kernel"], r["features"], r["variant"], r["arch"], r["config_name"]) for r in records}
+    want = {(k, f, d, a, aot.config_name(k, c)) for k in aot.KINDS for f in aot.NORM_FEATURES
+            for d in NORM_GATE_DTYPES for a in FULL_ARCHS for c in aot.gate_configs(k, d, features=f, arch=a)}
+    want |= {(k, f, d, a, aot.config_name(k, kernels.norm.NORM_CONFIGS[k])) for k in aot.NORM_KINDS
+             for f in aot._NORM_KIND_FEATURES[k] for d in NORM_GATE_DTYPES for a in FULL_ARCHS}
+    assert got == want
+
+
+def test_norm_drops_are_the_gate_failures(tmp_path):
+    """Each tile configs.NORM_DROPPED drops fails the gate in a norm variant (it is needed), and
+    derive_norm_drops reads those failures back into the table (the rest passes:
+    test_every_norm_recipe_compiles_clean_on_sm80_and_sm90)."""
+    records = []
+    for arch, by_kind in configs.NORM_DROPPED.items():
+        for kind, by_elem in by_kind.items():
+            for elem, tiles in by_elem.items():
+                path = tmp_path / f"{arch}-{kind}-{elem}.json"
+                _run(["-m", "fusedres.aot", "-q", "-j", "2", "--kernels", kind, "--archs", arch,
+                      "--dtypes", {2: "fp16", 4: "fp32"}[elem], "--features", ",".join(aot.NORM_FEATURES),
+                      *(a for t in tiles for a in ("--config", "{}x{}x{} w{} s{}".format(*t))), "--json", str(path)])
+                records += json.loads(path.read_text())
+    assert aot.derive_norm_drops(records) == configs.NORM_DROPPED
+    # a launch without a norm keeps the tile
+    assert (64, 128, 16, 4, 4) in {configs._tile("fwd", c) for c in configs.shipped_configs(
+        "fwd", 4, limits=aot.arch_limits("sm_80"))}
+    assert (64, 128, 16, 4, 4) not in {configs._tile("fwd", c) for c in configs.shipped_configs(
+        "fwd", 4, limits=aot.arch_limits("sm_80"), norm=True)}
+
+
+# ---------------------------------------------------------------------------------------------
 # Every public option lands on pieces the compile gate compiles
 
 def _pieces(kind, consts):
@@ -646,7 +706,8 @@ def _compiled_pieces(*record_lists):
     return out
 
 
-def test_every_api_option_lands_on_pieces_the_gate_compiles(gate, cover_gate, act_gate, monkeypatch, device):
+def test_every_api_option_lands_on_pieces_the_gate_compiles(gate, cover_gate, act_gate, norm_gate, monkeypatch,
+                                                            device):
     """Enumerate the public options (activation, alpha kind, projection, stochastic depth, bias,
     the MLP block's pre_act) and spy on every launch's constexprs: each piece a user can reach is
     one this module's gate runs compiled (their records: what CI compiles)."""
@@ -678,5 +739,14 @@ def test_every_api_option_lands_on_pieces_the_gate_compiles(gate, cover_gate, ac
         for pre_act in ("relu", None):
             fusedres.FusedResidualMLPBlock(D, 2 * D, drop_path=drop_path, pre_act=pre_act, act="gelu",
                                            learnable_alpha=True, device=device)(x).sum().backward()
-    missing = seen - _compiled_pieces(*(records for _, records, _ in gate), cover_gate[1], act_gate[1])
+    for norm in ("batch", "layer", "rms", nn.LayerNorm(D, elementwise_affine=False), nn.LayerNorm(D, bias=False),
+                 nn.BatchNorm1d(D, affine=False)):
+        for alpha in ("scalar", "channel"):
+            block = fusedres.FusedResidualBlock(D, norm=norm, drop_path=0.5, learnable_alpha=alpha == "scalar",
+                                                alpha_per_channel=alpha == "channel", alpha=0.5, device=device)
+            block(x).sum().backward()
+        block.eval()
+        block(x).sum().backward()             # BatchNorm on running statistics: no batch correction
+    missing = seen - _compiled_pieces(*(records for _, records, _ in gate), cover_gate[1], act_gate[1],
+                                      norm_gate[1])
     assert seen and not missing, sorted(missing, key=str)

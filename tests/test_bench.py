@@ -215,7 +215,8 @@ def test_cpu_mode_without_matplotlib(tmp_path, capsys, no_matplotlib):
     from bench.cli import main
     from bench.report import PLOTS_HINT
     out = tmp_path / "out"
-    rc = main(["--mode", "cpu", "--size", "64x32", "--no-stack", "--no-mlp", "--gate", "off", "--no-inductor-probe",
+    rc = main(["--mode", "cpu", "--size", "64x32", "--no-stack", "--no-mlp", "--no-norm", "--gate", "off",
+               "--no-inductor-probe",
                "--no-progress", "--out", str(out)])
     assert rc == 0
     assert (out / "cpu_traffic.md").stat().st_size > 0
@@ -246,7 +247,8 @@ def test_cpu_mode_end_to_end(tmp_path):
     from bench.cli import main
     out = tmp_path / "out"
     js = tmp_path / "records.json"
-    rc = main(["--mode", "cpu", "--size", "128x64", "--stack", "200x16x3", "--mlp-size", "64x32", "--gate", "off",
+    rc = main(["--mode", "cpu", "--size", "128x64", "--stack", "200x16x3", "--mlp-size", "64x32", "--norm-size", "64x32",
+               "--gate", "off",
                "--no-inductor-probe", "--no-progress", "--out", str(out), "--json", str(js)])
     assert rc == 0
     for name in ("cpu_traffic.md", "cpu_bytes.png", "cpu_model_time.png", "cpu_records.json"):
@@ -255,7 +257,15 @@ def test_cpu_mode_end_to_end(tmp_path):
     stack = {(r["impl"], r["mode"]): r for r in recs if r.get("section") == "stack"}
     host = {(r["impl"], r["mode"]): r for r in recs if r.get("section") == "host"}
     mlp = {(r["impl"], r["H"], r["mode"]): r for r in recs if r.get("section") == "mlp"}
-    recs = [r for r in recs if r.get("section") not in ("stack", "host", "mlp")]
+    norm = {(r["impl"], r["norm"], r["mode"]): r for r in recs if r.get("section") == "norm"}
+    recs = [r for r in recs if r.get("section") not in ("stack", "host", "mlp", "norm")]
+    # the normalized block (bench/norm.py): fused bytes below eager's, above the compulsory minimum
+    assert set(norm) == {(i, k, m) for i in ("fused", "eager") for k in ("batch", "layer", "rms")
+                         for m in ("fwd", "bwd")}
+    for (impl, kind, mode), r in norm.items():
+        if impl == "fused":
+            assert r["compulsory_min_bytes"] < r["unique_bytes"] < norm[("eager", kind, mode)]["bytes"]
+            assert r["launches"] == (2 if mode == "fwd" else 3)
     # the MLP block (bench/mlp.py): H = 4D and H = D, fused bytes equal to the two-launch formula
     assert set(mlp) == {(i, h, m) for i in ("fused", "fused-recompute", "eager") for h in (128, 32)
                         for m in ("fwd", "bwd", "full")}
@@ -585,7 +595,7 @@ def test_gpu_check_needs_cuda(capsys):
 
 
 def test_gpu_check_plan_compile_count():
-    """The default plan's compile count, from which the README's runtime estimate is made."""
+    """The default plan's compile count, from which the runtime estimate of docs/benchmarks.md is made."""
     from bench import gpucheck
     plan = gpucheck.CheckPlan()
     assert len(plan.block_cases()) == 30 and len(plan.stack_cases()) == 15
@@ -719,7 +729,7 @@ def test_plan_lists_the_stack_kernels():
 def test_small_m_report_and_bounds():
     """fwd and dx at M in {512, 2048, 8192} x D in {1024, 4096}, bf16, H100 and A100: 24 rows; every
     plan record there respects the lower bounds; the best fill over the shipped configs reaches half a
-    wave everywhere (the README's small-M table)."""
+    wave everywhere (the small-M table of docs/grid-fill.md)."""
     from bench import plan as bplan
     rows = bplan.small_m_records()
     assert len(rows) == 2 * 3 * 2 * 2

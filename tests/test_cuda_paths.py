@@ -6,7 +6,7 @@
   ``torch.cuda.device``, a fake "capturing" state, and Triton's real ``JITFunction.run`` over a
   fake driver whose compiler only files the specialisation in the JIT cache.
 
-What needs a GPU (a real cuda:1 launch, a real capture) is listed in README "Verified where".
+What needs a GPU (a real cuda:1 launch, a real capture) is listed in docs/correctness.md, "What is verified where".
 """
 from __future__ import annotations
 

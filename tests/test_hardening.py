@@ -20,7 +20,7 @@ def _fwd_bwd(x, w, b, g):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_backward_is_bitwise_deterministic(dtype, device):
     """No atomics anywhere: dW and db are each written by one program in a fixed reduction
-    order, so repeated runs agree to the bit (for a given config; see the README)."""
+    order, so repeated runs agree to the bit (for a given config; see docs/correctness.md, "Determinism")."""
     x = make_x((300, 72), dtype, device)
     w, b = make_params(72, dtype, device)
     g = torch.randn(300, 72).to(device, dtype)

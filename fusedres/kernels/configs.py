@@ -362,6 +362,12 @@ ACT_ADDED: dict = {("dx", 4): [(64, 64, 16, 8, 4)]}
 #: the kernels are composed from pieces (issue 21; ptxas allotted the flag-built kernel 187). Every
 #: other variant and arch compiles it clean. Keyed by arch, then (kind, element size).
 _CHANNEL_ALPHA_SPILLS: dict[str, dict[tuple[str, int], set]] = {"sm_80": {("dw", 2): {(64, 128, 64, 4, 4)}}}
+#: Tiles a launch with a normalization in its A-tile prologue (issue 22) does not ship, as the
+#: compile gate derived them (triton 3.7.1, ptxas 12.8: the fp32 forward at 64x128x16, 4 warps, 4
+#: stages spills 8 B with the prologue's statistics loads, on both archs) (``python -m fusedres.aot --cover --features norm-batch,norm-layer,norm-rms
+#: --derive-norm-drops``; ``tests/test_aot.py`` checks the table against the gate's records):
+#: gate arch -> kind -> element size -> tiles. An arch not in it takes the union of every arch's.
+NORM_DROPPED: dict = {"sm_80": {"fwd": {4: [(64, 128, 16, 4, 4)]}}, "sm_90": {"fwd": {4: [(64, 128, 16, 4, 4)]}}}
 #: The archs whose activation lists the gate derived (:data:`ACT_DROPPED`); other archs take the
 #: list of their family (:func:`stack_table_arch`) and are not gate-verified for these rows.
 ACT_GATED_ARCHS = ("sm_80", "sm_90")
@@ -463,7 +469,7 @@ def _tile(kind: str, config: triton.Config) -> tuple:
 def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
                     operand_sizes: tuple[int, int] | None = None, proj: bool = False,
                     row_scale: bool = False, limits: DeviceLimits | None = None,
-                    act: str = "relu", channel_alpha: bool = False) -> list[triton.Config]:
+                    act: str = "relu", channel_alpha: bool = False, norm: bool = False) -> list[triton.Config]:
     """The configs of ``kind`` that a GEMM in an ``elem_size``-byte dtype (and two-level rows, if
     ``two_level``; a projection shortcut, if ``proj``; stochastic depth's row scale, if
     ``row_scale``) may run on a device with ``limits`` (None: no GPU; see
@@ -472,7 +478,8 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
     (:func:`smem_budget`), with its A and B tiles loaded at ``operand_sizes`` bytes per element
     (default ``elem_size``; see :func:`pipeline_smem_bytes`), less those the activation ``act``
     drops (:data:`ACT_DROPPED`) and, with ``channel_alpha`` (a per-channel alpha),
-    :data:`_CHANNEL_ALPHA_SPILLS`. Largest tiles first."""
+    :data:`_CHANNEL_ALPHA_SPILLS`, and with ``norm`` (a normalization prologue), :data:`NORM_DROPPED`.
+    Largest tiles first."""
     listed = (_TILES_TWO_LEVEL.get(elem_size) if two_level else None) or _TILES.get(elem_size)
     if proj and not two_level and (kind, elem_size) in _PROJ_TILES_BY_TRITON.get(TRITON_VERSION, {}):
         listed = _PROJ_TILES_BY_TRITON[TRITON_VERSION][(kind, elem_size)]
@@ -492,6 +499,9 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
     if channel_alpha:
         spills = spills | {t for a, table in _CHANNEL_ALPHA_SPILLS.items() if arch is None or a == arch
                            for t in table.get((kind, elem_size), ())}
+    if norm:
+        spills = spills | {tuple(t) for a, table in NORM_DROPPED.items() if arch not in NORM_DROPPED or a == arch
+                           for t in table.get(kind, {}).get(elem_size, ())}
 
     def smem(c):
         return pipeline_smem_bytes(kind, c, elem_size, operand_sizes)
@@ -523,7 +533,7 @@ def launch_shipped_configs(kind: str, named_args: dict) -> list[triton.Config]:
     return shipped_configs(kind, elem_size, bool(named_args.get("TWO_LEVEL_ROWS", False)), operand_sizes,
                            launch_has(kind, named_args, "proj"), launch_has(kind, named_args, "row_scale"),
                            launch_limits(kind, named_args), act_name_of(named_args.get("RECIPE")),
-                           launch_has(kind, named_args, "channel_alpha"))
+                           launch_has(kind, named_args, "channel_alpha"), launch_has(kind, named_args, "norm"))
 
 
 #: The operand that carries a piece, per kernel.
@@ -533,8 +543,10 @@ _PIECE_OPERAND = {"proj": {"fwd": "p_ptr", "dx": "p_ptr", "dw": "dp_ptr"},
 
 
 def launch_has(kind: str, named_args: dict, piece: str) -> bool:
-    """Whether a launch of ``kind`` has ``piece`` (``"proj"``, ``"row_scale"``, ``"channel_alpha"``):
-    its operand given."""
+    """Whether a launch of ``kind`` has ``piece`` (``"proj"``, ``"row_scale"``, ``"channel_alpha"``,
+    ``"norm"``): its operand given (a norm: its per-row or per-feature statistics)."""
+    if piece == "norm":
+        return named_args.get("row_rstd_ptr") is not None or named_args.get("col_rstd_ptr") is not None
     return named_args.get(_PIECE_OPERAND[piece][kind]) is not None
 
 

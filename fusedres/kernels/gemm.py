@@ -32,6 +32,7 @@ def mma_loop(acc, colsum,
              b_ptr, b_fixed, b_stride_outer, b_stride_inner, mask_b,
              first, trips, L, T,
              ACT: tl.constexpr, ACT_PARAM: tl.constexpr, plain, scale_ptr, scale_div, sum_b,
+             a_idx, row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr,
              REDUCE_ROWS: tl.constexpr, B_WIDE: tl.constexpr, BLOCK_L: tl.constexpr, GEMM_DTYPE: tl.constexpr,
              ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """``acc[r, c] += sum_l prologue(A)[r, l] * B[l, c]`` over the reduction tiles ``first ..
@@ -48,8 +49,10 @@ def mma_loop(acc, colsum,
     added to the pointer first and the contiguous one last, as Triton's tutorials write it: the
     order changes what ptxas keeps live (the other order spilled 8 B in two sm_80 tiles).
 
-    The prologue on the A tile, in registers (where sm_90's register-A wgmma keeps pipelining):
-    ``ACT`` (None: the tile as loaded), then ``scale_ptr[l // scale_div]`` on its columns
+    The prologue on the A tile, in registers (where sm_90's register-A wgmma keeps pipelining): a
+    normalization with precomputed statistics (:func:`normalize`; ``a_idx``: the indices of the
+    tile's own rows ``r``, flattened rows in the forward, features in dW; every statistics pointer
+    None: none), then ``ACT`` (None: the tile as loaded), then ``scale_ptr[l // scale_div]`` on its columns
     (``scale_ptr`` None: none; ``scale_div`` None: ``l``), rounded once to the GEMM dtype. ``plain``
     (None, or a runtime bool): dW with a projection, whose dP tiles take ``x`` without the
     activation and without the scale.
@@ -80,6 +83,14 @@ def mma_loop(acc, colsum,
                         mask=mask_l[:, None] & mask_b[None, :], other=0.0)
         else:
             b = tl.load(b_ptr + b_rows[:, None] + b_fixed[None, :], mask=mask_l[:, None] & mask_b[None, :], other=0.0)
+        if row_rstd_ptr is not None or col_rstd_ptr is not None:
+            # rows along the loop in dW (its A is x.T), along the tile's own rows in the forward
+            if REDUCE_ROWS is None:
+                a = normalize(a, a_idx, mask_a, l, mask_l, row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr,
+                              norm_w_ptr, norm_b_ptr, 0, ACC_DTYPE)
+            else:
+                a = normalize(a, l, mask_l, a_idx, mask_a, row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr,
+                              norm_w_ptr, norm_b_ptr, 1, ACC_DTYPE)
         if plain is not None:
             a = tl.where(plain, to_gemm_operand(a, GEMM_DTYPE, EMULATE_BF16), ACT(a, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM))
         elif ACT is not None:
@@ -108,6 +119,55 @@ def mma_loop(acc, colsum,
                         b_sum = b_sum * reduction_scale(scale_ptr, l_sum, mask_sum, scale_div, ACC_DTYPE)[:, None]
                     colsum += tl.sum(b_sum, axis=0)
     return acc, colsum
+
+
+@triton.jit
+def along(v, AXIS: tl.constexpr):
+    """A vector as a row (``AXIS`` 1: it runs along a tile's columns) or a column (0) of a tile."""
+    if AXIS == 1:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def standardize(x, m_idx, mask_m, k_idx, mask_k, row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr,
+                M_AXIS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``x_hat``: a tile of ``x`` (rows ``m_idx`` along ``M_AXIS``, features ``k_idx`` along the
+    other axis) standardized with precomputed statistics, in the accumulator dtype. Per row (LayerNorm,
+    RMSNorm: ``(x - mean[m]) * rstd[m]``, RMSNorm without a mean) or per feature (BatchNorm:
+    ``(x - mean[k]) * rstd[k]``); pointers None: that part absent. ``x - mean`` is subtracted before
+    the multiply, as torch's norms do: folding the mean into a shift (``x * rstd - mean * rstd``)
+    loses the digits that cancel when the mean is large against the spread."""
+    v = x.to(ACC_DTYPE)
+    if row_rstd_ptr is not None:
+        if row_mean_ptr is not None:
+            v = v - along(tl.load(row_mean_ptr + m_idx, mask=mask_m, other=0.0).to(ACC_DTYPE), M_AXIS)
+        v = v * along(tl.load(row_rstd_ptr + m_idx, mask=mask_m, other=0.0).to(ACC_DTYPE), M_AXIS)
+    if col_rstd_ptr is not None:
+        if col_mean_ptr is not None:
+            v = v - along(tl.load(col_mean_ptr + k_idx, mask=mask_k, other=0.0).to(ACC_DTYPE), 1 - M_AXIS)
+        v = v * along(tl.load(col_rstd_ptr + k_idx, mask=mask_k, other=0.0).to(ACC_DTYPE), 1 - M_AXIS)
+    return v
+
+
+@triton.jit
+def norm_affine(x_hat, k_idx, mask_k, norm_w_ptr, norm_b_ptr, K_AXIS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The norm's per-feature affine, ``x_hat * weight[k] + bias[k]`` (either None: absent)."""
+    if norm_w_ptr is not None:
+        x_hat = x_hat * along(tl.load(norm_w_ptr + k_idx, mask=mask_k, other=0.0).to(ACC_DTYPE), K_AXIS)
+    if norm_b_ptr is not None:
+        x_hat = x_hat + along(tl.load(norm_b_ptr + k_idx, mask=mask_k, other=0.0).to(ACC_DTYPE), K_AXIS)
+    return x_hat
+
+
+@triton.jit
+def normalize(x, m_idx, mask_m, k_idx, mask_k, row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr,
+              norm_w_ptr, norm_b_ptr, M_AXIS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The A-tile prologue of a normalization: :func:`standardize`, then :func:`norm_affine`."""
+    return norm_affine(standardize(x, m_idx, mask_m, k_idx, mask_k, row_mean_ptr, row_rstd_ptr, col_mean_ptr,
+                                   col_rstd_ptr, M_AXIS, ACC_DTYPE),
+                       k_idx, mask_k, norm_w_ptr, norm_b_ptr, 1 - M_AXIS, ACC_DTYPE)
 
 
 @triton.jit

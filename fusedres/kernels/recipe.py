@@ -7,7 +7,7 @@ the kernel (``fwd``, ``dx``, ``dw``), its activation and the pieces it is given.
 :attr:`PassRecipe.key` is the launch's ``RECIPE`` constexpr, the autotune key's recipe string
 (JSON-safe, so :func:`fusedres.save_tuning` can write it): the launchers build it with
 :func:`pass_recipe` from the operands they are given, the tests check that a block's launches are
-exactly its recipe's passes, and the README's pass table is :func:`pass_table`.
+exactly its recipe's passes, and the pass table of docs/kernel-family.md is :func:`pass_table`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 #: ``dalpha`` and ``dalpha_bias`` (dW's dalpha partials, and their bias term), ``row_scale``
 #: (stochastic depth's per-sample scale), ``split`` and ``col_sums`` (split-M dW's first launch:
 #: partial slabs, and the column sums of g into db partials).
-PIECES = ("bias", "db", "proj", "residual", "dalpha", "dalpha_bias", "row_scale", "split", "col_sums")
+PIECES = ("bias", "db", "proj", "residual", "dalpha", "dalpha_bias", "row_scale", "split", "col_sums",
+          "norm_weight", "norm_bias", "norm_col_sums", "norm_row_sums")
+#: The normalizations of the A operand (the A-tile prologue, before the activation): statistics
+#: per feature (``batch``) or per row (``layer``; ``rms`` without a mean). ``norm_weight`` and
+#: ``norm_bias`` are its affine; ``norm_col_sums`` and ``norm_row_sums`` dx's sinks of the norm
+#: output's gradient (column sums per row tile: dgamma, dbeta and BatchNorm's correction; row sums
+#: per feature tile: LayerNorm's and RMSNorm's correction).
+NORMS = ("batch", "layer", "rms")
 #: The kinds of residual scale, each its own code: a Python float passed by value, a one-element
 #: tensor read through a pointer, a per-channel tensor ``[N]``. (None: no scale, no multiply.)
 ALPHA_KINDS = ("value", "scalar", "channel")
@@ -42,17 +49,20 @@ class PassRecipe:
     act_param: float = 0.0
     alpha: str | None = None
     pieces: frozenset = field(default_factory=frozenset)
+    norm: str | None = None
 
     def __post_init__(self):
         unknown = set(self.pieces) - set(PIECES)
-        if unknown or self.alpha not in (None, *ALPHA_KINDS):
-            raise ValueError(f"PassRecipe: unknown pieces {sorted(unknown)} or alpha {self.alpha!r}")
+        if unknown or self.alpha not in (None, *ALPHA_KINDS) or self.norm not in (None, *NORMS):
+            raise ValueError(f"PassRecipe: unknown pieces {sorted(unknown)}, alpha {self.alpha!r} or norm {self.norm!r}")
         object.__setattr__(self, "pieces", frozenset(self.pieces))
 
     @property
     def key(self) -> str:
         """``"fwd|gelu|alpha=scalar|bias|residual"``: the launch's ``RECIPE``."""
         parts = [self.kind, act_label(self.act, self.act_param)]
+        if self.norm is not None:
+            parts.append(f"norm={self.norm}")
         if self.alpha is not None:
             parts.append(f"alpha={self.alpha}")
         return "|".join(parts + [p for p in PIECES if p in self.pieces])
@@ -64,28 +74,34 @@ class PassRecipe:
         param = 0.0
         if act.startswith("leaky_relu("):
             act, param = "leaky_relu", float(act[len("leaky_relu("):-1])
-        alpha = next((p.split("=", 1)[1] for p in rest if p.startswith("alpha=")), None)
-        return cls(kind, None if act == "identity" else act, param, alpha,
-                   frozenset(p for p in rest if not p.startswith("alpha=")))
+        named = dict(p.split("=", 1) for p in rest if "=" in p)
+        return cls(kind, None if act == "identity" else act, param, named.get("alpha"),
+                   frozenset(p for p in rest if "=" not in p), named.get("norm"))
 
     def describe(self) -> tuple[str, str, str]:
         """(A-tile prologue, epilogue, column sums) in words, for the pass table."""
         act = act_label(self.act, self.act_param)
         scale = {"value": "x alpha (float)", "scalar": "x alpha (tensor)", "channel": "x alpha[n]", None: None}[self.alpha]
         has = self.pieces.__contains__
+        norm = ""
+        if self.norm is not None:
+            affine = "".join(t for p, t in (("norm_weight", " x w[k]"), ("norm_bias", " + b[k]")) if has(p))
+            norm = ({"batch": "(x - mean[k]) x rstd[k]", "layer": "(x - mean[m]) x rstd[m]",
+                     "rms": "x rstd[m]"}[self.norm] + affine + ", then ")
         if self.kind == "fwd":
-            prologue = act
+            prologue = norm + act
             epilogue = ["+ b" if has("bias") else None, "x s[m]" if has("row_scale") else None, scale,
                         "+ x P^T (2nd K loop)" if has("proj") else "+ residual" if has("residual") else None]
             sums = []
         elif self.kind == "dx":
             prologue = "g x alpha[n]" if self.alpha == "channel" else "g"
             epilogue = [None if self.alpha == "channel" else scale, "x s[m]" if has("row_scale") else None,
-                        f"x {act}'(x)" if self.act is not None else None,
+                        (f"x {act}'(norm(x)) = dz" if self.norm else f"x {act}'(x)") if self.act is not None else None,
                         "+ g P (2nd K loop)" if has("proj") else "+ residual grad" if has("residual") else None]
-            sums = []
+            sums = [s for s, p in (("dz, dz x_hat column sums", "norm_col_sums"),
+                                   ("dz, dz x_hat row sums", "norm_row_sums")) if has(p)]
         else:
-            prologue = act + (" x s[m]" if has("row_scale") else "")
+            prologue = norm + act + (" x s[m]" if has("row_scale") else "")
             if has("split"):
                 epilogue = ["fp32 partial slabs (reduce kernel: the epilogue)"]
                 sums = ["db partials"] if has("col_sums") else []
@@ -98,12 +114,12 @@ class PassRecipe:
 
 
 def pass_recipe(kind: str, act: str | None, act_param: float = 0.0, *, alpha: str | None = None,
-                **operands) -> PassRecipe:
+                norm: str | None = None, **operands) -> PassRecipe:
     """The pass a launch makes, from what it is given: ``alpha``, the kind of its scale (None or
     one of :data:`ALPHA_KINDS`), and the pieces of :data:`PIECES` as operands (a tensor or True:
     given; None or False: not)."""
     return PassRecipe(kind, act, act_param, alpha,
-                      frozenset(p for p, v in operands.items() if v is not None and v is not False))
+                      frozenset(p for p, v in operands.items() if v is not None and v is not False), norm)
 
 
 @dataclass(frozen=True)
@@ -112,7 +128,11 @@ class Recipe:
 
     ``alpha``: None (no scale), ``"value"`` (a Python float), ``"scalar"`` (a one-element tensor)
     or ``"channel"`` (``[N]``, LayerScale); ``learnable_alpha``: its gradient is wanted;
-    ``proj``: a projection shortcut; ``row_scale``: stochastic depth's per-sample scale."""
+    ``proj``: a projection shortcut; ``row_scale``: stochastic depth's per-sample scale.
+    ``norm``: a normalization before the activation (:data:`NORMS`), with its affine
+    ``norm_weight``/``norm_bias`` (learnable), on batch statistics (``batch_stats``; False:
+    BatchNorm's running statistics, constants for the backward). With a norm, dx writes the norm
+    output's gradient and its sinks, and the norm's finishing pass adds the residual gradient."""
     act: str | None = "relu"
     act_param: float = 0.0
     alpha: str | None = None
@@ -120,6 +140,10 @@ class Recipe:
     bias: bool = True
     proj: bool = False
     row_scale: bool = False
+    norm: str | None = None
+    norm_weight: bool = True
+    norm_bias: bool = True
+    batch_stats: bool = True
 
     def passes(self) -> tuple[PassRecipe, PassRecipe, PassRecipe]:
         """The forward, dx and dW launches of a training step that needs every gradient."""
@@ -127,11 +151,19 @@ class Recipe:
         dalpha = self.learnable_alpha and alpha in ("scalar", "channel")
         shortcut = "proj" if self.proj else "residual"
         rs = {"row_scale"} if self.row_scale else set()
-        return (PassRecipe("fwd", self.act, self.act_param, alpha, {shortcut, *rs} | ({"bias"} if self.bias else set())),
-                PassRecipe("dx", self.act, self.act_param, alpha, {shortcut, *rs}),
+        affine = set()
+        dx_shortcut = {shortcut}
+        if self.norm is not None:
+            affine = {p for p, on in (("norm_weight", self.norm_weight), ("norm_bias", self.norm_bias)) if on}
+            dx_shortcut = {p for p, on in (
+                ("norm_col_sums", bool(affine) or (self.norm == "batch" and self.batch_stats)),
+                ("norm_row_sums", self.norm != "batch")) if on}
+        return (PassRecipe("fwd", self.act, self.act_param, alpha,
+                           {shortcut, *rs, *affine} | ({"bias"} if self.bias else set()), self.norm),
+                PassRecipe("dx", self.act, self.act_param, alpha, {*dx_shortcut, *rs, *affine}, self.norm),
                 PassRecipe("dw", self.act, self.act_param, alpha,
                            {p for p, on in (("db", self.bias), ("proj", self.proj), ("dalpha", dalpha),
-                                            ("dalpha_bias", dalpha and self.bias)) if on} | rs))
+                                            ("dalpha_bias", dalpha and self.bias)) if on} | rs | affine, self.norm))
 
 
 @dataclass(frozen=True)
@@ -164,7 +196,7 @@ class MLPRecipe:
                 PassRecipe("dw", *pre, None, db))
 
 
-#: The blocks the README's pass table shows: the mission's block, LayerScale with DropPath, a
+#: The blocks the pass table (docs/kernel-family.md) shows: the mission's block, LayerScale with DropPath, a
 #: projection with a learnable alpha, and timm's MLP half (LN's block: no pre-activation, GELU).
 TABLE_RECIPES = (
     ("FusedResidualBlock(D)", Recipe(alpha="scalar")),
@@ -178,7 +210,7 @@ _MLP_PASS_NAMES = ("fwd (fc1)", "fwd (fc2)", "dx (dh)", "dw (dW2)", "dx (dx)", "
 
 
 def pass_table(recipes=TABLE_RECIPES) -> str:
-    """The README's pass table: each block's launches with their prologue, epilogue and column
+    """The pass table of docs/kernel-family.md: each block's launches with their prologue, epilogue and column
     sums, as its recipe yields them (markdown)."""
     lines = ["| block | pass | A-tile prologue | epilogue | column sums | recipe key |",
              "|---|---|---|---|---|---|"]

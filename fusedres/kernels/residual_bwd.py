@@ -47,6 +47,8 @@ from .configs import (
 )
 from .gemm import (
     add_rows,
+    norm_affine,
+    standardize,
     dalpha_of_bias,
     dalpha_of_tile,
     mma_loop,
@@ -55,12 +57,13 @@ from .gemm import (
     scale_by_alpha,
     store_db,
 )
-from .residual_fwd import act_consts, alpha_args, alpha_kind, recipe_key
+from .residual_fwd import NO_NORM, act_consts, alpha_args, alpha_kind, norm_pieces, recipe_key
 
 
 @triton.jit
 def residual_dx_kernel(
     g_ptr, x_ptr, w_ptr, dx_ptr, p_ptr, r_ptr, alpha_ptr, channel_alpha_ptr, alpha_value, s_ptr,
+    row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr, col_sums_ptr, row_sums_ptr,
     M, N, K, T, M_BUCKET, ROWS_PER_SAMPLE,
     stride_go, stride_gm, stride_gn,
     stride_xo, stride_xm, stride_xk,
@@ -102,6 +105,7 @@ def residual_dx_kernel(
     acc, _ = mma_loop(acc, unused, g_ptr, g_rows, 0, stride_gn, mask_m,
                       w_ptr, offs_k * stride_wk, 0, stride_wn, mask_k,
                       0, n_trips, N, T, None, 0.0, None, channel_alpha_ptr, None, None,
+                      None, None, None, None, None, None, None,
                       None, True, BLOCK_N, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
 
     mask = mask_m[:, None] & mask_k[None, :]
@@ -109,14 +113,34 @@ def residual_dx_kernel(
         acc = acc * scalar_alpha(alpha_ptr, alpha_value, ACC_DTYPE)
     if s_ptr is not None:
         acc = acc * row_scale(s_ptr, offs_m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)[:, None]
-    if DACT is not None:
+    if DACT is not None or row_rstd_ptr is not None or col_rstd_ptr is not None:
         x_rows = row_offsets(offs_m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
         x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(ACC_DTYPE)
-        acc = DACT(acc, x, ACT_PARAM)
+        if row_rstd_ptr is not None or col_rstd_ptr is not None:
+            # the activation's input is norm(x): recomputed here from x and the statistics
+            x_hat = standardize(x, offs_m, mask_m, offs_k, mask_k, row_mean_ptr, row_rstd_ptr, col_mean_ptr,
+                                col_rstd_ptr, 0, ACC_DTYPE)
+            x = norm_affine(x_hat, offs_k, mask_k, norm_w_ptr, norm_b_ptr, 1, ACC_DTYPE)
+        if DACT is not None:
+            acc = DACT(acc, x, ACT_PARAM)
+        if col_sums_ptr is not None:
+            # sinks of dz (the norm output's gradient): column sums of dz and dz * x_hat per row
+            # tile (dbeta, dgamma; BatchNorm's correction), row pid_m of [row tiles, 2, K]
+            sums = col_sums_ptr + pid_m.to(tl.int64) * 2 * K + offs_k
+            tl.store(sums, tl.sum(acc, axis=0), mask=mask_k)
+            tl.store(sums + K, tl.sum(acc * x_hat, axis=0), mask=mask_k)
+        if row_sums_ptr is not None:
+            # row sums of weight * dz and weight * dz * x_hat per feature tile (LayerNorm's and
+            # RMSNorm's correction), row pid_k of [feature tiles, 2, M]
+            dzw = norm_affine(acc, offs_k, mask_k, norm_w_ptr, None, 1, ACC_DTYPE)
+            sums = row_sums_ptr + pid_k.to(tl.int64) * 2 * M + offs_m
+            tl.store(sums, tl.sum(dzw, axis=1), mask=mask_m)
+            tl.store(sums + M, tl.sum(dzw * x_hat, axis=1), mask=mask_m)
     if p_ptr is not None:
         acc, _ = mma_loop(acc, unused, g_ptr, g_rows, 0, stride_gn, mask_m,
                           p_ptr, offs_k * stride_pk, 0, stride_pn, mask_k,
                           0, n_trips, N, T, None, 0.0, None, None, None, None,
+                          None, None, None, None, None, None, None,
                           None, True, BLOCK_N, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
     acc = add_rows(acc, r_ptr, row_offsets(offs_m, T, stride_ro, stride_rm, TWO_LEVEL_ROWS), offs_k, stride_rk,
                    mask, ACC_DTYPE)
@@ -128,6 +152,7 @@ def residual_dx_kernel(
 def residual_dw_kernel(
     g_ptr, x_ptr, dw_ptr, db_ptr, dp_ptr, w_ptr, b_ptr, alpha_ptr, channel_alpha_ptr, alpha_value,
     dalpha_ptr, part_ptr, dbpart_ptr, s_ptr,
+    row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr,
     M, N, K, T, M_BUCKET, TILES_PER_SPLIT, ROWS_PER_SAMPLE,
     stride_go, stride_gm, stride_gn,
     stride_xo, stride_xm, stride_xk,
@@ -224,6 +249,7 @@ def residual_dw_kernel(
     acc, db = mma_loop(acc, db, x_ptr, offs_k * stride_xk, stride_xo, stride_xm, mask_k,
                        g_ptr, offs_n * stride_gn, stride_go, stride_gm, mask_n,
                        m_tile0, m_trips, M, T, ACT, ACT_PARAM, plain, s_ptr, ROWS_PER_SAMPLE, sum_g,
+                       offs_k, row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr,
                        TWO_LEVEL_ROWS, False, BLOCK_M, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
 
     tile_mask = mask_k[:, None] & mask_n[None, :]
@@ -361,12 +387,12 @@ residual_dw_kernel_tuned = triton.autotune(
 
 
 def dx_head(g, x, weight, dx, alpha=None, proj_weight=None, residual=None, sample_scale=None,
-            add_residual: bool = True) -> tuple:
+            add_residual: bool = True, norm=NO_NORM, norm_sums=(None, None)) -> tuple:
     """The dx kernel's per-call arguments (operands, None where absent): the first
     :data:`DX_HEAD` of :func:`dx_launch_args`. ``residual``: the gradient added in the epilogue
     (None: ``g``, the block's own; none with a projection or without ``add_residual``)."""
     r = None if proj_weight is not None or not add_residual else (g if residual is None else residual)
-    return (g, x, weight, dx, proj_weight, r, *alpha_args(alpha, weight), sample_scale)
+    return (g, x, weight, dx, proj_weight, r, *alpha_args(alpha, weight), sample_scale, *norm, *norm_sums)
 
 
 #: The dx kernel's per-call arguments: those before its sizes.
@@ -374,18 +400,18 @@ DX_HEAD = residual_dx_kernel.arg_names.index("M")
 
 
 def dw_head(g, x, dw, db, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None, sample_scale=None,
-            workspaces=None) -> tuple:
+            workspaces=None, norm=NO_NORM) -> tuple:
     """The dW kernel's per-call arguments (operands, None where absent): the first
     :data:`DW_HEAD` of :func:`dw_launch_args`. ``weight`` and ``bias`` go to the kernel only for
     dalpha. ``workspaces``: the split-M slabs ``(slab, db_slab)`` of the split's first launch,
     which writes partials only: then no db, alpha or dalpha."""
     if workspaces is not None:
-        return (g, x, dw, None, dp, None, None, None, None, None, None, *workspaces, sample_scale)
+        return (g, x, dw, None, dp, None, None, None, None, None, None, *workspaces, sample_scale, *norm)
     alpha_ptr, channel_alpha_ptr, alpha_value = alpha_args(alpha, dw)
     if dalpha_partials is None:
         weight = bias = None
     return (g, x, dw, db, dp, weight, bias, alpha_ptr, channel_alpha_ptr, alpha_value, dalpha_partials, None, None,
-            sample_scale)
+            sample_scale, *norm)
 
 
 #: The dW kernel's per-call arguments: those before its sizes.
@@ -404,22 +430,27 @@ REDUCE_HEAD = residual_dw_reduce_kernel.arg_names.index("N")
 
 def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, alpha=None, proj_weight=None, *,
                    residual=None, sample_scale=None, rows_per_sample: int = 1, add_residual: bool = True,
-                   act: str | None = "relu", act_param: float = 0.0):
+                   act: str | None = "relu", act_param: float = 0.0, norm: tuple = NO_NORM, norm_sums=(None, None)):
     """The dx kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
     launcher and the compile gate, ``fusedres.aot``). ``residual``: ``(r, r's RowStrides)``, the
     gradient added in the epilogue (default ``g``); ``add_residual=False``: none (the MLP's
     ``dh``). ``sample_scale``: ``s [B]``, ``rows_per_sample`` rows per sample. ``act``: the
-    activation whose derivative at ``x`` applies (None: none, and ``x`` is not read)."""
+    activation whose derivative at ``x`` applies (None: none, and ``x`` is not read). ``norm``: the
+    six normalization operands (:func:`~.residual_fwd.norm_operands`): the derivative then applies
+    at ``norm(x)``, and ``dx`` is the norm output's gradient ``dz``; ``norm_sums``: ``(col_sums,
+    row_sums)``, fp32 (fp64) workspaces of ``[cdiv(M, BLOCK_M), 2, K]`` and ``[cdiv(K, BLOCK_K),
+    2, M]`` for dz's sinks (either None: not wanted)."""
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
     r, rs = residual if residual is not None else (g, gs)
-    head = dx_head(g, x, weight, dx, alpha, proj_weight, r, sample_scale, add_residual)
+    head = dx_head(g, x, weight, dx, alpha, proj_weight, r, sample_scale, add_residual, norm, norm_sums)
     args = head + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), rows_per_sample, *gs, *xs, *rs,
         weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), dx.stride(0), dx.stride(1))
     consts = dict(**act_consts(act, act_param, derivative=True),
                   RECIPE=recipe_key("dx", act, act_param, head[6:9], proj=proj_weight,
-                                    residual=add_residual and proj_weight is None, row_scale=sample_scale),
+                                    residual=add_residual and proj_weight is None, row_scale=sample_scale,
+                                    norm_col_sums=norm_sums[0], norm_row_sums=norm_sums[1], **norm_pieces(norm)),
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, g.dtype, x.dtype, dx.dtype))
 
     def grid(meta):
@@ -442,7 +473,8 @@ def dalpha_workspace_size(N: int, K: int, proj: bool, per_channel: bool = False)
 
 def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None,
                    alpha=None, dalpha_partials=None, dp=None, split=None, sample_scale=None,
-                   rows_per_sample: int = 1, act: str | None = "relu", act_param: float = 0.0):
+                   rows_per_sample: int = 1, act: str | None = "relu", act_param: float = 0.0,
+                   norm: tuple = NO_NORM):
     """The dW kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
     launcher and the compile gate, ``fusedres.aot``). ``weight`` (and ``bias``, if any) are read
     only for the dalpha partials, which go to ``dalpha_partials`` (:func:`dalpha_workspace_size`
@@ -452,7 +484,8 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
     ``split``: ``(slab, db_slab, splits, tiles_per_split)`` for the first launch of a split-M dW:
     the kernel then writes only the fp32 partials (:func:`dw_split_workspaces`), and
     :func:`dw_reduce_launch_args` does the rest. ``sample_scale``: stochastic depth's ``s [B]``
-    (``rows_per_sample`` rows per sample), scaling g's rows in dW, db and dalpha (not in dP)."""
+    (``rows_per_sample`` rows per sample), scaling g's rows in dW, db and dalpha (not in dP).
+    ``norm``: the six normalization operands, applied to ``x`` before the activation."""
     N, K = dw.shape
     w = weight if weight is not None else dw
     dpt = dp if dp is not None else dw
@@ -461,15 +494,15 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
         raise ValueError("residual_dw: dalpha needs alpha as a tensor")
     splits, per = (split[2], split[3]) if split is not None else (1, 1)
     head = dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale,
-                   split[:2] if split is not None else None)
+                   split[:2] if split is not None else None, norm)
     args = head + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), per, rows_per_sample,
         *gs, *xs, w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
     if split is None:
         pieces = dict(scale=head[7:10], db=db, proj=dp, dalpha=dalpha_partials,
-                      dalpha_bias=need_dalpha and bias is not None, row_scale=sample_scale)
+                      dalpha_bias=need_dalpha and bias is not None, row_scale=sample_scale, **norm_pieces(norm))
     else:                   # the split's first launch: partials only, the reduce does the epilogue
-        pieces = dict(proj=dp, split=True, col_sums=split[1], row_scale=sample_scale)
+        pieces = dict(proj=dp, split=True, col_sums=split[1], row_scale=sample_scale, **norm_pieces(norm))
     consts = dict(**act_consts(act, act_param), RECIPE=recipe_key("dw", act, act_param, **pieces),
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(dw.dtype, g.dtype, x.dtype))
 
@@ -509,8 +542,8 @@ def dw_reduce_launch_args(slab, db_slab, splits: int, dw, db, *, weight=None, bi
 
 def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *, alpha=None, proj_weight=None,
                 config: triton.Config | None = None, residual=None, sample_scale=None, rows_per_sample: int = 1,
-                add_residual: bool = True, act: str | None = "relu", act_param: float = 0.0
-                ) -> PreparedLaunch | None:
+                add_residual: bool = True, act: str | None = "relu", act_param: float = 0.0,
+                norm: tuple = NO_NORM, norm_sums=(None, None)) -> PreparedLaunch | None:
     """Launch the dx kernel; ``dx`` is ``[M, K]`` row-major (any view of it); the keyword arguments
     after ``config`` are :func:`dx_launch_args`'s. Returns the launch as a :class:`PreparedLaunch`
     (repeat it with :func:`dx_head`'s arguments), None without rows."""
@@ -518,7 +551,8 @@ def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *,
         return None
     args, consts, grid = dx_launch_args(g, gs, x, xs, weight, dx, rows, alpha, proj_weight, residual=residual,
                                         sample_scale=sample_scale, rows_per_sample=rows_per_sample,
-                                        add_residual=add_residual, act=act, act_param=act_param)
+                                        add_residual=add_residual, act=act, act_param=act_param, norm=norm,
+                                        norm_sums=norm_sums)
     return launch_and_prepare(residual_dx_kernel, residual_dx_kernel_tuned, "dx", grid, args, consts, rows.M,
                               max(weight.shape), config, n_head=DX_HEAD)
 
@@ -545,7 +579,7 @@ def _gpu_split_config(sms: int, M: int, N: int, K: int, named: dict, consts: dic
 def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None, alpha=None,
                 dalpha_partials=None, dp=None, config: triton.Config | None = None,
                 splits: int | None = None, sample_scale=None, rows_per_sample: int = 1, act: str | None = "relu",
-                act_param: float = 0.0) -> "PreparedDw":
+                act_param: float = 0.0, norm: tuple = NO_NORM) -> "PreparedDw":
     """Launch the dW kernel: ``dw = alpha * g.T @ act(x)``, ``db = alpha * g.sum(0)`` if ``db`` is
     given, ``dp = g.T @ x`` if ``dp`` is given, and per-program dalpha partials if
     ``dalpha_partials`` is given (:func:`dalpha_workspace_size` long, fp32 or fp64, needs ``alpha``
@@ -569,7 +603,7 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
     """
     args, consts, grid = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
                                         dalpha_partials=dalpha_partials, dp=dp, sample_scale=sample_scale,
-                                        rows_per_sample=rows_per_sample, act=act, act_param=act_param)
+                                        rows_per_sample=rows_per_sample, act=act, act_param=act_param, norm=norm)
     per_channel = alpha_kind(alpha) == "channel"
     N, K = dw.shape
     proj = dp is not None
@@ -592,7 +626,7 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
                                                    dalpha_partials=dalpha_partials, dp=dp,
                                                    split=(slab, db_slab, p.splits, p.tiles_per_split),
                                                    sample_scale=sample_scale, rows_per_sample=rows_per_sample,
-                                                   act=act, act_param=act_param)
+                                                   act=act, act_param=act_param, norm=norm)
             main = launch_and_prepare(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid1, args1, consts1,
                                       rows.M, max(dw.shape), config, n_head=DW_HEAD)
             args2, consts2, grid2 = dw_reduce_launch_args(slab, db_slab, p.splits, dw, db, weight=weight, bias=bias,
@@ -620,12 +654,13 @@ class PreparedDw:
         self.acc, self.programs = acc, programs
 
     def __call__(self, g, x, dw, db, *, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None,
-                 sample_scale=None) -> int:
+                 sample_scale=None, norm=NO_NORM) -> int:
         if self.reduce is None:
-            self.main.run(dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale))
+            self.main.run(dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale, None, norm))
             return self.programs
         slab = torch.empty(self.slab_numel, device=dw.device, dtype=self.acc)
         db_slab = torch.empty(self.db_numel, device=dw.device, dtype=self.acc) if self.db_numel else None
-        self.main.run(dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale, (slab, db_slab)))
+        self.main.run(dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale, (slab, db_slab),
+                              norm))
         self.reduce(*reduce_head(slab, db_slab, dw, db, weight, bias, alpha, dalpha_partials, dp))
         return self.programs

@@ -97,6 +97,7 @@ def recipe_key(pass_: str, act: str | None, act_param: float, scale=(None, None,
 @triton.jit
 def residual_fwd_kernel(
     x_ptr, w_ptr, y_ptr, b_ptr, p_ptr, r_ptr, alpha_ptr, channel_alpha_ptr, alpha_value, s_ptr,
+    row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr,
     M, N, K, T, M_BUCKET, ROWS_PER_SAMPLE,
     stride_xo, stride_xm, stride_xk,
     stride_ro, stride_rm, stride_rn,
@@ -114,7 +115,9 @@ def residual_fwd_kernel(
 ):
     """One [BLOCK_M, BLOCK_N] tile of y (see the module docstring for the math).
 
-    The skeleton: the K loop with the activation as the A-tile prologue, then the epilogue
+    The skeleton: the K loop with the A-tile prologue (a normalization with precomputed
+    statistics, ``row_*``: per row, LayerNorm and RMSNorm; ``col_*``: per feature, BatchNorm;
+    ``norm_w_ptr``/``norm_b_ptr``: its affine; all None: none; then the activation), then the epilogue
     steps: bias (``b_ptr``), the scales (``s_ptr``, and ``alpha_ptr``, ``channel_alpha_ptr`` or
     ``alpha_value``), then the shortcut, which is the projection's K loop (``p_ptr``) or the
     residual tensor (``r_ptr``) or nothing. Every optional operand may be None.
@@ -138,6 +141,7 @@ def residual_fwd_kernel(
     acc, _ = mma_loop(acc, unused, x_ptr, x_rows, 0, stride_xk, mask_m,
                       w_ptr, offs_n.to(tl.int64) * stride_wn, 0, stride_wk, mask_n,
                       0, k_trips, K, T, ACT, ACT_PARAM, None, None, None, None,
+                      offs_m, row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr,
                       None, False, BLOCK_K, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
 
     mask = mask_m[:, None] & mask_n[None, :]
@@ -148,6 +152,7 @@ def residual_fwd_kernel(
         acc, _ = mma_loop(acc, unused, x_ptr, x_rows, 0, stride_xk, mask_m,
                           p_ptr, offs_n.to(tl.int64) * stride_pn, 0, stride_pk, mask_n,
                           0, k_trips, K, T, None, 0.0, None, None, None, None,
+                          None, None, None, None, None, None, None,
                           None, False, BLOCK_K, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
     acc = add_rows(acc, r_ptr, row_offsets(offs_m, T, stride_ro, stride_rm, TWO_LEVEL_ROWS), offs_n, stride_rn,
                    mask, ACC_DTYPE)
@@ -160,8 +165,31 @@ residual_fwd_kernel_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_for("fwd")})(residual_fwd_kernel)
 
 
+#: The normalization operands of a launch without one (see :func:`norm_operands`).
+NO_NORM = (None,) * 6
+
+
+def norm_operands(kind: str | None, mean=None, rstd=None, weight=None, bias=None) -> tuple:
+    """The kernels' six normalization operands ``(row_mean, row_rstd, col_mean, col_rstd,
+    norm_weight, norm_bias)`` for a norm ``kind``: ``"batch"`` (statistics per feature, ``[K]``),
+    ``"layer"`` or ``"rms"`` (per row, ``[M]``; RMSNorm has no mean), or None (none)."""
+    if kind is None:
+        return NO_NORM
+    if kind == "batch":
+        return (None, None, mean, rstd, weight, bias)
+    return (mean if kind == "layer" else None, rstd, None, None, weight, bias)
+
+
+def norm_pieces(norm: tuple) -> dict:
+    """A launch's normalization pieces for its recipe, from its six operands."""
+    row_mean, row_rstd, col_mean, col_rstd, weight, bias = norm
+    kind = None if row_rstd is None and col_rstd is None else \
+        "batch" if col_rstd is not None else "layer" if row_mean is not None else "rms"
+    return dict(norm=kind, norm_weight=weight, norm_bias=bias)
+
+
 def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None, residual=None, sample_scale=None,
-             add_residual: bool = True) -> tuple:
+             add_residual: bool = True, norm=NO_NORM) -> tuple:
     """The forward kernel's per-call arguments (its operands, None where absent, and
     ``alpha_value``): the first :data:`FWD_HEAD` of :func:`fwd_launch_args`; the rest is fixed by
     the input signature. ``residual``: the tensor added in the epilogue (None: ``x``, the block's
@@ -180,7 +208,7 @@ def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None, residual=None, sa
     else:
         alpha_ptr = _fp64_alpha(float(alpha), weight.device)
     r = None if proj_weight is not None or not add_residual else (x if residual is None else residual)
-    return (x, weight, y, bias, proj_weight, r, alpha_ptr, channel_alpha_ptr, alpha_value, sample_scale)
+    return (x, weight, y, bias, proj_weight, r, alpha_ptr, channel_alpha_ptr, alpha_value, sample_scale, *norm)
 
 
 #: The forward kernel's per-call arguments: those before its sizes.
@@ -198,7 +226,7 @@ def act_consts(act: str | None, act_param: float, derivative: bool = False) -> d
 
 def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, proj_weight=None, *,
                     residual=None, sample_scale=None, rows_per_sample: int = 1, add_residual: bool = True,
-                    act: str | None = "relu", act_param: float = 0.0):
+                    act: str | None = "relu", act_param: float = 0.0, norm: tuple = NO_NORM):
     """The forward kernel's launch arguments, without launching: ``(args, consts, grid)``.
 
     The launcher and the compile gate (``fusedres.aot``) both build them here, so the gate
@@ -206,18 +234,20 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
     added in the epilogue, default ``x`` itself; ``add_residual=False``: no residual (the MLP's
     first GEMM). ``sample_scale``: ``s [B]`` with ``rows_per_sample`` rows per sample. ``act``:
     the activation on the A operand (a name of :data:`activations.KERNELS`, None: none) with its
-    ``act_param``.
+    ``act_param``. ``norm``: the six operands of :func:`norm_operands` (the normalization of the A
+    operand, before the activation).
     """
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
     r, rs = residual if residual is not None else (x, xs)
-    head = fwd_head(x, weight, bias, y, alpha, proj_weight, r, sample_scale, add_residual)
+    head = fwd_head(x, weight, bias, y, alpha, proj_weight, r, sample_scale, add_residual, norm)
     args = head + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), rows_per_sample,
         *xs, *rs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), y.stride(0), y.stride(1))
     consts = dict(**act_consts(act, act_param),
                   RECIPE=recipe_key("fwd", act, act_param, head[6:9], bias=bias, proj=proj_weight,
-                                    residual=add_residual and proj_weight is None, row_scale=sample_scale),
+                                    residual=add_residual and proj_weight is None, row_scale=sample_scale,
+                                    **norm_pieces(norm)),
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, x.dtype, y.dtype))
 
     def grid(meta):
@@ -228,8 +258,8 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
 
 def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, proj_weight=None,
                  config: triton.Config | None = None, residual=None, sample_scale=None, rows_per_sample: int = 1,
-                 add_residual: bool = True, act: str | None = "relu", act_param: float = 0.0
-                 ) -> PreparedLaunch | None:
+                 add_residual: bool = True, act: str | None = "relu", act_param: float = 0.0,
+                 norm: tuple = NO_NORM) -> PreparedLaunch | None:
     """Launch the forward kernel.
 
     ``x`` ``(..., K)`` is addressed through ``rows`` and its strides ``xs``; ``weight`` (and
@@ -245,7 +275,7 @@ def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, 
         return None
     args, consts, grid = fwd_launch_args(x, xs, weight, bias, y, rows, alpha, proj_weight, residual=residual,
                                          sample_scale=sample_scale, rows_per_sample=rows_per_sample,
-                                         add_residual=add_residual, act=act, act_param=act_param)
+                                         add_residual=add_residual, act=act, act_param=act_param, norm=norm)
     return launch_and_prepare(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M,
                               max(weight.shape), config, n_head=FWD_HEAD)
 

@@ -1,0 +1,272 @@
+"""The block with a normalization, fused: ``y = x + alpha * s * (act(norm(x)) @ W.T + b)``, He et
+al.'s full pre-activation (BatchNorm) and the pre-norm blocks (LayerNorm, RMSNorm).
+
+No tensor of ``x``'s size is written but the output: the forward GEMM normalizes its A tiles from
+the statistics (``kernels.gemm.normalize``), and those come from one read-only pass over ``x``
+(``kernels.norm``), which writes only ``[D]`` (BatchNorm) or ``[M]`` (LayerNorm, RMSNorm)
+vectors. The autograd saves ``x`` and those vectors, never ``norm(x)``.
+
+The backward, in four launches (plus dW's split-M reduce):
+
+1. dx's GEMM ``dz = act'(z) * s * ((alpha * g) @ W)`` at ``z = norm(x)``, recomputed in its
+   epilogue; its sinks write dz's column sums (``sum dz``, ``sum dz * x_hat`` per row tile: dbeta,
+   dgamma and BatchNorm's correction) and row sums (LayerNorm's and RMSNorm's correction), and it
+   stores dz into the dx buffer;
+2. the fixed-order sums of those partials (tiny);
+3. the finishing pass ``dx = g + rstd * (gamma * dz - c1 - x_hat * c2)`` in place
+   (``kernels.norm.norm_dx_kernel``): the one pass the global reduction forces;
+4. dW's GEMM with the same normalizing prologue on ``x``.
+
+Two custom ops carry it, so that ``torch.compile`` sees opaque, shape-known nodes:
+``fusedres::norm_residual_forward -> (y, mean, var)`` and ``fusedres::norm_residual_backward``.
+BatchNorm's running statistics are updated outside them, from the returned batch statistics, as
+``nn.BatchNorm1d`` updates them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from ._layout import plan_rows
+from .activations import ActLike, resolve as resolve_act
+from .droppath import rows_per_sample
+from .kernels._common import cdiv
+from .kernels.norm import acc_dtype, col_stats, norm_dx, row_stats
+from .norm import NormCall, NormLike, update_running_stats
+
+WHO = "fused_residual"
+
+
+def fused_norm_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha, sample_scale: Optional[Tensor],
+                        act: ActLike, norm: NormLike) -> Tensor:
+    """:func:`fusedres.fused_residual` with ``norm`` given (its inputs checked there)."""
+    from .op import backend_for, gemm_operands
+    call = NormCall(norm, x.shape[-1] if x.dim() else None, WHO)
+    act = resolve_act(act, WHO)
+    if backend_for(x.device) == "eager":
+        return _eager(x, weight, bias, alpha, sample_scale, act, norm, call)
+    D = x.shape[-1]
+    M = x.numel() // D if D else 0
+    if call.kind == "batch" and call.running is None and M <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {[M, D]}")
+    weight, bias = gemm_operands(WHO, x, [("weight", weight), ("bias", bias)])
+    alpha_value = 1.0
+    if not isinstance(alpha, Tensor):
+        alpha, alpha_value = None, float(alpha)
+    eps = call.eps if call.eps is not None else torch.finfo(x.dtype).eps
+    running_mean, running_var = call.running if call.running is not None else (None, None)
+    with torch.autocast(x.device.type, enabled=False):
+        y, mean, var = torch.ops.fusedres.norm_residual_forward(
+            x, weight, bias, alpha, alpha_value, sample_scale, act.name, act.param, call.kind, call.weight,
+            call.bias, float(eps), running_mean, running_var)
+    if call.update is not None:
+        update_running_stats(call.update, mean, var, M)
+    return y
+
+
+def _eager(x, weight, bias, alpha, sample_scale, act, norm, call) -> Tensor:
+    """The eager path (a CPU without the interpreter, or ``set_backend("eager")``): the reference."""
+    from .reference import residual_reference
+    return residual_reference(x, weight, bias, alpha=alpha, sample_scale=sample_scale, act=act, norm=norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# The launches
+
+
+def _stats(x, xs, rows, kind, eps, running_mean, running_var):
+    """``(mean, var, rstd)`` in the accumulator dtype: the batch statistics (one pass over ``x``)
+    or BatchNorm's running ones; ``mean`` None for RMSNorm (``var`` is then the mean square)."""
+    acc = acc_dtype(x)
+    if running_mean is not None:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    elif kind == "batch":
+        mean, var = col_stats(x, xs, rows)
+    else:
+        mean, var = row_stats(x, xs, rows, with_mean=kind == "layer")
+    return mean, var, torch.rsqrt(var + eps)
+
+
+def _scale(alpha, alpha_value):
+    return alpha if alpha is not None else (None if alpha_value == 1.0 else alpha_value)
+
+
+def _forward(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight, norm_bias, eps,
+             running_mean, running_var):
+    rows, (xs,), (xk,) = plan_rows(x)
+    N = weight.shape[0]
+    mean, var, rstd = _stats(xk, xs, rows, kind, eps, running_mean, running_var)
+    y = x.new_empty((*x.shape[:-1], N), dtype=torch.promote_types(x.dtype, weight.dtype))
+    kernels.residual_fwd(xk, xs, weight, bias, y.view(rows.M, N), rows, alpha=_scale(alpha, alpha_value),
+                         sample_scale=sample_scale, rows_per_sample=rows_per_sample(x), act=act,
+                         act_param=act_param, norm=kernels.norm_operands(kind, mean, rstd, norm_weight, norm_bias))
+    if running_mean is not None:
+        return y, x.new_empty(0), x.new_empty(0)
+    return y, (mean if mean is not None else x.new_empty(0)), var
+
+
+def _backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight,
+              norm_bias, eps, mean, var, batch_stats, need_dx, need_weight, need_bias, need_alpha,
+              need_norm_weight, need_norm_bias):
+    """(dx, dW, db, dalpha, dnorm_weight, dnorm_bias), None for each not asked for."""
+    from .op import bias_grad, dalpha_from_partials
+    rows, (gs, xs), (gk, xk) = plan_rows(grad, x)
+    M, (N, K) = rows.M, weight.shape
+    acc = acc_dtype(xk)
+    mean = mean.to(acc) if mean is not None and mean.numel() else None
+    var = var.to(acc)
+    rstd = torch.rsqrt(var + eps)
+    ops = kernels.norm_operands(kind, mean, rstd, norm_weight, norm_bias)
+    scale = _scale(alpha, alpha_value)
+    rps = rows_per_sample(x)
+    kact = dict(act=act, act_param=act_param)
+    dx = dw = db = dalpha = dnw = dnb = None
+    if need_dx or need_norm_weight or need_norm_bias:
+        dz = x.new_empty((M, K))
+        want_cols = need_norm_weight or need_norm_bias or (need_dx and kind == "batch" and batch_stats)
+        want_rows = need_dx and kind != "batch"
+        col_sums = torch.empty(cdiv(M, 16) * 2 * K, device=x.device, dtype=acc) if want_cols else None
+        row_sums = torch.empty(cdiv(K, 16) * 2 * M, device=x.device, dtype=acc) if want_rows else None
+        launch = kernels.residual_dx(gk, gs, xk, xs, weight, dz, rows, alpha=scale, sample_scale=sample_scale,
+                                     rows_per_sample=rps, add_residual=False, norm=ops,
+                                     norm_sums=(col_sums, row_sums), **kact)
+        c1 = c2 = None
+        if launch is None:          # no rows
+            sum_dz = sum_dz_xhat = torch.zeros(K, device=x.device, dtype=acc)
+        if launch is not None and col_sums is not None:
+            tiles = cdiv(M, launch.config.kwargs["BLOCK_M"])
+            sum_dz, sum_dz_xhat = col_sums[:tiles * 2 * K].view(tiles, 2, K).sum(0)
+            if need_dx and kind == "batch" and batch_stats:
+                w = norm_weight.to(acc) if norm_weight is not None else 1.0
+                c1, c2 = w * sum_dz / M, w * sum_dz_xhat / M
+        if launch is not None and row_sums is not None:
+            tiles = cdiv(K, launch.config.kwargs["BLOCK_K"])
+            rsum = row_sums[:tiles * 2 * M].view(tiles, 2, M).sum(0)
+            c1, c2 = (rsum[0] / K if kind == "layer" else None), rsum[1] / K
+        if need_dx:
+            norm_dx(dz, gk, gs, xk, xs, rows, ops, c1, c2)
+            dx = dz.view(x.shape)
+        if need_norm_weight:
+            dnw = sum_dz_xhat.to(norm_weight.dtype, copy=True)      # (views of one sum: no aliased outputs)
+        if need_norm_bias:
+            dnb = sum_dz.to(norm_bias.dtype, copy=True)
+    if need_weight or need_alpha:
+        dw = weight.new_empty(N, K)
+        db = weight.new_empty(N) if need_bias else None
+        per_channel = need_alpha and alpha.numel() > 1
+        partials = (torch.empty(kernels.dalpha_workspace_size(N, K, False, per_channel), device=x.device,
+                                dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
+                    if need_alpha else None)
+        prepared = kernels.residual_dw(gk, gs, xk, xs, dw, db, rows, weight=weight, bias=bias, alpha=scale,
+                                       dalpha_partials=partials, sample_scale=sample_scale, rows_per_sample=rps,
+                                       norm=ops, **kact)
+        if need_alpha:
+            dalpha = dalpha_from_partials(partials, prepared.programs, alpha, N)
+        if not need_weight:
+            dw = None
+    elif need_bias:
+        db = bias_grad(grad, sample_scale, scale, weight)
+    return dx, dw, db, dalpha, dnw, dnb
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops and their autograd
+
+
+def _stat_shapes(x: Tensor, kind: str, given: bool):
+    if given:
+        return (0,), (0,)
+    D = x.shape[-1]
+    M = x.numel() // D if D else 0
+    if kind == "batch":
+        return (D,), (D,)
+    return ((M,) if kind == "layer" else (0,)), (M,)
+
+
+@torch.library.custom_op("fusedres::norm_residual_forward", mutates_args=())
+def norm_residual_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
+                          alpha_value: float, sample_scale: Optional[Tensor], act: str, act_param: float, norm: str,
+                          norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor]
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, var)``: the block's output and the batch statistics it normalized with (empty
+    when ``running_mean``/``running_var`` were given; RMSNorm: no mean, ``var`` the mean square)."""
+    return _forward(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight, norm_bias,
+                    eps, running_mean, running_var)
+
+
+@norm_residual_forward.register_fake
+def _(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight, norm_bias, eps,
+      running_mean, running_var):
+    acc = acc_dtype(x)
+    mean_shape, var_shape = _stat_shapes(x, norm, running_mean is not None)
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.promote_types(x.dtype, weight.dtype))
+    given = running_mean is not None
+    return (y, x.new_empty(mean_shape, dtype=x.dtype if given else acc),
+            x.new_empty(var_shape, dtype=x.dtype if given else acc))
+
+
+@torch.library.custom_op("fusedres::norm_residual_backward", mutates_args=())
+def norm_residual_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
+                           alpha_value: float, sample_scale: Optional[Tensor], act: str, act_param: float, norm: str,
+                           norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float, mean: Tensor,
+                           var: Tensor, batch_stats: bool, need_dx: bool, need_weight: bool, need_bias: bool,
+                           need_alpha: bool, need_norm_weight: bool, need_norm_bias: bool
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``norm_residual_forward``'s ``y`` with respect to (x, weight, bias, alpha,
+    norm_weight, norm_bias); an empty tensor for each not asked for."""
+    grads = _backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight,
+                      norm_bias, eps, mean, var, batch_stats, need_dx, need_weight, need_bias, need_alpha,
+                      need_norm_weight, need_norm_bias)
+    return tuple(t if t is not None else x.new_empty(0) for t in grads)
+
+
+@norm_residual_backward.register_fake
+def _(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight, norm_bias, eps,
+      mean, var, batch_stats, need_dx, need_weight, need_bias, need_alpha, need_norm_weight, need_norm_bias):
+    N, K = weight.shape
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            weight.new_empty(N, K) if need_weight else x.new_empty(0),
+            weight.new_empty(N) if need_bias else x.new_empty(0),
+            alpha.new_empty(alpha.shape) if need_alpha else x.new_empty(0),
+            norm_weight.new_empty(norm_weight.shape) if need_norm_weight else x.new_empty(0),
+            norm_bias.new_empty(norm_bias.shape) if need_norm_bias else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight, norm_bias, eps,
+     running_mean, running_var) = inputs
+    _, mean, var = output
+    given = running_mean is not None
+    ctx.mark_non_differentiable(mean, var)
+    ctx.settings = (alpha_value, act, act_param, norm, eps, not given, bias is not None, alpha is not None,
+                    norm_weight is not None, norm_bias is not None)
+    # Saved: x, the vectors of the statistics and the parameters; never norm(x). The bias only
+    # when alpha needs its gradient (dalpha's bias term).
+    keep_bias = bias if (alpha is not None and alpha.requires_grad) else None
+    ctx.save_for_backward(x, weight, keep_bias, alpha, sample_scale, norm_weight, norm_bias,
+                          running_mean if given else mean, running_var if given else var)
+
+
+def _backward_rule(ctx, grad, _grad_mean, _grad_var):
+    x, weight, bias, alpha, sample_scale, norm_weight, norm_bias, mean, var = ctx.saved_tensors
+    alpha_value, act, act_param, norm, eps, batch_stats, has_bias, has_alpha, has_nw, has_nb = ctx.settings
+    need = ctx.needs_input_grad
+    needs = (need[0], need[1], need[2] and has_bias, need[3] and has_alpha, need[9] and has_nw, need[10] and has_nb)
+    grads = torch.ops.fusedres.norm_residual_backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act,
+                                                      act_param, norm, norm_weight, norm_bias, eps, mean, var,
+                                                      batch_stats, *needs)
+    dx, dw, db, dalpha, dnw, dnb = (g if n else None for g, n in zip(grads, needs))
+    return dx, dw, db, dalpha, None, None, None, None, None, dnw, dnb, None, None, None
+
+
+def _register() -> None:
+    from .op import refuse_double_backward
+    norm_residual_forward.register_autograd(_backward_rule, setup_context=_setup_context)
+    refuse_double_backward(norm_residual_backward, "fused_residual with a norm", "ResidualBlock")
+
+
+_register()

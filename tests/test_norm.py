@@ -1,0 +1,346 @@
+"""Normalization inside the block (issue 22): ``y = x + alpha * (act(norm(x)) @ W.T + b)`` with
+BatchNorm, LayerNorm and RMSNorm, against eager references built on torch's own norm modules."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fusedres import FusedResidualBlock, ResidualBlock, fused_residual, kernels, residual_reference
+from fusedres.validate import parity
+from helpers import make_x
+
+KINDS = ["batch", "layer", "rms"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GRAD_NAMES = ("y", "dx", "dweight", "dbias", "dnorm_weight", "dnorm_bias")
+
+
+def make_norm(kind, D, seed=4, **kwargs):
+    """A torch norm module with non-trivial parameters (and running statistics)."""
+    gen = torch.Generator().manual_seed(seed)
+    norm = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "rms": nn.RMSNorm}[kind](D, **kwargs)
+    with torch.no_grad():
+        if getattr(norm, "weight", None) is not None:
+            norm.weight.copy_(torch.rand(D, generator=gen) + 0.5)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(torch.rand(D, generator=gen) - 0.5)
+        if getattr(norm, "running_mean", None) is not None:
+            norm.running_mean.copy_(torch.randn(D, generator=gen) * 0.3)
+            norm.running_var.copy_(torch.rand(D, generator=gen) + 0.5)
+    return norm
+
+
+def params(D, device, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    bound = D ** -0.5
+    w = torch.empty(D, D).uniform_(-bound, bound, generator=gen).to(device)
+    b = torch.empty(D).uniform_(-bound, bound, generator=gen).to(device)
+    return w, b
+
+
+def run(fn, x, w, b, norm, g, dtype, act="relu", alpha=1.0, autocast=None):
+    """Forward and backward; returns ([y, dx, dW, db, dnorm_weight, dnorm_bias], the norm module
+    the run used: a copy in ``dtype``, with its updated running statistics)."""
+    cast = lambda t: t.detach().to(dtype).requires_grad_()          # noqa: E731
+    xx, ww, bb = cast(x), cast(w), cast(b)
+    nm = copy.deepcopy(norm).to(xx.device, dtype if autocast is None else norm.weight.dtype)
+    if autocast is not None:
+        xx, ww, bb = (t.detach().float().requires_grad_() for t in (x, w, b))
+        with torch.autocast(x.device.type, dtype=autocast):
+            y = fn(xx, ww, bb, norm=nm, act=act, alpha=alpha)
+    else:
+        y = fn(xx, ww, bb, norm=nm, act=act, alpha=alpha)
+    y.backward(g.to(y.dtype))
+    nb = getattr(nm, "bias", None)
+    return [y.detach(), xx.grad, ww.grad, bb.grad, nm.weight.grad, nb.grad if nb is not None else None], nm
+
+
+def check_norm_parity(x, w, b, norm, *, act="relu", autocast=None, alpha=1.0):
+    """Fused, eager (torch's norm module, then the eager block) in the same dtype, and fp64 on the
+    same rounded inputs: the parity rule for y, every gradient and BatchNorm's running statistics."""
+    g = torch.randn((*x.shape[:-1], w.shape[0]), generator=torch.Generator().manual_seed(7)).to(x.device)
+    dtype = x.dtype
+    fused, fn = run(fused_residual, x, w, b, norm, g, dtype, act, alpha, autocast)
+    eager, en = run(residual_reference, x, w, b, norm, g, dtype, act, alpha, autocast)
+    ref, rn = run(residual_reference, x, w, b, norm, g, torch.float64, act, alpha)
+    for name, f, e, r in zip(GRAD_NAMES, fused, eager, ref):
+        if r is None:
+            assert f is None and e is None, name
+            continue
+        assert f.shape == e.shape and f.dtype == e.dtype, (name, f.shape, e.shape, f.dtype, e.dtype)
+        p = parity(f, e, r)
+        assert p.ok, f"{name} [{type(norm).__name__}, {dtype}, autocast {autocast}, x {list(x.shape)}]: {p}"
+    if getattr(norm, "running_mean", None) is not None:
+        for name in ("running_mean", "running_var"):
+            p = parity(getattr(fn, name), getattr(en, name), getattr(rn, name))
+            assert p.ok, f"{name} [{dtype}]: {p}"
+        assert int(fn.num_batches_tracked) == int(en.num_batches_tracked)
+    return fused
+
+
+def expected_launches(kind, batch_stats=True):
+    stats = {} if not batch_stats else {"norm_col_stats" if kind == "batch" else "norm_row_stats": 1}
+    return {**stats, "residual_fwd": 1, "residual_dx": 1, "norm_dx": 1, "residual_dw": 1}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,act", [("batch", "relu"), ("layer", "gelu"), ("rms", "silu")])
+def test_norm_parity(kind, act, dtype, device, launches):
+    x = (make_x((3, 13, 40), torch.float32, device) * 1.5 + 0.75).to(dtype)
+    w, b = params(40, device)
+    check_norm_parity(x, w.to(dtype), b.to(dtype), make_norm(kind, 40).to(device), act=act)
+    assert launches() == expected_launches(kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_parity_autocast(kind, device, launches):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    x = make_x((2, 17, 48), torch.float32, device)
+    w, b = params(48, device)
+    check_norm_parity(x, w, b, make_norm(kind, 48).to(device), act="gelu_tanh", autocast=dtype)
+    assert launches() == expected_launches(kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_gradcheck(kind, device):
+    """fp64 gradcheck of x, the block's parameters, alpha and the norm's affine (BatchNorm on batch
+    statistics: its running statistics are updated on every call and not used)."""
+    block = FusedResidualBlock(6, norm=kind, act="gelu", learnable_alpha=True, alpha=0.7, device=device,
+                               dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 6, generator=gen, dtype=torch.float64) + 0.3).to(device).requires_grad_()
+    names = [n for n, _ in block.named_parameters()]
+    assert {"norm.weight", "weight", "bias", "alpha"} <= set(names)
+    values = [(p.detach() + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device))
+              .requires_grad_() for _, p in block.named_parameters()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(block, dict(zip(names, ps)), (x,))
+
+    # fast mode: random projections of the Jacobian, analytical against numerical (about 10x fewer launches)
+    assert torch.autograd.gradcheck(f, (x, *values), fast_mode=True)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_running_stats_three_steps(momentum, device):
+    """Three SGD steps on the fused and the eager block from one init: the running statistics (and
+    num_batches_tracked) equal torch's under the parity rule, then eval mode uses them."""
+    torch.manual_seed(0)
+    eager = ResidualBlock(32, norm=nn.BatchNorm1d(32, momentum=momentum), device=device)
+    fused = FusedResidualBlock.from_block(copy.deepcopy(eager))
+    ref = copy.deepcopy(eager).double()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (fused, eager, ref)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = (torch.randn(4, 9, 32, generator=gen) * 2 + 1).to(device)
+        for m, opt in zip((fused, eager, ref), opts):
+            opt.zero_grad()
+            m(x.to(next(m.parameters()).dtype)).square().mean().backward()
+            opt.step()
+    for name in ("running_mean", "running_var"):
+        p = parity(getattr(fused.norm, name), getattr(eager.norm, name), getattr(ref.norm, name))
+        assert p.ok, f"{name}: {p}"
+    assert int(fused.norm.num_batches_tracked) == int(eager.norm.num_batches_tracked) == 3
+    for m in (fused, eager, ref):
+        m.eval()
+    x = (torch.randn(3, 32, generator=gen) + 1).to(device)
+    outs = [m(x.to(next(m.parameters()).dtype)) for m in (fused, eager, ref)]
+    assert parity(*outs).ok
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_eval_parity(affine, device, launches):
+    """Eval mode on running statistics: no statistics pass, and the backward has no batch
+    correction (the statistics are constants)."""
+    x = make_x((29, 24), torch.float32, device) + 0.5
+    w, b = params(24, device)
+    norm = make_norm("batch", 24, affine=affine).to(device).eval()
+    if affine:
+        check_norm_parity(x, w, b, norm)
+        assert launches() == expected_launches("batch", batch_stats=False)
+    else:
+        g = torch.randn(29, 24, generator=torch.Generator().manual_seed(2)).to(device)
+        outs = []
+        for fn, dtype in ((fused_residual, torch.float32), (residual_reference, torch.float32),
+                          (residual_reference, torch.float64)):
+            xx = x.detach().to(dtype).requires_grad_()
+            y = fn(xx, w.to(dtype), b.to(dtype), norm=copy.deepcopy(norm).to(dtype))
+            y.backward(g.to(dtype))
+            outs.append((y.detach(), xx.grad))
+        for i in range(2):
+            assert parity(outs[0][i], outs[1][i], outs[2][i]).ok
+
+
+def test_batchnorm_without_running_stats(device):
+    """track_running_stats=False: batch statistics in eval mode too, as torch."""
+    x = make_x((33, 16), torch.float32, device)
+    w, b = params(16, device)
+    norm = make_norm("batch", 16, track_running_stats=False).to(device).eval()
+    check_norm_parity(x, w, b, norm)
+
+
+@pytest.mark.parametrize("kind,layout,shape", [("batch", "transposed", (5, 7, 37)), ("layer", "sliced", (3, 11, 70)),
+                                               ("rms", "feature-strided", (2, 9, 19))])
+def test_norm_strided_and_ragged(kind, layout, shape, device, launches):
+    x = make_x(shape, torch.float32, device, layout=layout)
+    w, b = params(shape[-1], device)
+    check_norm_parity(x, w, b, make_norm(kind, shape[-1]).to(device), act="leaky_relu")
+    assert launches()["residual_fwd"] == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_by_name_functional(kind, device):
+    """A name in the functional form: the parameter-free norm, as F.batch_norm(training=True),
+    F.layer_norm and F.rms_norm."""
+    x = make_x((21, 32), torch.float64, device) + 0.2
+    w, b = params(32, device)
+    w, b = w.double(), b.double()
+    y = fused_residual(x, w, b, norm=kind)
+    assert torch.allclose(y, residual_reference(x, w, b, norm=kind), rtol=1e-12, atol=1e-12)
+
+
+def test_norm_with_alpha_and_drop_path(device):
+    x = make_x((6, 5, 24), torch.float32, device) + 0.3
+    w, b = params(24, device)
+    s = torch.tensor([2.0, 0, 2, 2, 0, 2])          # stochastic depth's drawn scale, p = 0.5
+    for kind in KINDS:
+        norm = make_norm(kind, 24).to(device)
+        outs = []
+        for fn, dtype in ((fused_residual, torch.float32), (residual_reference, torch.float32),
+                          (residual_reference, torch.float64)):
+            xx = x.detach().to(dtype).requires_grad_()
+            alpha = torch.full((24,), 0.3, dtype=dtype, device=device).requires_grad_()
+            y = fn(xx, w.to(dtype), b.to(dtype), alpha=alpha, sample_scale=s.to(device, dtype),
+                   norm=copy.deepcopy(norm).to(dtype))
+            y.backward(torch.ones_like(y))
+            outs.append((y.detach(), xx.grad, alpha.grad))
+        for i in range(3):
+            assert parity(outs[0][i], outs[1][i], outs[2][i]).ok, (kind, i)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_saves_x_and_vectors(kind, device):
+    """The backward keeps x, the parameters and the statistic vectors: no other tensor the size of
+    x (never norm(x))."""
+    block = FusedResidualBlock(40, norm=kind, device=device)
+    x = torch.randn(3, 13, 40, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = block(x)
+    big = [t for t in saved if t.numel() >= x.numel() and t.data_ptr() != block.weight.data_ptr()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr(), [tuple(t.shape) for t in big]
+    vectors = sum(t.numel() for t in saved if t.numel() < x.numel() and t.dim() == 1)
+    assert vectors <= 2 * 39 + 4 * 40 + 1
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_forward_writes_only_y(kind, device):
+    """The forward's kernels write no tensor of x's size but y: the statistics pass writes
+    vectors, the GEMM y; x is read twice (the statistics, the GEMM's A tiles)."""
+    from fusedres.traffic import InterpreterTraffic
+    block = FusedResidualBlock(64, norm=kind, device=device)
+    x = torch.randn(96, 64, device=device)
+    with torch.no_grad(), InterpreterTraffic() as t:
+        block(x)
+    per = t.per_argument()
+    written = {k: v["unique_written"] for k, v in per.items() if v["unique_written"]}
+    assert written.pop("residual_fwd_kernel.y_ptr") == x.numel() * 4
+    assert all(v <= 2 * 96 * 4 for v in written.values()), written
+    x_reads = {k: v["unique_read"] for k, v in per.items() if k.endswith(".x_ptr")}
+    assert sorted(x_reads.values()) == [x.numel() * 4] * 2, x_reads
+
+
+def test_norm_state_dict_interchange(device):
+    """The norm is a real submodule: torch's keys, loadable both ways with the eager block."""
+    fused = FusedResidualBlock(16, norm="batch", device=device)
+    eager = ResidualBlock(16, norm="batch", device=device)
+    keys = set(fused.state_dict())
+    assert {"norm.weight", "norm.bias", "norm.running_mean", "norm.running_var",
+            "norm.num_batches_tracked"} <= keys and keys == set(eager.state_dict())
+    with torch.no_grad():
+        fused.norm.running_mean.fill_(0.25)
+    eager.load_state_dict(fused.state_dict())
+    fused.load_state_dict(eager.state_dict())
+    assert torch.equal(eager.norm.running_mean, fused.norm.running_mean)
+    assert isinstance(FusedResidualBlock(16, norm="rms").norm, nn.RMSNorm)
+    ln = nn.LayerNorm(16, eps=1e-6)
+    assert FusedResidualBlock(16, norm=ln).norm is ln
+
+
+def test_norm_errors(device):
+    x = torch.randn(4, 8, device=device)
+    w, b = params(8, device)
+    with pytest.raises(ValueError, match="unknown norm 'group'"):
+        fused_residual(x, w, b, norm="group")
+    with pytest.raises(ValueError, match="normalized_shape is \\(16,\\), but the block's width is 8"):
+        fused_residual(x, w, b, norm=nn.LayerNorm(16))
+    with pytest.raises(ValueError, match="num_features is 9"):
+        FusedResidualBlock(8, norm=nn.BatchNorm1d(9))
+    with pytest.raises(TypeError, match="got GroupNorm"):
+        FusedResidualBlock(8, norm=nn.GroupNorm(2, 8))
+    with pytest.raises(TypeError, match="got BatchNorm2d"):
+        fused_residual(x, w, b, norm=nn.BatchNorm2d(8))
+    with pytest.raises(ValueError, match="projection"):
+        FusedResidualBlock(8, 12, norm="layer")
+    with pytest.raises(ValueError, match="projection"):
+        fused_residual(x, w[:6].contiguous(), b[:6].contiguous(), proj_weight=w[:6].contiguous(), norm="layer")
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        fused_residual(x[:1], w, b, norm="batch")
+
+
+def test_norm_deterministic(device):
+    """Bitwise the same outputs and gradients twice (partials summed in a fixed order)."""
+    x = make_x((70, 48), torch.float32, device)
+    w, b = params(48, device)
+    g = torch.randn(70, 48, generator=torch.Generator().manual_seed(5)).to(device)
+    norm = make_norm("batch", 48).to(device)
+    first, _ = run(fused_residual, x, w, b, norm, g, torch.float32)
+    second, _ = run(fused_residual, x, w, b, norm, g, torch.float32)
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+
+
+def test_norm_opcheck(device):
+    x = torch.randn(10, 16, device=device, dtype=torch.float64)
+    w, b = (t.double() for t in params(16, device))
+    nw, nb = torch.rand(16, device=device, dtype=torch.float64) + 0.5, torch.randn(16, device=device,
+                                                                                  dtype=torch.float64)
+    for kind, running in (("batch", None), ("layer", None), ("rms", None),
+                          ("batch", (torch.randn(16, device=device, dtype=torch.float64),
+                                     torch.rand(16, device=device, dtype=torch.float64) + 0.5))):
+        args = (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(), None, 0.5, None,
+                "relu", 0.0, kind, nw.clone().requires_grad_(), None if kind == "rms" else nb.clone().requires_grad_(),
+                1e-5, *(running or (None, None)))
+        torch.library.opcheck(torch.ops.fusedres.norm_residual_forward.default, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("kind", ["batch", "layer"])
+def test_norm_compile_fullgraph(kind, device):
+    """torch.compile(fullgraph=True) traces the custom ops (and BatchNorm's running update) with no
+    graph break, training and eval."""
+    torch._dynamo.reset()
+    block = FusedResidualBlock(16, norm=kind, device=device)
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(12, 16, device=device)
+    for train in (True, False):
+        block.train(train)
+        eager.train(train)
+        y = compiled(x)
+        y_ref = eager(x)
+        assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    if kind == "batch":
+        assert torch.allclose(block.norm.running_mean, eager.norm.running_mean)
+        assert int(block.norm.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_constant_rows_and_columns(kind, device):
+    """Zero-variance columns (BatchNorm) and rows (LayerNorm, RMSNorm of a constant row), where
+    rstd = 1/sqrt(eps) amplifies any error in the mean: the statistics' corrected two-pass mean is
+    exact there, as eager's."""
+    x = make_x((40, 24), torch.float32, device) + 0.3          # every 5th column: the constant 0.3
+    x[::7] = -1.7                                               # constant rows
+    w, b = params(24, device)
+    check_norm_parity(x, w, b, make_norm(kind, 24).to(device))
