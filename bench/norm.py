@@ -1,4 +1,5 @@
-"""The normalized block's bytes (issue 22): ``y = x + act(norm(x)) @ W.T + b`` with BatchNorm,
+"""The normalized blocks' bytes (issue 22): ``y = x + act(norm(x)) @ W.T + b`` and the MLP block
+``y = x + act(norm(x) @ W1.T + b1) @ W2.T + b2`` (H = 4D, rtdl's and timm's order) with BatchNorm,
 LayerNorm and RMSNorm, fused against eager and against the compulsory minimum.
 
 Fused: the distinct bytes of every Triton launch through the interpreter instrument (the
@@ -16,14 +17,24 @@ import torch
 from torch import nn
 
 KINDS = ("batch", "layer", "rms")
+#: single: the block; mlp: the MLP block with the norm on x (pre_act None, rtdl's and timm's order);
+#: mlp-hidden: He et al.'s two-layer form, the same norm on x and on h (relu before each GEMM).
+BLOCKS = ("single", "mlp", "mlp-hidden")
 DEFAULT_SIZE = (512, 128)
 _MODULES = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "rms": nn.RMSNorm}
 
 
-def compulsory_bytes(mode: str, kind: str, M: int, D: int, e: int) -> int:
+def compulsory_bytes(mode: str, kind: str, M: int, D: int, e: int, H: int | None = None, hidden: bool = False) -> int:
     """Each tensor of the block touched once: forward x, W, b, the norm's affine read, y written;
-    backward g, x, W, the affine read, dx, dW, db and the affine's gradients written."""
+    backward g, x, W, the affine read, dx, dW, db and the affine's gradients written. The MLP block
+    (``H``): its absolute minimum (bench/mlp.py: h written once forward and read once backward)
+    plus the affine's."""
     P = D if kind == "rms" else 2 * D       # the affine: weight (and bias)
+    if H is not None and hidden:
+        P += H if kind == "rms" else 2 * H
+    if H is not None:
+        from .mlp import absolute_min_bytes
+        return absolute_min_bytes(mode, M, D, H, e) + e * (P if mode == "fwd" else 2 * P)
     if mode == "fwd":
         return e * (2 * M * D + D * D + D + P)
     return e * (3 * M * D + 2 * D * D + D + 2 * P)
@@ -32,6 +43,7 @@ def compulsory_bytes(mode: str, kind: str, M: int, D: int, e: int) -> int:
 @dataclass
 class NormCase:
     kind: str
+    block: str = "single"                          # or "mlp"
     fused: dict = field(default_factory=dict)      # mode -> [(kernel, unique bytes, request bytes)]
     eager: dict = field(default_factory=dict)      # mode -> bytes
     max_abs_diff: float = 0.0
@@ -42,6 +54,11 @@ class NormCase:
 
     def writes_of_x_size(self) -> int:
         return self.fused["fwd_writes_x_size"]
+
+    @property
+    def label(self) -> str:
+        return {"single": "FusedResidualBlock", "mlp": "FusedResidualMLPBlock, H = 4D",
+                "mlp-hidden": "FusedResidualMLPBlock, H = 4D, hidden_norm"}[self.block] + f": {self.kind}"
 
 
 @dataclass
@@ -64,21 +81,34 @@ def measure(M: int = DEFAULT_SIZE[0], D: int = DEFAULT_SIZE[1], seed: int = 0) -
     out = NormMeasurement(M, D)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(M, D, generator=gen) + 0.5
-    w = (torch.rand(D, D, generator=gen) * 2 - 1) / D ** 0.5
-    b = (torch.rand(D, generator=gen) * 2 - 1) / D ** 0.5
+
+    def uniform(*shape):
+        return (torch.rand(*shape, generator=gen) * 2 - 1) / shape[-1] ** 0.5
+
+    w, b = uniform(D, D), uniform(D)
+    mlp = (uniform(4 * D, D), uniform(4 * D), uniform(D, 4 * D), uniform(D))
     g = torch.randn(M, D, generator=gen)
-    for kind in KINDS:
-        case = NormCase(kind)
+    for block, kind in [(blk, k) for blk in BLOCKS for k in KINDS]:
+        case = NormCase(kind, block)
         norm = _MODULES[kind](D)
         results = {}
         for impl in ("fused", "eager"):
             nm = copy.deepcopy(norm)
-            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            leaves = [t.clone().requires_grad_() for t in ((x, w, b) if block == "single" else (x, *mlp))]
             params = leaves + list(nm.parameters())
-            fn = fusedres.fused_residual if impl == "fused" else fusedres.residual_reference
+            if block == "single":
+                fn = fusedres.fused_residual if impl == "fused" else fusedres.residual_reference
+                kwargs = {}
+            else:
+                fn = fusedres.fused_residual_mlp if impl == "fused" else fusedres.residual_mlp_reference
+                kwargs = dict(pre_act=None)
+                if block == "mlp-hidden":
+                    hn = _MODULES[kind](4 * D)
+                    params += list(hn.parameters())
+                    kwargs = dict(pre_act="relu", hidden_norm=hn)
             counter = InterpreterTraffic if impl == "fused" else DispatchTraffic
             with counter() as f:
-                y = fn(*leaves, norm=nm)
+                y = fn(*leaves, norm=nm, **kwargs)
             with counter() as bwd:
                 grads = torch.autograd.grad(y, params, g)
             results[impl] = (y.detach(), *grads)
@@ -87,6 +117,7 @@ def measure(M: int = DEFAULT_SIZE[0], D: int = DEFAULT_SIZE[1], seed: int = 0) -
                     case.fused[mode] = [(lc.kernel, lc.unique_bytes, lc.bytes_read + lc.bytes_written)
                                         for lc in t.launches]
                     case.violations += list(t.violations)
+                # tensors of x's size (or larger) written in the forward: y, and the MLP block's h
                 case.fused["fwd_writes_x_size"] = sum(
                     1 for lc in f.launches for a in lc.args.values() if a.unique_written >= x.numel() * 4)
             else:
@@ -103,36 +134,41 @@ def bytes_table(m: NormMeasurement) -> str:
     for c in m.cases:
         for mode in ("fwd", "bwd"):
             fu, ea = c.fused_bytes(mode), c.eager[mode]
-            cm = compulsory_bytes(mode, c.kind, m.M, m.D, 4)
-            rows.append([c.kind, mode, str(len(c.fused[mode])), f"{fu:,}", f"{ea:,}", f"{cm:,}", f"{ea / fu:.2f}x",
+            cm = compulsory_bytes(mode, c.kind, m.M, m.D, 4, None if c.block == "single" else 4 * m.D,
+                                  hidden=c.block == "mlp-hidden")
+            rows.append([c.label, mode, str(len(c.fused[mode])), f"{fu:,}", f"{ea:,}", f"{cm:,}", f"{ea / fu:.2f}x",
                          f"{fu / cm:.2f}x"])
-    return markdown_table(["norm", "mode", "fused launches", "fused unique B (measured)", "eager B (measured)",
+    return markdown_table(["block: norm", "mode", "fused launches", "fused unique B (measured)", "eager B (measured)",
                            "compulsory minimum B", "eager / fused", "fused / minimum"], rows)
 
 
 def launch_table(m: NormMeasurement) -> str:
     from .report import markdown_table
-    rows = [[c.kind, mode, kernel, f"{u:,}", f"{r:,}"] for c in m.cases for mode in ("fwd", "bwd")
+    rows = [[c.label, mode, kernel, f"{u:,}", f"{r:,}"] for c in m.cases for mode in ("fwd", "bwd")
             for kernel, u, r in c.fused[mode]]
-    return markdown_table(["norm", "mode", "kernel", "unique B", "requests B"], rows)
+    return markdown_table(["block: norm", "mode", "kernel", "unique B", "requests B"], rows)
 
 
 def section(m: NormMeasurement) -> tuple[list[str], bool]:
     """The CPU report's "normalized block" section, and whether it holds: no lane out of bounds, and
     the forward writes one tensor of x's size (y)."""
-    ok = all(not c.violations and c.writes_of_x_size() == 1 for c in m.cases)
+    ok = all(not c.violations and c.writes_of_x_size() == (1 if c.block == "single" else 2) for c in m.cases)
+    # the hidden norm's statistics come from fc1's epilogue: no launch reads h for them
+    ok = ok and all(len(c.fused["fwd"]) == 3 for c in m.cases if c.block == "mlp-hidden")
     worst = max((c.max_abs_diff for c in m.cases), default=0.0)
     lines = [f"## Normalized block: bytes per call, M={m.M}, D={m.D}, fp32", "",
-             "y = x + relu(norm(x)) @ W.T + b with nn.BatchNorm1d (training), nn.LayerNorm, nn.RMSNorm (default "
-             "settings; every gradient, the norm's affine included). Bytes MEASURED on this CPU, no GPU time: fused = "
+             "y = x + relu(norm(x)) @ W.T + b, and the MLP block y = x + relu(norm(x) @ W1.T + b1) @ W2.T + b2 "
+             "(H = 4D, pre_act=None: rtdl's order), with nn.BatchNorm1d (training), nn.LayerNorm, nn.RMSNorm "
+             "(default settings; every gradient, the norm's affine included). Bytes MEASURED on this CPU, no GPU time: fused = "
              "distinct bytes per Triton launch through the interpreter instrument (the small [D] or [M] vector ops "
              "between launches, torch's, are not counted: O(D + M) each); eager = fusedres.residual_reference with "
              "the same norm module and its autograd backward under the aten dispatch counter. Compulsory minimum "
              "(bench/norm.py): each tensor touched once, forward e(2MD + D^2 + D + P), backward "
-             "e(3MD + 2D^2 + D + 2P), P the affine's size.", "",
+             "e(3MD + 2D^2 + D + 2P), P the affine's size; the MLP block's absolute minimum (bench/mlp.py) plus P "
+             "forward and 2P backward.", "",
              bytes_table(m), "", "Per launch:", "", launch_table(m), "",
-             "- the forward reads x twice (the statistics pass, then the GEMM's A tiles) and writes only y and the "
-             f"statistic vectors: {'yes' if ok else 'NO'}",
+             "- the forward reads x twice (the statistics pass, then the GEMM's A tiles) and writes only y (and the "
+             f"MLP block's h) and the statistic vectors: {'yes' if ok else 'NO'}",
              "- the backward's extra pass is the correction the norm's global reduction forces: dx's GEMM writes dz "
              "with its column/row sums, the finishing pass reads dz, g and x and writes dx",
              f"- fused vs eager outputs (y and every gradient), max |difference|: {worst:.3g}",
@@ -144,9 +180,11 @@ def records(m: NormMeasurement) -> list[dict]:
     out = []
     for c in m.cases:
         for mode in ("fwd", "bwd"):
-            base = dict(section="norm", norm=c.kind, mode=mode, M=m.M, D=m.D, dtype="fp32", ms=None, measured=False)
+            base = dict(section="norm", block=c.block, norm=c.kind, mode=mode, M=m.M, D=m.D, dtype="fp32", ms=None, measured=False)
             out.append(dict(base, impl="fused", launches=len(c.fused[mode]), unique_bytes=c.fused_bytes(mode),
                             bytes_source="measured",
-                            compulsory_min_bytes=compulsory_bytes(mode, c.kind, m.M, m.D, 4)))
+                            compulsory_min_bytes=compulsory_bytes(mode, c.kind, m.M, m.D, 4,
+                                                                  None if c.block == "single" else 4 * m.D,
+                                                                  hidden=c.block == "mlp-hidden")))
             out.append(dict(base, impl="eager", bytes=c.eager[mode], bytes_source="measured"))
     return out

@@ -12,6 +12,9 @@ with and without residual scaling, and reports:
 - a results table (markdown and JSON);
 - a stochastic-depth run (``--kinds stochastic-depth``: the scaled residual network trained with
   ``ResidualMLP(..., drop_path=--drop-path)``, rates rising linearly over depth);
+- He et al.'s full pre-activation (``--kinds full-preact-bn``: BN -> ReLU -> Linear in every block,
+  ``ResidualMLP(..., norm="batch")``, alpha 1), whose activation variance is measured with the
+  batch statistics it trains with;
 - a lesion study of every trained network (Veit et al., "Residual networks behave like ensembles
   of relatively shallow networks"): at test time, delete single blocks (replace block i by the
   identity) and report the test-accuracy change per deleted block; then delete k random blocks,
@@ -48,7 +51,7 @@ class PlainBlock(nn.Module):
         return self.linear(torch.relu(x))
 
 
-KINDS = ("plain", "residual", "residual-scaled", "rezero", "stochastic-depth")
+KINDS = ("plain", "residual", "residual-scaled", "rezero", "stochastic-depth", "full-preact-bn")
 
 
 def build(kind: str, depth: int, dim: int, fused: bool, drop_path: float = 0.5) -> nn.Module:
@@ -61,8 +64,10 @@ def build(kind: str, depth: int, dim: int, fused: bool, drop_path: float = 0.5) 
         model.blocks = nn.Sequential(*[PlainBlock(dim) for _ in range(depth)])
         return model
     alpha = {"residual": 1.0, "residual-scaled": 1.0 / math.sqrt(depth), "rezero": 0.0,
-             "stochastic-depth": 1.0 / math.sqrt(depth)}[kind]
+             "stochastic-depth": 1.0 / math.sqrt(depth), "full-preact-bn": 1.0}[kind]
     extra = {"drop_path": drop_path} if kind == "stochastic-depth" else {}
+    if kind == "full-preact-bn":
+        extra = {"norm": "batch"}
     return fusedres.ResidualMLP(64, dim, depth, 10, fused=fused, alpha=alpha, learnable_alpha=kind == "rezero",
                                 **extra)
 
@@ -221,11 +226,16 @@ def main(argv=None):
                 he_init(model)
             name = f"{kind} L={depth}"
             # the diagnostics at initialisation in eval mode: stochastic depth's random drops
-            # would make each point of the autocorrelation path a different sub-network (no
-            # other kind has train/eval differences)
+            # would make each point of the autocorrelation path a different sub-network. BatchNorm
+            # is measured as it trains, on batch statistics, on a copy (its running statistics stay
+            # untouched); its autocorrelation path in eval mode (two inputs are no batch).
             model.eval()
-            grads[name] = layer_grad_norms(model, xtr[:512], ytr[:512])
-            variances[name] = activation_variance(model, xtr[:512])
+            probe = model
+            if kind == "full-preact-bn":
+                import copy
+                probe = copy.deepcopy(model).train()
+            grads[name] = layer_grad_norms(probe, xtr[:512], ytr[:512])
+            variances[name] = activation_variance(probe, xtr[:512])
             autocorr[name] = gradient_autocorrelation(model, xtr[0], xtr[1], points=args.points)
             model.train()
             losses, acc = train(model, data, args.steps, args.lr)

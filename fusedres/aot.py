@@ -187,15 +187,21 @@ FEATURE_RECIPES = {
     "norm-batch": Recipe(alpha="scalar", learnable_alpha=True, norm="batch"),
     "norm-layer": Recipe(alpha="channel", learnable_alpha=True, row_scale=True, norm="layer"),
     "norm-rms": Recipe(alpha="value", norm="rms", norm_bias=False),
+    # the MLP block's hidden norm: fc1's epilogue emits its statistics partials (per column for
+    # BatchNorm, per row for LayerNorm), fc2's passes normalize h (dh's sinks, dW2's prologue)
+    "norm-hidden-batch": MLPRecipe(alpha="scalar", learnable_alpha=True, row_scale=True, norm="layer",
+                                   hidden_norm="batch"),
+    "norm-hidden-layer": MLPRecipe(alpha="scalar", learnable_alpha=True, row_scale=True, norm="batch",
+                                   hidden_norm="layer"),
 }
 #: The normalization variants: compiled when asked for (``--features norm-batch,norm-layer,norm-rms``),
 #: each with the norm's own kernels (:data:`NORM_KINDS`) beside the GEMMs.
-NORM_FEATURES = ("norm-batch", "norm-layer", "norm-rms")
+NORM_FEATURES = ("norm-batch", "norm-layer", "norm-rms", "norm-hidden-batch", "norm-hidden-layer")
 #: The normalization's own small kernels (``fusedres.kernels.norm``), one config each
 #: (``NORM_CONFIGS``), compiled with the norm variants that launch them.
 NORM_KINDS = ("norm_row_stats", "norm_col_stats", "norm_dx")
 _NORM_KIND_FEATURES = {"norm_row_stats": ("norm-layer", "norm-rms"), "norm_col_stats": ("norm-batch",),
-                       "norm_dx": NORM_FEATURES}
+                       "norm_dx": ("norm-batch", "norm-layer", "norm-rms")}
 #: The activations besides relu, and ``identity`` (no activation: the MLP block's ``pre_act=None``),
 #: as :func:`gate_jobs`'s ``acts`` and ``--acts`` take them.
 GATE_ACTS = tuple(a for a in _act_kernels.KERNELS if a != "relu") + ("identity",)
@@ -276,8 +282,10 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     extra = features in ("alpha+proj", "split+alpha+proj")
     layerscale = features in ("layerscale", "split+layerscale", "norm-layer")
     row_scale = features in ("drop-path", "mlp", "split+drop-path") or layerscale
-    norm_kind = features[len("norm-"):] if features in NORM_FEATURES else None
-    mlp = features == "mlp"
+    hidden_kind = features[len("norm-hidden-"):] if features.startswith("norm-hidden-") else None
+    norm_kind = features[len("norm-"):] if features in NORM_FEATURES and hidden_kind is None else None
+    mlp = features == "mlp" or hidden_kind is not None
+    row_scale = row_scale or hidden_kind is not None
     N = 2 * D if extra else D
     kact = dict(act=None if act_name == "identity" else act_name, act_param=_ACT_PARAMS.get(act_name, 0.0))
     nobias = features == "no-bias"
@@ -289,7 +297,7 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
 
     w, b = torch.empty(N, D, dtype=tdtype), (None if nobias else torch.empty(N, dtype=tdtype))
     alpha = (torch.empty(N, dtype=act_dtype) if layerscale else torch.empty((), dtype=act_dtype)
-             if extra or row_scale or nobias or norm_kind == "batch"
+             if extra or row_scale or nobias or norm_kind == "batch" or hidden_kind is not None
              else 0.5 if features in ("alpha-value", "norm-rms") else None)
     proj = torch.empty(N, D, dtype=tdtype) if extra else None
     scale = dict(sample_scale=torch.empty(EXAMPLE_B, dtype=act_dtype), rows_per_sample=M // EXAMPLE_B) \
@@ -302,13 +310,26 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
                                      torch.empty(D, dtype=act_dtype),
                                      None if norm_kind == "rms" else torch.empty(D, dtype=act_dtype))
         kact["norm"] = norm
+    stats_partials = (None, None)
+    if hidden_kind is not None:
+        # fc1 normalizes x (the other kind) and emits h's statistics partials; fc2's passes
+        # normalize h over its H features
+        x_kind = "layer" if hidden_kind == "batch" else "batch"
+        x_stats = torch.empty(D if x_kind == "batch" else M, dtype=torch.float32)
+        x_norm = kernels.norm_operands(x_kind, x_stats, x_stats, torch.empty(D, dtype=act_dtype),
+                                       torch.empty(D, dtype=act_dtype))
+        h_stats = torch.empty(H if hidden_kind == "batch" else M, dtype=torch.float32)
+        kact["norm"] = x_norm if kind == "fwd" else kernels.norm_operands(
+            hidden_kind, h_stats, h_stats, torch.empty(H, dtype=act_dtype), torch.empty(H, dtype=act_dtype))
+        stats_partials = ((torch.empty(M // 16 * 2 * H, dtype=torch.float32), None) if hidden_kind == "batch"
+                          else (None, torch.empty(H // 16 * 2 * M, dtype=torch.float32)))
     with _matmul_precision(precision):
         if kind == "fwd" and mlp:       # the MLP's first GEMM: h = relu(x) @ W1.T + b1, no residual
             x = act(D)
             rows, (xs,), (xk,) = plan_rows(x)
             h = torch.empty(rows.M, H, dtype=tdtype)
             args, consts, _ = fwd_launch_args(xk, xs, torch.empty(H, D, dtype=tdtype), torch.empty(H, dtype=tdtype),
-                                              h, rows, add_residual=False, **kact)
+                                              h, rows, add_residual=False, stats_partials=stats_partials, **kact)
         elif kind == "fwd":
             x = act(D)
             rows, (xs,), (xk,) = plan_rows(x)
@@ -318,8 +339,11 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
             g, h = act(D), act(H).to(tdtype)
             rows, (gs, hs), (gk, hk) = plan_rows(g, h)
             dh = torch.empty(rows.M, H, dtype=tdtype)
+            sums = (None, None) if hidden_kind is None else (
+                torch.empty(rows.M // 16 * 2 * H, dtype=torch.float32),
+                torch.empty(H // 16 * 2 * rows.M, dtype=torch.float32) if hidden_kind != "batch" else None)
             args, consts, _ = dx_launch_args(gk, gs, hk, hs, torch.empty(D, H, dtype=tdtype), dh, rows, alpha,
-                                             add_residual=False, **scale, **kact)
+                                             add_residual=False, norm_sums=sums, **scale, **kact)
         elif kind == "dx" and norm_kind is not None:    # dz, with the norm's sinks; no residual
             g, x = act(N), act(D)
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
@@ -816,14 +840,15 @@ def derive_act_drops(records: list[dict]) -> dict:
 
 def derive_norm_drops(records: list[dict]) -> dict:
     """:data:`fusedres.kernels.configs.NORM_DROPPED` from gate records: every GEMM record of a norm
-    variant that failed, as arch -> kind -> element size -> tiles."""
+    variant that failed, as arch -> kind -> (element size, mixed) -> tiles (mixed: autocast's fp32
+    activations beside 16-bit weights)."""
     out: dict = {}
     for r in records:
         if r["ok"] or r["kernel"] not in KINDS or split_features(r.get("features", ""))[0] not in NORM_FEATURES:
             continue
-        elem = DTYPES[r["variant"]][0].itemsize
+        key = (DTYPES[r["variant"]][0].itemsize, r["variant"] in ACTIVATIONS)
         tile = _configs._tile(r["kernel"], config_from_name(r["kernel"], r["config_name"]))
-        out.setdefault(r["arch"], {}).setdefault(r["kernel"], {}).setdefault(elem, set()).add(tile)
+        out.setdefault(r["arch"], {}).setdefault(r["kernel"], {}).setdefault(key, set()).add(tile)
     return {arch: {k: {e: sorted(t, reverse=True) for e, t in sorted(by.items())} for k, by in sorted(kinds.items())}
             for arch, kinds in sorted(out.items())}
 

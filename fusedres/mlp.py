@@ -40,7 +40,8 @@ class ResidualMLP(nn.Module):
 
     ``act``: every block's activation (the hidden one in MLP blocks), ``pre_act`` the MLP blocks'
     activation on x (:mod:`fusedres.activations`); ``alpha_per_channel``: each block's alpha a
-    per-channel parameter (LayerScale).
+    per-channel parameter (LayerScale). ``norm``: a name (``"batch"``, ``"layer"``, ``"rms"``): every
+    block gets its own torch norm module (:mod:`fusedres.norm`).
 
     Shapes: ``(..., in_features) -> (..., out_features)``.
     """
@@ -48,7 +49,8 @@ class ResidualMLP(nn.Module):
     def __init__(self, in_features: int, dim: int, depth: int, out_features: int, *, fused: bool = True,
                  bias: bool = True, alpha: float = 1.0, learnable_alpha: bool = False,
                  hidden_features: int | None = None, drop_path: float = 0.0, act: ActLike = "relu",
-                 pre_act: ActLike = "relu", alpha_per_channel: bool = False, device=None, dtype=None) -> None:
+                 pre_act: ActLike = "relu", alpha_per_channel: bool = False, norm: str | None = None,
+                 hidden_norm: str | None = None, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         rates = drop_path_rates(check_drop_path(drop_path, "ResidualMLP: drop_path"), depth)
@@ -65,7 +67,17 @@ class ResidualMLP(nn.Module):
         # drop_path is passed only when used: with drop_path=0 the blocks are built exactly as
         # before it existed.
         extra = (lambda rate: {"drop_path": rate}) if drop_path > 0 else (lambda rate: {})
+        for name, value in (("norm", norm), ("hidden_norm", hidden_norm)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"ResidualMLP: {name} must be a name ('batch', 'layer', 'rms') or None: each block "
+                                f"gets its own module; got {type(value).__name__}")
+        if hidden_norm is not None and hidden_features is None:
+            raise ValueError("ResidualMLP: hidden_norm is the MLP blocks' (hidden_features=H)")
         options = dict(act=act, alpha_per_channel=alpha_per_channel)
+        if norm is not None:
+            options["norm"] = norm
+        if hidden_norm is not None:
+            options["hidden_norm"] = hidden_norm
         if hidden_features is not None:
             options["pre_act"] = pre_act
         elif resolve_act(pre_act, "ResidualMLP: pre_act", allow_none=True) != resolve_act("relu", ""):

@@ -41,7 +41,9 @@ from .op import (
 )
 from .activations import Activation, ActLike, kernel_args, resolve as resolve_act
 from .droppath import rows_per_sample, sample_rows
-from .op import _activation, check_alpha_shape, dalpha_from_partials, warn_if_ungated
+from .kernels._common import cdiv
+from .norm import NormCall, NormLike, norm_kind, update_running_stats
+from .op import _activation, autocast_off, check_alpha_shape, dalpha_from_partials, warn_if_ungated
 
 
 def _acts(pre_act: str, pre_act_param: float, act: str, act_param: float) -> tuple[Activation | None, Activation]:
@@ -78,9 +80,9 @@ def _check_mlp_inputs(x, w1, b1, w2, b2, alpha, sample_scale) -> None:
 def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                        fc2_bias: Optional[Tensor], *, alpha: float | Tensor = 1.0,
                        sample_scale: Optional[Tensor] = None, recompute: bool = False, pre_act: ActLike = "relu",
-                       act: ActLike = "relu") -> Tensor:
+                       act: ActLike = "relu", norm: NormLike = None, hidden_norm: NormLike = None) -> Tensor:
     """Pre-activation residual block with a hidden layer, fused:
-    ``y = x + alpha * s * (act(pre_act(x) @ fc1_weight.T + fc1_bias) @ fc2_weight.T + fc2_bias)``.
+    ``y = x + alpha * s * (act(pre_act(norm(x)) @ fc1_weight.T + fc1_bias) @ fc2_weight.T + fc2_bias)``.
 
     Args:
         x: ``(..., D)``, any strides; fp16, bf16, fp32 or fp64.
@@ -96,12 +98,39 @@ def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
             None for none: the pre-norm blocks of timm's ``Mlp`` and rtdl, whose x reaches fc1 as is.
         act: the hidden activation (default ``"relu"``; timm's ``Mlp`` uses ``nn.GELU()``). Both
             take a name or module of :mod:`fusedres.activations`.
+        norm: a normalization of x before ``pre_act`` and fc1 (:mod:`fusedres.norm`): None,
+            ``"batch"``, ``"layer"``, ``"rms"`` or an ``nn.BatchNorm1d``/``nn.LayerNorm``/
+            ``nn.RMSNorm`` instance (its parameters, mode and running statistics, updated as its
+            own forward would). rtdl's block is ``norm="batch", pre_act=None``; timm's ViT MLP half
+            ``norm=nn.LayerNorm(D, eps=1e-6), pre_act=None, act="gelu"``. The normalized x is never
+            written: fc1's GEMM normalizes its A tiles from the statistics.
+        hidden_norm: a normalization of the hidden layer, ``act(hidden_norm(h))``, over its ``H``
+            features (names or modules as ``norm``): He et al.'s two-layer full pre-activation is
+            ``norm="batch", hidden_norm="batch"``. Its batch statistics come from fc1's epilogue (no
+            pass over h), and fc2's GEMMs normalize their A tiles.
 
     Under ``torch.autocast`` the GEMMs run in the autocast dtype, as ``F.linear``'s would.
     """
     _check_mlp_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, sample_scale)
     pre = resolve_act(pre_act, "fused_residual_mlp: pre_act", allow_none=True)
     hidden = resolve_act(act, "fused_residual_mlp: act")
+    calls, norm_args = [], []
+    for nm, width in ((norm, x.shape[-1]), (hidden_norm, fc1_weight.shape[0])):
+        args, call = ("none", None, None, 0.0, None, None), None
+        if nm is not None:
+            from .norm_op import check_norm_devices, check_rows, default_eps
+            norm_kind(nm, width, "fused_residual_mlp")
+            if backend_for(x.device) == "eager":     # (the modules' own forwards update their statistics)
+                from .reference import residual_mlp_reference
+                return residual_mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha=alpha,
+                                              sample_scale=sample_scale, pre_act=pre, act=hidden, norm=norm,
+                                              hidden_norm=hidden_norm)
+            check_norm_devices("fused_residual_mlp", x, nm)
+            call = NormCall(nm, width, "fused_residual_mlp")
+            check_rows(call, x.numel() // x.shape[-1] if x.shape[-1] else 0, width)
+            args = (call.kind, call.weight, call.bias, float(default_eps(call, x)), *(call.running or (None, None)))
+        calls.append(call)
+        norm_args += args
     (pre_name, pre_param), (act_name, act_param) = kernel_args(pre), kernel_args(hidden)
     device_type = x.device.type
     w1, b1, w2, b2 = gemm_operands("fused_residual_mlp", x, [("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias),
@@ -109,10 +138,13 @@ def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
     alpha_value = 1.0
     if not isinstance(alpha, Tensor):
         alpha, alpha_value = None, float(alpha)
-    with torch.autocast(device_type, enabled=False):
-        y, _ = torch.ops.fusedres.residual_mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale,
-                                                       bool(recompute), pre_name or "none", pre_param, act_name,
-                                                       act_param)
+    with autocast_off(device_type):
+        y, _, mean, var, hmean, hvar = torch.ops.fusedres.residual_mlp_forward(
+            x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, bool(recompute), pre_name or "none", pre_param,
+            act_name, act_param, *norm_args)
+    for call, m, v in zip(calls, (mean, hmean), (var, hvar)):
+        if call is not None and call.update is not None and x.numel():
+            update_running_stats(call.update, m, v, x.numel() // x.shape[-1])
     return y
 
 
@@ -125,18 +157,46 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if not isinstance(t, Tensor) or t.numel() <= 1 or t.stride(0) == 1 else t.contiguous()
 
 
-def _triton_hidden(xk, xs, rows, w1, b1, h, pre: Activation | None) -> None:
-    """Forward 1: ``h = pre_act(x) @ W1.T + b1``, stored as the pre-activation."""
+def _triton_hidden(xk, xs, rows, w1, b1, h, pre: Activation | None, norm=kernels.NO_NORM, stats_partials=(None, None)):
+    """Forward 1: ``h = pre_act(norm(x)) @ W1.T + b1``, stored as the pre-activation (``norm``: the
+    six normalization operands, the A-tile prologue; ``stats_partials``: the hidden norm's
+    statistics sinks). Returns the launch."""
     name, param = kernel_args(pre)
-    kernels.residual_fwd(xk, xs, w1, b1, h.view(rows.M, w1.shape[0]), rows, add_residual=False, act=name,
-                         act_param=param)
+    return kernels.residual_fwd(xk, xs, w1, b1, h.view(rows.M, w1.shape[0]), rows, add_residual=False, act=name,
+                                act_param=param, norm=norm, stats_partials=stats_partials)
+
+
+_NO_NORM_ARGS = ("none", None, None, 0.0, None, None)
+
+
+def _hidden_stats(kind, launch, parts, M, H):
+    """The hidden norm's batch statistics from fc1's epilogue partials: ``(mean, var)``."""
+    from .kernels.norm import partial_stats
+    cfg = launch.config.kwargs
+    if kind == "batch":
+        return partial_stats(kind, parts[0], cdiv(M, cfg["BLOCK_M"]), cfg["BLOCK_M"], H, M)
+    return partial_stats(kind, parts[1], cdiv(H, cfg["BLOCK_N"]), cfg["BLOCK_N"], M, H)
 
 
 def _eager_hidden(x, w1, b1, pre: Activation | None):
     return F.linear((x if pre is None else pre(x)).to(w1.dtype), w1, b1)
 
 
-def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute, pre, act):
+def _norm_state(x, xs, rows, norm):
+    """``(operands for the kernels, mean, var)`` of a ``(kind, weight, bias, eps, running_mean,
+    running_var)`` norm: the batch statistics (one pass over x) or BatchNorm's running ones."""
+    kind, weight, bias, eps, running_mean, running_var = norm
+    if kind == "none":
+        return kernels.NO_NORM, None, None
+    from .norm_op import _stats
+    mean, var, rstd = _stats(x, xs, rows, kind, eps, running_mean, running_var)
+    return kernels.norm_operands(kind, mean, rstd, weight, bias), mean, var
+
+
+def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute, pre, act, norm=_NO_NORM_ARGS,
+                 hidden=_NO_NORM_ARGS):
+    """``(y, h, mean, var, hidden mean, hidden var)``: the batch statistics of the norm and of the
+    hidden norm (None: none, or BatchNorm's running statistics)."""
     b1, b2, sample_scale = _contiguous(b1), _contiguous(b2), _contiguous(sample_scale)
     scale = _contiguous(_scale(alpha, alpha_value))
     if backend_for(x.device) == "eager":
@@ -146,39 +206,95 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
             branch = branch * sample_rows(sample_scale, branch)
         if scale is not None:
             branch = scale * branch
-        return (x + branch).contiguous(), h.contiguous()      # the fake kernel's layout
+        return (x + branch).contiguous(), h.contiguous(), None, None, None, None      # the fake kernel's layout
     warn_if_ungated(pre, x.device)
     warn_if_ungated(act, x.device)
     h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, w2.dtype))
     rows, (xs, hs), (xk, hk) = plan_rows(x, h)
+    ops, mean, var = _norm_state(xk, xs, rows, norm)
+    hkind, hw, hb, heps, hrm, hrv = hidden
+    hmean = hvar = None
+    hops = kernels.NO_NORM
+    H = w1.shape[0]
+    parts = (None, None)
+    if hkind != "none" and hrm is None:      # batch statistics of h: from fc1's epilogue
+        acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+        parts = ((torch.empty(cdiv(rows.M, 16) * 2 * H, device=x.device, dtype=acc_t), None) if hkind == "batch"
+                 else (None, torch.empty(cdiv(H, 16) * 2 * rows.M, device=x.device, dtype=acc_t)))
     if rows.M:
-        _triton_hidden(xk, xs, rows, w1, b1, h, pre)
+        launch = _triton_hidden(xk, xs, rows, w1, b1, h, pre, ops, parts)
+        if hkind != "none":
+            if hrm is None:
+                hmean, hvar = _hidden_stats(hkind, launch, parts, rows.M, H)
+                rstd = torch.rsqrt(hvar + heps)
+            else:
+                acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+                rstd = torch.rsqrt(hrv.to(acc_t) + heps)
+            hops = kernels.norm_operands(hkind, hmean if hrm is None else hrm.to(rstd.dtype), rstd, hw, hb)
         kernels.residual_fwd(hk, hs, w2, b2, y.view(rows.M, w2.shape[0]), rows, alpha=scale, residual=(xk, xs),
                              sample_scale=sample_scale, rows_per_sample=rows_per_sample(x), act=act.name,
-                             act_param=act.param)
-    return y, h
+                             act_param=act.param, norm=hops)
+    elif hkind != "none" and hrm is None:
+        acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+        hmean, hvar = torch.zeros(H, device=x.device, dtype=acc_t), torch.zeros(H, device=x.device, dtype=acc_t)
+        if hkind != "batch":
+            hmean, hvar = hmean[:0], hvar[:0]
+        if hkind == "rms":
+            hmean = None
+    return y, h, mean, var, hmean, hvar
 
 
 @torch.library.custom_op("fusedres::residual_mlp_forward", mutates_args=())
 def residual_mlp_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                          fc2_bias: Optional[Tensor], alpha: Optional[Tensor], alpha_value: float,
                          sample_scale: Optional[Tensor], recompute: bool, pre_act: str = "relu",
-                         pre_act_param: float = 0.0, act: str = "relu", act_param: float = 0.0
-                         ) -> tuple[Tensor, Tensor]:
-    """``(y, h)``: the output and the hidden pre-activation (an empty tensor with ``recompute``).
-    ``pre_act``: a name of the activation table, or ``"none"``."""
-    y, h = _mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute,
-                        *_acts(pre_act, pre_act_param, act, act_param))
-    return y, (x.new_empty(0, dtype=fc1_weight.dtype) if recompute else h)
+                         pre_act_param: float = 0.0, act: str = "relu", act_param: float = 0.0, norm: str = "none",
+                         norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None, eps: float = 0.0,
+                         running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                         hidden_norm: str = "none", hidden_norm_weight: Optional[Tensor] = None,
+                         hidden_norm_bias: Optional[Tensor] = None, hidden_eps: float = 0.0,
+                         hidden_running_mean: Optional[Tensor] = None, hidden_running_var: Optional[Tensor] = None
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, h, mean, var)``: the output, the hidden pre-activation (an empty tensor with
+    ``recompute``) and the norm's batch statistics (empty without a norm, or with BatchNorm's
+    running statistics given). ``pre_act``: a name of the activation table, or ``"none"``;
+    ``norm``: ``"none"``, ``"batch"``, ``"layer"`` or ``"rms"``; ``hidden_norm`` the same for h,
+    whose batch statistics are the last two outputs."""
+    y, h, mean, var, hmean, hvar = _mlp_forward(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute,
+        *_acts(pre_act, pre_act_param, act, act_param), (norm, norm_weight, norm_bias, eps, running_mean, running_var),
+        (hidden_norm, hidden_norm_weight, hidden_norm_bias, hidden_eps, hidden_running_mean, hidden_running_var))
+    return (y, (x.new_empty(0, dtype=fc1_weight.dtype) if recompute else h),
+            *_stats_outputs(x, mean, var, running_mean), *_stats_outputs(x, hmean, hvar, hidden_running_mean))
+
+
+def _stats_outputs(x, mean, var, running_mean):
+    """A norm's statistics as the op returns them (as the fake kernel: in fp32/fp64 when computed
+    here, else empty in x's dtype)."""
+    stats = var is not None and running_mean is None
+    empty = x.new_empty(0, dtype=var.dtype if stats else x.dtype)
+    return mean if stats and mean is not None else empty.clone(), var if stats else empty.clone()
 
 
 @residual_mlp_forward.register_fake
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute, pre_act="relu",
-      pre_act_param=0.0, act="relu", act_param=0.0):
+      pre_act_param=0.0, act="relu", act_param=0.0, norm="none", norm_weight=None, norm_bias=None, eps=0.0,
+      running_mean=None, running_var=None, hidden_norm="none", hidden_norm_weight=None, hidden_norm_bias=None,
+      hidden_eps=0.0, hidden_running_mean=None, hidden_running_var=None):
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, fc2_weight.dtype))
     h = x.new_empty(0 if recompute else _hidden_shape(x, fc1_weight), dtype=fc1_weight.dtype)
-    return y, h
+    return (y, h, *_fake_stats(x, norm, running_mean, x.shape[-1]),
+            *_fake_stats(x, hidden_norm, hidden_running_mean, fc1_weight.shape[0]))
+
+
+def _fake_stats(x, norm, running_mean, width):
+    if norm == "none" or running_mean is not None:
+        return x.new_empty(0), x.new_empty(0)
+    from .kernels.norm import acc_dtype
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    mean_shape, var_shape = ((width,), (width,)) if norm == "batch" else (((M,) if norm == "layer" else (0,)), (M,))
+    return x.new_empty(mean_shape, dtype=acc_dtype(x)), x.new_empty(var_shape, dtype=acc_dtype(x))
 
 
 def _eager_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, sample_scale, needs, pre, act):
@@ -207,11 +323,26 @@ def _eager_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, sample_scale, needs, 
     return dx, dw1, db1, dw2, db2, dalpha
 
 
-def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, needs, pre, act):
-    """(dx, dW1, db1, dW2, db2, dalpha), None for each not asked for."""
+def _saved_norm_operands(x, state):
+    """The kernels' norm operands from a saved ``(kind, weight, bias, eps, mean, var, ...)`` state."""
+    if state is None:
+        return kernels.NO_NORM
+    kind, nw, nb, eps, mean, var = state[:6]
+    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean = mean.to(acc_t) if mean is not None and mean.numel() else None
+    return kernels.norm_operands(kind, mean, torch.rsqrt(var.to(acc_t) + eps), nw, nb)
+
+
+def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, needs, pre, act, norm=None,
+                  hidden=None):
+    """(dx, dW1, db1, dW2, db2, dalpha, dnorm_weight, dnorm_bias, dhidden_norm_weight,
+    dhidden_norm_bias), None for each not asked for. ``norm`` and ``hidden``: None, or ``(kind,
+    weight, bias, eps, mean, var, batch_stats, need_weight, need_bias)`` of the norm on x and of the
+    hidden norm, with their saved statistics (BatchNorm's running ones when not ``batch_stats``)."""
     b1, b2, sample_scale = _contiguous(b1), _contiguous(b2), _contiguous(sample_scale)
     scale = _contiguous(_scale(alpha, alpha_value))
     eager = backend_for(x.device) == "eager"
+    ops, hops = _saved_norm_operands(x, norm), _saved_norm_operands(x, hidden)
     if h is None:                                                # recompute: forward 1 again
         if eager:
             h = _eager_hidden(x, w1, b1, pre)
@@ -219,19 +350,31 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
             h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
             rows, (xs,), (xk,) = plan_rows(x)
             if rows.M:
-                _triton_hidden(xk, xs, rows, w1, b1, h, pre)
+                _triton_hidden(xk, xs, rows, w1, b1, h, pre, ops)
     if eager:
-        return _eager_mlp_backward(grad, x, h, w1, b1, w2, b2, scale, sample_scale, needs, pre, act)
+        return (*_eager_mlp_backward(grad, x, h, w1, b1, w2, b2, scale, sample_scale, needs, pre, act),
+                None, None, None, None)
     kact, kpre = dict(act=act.name, act_param=act.param), dict(zip(("act", "act_param"), kernel_args(pre)))
     need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha = needs
+    need_nw, need_nb = (norm[7], norm[8]) if norm is not None else (False, False)
+    need_hnw, need_hnb = (hidden[7], hidden[8]) if hidden is not None else (False, False)
+    dnw = dnb = dhnw = dhnb = None
     D, H = w2.shape
     acc = torch.float64 if w2.dtype == torch.float64 else torch.float32
     rps = rows_per_sample(x)
-    dh = h.new_empty(h.shape) if (need_dx or need_w1 or need_b1) else None
+    dh = h.new_empty(h.shape) if (need_dx or need_w1 or need_b1 or need_nw or need_nb or need_hnw
+                                  or need_hnb) else None
     rows, strides, (gk, xk, hk, *dhk) = plan_rows(grad, x, h, *([dh] if dh is not None else []))
     gs, xs, hs = strides[:3]
     dx = dw1 = db1 = dw2 = db2 = dalpha = None
-    if dh is not None:
+    if dh is not None and hidden is not None:
+        # backward 1 with the hidden norm: dz = act'(hidden_norm(h)) * (s * alpha * g @ W2) and its
+        # sinks, then the finishing pass (no residual gradient: dh is the norm's input gradient)
+        from .norm_op import norm_input_grad
+        _, dhnw, dhnb = norm_input_grad(gk, gs, hk, hs, w2, rows, h, hops, hidden, None, None, True,
+                                        dict(alpha=scale, sample_scale=sample_scale, rows_per_sample=rps), kact,
+                                        out=dhk[0].view(rows.M, H))
+    elif dh is not None:
         # backward 1: dh = [h > 0] * (s * alpha * g @ W2)
         kernels.residual_dx(gk, gs, hk, hs, w2, dhk[0].view(rows.M, H), rows, alpha=scale, add_residual=False,
                             sample_scale=sample_scale, rows_per_sample=rps, **kact)
@@ -243,23 +386,28 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
                                 dtype=acc) if need_alpha else None)
         launched = kernels.residual_dw(gk, gs, hk, hs, dw2, db2, rows, weight=w2, bias=b2, alpha=scale,
                                        dalpha_partials=partials, sample_scale=sample_scale, rows_per_sample=rps,
-                                       **kact)
+                                       norm=hops, **kact)
         if need_alpha:
             dalpha = dalpha_from_partials(partials, launched.programs, alpha, D)
         if not need_w2:
             dw2 = None
-    if need_dx:
+    if norm is not None and (need_dx or need_nw or need_nb):
+        # backward 3 with a norm: dz = pre_act'(z) * (dh @ W1) and its sinks, then the finishing pass
+        from .norm_op import norm_input_grad
+        dx, dnw, dnb = norm_input_grad(dhk[0], strides[3], xk, xs, w1, rows, x, ops, norm, gk, gs, need_dx, {},
+                                       kpre)
+    elif need_dx:
         # backward 3: dx = g + [x > 0] * (dh @ W1)
         dx = x.new_empty(x.shape)
         kernels.residual_dx(dhk[0], strides[3], xk, xs, w1, dx.view(rows.M, D), rows, residual=(gk, gs), **kpre)
     if need_w1 or need_b1:
-        # backward 4: dW1 = dh.T @ relu(x), db1
+        # backward 4: dW1 = dh.T @ relu(norm(x)), db1
         dw1 = w1.new_empty(H, D)
         db1 = w1.new_empty(H) if need_b1 else None
-        kernels.residual_dw(dhk[0], strides[3], xk, xs, dw1, db1, rows, **kpre)
+        kernels.residual_dw(dhk[0], strides[3], xk, xs, dw1, db1, rows, norm=ops, **kpre)
         if not need_w1:
             dw1 = None
-    return dx, dw1, db1, dw2, db2, dalpha
+    return dx, dw1, db1, dw2, db2, dalpha, dnw, dnb, dhnw, dhnb
 
 
 @torch.library.custom_op("fusedres::residual_mlp_backward", mutates_args=())
@@ -267,50 +415,97 @@ def residual_mlp_backward(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor
                           fc2_weight: Tensor, fc2_bias: Optional[Tensor], alpha: Optional[Tensor], alpha_value: float,
                           sample_scale: Optional[Tensor], recompute: bool, need_dx: bool, need_w1: bool,
                           need_b1: bool, need_w2: bool, need_b2: bool, need_alpha: bool, pre_act: str = "relu",
-                          pre_act_param: float = 0.0, act: str = "relu", act_param: float = 0.0
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          pre_act_param: float = 0.0, act: str = "relu", act_param: float = 0.0, norm: str = "none",
+                          norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None, eps: float = 0.0,
+                          mean: Optional[Tensor] = None, var: Optional[Tensor] = None, batch_stats: bool = True,
+                          need_norm_weight: bool = False, need_norm_bias: bool = False, hidden_norm: str = "none",
+                          hidden_norm_weight: Optional[Tensor] = None, hidden_norm_bias: Optional[Tensor] = None,
+                          hidden_eps: float = 0.0, hidden_mean: Optional[Tensor] = None,
+                          hidden_var: Optional[Tensor] = None, hidden_batch_stats: bool = True,
+                          need_hidden_norm_weight: bool = False, need_hidden_norm_bias: bool = False
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``residual_mlp_forward`` with respect to (x, fc1_weight, fc1_bias, fc2_weight,
-    fc2_bias, alpha); an empty tensor stands for each not asked for. ``h`` is ignored (recomputed)
-    with ``recompute``."""
+    fc2_bias, alpha, norm_weight, norm_bias); an empty tensor stands for each not asked for. ``h``
+    is ignored (recomputed) with ``recompute``. ``mean``, ``var``: the norm's saved statistics."""
+    state = None if norm == "none" else (norm, norm_weight, norm_bias, eps, mean, var, batch_stats,
+                                         need_norm_weight, need_norm_bias)
+    hidden = None if hidden_norm == "none" else (hidden_norm, hidden_norm_weight, hidden_norm_bias, hidden_eps,
+                                                 hidden_mean, hidden_var, hidden_batch_stats,
+                                                 need_hidden_norm_weight, need_hidden_norm_bias)
     grads = _mlp_backward(grad, x, None if recompute else h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha,
                           alpha_value, sample_scale, (need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha),
-                          *_acts(pre_act, pre_act_param, act, act_param))
-    likes = (x, fc1_weight, fc1_weight, fc2_weight, fc2_weight, fc2_weight)
+                          *_acts(pre_act, pre_act_param, act, act_param), state, hidden)
+    likes = (x, fc1_weight, fc1_weight, fc2_weight, fc2_weight, fc2_weight, x, x, x, x)
     return tuple(t if t is not None else like.new_empty(0) for t, like in zip(grads, likes))
 
 
 @residual_mlp_backward.register_fake
 def _(grad, x, h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute, need_dx,
-      need_w1, need_b1, need_w2, need_b2, need_alpha, pre_act="relu", pre_act_param=0.0, act="relu", act_param=0.0):
+      need_w1, need_b1, need_w2, need_b2, need_alpha, pre_act="relu", pre_act_param=0.0, act="relu", act_param=0.0,
+      norm="none", norm_weight=None, norm_bias=None, eps=0.0, mean=None, var=None, batch_stats=True,
+      need_norm_weight=False, need_norm_bias=False, hidden_norm="none", hidden_norm_weight=None,
+      hidden_norm_bias=None, hidden_eps=0.0, hidden_mean=None, hidden_var=None, hidden_batch_stats=True,
+      need_hidden_norm_weight=False, need_hidden_norm_bias=False):
     H, D = fc1_weight.shape
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             fc1_weight.new_empty(H, D) if need_w1 else fc1_weight.new_empty(0),
             fc1_weight.new_empty(H) if need_b1 else fc1_weight.new_empty(0),
             fc2_weight.new_empty(D, H) if need_w2 else fc2_weight.new_empty(0),
             fc2_weight.new_empty(D) if need_b2 else fc2_weight.new_empty(0),
-            alpha.new_empty(alpha.shape) if need_alpha else fc2_weight.new_empty(0))
+            alpha.new_empty(alpha.shape) if need_alpha else fc2_weight.new_empty(0),
+            norm_weight.new_empty(norm_weight.shape) if need_norm_weight else x.new_empty(0),
+            norm_bias.new_empty(norm_bias.shape) if need_norm_bias else x.new_empty(0),
+            hidden_norm_weight.new_empty(hidden_norm_weight.shape) if need_hidden_norm_weight else x.new_empty(0),
+            hidden_norm_bias.new_empty(hidden_norm_bias.shape) if need_hidden_norm_bias else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute, *acts = inputs
-    ctx.has = (b1 is not None, b2 is not None, alpha is not None)
-    ctx.acts = tuple(acts)
+    (x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute, pre_act, pre_param, act, act_param, *norms) = inputs
+    norm, norm_weight, norm_bias, eps, running_mean, running_var = norms[:6]
+    hnorm, hnorm_weight, hnorm_bias, heps, hrunning_mean, hrunning_var = norms[6:]
+    ctx.has = (b1 is not None, b2 is not None, alpha is not None, norm_weight is not None, norm_bias is not None,
+               hnorm_weight is not None, hnorm_bias is not None)
+    ctx.acts = (pre_act, pre_param, act, act_param)
     ctx.alpha_value, ctx.recompute = alpha_value, recompute
+    ctx.norm = (norm, eps, running_mean is None, hnorm, heps, hrunning_mean is None)
+    ctx.mark_non_differentiable(*output[2:])
     # Saved: x, the weights, alpha, s and h (not with recompute); b1 only to recompute h, b2 only
-    # for dalpha's <g.sum(0), b2> term.
+    # for dalpha's <g.sum(0), b2> term; with norms their affines and statistic vectors, never a
+    # normalized tensor.
     keep_b1 = b1 if recompute else None
     keep_b2 = b2 if (alpha is not None and alpha.requires_grad) else None
-    ctx.save_for_backward(x, output[1], w1, keep_b1, w2, keep_b2, alpha, sample_scale)
+    x_stats = (running_mean, running_var) if running_mean is not None else output[2:4]
+    h_stats = (hrunning_mean, hrunning_var) if hrunning_mean is not None else output[4:6]
+    ctx.save_for_backward(x, output[1], w1, keep_b1, w2, keep_b2, alpha, sample_scale, norm_weight, norm_bias,
+                          *x_stats, hnorm_weight, hnorm_bias, *h_stats)
 
 
-def _backward(ctx, grad, _grad_h):
-    x, h, w1, b1, w2, b2, alpha, sample_scale = ctx.saved_tensors
-    has_b1, has_b2, has_alpha = ctx.has
+#: Input positions of the norms' affines in ``residual_mlp_forward``.
+_NORM_WEIGHT, _NORM_BIAS, _HIDDEN_WEIGHT, _HIDDEN_BIAS = 14, 15, 20, 21
+
+
+def _backward(ctx, grad, _grad_h, *_grad_stats):
+    x, h, w1, b1, w2, b2, alpha, sample_scale, nw, nb, mean, var, hnw, hnb, hmean, hvar = ctx.saved_tensors
+    has_b1, has_b2, has_alpha, has_nw, has_nb, has_hnw, has_hnb = ctx.has
     n = ctx.needs_input_grad
+
+    def need(i, has):       # (a call may leave the norms' arguments at their defaults)
+        return len(n) > i and n[i] and has
     needs = (n[0], n[1], n[2] and has_b1, n[3], n[4] and has_b2, n[5] and has_alpha)
+    norm, eps, batch_stats, hnorm, heps, hbatch_stats = ctx.norm
+    norm_needs = (need(_NORM_WEIGHT, has_nw), need(_NORM_BIAS, has_nb))
+    hidden_needs = (need(_HIDDEN_WEIGHT, has_hnw), need(_HIDDEN_BIAS, has_hnb))
     grads = torch.ops.fusedres.residual_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, ctx.alpha_value,
-                                                     sample_scale, ctx.recompute, *needs, *ctx.acts)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None, None, None)
+                                                     sample_scale, ctx.recompute, *needs, *ctx.acts, norm, nw, nb,
+                                                     eps, mean, var, batch_stats, *norm_needs, hnorm, hnw, hnb, heps,
+                                                     hmean, hvar, hbatch_stats, *hidden_needs)
+    out = [None] * 25
+    for i, (g, ok) in enumerate(zip(grads[:6], needs)):
+        out[i] = g if ok else None
+    for i, g, ok in zip((_NORM_WEIGHT, _NORM_BIAS, _HIDDEN_WEIGHT, _HIDDEN_BIAS), grads[6:],
+                        (*norm_needs, *hidden_needs)):
+        out[i] = g if ok else None
+    return tuple(out[:len(n)])
 
 
 residual_mlp_forward.register_autograd(_backward, setup_context=_setup_context)

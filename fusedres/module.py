@@ -90,6 +90,12 @@ class FusedResidualMLPBlock(_ResidualMLPParameters):
             pre-norm blocks).
         act: the hidden activation (``"relu"`` default; timm's ``Mlp`` is ``nn.GELU()``).
         alpha_per_channel: ``alpha`` a parameter of shape ``[dim]`` (LayerScale).
+        norm: a normalization of x before ``pre_act`` and fc1 (``"batch"``, ``"layer"``, ``"rms"`` or
+            a torch norm module, held as the submodule ``norm``): rtdl's block is
+            ``norm="batch", pre_act=None``, timm's ``norm=nn.LayerNorm(dim, eps=1e-6), pre_act=None,
+            act="gelu"``.
+        hidden_norm: a normalization of the hidden layer before ``act`` (held as ``hidden_norm``):
+            He et al.'s two-layer full pre-activation is ``norm="batch", hidden_norm="batch"``.
 
     ``fc1 = nn.Linear(dim, hidden_features)`` and ``fc2 = nn.Linear(hidden_features, dim)`` (timm's
     ``Mlp`` names and ``nn.Linear``'s init): a state_dict moves to and from
@@ -100,7 +106,7 @@ class FusedResidualMLPBlock(_ResidualMLPParameters):
     def forward(self, x: Tensor) -> Tensor:
         return fused_residual_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, alpha=self.alpha,
                                   sample_scale=self._sample_scale(x), recompute=self.recompute, pre_act=self.pre_act,
-                                  act=self.act)
+                                  act=self.act, norm=self.norm, hidden_norm=self.hidden_norm)
 
     @classmethod
     def from_block(cls, block: _ResidualMLPParameters) -> "FusedResidualMLPBlock":
@@ -110,5 +116,7 @@ class FusedResidualMLPBlock(_ResidualMLPParameters):
                     learnable_alpha=isinstance(block.alpha, nn.Parameter), drop_path=block.drop_path,
                     recompute=block.recompute, pre_act=block.pre_act, act=block.act, device="meta")
         fused.fc1, fused.fc2, fused.alpha = block.fc1, block.fc2, block.alpha
+        fused.norm = getattr(block, "norm", None)
+        fused.hidden_norm = getattr(block, "hidden_norm", None)
         fused._alpha_init = getattr(block, "_alpha_init", 1.0)
         return fused

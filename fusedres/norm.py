@@ -13,7 +13,7 @@ to ``x.reshape(-1, D)``, whatever the leading dimensions (a sequence's tokens co
 In the functional forms a name stands for the norm without parameters and torch's default eps:
 ``"batch"`` is batch statistics without running statistics (``F.batch_norm(..., training=True)``),
 ``"layer"`` ``F.layer_norm`` without affine, ``"rms"`` ``F.rms_norm`` without weight (eps: the
-dtype's machine epsilon, as torch's).
+machine epsilon of the dtype torch computes it in, fp32 for fp16 and bf16, as torch's).
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from .activations import ActLike, resolve as resolve_act
 from .droppath import rows_per_sample
 from .kernels._common import cdiv
 from .kernels.norm import acc_dtype, col_stats, norm_dx, row_stats
-from .norm import NormCall, NormLike, update_running_stats
+from .norm import NormCall, NormLike, norm_kind, update_running_stats
 
 WHO = "fused_residual"
 
@@ -43,31 +43,54 @@ WHO = "fused_residual"
 def fused_norm_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha, sample_scale: Optional[Tensor],
                         act: ActLike, norm: NormLike) -> Tensor:
     """:func:`fusedres.fused_residual` with ``norm`` given (its inputs checked there)."""
-    from .op import backend_for, gemm_operands
-    call = NormCall(norm, x.shape[-1] if x.dim() else None, WHO)
+    from .op import autocast_off, backend_for, gemm_operands
+    norm_kind(norm, x.shape[-1] if x.dim() else None, WHO)
     act = resolve_act(act, WHO)
-    if backend_for(x.device) == "eager":
-        return _eager(x, weight, bias, alpha, sample_scale, act, norm, call)
+    if backend_for(x.device) == "eager":       # (the module's own forward updates its statistics)
+        return _eager(x, weight, bias, alpha, sample_scale, act, norm)
+    check_norm_devices(WHO, x, norm)
+    call = NormCall(norm, x.shape[-1], WHO)
     D = x.shape[-1]
     M = x.numel() // D if D else 0
-    if call.kind == "batch" and call.running is None and M <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {[M, D]}")
+    check_rows(call, M, D)
     weight, bias = gemm_operands(WHO, x, [("weight", weight), ("bias", bias)])
     alpha_value = 1.0
     if not isinstance(alpha, Tensor):
         alpha, alpha_value = None, float(alpha)
-    eps = call.eps if call.eps is not None else torch.finfo(x.dtype).eps
+    eps = default_eps(call, x)
     running_mean, running_var = call.running if call.running is not None else (None, None)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         y, mean, var = torch.ops.fusedres.norm_residual_forward(
             x, weight, bias, alpha, alpha_value, sample_scale, act.name, act.param, call.kind, call.weight,
             call.bias, float(eps), running_mean, running_var)
-    if call.update is not None:
+    if call.update is not None and M:
         update_running_stats(call.update, mean, var, M)
     return y
 
 
-def _eager(x, weight, bias, alpha, sample_scale, act, norm, call) -> Tensor:
+def default_eps(call: NormCall, x: Tensor) -> float:
+    """The norm's eps; RMSNorm's None is the machine epsilon of the dtype torch computes it in (its
+    opmath: fp32 for fp16 and bf16), as ``F.rms_norm``."""
+    return call.eps if call.eps is not None else torch.finfo(acc_dtype(x)).eps
+
+
+def check_rows(call: NormCall, M: int, D: int) -> None:
+    """BatchNorm on batch statistics needs two rows, as torch's (none is an empty output)."""
+    if call.kind == "batch" and call.running is None and M == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {[M, D]}")
+
+
+def check_norm_devices(who: str, x: Tensor, norm) -> None:
+    """A norm module's parameters and running statistics on x's device, or a clear error."""
+    if isinstance(norm, str):
+        return
+    from .op import check_one_device
+    named = [(f"norm.{n}", t) for n, t in (*norm.named_parameters(recurse=False), *norm.named_buffers(recurse=False))
+             if t is not None and n != "num_batches_tracked"]
+    check_one_device(who, [("x", x), *named])
+
+
+def _eager(x, weight, bias, alpha, sample_scale, act, norm) -> Tensor:
     """The eager path (a CPU without the interpreter, or ``set_backend("eager")``): the reference."""
     from .reference import residual_reference
     return residual_reference(x, weight, bias, alpha=alpha, sample_scale=sample_scale, act=act, norm=norm)
@@ -105,7 +128,7 @@ def _forward(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, 
                          act_param=act_param, norm=kernels.norm_operands(kind, mean, rstd, norm_weight, norm_bias))
     if running_mean is not None:
         return y, x.new_empty(0), x.new_empty(0)
-    return y, (mean if mean is not None else x.new_empty(0)), var
+    return y, (mean if mean is not None else x.new_empty(0, dtype=var.dtype)), var
 
 
 def _backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight,
@@ -125,34 +148,9 @@ def _backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_
     kact = dict(act=act, act_param=act_param)
     dx = dw = db = dalpha = dnw = dnb = None
     if need_dx or need_norm_weight or need_norm_bias:
-        dz = x.new_empty((M, K))
-        want_cols = need_norm_weight or need_norm_bias or (need_dx and kind == "batch" and batch_stats)
-        want_rows = need_dx and kind != "batch"
-        col_sums = torch.empty(cdiv(M, 16) * 2 * K, device=x.device, dtype=acc) if want_cols else None
-        row_sums = torch.empty(cdiv(K, 16) * 2 * M, device=x.device, dtype=acc) if want_rows else None
-        launch = kernels.residual_dx(gk, gs, xk, xs, weight, dz, rows, alpha=scale, sample_scale=sample_scale,
-                                     rows_per_sample=rps, add_residual=False, norm=ops,
-                                     norm_sums=(col_sums, row_sums), **kact)
-        c1 = c2 = None
-        if launch is None:          # no rows
-            sum_dz = sum_dz_xhat = torch.zeros(K, device=x.device, dtype=acc)
-        if launch is not None and col_sums is not None:
-            tiles = cdiv(M, launch.config.kwargs["BLOCK_M"])
-            sum_dz, sum_dz_xhat = col_sums[:tiles * 2 * K].view(tiles, 2, K).sum(0)
-            if need_dx and kind == "batch" and batch_stats:
-                w = norm_weight.to(acc) if norm_weight is not None else 1.0
-                c1, c2 = w * sum_dz / M, w * sum_dz_xhat / M
-        if launch is not None and row_sums is not None:
-            tiles = cdiv(K, launch.config.kwargs["BLOCK_K"])
-            rsum = row_sums[:tiles * 2 * M].view(tiles, 2, M).sum(0)
-            c1, c2 = (rsum[0] / K if kind == "layer" else None), rsum[1] / K
-        if need_dx:
-            norm_dx(dz, gk, gs, xk, xs, rows, ops, c1, c2)
-            dx = dz.view(x.shape)
-        if need_norm_weight:
-            dnw = sum_dz_xhat.to(norm_weight.dtype, copy=True)      # (views of one sum: no aliased outputs)
-        if need_norm_bias:
-            dnb = sum_dz.to(norm_bias.dtype, copy=True)
+        state = (kind, norm_weight, norm_bias, eps, mean, var, batch_stats, need_norm_weight, need_norm_bias)
+        dx, dnw, dnb = norm_input_grad(gk, gs, xk, xs, weight, rows, x, ops, state, gk, gs, need_dx,
+                                       dict(alpha=scale, sample_scale=sample_scale, rows_per_sample=rps), kact)
     if need_weight or need_alpha:
         dw = weight.new_empty(N, K)
         db = weight.new_empty(N) if need_bias else None
@@ -170,6 +168,48 @@ def _backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_
     elif need_bias:
         db = bias_grad(grad, sample_scale, scale, weight)
     return dx, dw, db, dalpha, dnw, dnb
+
+
+def norm_input_grad(a, a_strides, xk, xs, weight, rows, x, ops, state, g, gs, need_dx, gemm_kwargs, kact, out=None):
+    """``(dx, dnorm_weight, dnorm_bias)`` (None where not wanted) of a GEMM ``z -> act(z) @ W.T``
+    fed by ``z = norm(x)``, given the gradient ``a`` reaching that GEMM's output (the block's g,
+    or the MLP block's dh) and the residual gradient ``g`` to add to dx. ``state``: ``(kind,
+    weight, bias, eps, mean, var, batch_stats, need_weight, need_bias)``.
+
+    dx's GEMM writes dz (``act'(z) * (a @ W)``, with ``gemm_kwargs``: the scale and row scale of
+    the block's branch) into the dx buffer with its sinks; the partials are summed in a fixed order
+    (tiny); the finishing pass makes dx in place (in ``out``, ``[M, K]``, if given). ``g`` None: no
+    residual gradient (the MLP block's hidden norm: dh is the norm's input gradient)."""
+    kind, norm_weight, norm_bias, eps, mean, var, batch_stats, need_nw, need_nb = state
+    M, K = rows.M, weight.shape[1]
+    acc = acc_dtype(xk)
+    dz = out if out is not None else x.new_empty((M, K))
+    want_cols = need_nw or need_nb or (need_dx and kind == "batch" and batch_stats)
+    want_rows = need_dx and kind != "batch"
+    col_sums = torch.empty(cdiv(M, 16) * 2 * K, device=x.device, dtype=acc) if want_cols else None
+    row_sums = torch.empty(cdiv(K, 16) * 2 * M, device=x.device, dtype=acc) if want_rows else None
+    launch = kernels.residual_dx(a, a_strides, xk, xs, weight, dz, rows, add_residual=False, norm=ops,
+                                 norm_sums=(col_sums, row_sums), **gemm_kwargs, **kact)
+    c1 = c2 = None
+    sum_dz = sum_dz_xhat = torch.zeros(K, device=x.device, dtype=acc)       # (no rows)
+    if launch is not None and col_sums is not None:
+        tiles = cdiv(M, launch.config.kwargs["BLOCK_M"])
+        sum_dz, sum_dz_xhat = col_sums[:tiles * 2 * K].view(tiles, 2, K).sum(0)
+        if need_dx and kind == "batch" and batch_stats:
+            w = norm_weight.to(acc) if norm_weight is not None else 1.0
+            c1, c2 = w * sum_dz / M, w * sum_dz_xhat / M
+    if launch is not None and row_sums is not None:
+        tiles = cdiv(K, launch.config.kwargs["BLOCK_K"])
+        rsum = row_sums[:tiles * 2 * M].view(tiles, 2, M).sum(0)
+        c1, c2 = (rsum[0] / K if kind == "layer" else None), rsum[1] / K
+    dx = None
+    if need_dx:
+        norm_dx(dz, g, gs, xk, xs, rows, ops, c1, c2)
+        dx = dz.view(x.shape)
+    # (copies: the two sums are views of one tensor, and a custom op's outputs must not alias)
+    dnw = sum_dz_xhat.to(norm_weight.dtype, copy=True) if need_nw else None
+    dnb = sum_dz.to(norm_bias.dtype, copy=True) if need_nb else None
+    return dx, dnw, dnb
 
 
 # ---------------------------------------------------------------------------------------------

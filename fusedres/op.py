@@ -15,6 +15,7 @@ so training keeps no ``M x D`` tensor beyond the input it already holds.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional
@@ -112,13 +113,24 @@ def check_one_device(who: str, named: list[tuple[str, Tensor]]) -> None:
                          + ", ".join(f"{n} on {t.device}" for n, t in named))
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled`` for a device type, False for the meta device (which autocast
+    does not know: shape inference on meta tensors takes the custom ops' fake kernels)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, nothing on the meta device."""
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+
+
 def gemm_operands(who: str, x: Tensor, params: list[tuple[str, Optional[Tensor]]]) -> list[Optional[Tensor]]:
     """The parameters as the GEMMs take them. Under ``torch.autocast`` they are cast to the
     autocast dtype, as ``F.linear`` casts them (so fp32 parameters get fp32 gradients; ``x`` keeps
     its dtype and is cast inside the kernels). Outside it, every dtype must be ``x``'s."""
     device_type = x.device.type
     tensors = [t for _, t in params]
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         gemm_dtype = torch.get_autocast_dtype(device_type)
         if tensors[0].dtype in (torch.float32, torch.float16, torch.bfloat16):
             return [t.to(gemm_dtype) if t is not None else None for t in tensors]
@@ -256,6 +268,9 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
                        None if proj_weight is None else _meta(proj_weight), _matmul_precision(),
                        None if sample_scale is None else (_meta(sample_scale), sample_scale.requires_grad), act))
     if plan is None:
+        if x.device.type == "meta":     # shape inference: the custom op's fake kernel (off the hot path)
+            return _through_custom_op(x, weight, bias, alpha if alpha is not None else alpha_value, proj_weight,
+                                      sample_scale, act)
         plan = _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale, act=act)
     if _grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)
@@ -289,7 +304,7 @@ def _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale=None, a
     alpha_value = 1.0
     if not isinstance(alpha, Tensor):
         alpha, alpha_value = None, float(alpha)
-    with torch.autocast(device_type, enabled=False):
+    with autocast_off(device_type):
         return torch.ops.fusedres.residual_forward(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale,
                                                    act.name, act.param)
 

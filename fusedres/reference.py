@@ -52,14 +52,16 @@ def _add_branch(shortcut: Tensor, branch: Tensor, alpha: float | Tensor) -> Tens
 def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
                            fc2_bias: Tensor | None, *, alpha: float | Tensor = 1.0,
                            sample_scale: Tensor | None = None, pre_act: ActLike = "relu",
-                           act: ActLike = "relu") -> Tensor:
+                           act: ActLike = "relu", norm=None, hidden_norm=None) -> Tensor:
     """The definition of the block with a hidden layer (the MLP block), in plain PyTorch:
 
     ``y = x + alpha * s * (act(pre_act(x) @ W1.T + b1) @ W2.T + b2)``
 
     ``pre_act`` (default relu; None: none, the pre-norm blocks of timm and rtdl) applies to x
     before fc1, ``act`` (default relu) to the hidden layer; each a name or module of
-    :mod:`fusedres.activations`.
+    :mod:`fusedres.activations`. ``norm`` (:mod:`fusedres.norm`) normalizes x before ``pre_act``:
+    ``y = x + alpha * s * (act(pre_act(norm(x)) @ W1.T + b1) @ W2.T + b2)``; ``hidden_norm``
+    normalizes h before ``act``: ``act(hidden_norm(h))``.
 
     with ``W1 = fc1_weight [H, D]``, ``b1 = fc1_bias [H]``, ``W2 = fc2_weight [D, H]``,
     ``b2 = fc2_bias [D]`` (either bias may be None), ``x (..., D)``, and ``s`` the per-sample scale
@@ -75,7 +77,10 @@ def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | Non
                          f"{list(fc2_weight.shape)}")
     pre = resolve_act(pre_act, "residual_mlp_reference", allow_none=True)
     act = resolve_act(act, "residual_mlp_reference")
-    h = F.linear(x if pre is None else pre(x), fc1_weight, fc1_bias)
+    z = x if norm is None else apply_norm(norm, x)
+    h = F.linear(z if pre is None else pre(z), fc1_weight, fc1_bias)
+    if hidden_norm is not None:
+        h = apply_norm(hidden_norm, h)
     branch = apply_sample_scale(F.linear(act(h), fc2_weight, fc2_bias), sample_scale)
     return _add_branch(x, branch, alpha)
 
@@ -284,8 +289,8 @@ class _ResidualMLPParameters(_ResidualAlpha):
 
     def __init__(self, dim: int, hidden_features: int, bias: bool = True, *, alpha: float = 1.0,
                  learnable_alpha: bool = False, drop_path: float = 0.0, recompute: bool = False,
-                 pre_act: ActLike = "relu", act: ActLike = "relu", alpha_per_channel: bool = False, device=None,
-                 dtype=None) -> None:
+                 pre_act: ActLike = "relu", act: ActLike = "relu", alpha_per_channel: bool = False, norm=None,
+                 hidden_norm=None, device=None, dtype=None) -> None:
         super().__init__()
         self.pre_act = resolve_act(pre_act, type(self).__name__, allow_none=True)
         self.act = resolve_act(act, type(self).__name__)
@@ -299,6 +304,10 @@ class _ResidualMLPParameters(_ResidualAlpha):
         self._init_alpha(alpha, learnable_alpha, device, dtype, dim if alpha_per_channel else None)
         self._init_drop_path(drop_path)
         self.recompute = bool(recompute)
+        # the norm on x, a real torch module named ``norm`` (state_dict keys ``norm.*``)
+        self.norm = make_norm(norm, dim, type(self).__name__, device, dtype)
+        # the norm on the hidden layer (He et al.'s two-layer form), ``hidden_norm.*``
+        self.hidden_norm = make_norm(hidden_norm, hidden_features, type(self).__name__, device, dtype)
 
     def reset_parameters(self) -> None:
         self.fc1.reset_parameters()
@@ -335,7 +344,7 @@ class ResidualMLPBlock(_ResidualMLPParameters):
     def forward(self, x: Tensor) -> Tensor:
         return residual_mlp_reference(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                       alpha=self.alpha, sample_scale=self._sample_scale(x), pre_act=self.pre_act,
-                                      act=self.act)
+                                      act=self.act, norm=self.norm, hidden_norm=self.hidden_norm)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .kernels.residual_stack import STACK_WIDTHS, residual_stack_bwd, residual_stack_fwd
 from .module import FusedResidualBlock
-from .op import backend_for, check_one_device, check_tensor_types, gemm_operands
+from .op import autocast_off, backend_for, check_one_device, check_tensor_types, gemm_operands
 from .reference import ResidualBlock, eager_stack_backward, eager_stack_forward
 
 __all__ = ["FusedResidualStack", "fused_residual_stack", "STACK_WIDTHS"]
@@ -84,7 +84,7 @@ def fused_residual_stack(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     # contiguous here (traceable); 16-byte alignment inside the ops (data pointers are opaque to Dynamo)
     x2 = x.reshape(-1, D).contiguous()
-    with torch.autocast(device_type, enabled=False):
+    with autocast_off(device_type):
         y, _ = torch.ops.fusedres.stack_forward(x2, weight.contiguous(), None if bias is None else bias.contiguous(),
                                                 save, deterministic)
     return y.view(x.shape)
@@ -173,9 +173,10 @@ stack_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, 
 
 def _stackable(block: nn.Module) -> bool:
     """A block the stack computes exactly: square, no projection, alpha a fixed 1, no stochastic
-    depth (the stack has no per-sample branch scale), relu (the activation the stack's tables and
-    gate cover; its kernels take the activation table, its API does not yet)."""
+    depth (the stack has no per-sample branch scale), no norm, relu (the activation the stack's
+    tables and gate cover; its kernels take the activation table, its API does not yet)."""
     return (type(block) in (ResidualBlock, FusedResidualBlock) and block.proj_weight is None
+            and getattr(block, "norm", None) is None
             and getattr(block, "act", None) is not None and block.act.name == "relu"
             and not isinstance(block.alpha, nn.Parameter) and bool(block.alpha.eq(1).all())
             and not getattr(block, "drop_path", 0.0))

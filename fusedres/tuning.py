@@ -160,7 +160,15 @@ def load_tuning(path: str | os.PathLike, *, strict: bool = True) -> int:
     choices would be wrong for this hardware. Returns the number of entries loaded.
     """
     with open(path) as f:
-        doc = json.load(f)
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"load_tuning: {path} is not JSON ({e}); expected a file written by "
+                             "fusedres.save_tuning") from None
+    missing = [k for k in ("device", "triton", "kernels") if not isinstance(doc, dict) or k not in doc]
+    if missing:
+        raise ValueError(f"load_tuning: {path} is not a fusedres tuning file: it has no {', '.join(map(repr, missing))} "
+                         "(expected a file written by fusedres.save_tuning)")
     if doc.get("format") != TUNING_FORMAT:
         raise ValueError(f"load_tuning: {path} has autotune keys of format {doc.get('format', 1)}, this fusedres "
                          f"writes format {TUNING_FORMAT} (the kernels' recipes changed the keys: a launch would never "

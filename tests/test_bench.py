@@ -257,15 +257,16 @@ def test_cpu_mode_end_to_end(tmp_path):
     stack = {(r["impl"], r["mode"]): r for r in recs if r.get("section") == "stack"}
     host = {(r["impl"], r["mode"]): r for r in recs if r.get("section") == "host"}
     mlp = {(r["impl"], r["H"], r["mode"]): r for r in recs if r.get("section") == "mlp"}
-    norm = {(r["impl"], r["norm"], r["mode"]): r for r in recs if r.get("section") == "norm"}
+    norm = {(r["impl"], r["block"], r["norm"], r["mode"]): r for r in recs if r.get("section") == "norm"}
     recs = [r for r in recs if r.get("section") not in ("stack", "host", "mlp", "norm")]
     # the normalized block (bench/norm.py): fused bytes below eager's, above the compulsory minimum
-    assert set(norm) == {(i, k, m) for i in ("fused", "eager") for k in ("batch", "layer", "rms")
-                         for m in ("fwd", "bwd")}
-    for (impl, kind, mode), r in norm.items():
+    assert set(norm) == {(i, blk, k, m) for i in ("fused", "eager") for blk in ("single", "mlp", "mlp-hidden")
+                         for k in ("batch", "layer", "rms") for m in ("fwd", "bwd")}
+    for (impl, blk, kind, mode), r in norm.items():
         if impl == "fused":
-            assert r["compulsory_min_bytes"] < r["unique_bytes"] < norm[("eager", kind, mode)]["bytes"]
-            assert r["launches"] == (2 if mode == "fwd" else 3)
+            assert r["compulsory_min_bytes"] < r["unique_bytes"] < norm[("eager", blk, kind, mode)]["bytes"]
+            assert r["launches"] == {"single": {"fwd": 2, "bwd": 3}, "mlp": {"fwd": 3, "bwd": 5},
+                                     "mlp-hidden": {"fwd": 3, "bwd": 6}}[blk][mode]
     # the MLP block (bench/mlp.py): H = 4D and H = D, fused bytes equal to the two-launch formula
     assert set(mlp) == {(i, h, m) for i in ("fused", "fused-recompute", "eager") for h in (128, 32)
                         for m in ("fwd", "bwd", "full")}

@@ -43,7 +43,7 @@ def run(fn, x, w, b, norm, g, dtype, act="relu", alpha=1.0, autocast=None):
     the run used: a copy in ``dtype``, with its updated running statistics)."""
     cast = lambda t: t.detach().to(dtype).requires_grad_()          # noqa: E731
     xx, ww, bb = cast(x), cast(w), cast(b)
-    nm = copy.deepcopy(norm).to(xx.device, dtype if autocast is None else norm.weight.dtype)
+    nm = copy.deepcopy(norm).to(xx.device, dtype if autocast is None else torch.float32)
     if autocast is not None:
         xx, ww, bb = (t.detach().float().requires_grad_() for t in (x, w, b))
         with torch.autocast(x.device.type, dtype=autocast):
@@ -51,8 +51,8 @@ def run(fn, x, w, b, norm, g, dtype, act="relu", alpha=1.0, autocast=None):
     else:
         y = fn(xx, ww, bb, norm=nm, act=act, alpha=alpha)
     y.backward(g.to(y.dtype))
-    nb = getattr(nm, "bias", None)
-    return [y.detach(), xx.grad, ww.grad, bb.grad, nm.weight.grad, nb.grad if nb is not None else None], nm
+    nw, nb = getattr(nm, "weight", None), getattr(nm, "bias", None)
+    return [y.detach(), xx.grad, ww.grad, bb.grad, *(p.grad if p is not None else None for p in (nw, nb))], nm
 
 
 def check_norm_parity(x, w, b, norm, *, act="relu", autocast=None, alpha=1.0):
@@ -63,19 +63,26 @@ def check_norm_parity(x, w, b, norm, *, act="relu", autocast=None, alpha=1.0):
     fused, fn = run(fused_residual, x, w, b, norm, g, dtype, act, alpha, autocast)
     eager, en = run(residual_reference, x, w, b, norm, g, dtype, act, alpha, autocast)
     ref, rn = run(residual_reference, x, w, b, norm, g, torch.float64, act, alpha)
-    for name, f, e, r in zip(GRAD_NAMES, fused, eager, ref):
+    assert_parity(GRAD_NAMES, fused, eager, ref, (fn, en, rn),
+                  f"[{type(norm).__name__}, {dtype}, autocast {autocast}, x {list(x.shape)}]")
+    return fused
+
+
+def assert_parity(names, fused, eager, ref, norms, where):
+    """The parity rule for every named output (None: absent in all three), and for BatchNorm's
+    running statistics of the three runs' norm modules ``norms``."""
+    for name, f, e, r in zip(names, fused, eager, ref):
         if r is None:
             assert f is None and e is None, name
             continue
         assert f.shape == e.shape and f.dtype == e.dtype, (name, f.shape, e.shape, f.dtype, e.dtype)
         p = parity(f, e, r)
-        assert p.ok, f"{name} [{type(norm).__name__}, {dtype}, autocast {autocast}, x {list(x.shape)}]: {p}"
-    if getattr(norm, "running_mean", None) is not None:
+        assert p.ok, f"{name} {where}: {p}"
+    if getattr(norms[0], "running_mean", None) is not None:
         for name in ("running_mean", "running_var"):
-            p = parity(getattr(fn, name), getattr(en, name), getattr(rn, name))
-            assert p.ok, f"{name} [{dtype}]: {p}"
-        assert int(fn.num_batches_tracked) == int(en.num_batches_tracked)
-    return fused
+            p = parity(*(getattr(n, name) for n in norms))
+            assert p.ok, f"{name} {where}: {p}"
+        assert int(norms[0].num_batches_tracked) == int(norms[1].num_batches_tracked)
 
 
 def expected_launches(kind, batch_stats=True):
@@ -107,18 +114,38 @@ def test_norm_gradcheck(kind, device):
     statistics: its running statistics are updated on every call and not used)."""
     block = FusedResidualBlock(6, norm=kind, act="gelu", learnable_alpha=True, alpha=0.7, device=device,
                                dtype=torch.float64)
+    gradcheck_module(block, 4, {"norm.weight", "weight", "bias", "alpha"}, device)
+
+
+def gradcheck_module(block, rows, must_have, device):
+    """fp64 gradcheck of ``block`` on ``rows`` rows, as a function of x and every parameter (perturbed
+    from their init, so that no affine sits at 1 and 0). Fast mode: random projections of the
+    Jacobian, analytical against numerical (about 10x fewer launches than the full one)."""
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(4, 6, generator=gen, dtype=torch.float64) + 0.3).to(device).requires_grad_()
+    x = (torch.randn(rows, block.dim, generator=gen, dtype=torch.float64) + 0.3).to(device).requires_grad_()
     names = [n for n, _ in block.named_parameters()]
-    assert {"norm.weight", "weight", "bias", "alpha"} <= set(names)
+    assert must_have <= set(names)
     values = [(p.detach() + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device))
               .requires_grad_() for _, p in block.named_parameters()]
 
     def f(x, *ps):
         return torch.func.functional_call(block, dict(zip(names, ps)), (x,))
 
-    # fast mode: random projections of the Jacobian, analytical against numerical (about 10x fewer launches)
     assert torch.autograd.gradcheck(f, (x, *values), fast_mode=True)
+
+
+def sgd_steps(models, shape, device, steps=3):
+    """``steps`` SGD steps of each model on the same inputs of ``shape`` (mean 1, spread 2; each
+    model in its own dtype) and a squared-output loss; returns the generator, to draw more."""
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = (torch.randn(*shape, generator=gen) * 2 + 1).to(device)
+        for m, opt in zip(models, opts):
+            opt.zero_grad()
+            m(x.to(next(m.parameters()).dtype)).square().mean().backward()
+            opt.step()
+    return gen
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -129,14 +156,7 @@ def test_batchnorm_running_stats_three_steps(momentum, device):
     eager = ResidualBlock(32, norm=nn.BatchNorm1d(32, momentum=momentum), device=device)
     fused = FusedResidualBlock.from_block(copy.deepcopy(eager))
     ref = copy.deepcopy(eager).double()
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (fused, eager, ref)]
-    gen = torch.Generator().manual_seed(1)
-    for step in range(3):
-        x = (torch.randn(4, 9, 32, generator=gen) * 2 + 1).to(device)
-        for m, opt in zip((fused, eager, ref), opts):
-            opt.zero_grad()
-            m(x.to(next(m.parameters()).dtype)).square().mean().backward()
-            opt.step()
+    gen = sgd_steps((fused, eager, ref), (4, 9, 32), device)
     for name in ("running_mean", "running_var"):
         p = parity(getattr(fused.norm, name), getattr(eager.norm, name), getattr(ref.norm, name))
         assert p.ok, f"{name}: {p}"
@@ -344,3 +364,343 @@ def test_norm_constant_rows_and_columns(kind, device):
     x[::7] = -1.7                                               # constant rows
     w, b = params(24, device)
     check_norm_parity(x, w, b, make_norm(kind, 24).to(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLP block: y = x + alpha * s * (act(pre_act(norm(x)) @ W1.T + b1) @ W2.T + b2)
+
+MLP_GRADS = ("y", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias", "dnorm_weight", "dnorm_bias")
+
+
+def run_mlp(fn, x, params, norm, g, dtype, autocast=None, **kwargs):
+    cast = lambda t: t.detach().to(dtype).requires_grad_()          # noqa: E731
+    nm = copy.deepcopy(norm).to(x.device, dtype if autocast is None else norm.weight.dtype)
+    if autocast is not None:
+        xx, *ps = (t.detach().float().requires_grad_() for t in (x, *params))
+        with torch.autocast(x.device.type, dtype=autocast):
+            y = fn(xx, *ps, norm=nm, **kwargs)
+    else:
+        xx, *ps = (cast(t) for t in (x, *params))
+        y = fn(xx, *ps, norm=nm, **kwargs)
+    y.backward(g.to(y.dtype))
+    nb = getattr(nm, "bias", None)
+    return [y.detach(), xx.grad, *(p.grad for p in ps), nm.weight.grad, nb.grad if nb is not None else None], nm
+
+
+def check_mlp_norm_parity(x, params, norm, autocast=None, **kwargs):
+    from fusedres import fused_residual_mlp, residual_mlp_reference
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(x.device)
+    fused, fn = run_mlp(fused_residual_mlp, x, params, norm, g, x.dtype, autocast, **kwargs)
+    eager, en = run_mlp(residual_mlp_reference, x, params, norm, g, x.dtype, autocast,
+                        **{k: v for k, v in kwargs.items() if k != "recompute"})
+    ref, rn = run_mlp(residual_mlp_reference, x, params, norm, g, torch.float64,
+                      **{k: v for k, v in kwargs.items() if k != "recompute"})
+    assert_parity(MLP_GRADS, fused, eager, ref, (fn, en, rn),
+                  f"[{type(norm).__name__}, {x.dtype}, autocast {autocast}, {kwargs}]")
+    return fused
+
+
+def mlp_params(D, H, device, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return ((torch.randn(H, D, generator=gen) / D ** 0.5).to(device), (torch.randn(H, generator=gen) * 0.1).to(device),
+            (torch.randn(D, H, generator=gen) / H ** 0.5).to(device), (torch.randn(D, generator=gen) * 0.1).to(device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,pre_act,act", [("batch", None, "relu"),        # rtdl's block
+                                              ("layer", None, "gelu"),        # timm's ViT MLP half
+                                              ("rms", "silu", "relu_sq")])
+def test_mlp_norm_parity(kind, pre_act, act, dtype, device, launches):
+    x = (make_x((3, 11, 32), torch.float32, device) * 1.5 + 0.5).to(dtype)
+    params = [p.to(dtype) for p in mlp_params(32, 64, device)]
+    check_mlp_norm_parity(x, params, make_norm(kind, 32).to(device), pre_act=pre_act, act=act)
+    stats = "norm_col_stats" if kind == "batch" else "norm_row_stats"
+    assert launches() == {stats: 1, "residual_fwd": 2, "residual_dx": 2, "norm_dx": 1, "residual_dw": 2}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mlp_norm_autocast_recompute_and_layerscale(kind, device):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    x = make_x((2, 9, 32), torch.float32, device) + 0.4
+    alpha = torch.full((32,), 0.3, device=device)
+    check_mlp_norm_parity(x, mlp_params(32, 48, device), make_norm(kind, 32).to(device), autocast=dtype,
+                          pre_act=None, act="gelu", alpha=alpha, recompute=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mlp_norm_gradcheck(kind, device):
+    from fusedres import FusedResidualMLPBlock
+    block = FusedResidualMLPBlock(6, 10, norm=kind, pre_act=None, act="gelu", learnable_alpha=True, alpha=0.7,
+                                  device=device, dtype=torch.float64)
+    gradcheck_module(block, 4, {"norm.weight", "fc1.weight"}, device)
+
+
+def test_mlp_batchnorm_running_stats_and_eval(device):
+    """rtdl's block: three SGD steps, then eval on the running statistics; the state_dict moves
+    between the fused and the eager block."""
+    from fusedres import FusedResidualMLPBlock, ResidualMLPBlock
+    torch.manual_seed(0)
+    eager = ResidualMLPBlock(24, 48, norm="batch", pre_act=None, device=device)
+    fused = FusedResidualMLPBlock.from_block(copy.deepcopy(eager))
+    ref = copy.deepcopy(eager).double()
+    gen = sgd_steps((fused, eager, ref), (37, 24), device)
+    for name in ("running_mean", "running_var"):
+        assert parity(getattr(fused.norm, name), getattr(eager.norm, name), getattr(ref.norm, name)).ok, name
+    assert int(fused.norm.num_batches_tracked) == 3
+    x = (torch.randn(5, 24, generator=gen) + 1).to(device)
+    outs = [m.eval()(x.to(next(m.parameters()).dtype)) for m in (fused, eager, ref)]
+    assert parity(*outs).ok
+    assert set(fused.state_dict()) == set(eager.state_dict()) >= {"norm.running_mean", "fc1.weight"}
+
+
+def test_residual_mlp_with_norm(device):
+    from fusedres import ResidualMLP
+    torch.manual_seed(0)
+    fused = ResidualMLP(8, 32, 3, 2, hidden_features=64, norm="layer", pre_act=None, act="gelu", device=device)
+    eager = ResidualMLP(8, 32, 3, 2, hidden_features=64, norm="layer", pre_act=None, act="gelu", fused=False,
+                        device=device)
+    eager.load_state_dict(fused.state_dict())
+    x = torch.randn(16, 8, device=device)
+    assert torch.allclose(fused(x), eager(x), rtol=1e-4, atol=1e-5)
+    assert all(isinstance(b.norm, nn.LayerNorm) for b in fused.blocks)
+    with pytest.raises(TypeError, match="norm must be a name"):
+        ResidualMLP(8, 32, 2, 2, hidden_features=64, norm=nn.LayerNorm(32))
+
+
+def test_mlp_norm_saves_x_h_and_vectors(device):
+    from fusedres import FusedResidualMLPBlock
+    block = FusedResidualMLPBlock(40, 80, norm="layer", pre_act=None, device=device)
+    x = torch.randn(3, 13, 40, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = block(x)
+    # x, h (the hidden pre-activation, as without a norm), the weights; the rest are vectors
+    params = {block.fc1.weight.data_ptr(), block.fc2.weight.data_ptr()}
+    big = [t for t in saved if t.numel() >= x.numel() and t.data_ptr() not in params]
+    assert sorted(tuple(t.shape) for t in big) == [(3, 13, 40), (3, 13, 80)]
+    assert any(t.data_ptr() == x.data_ptr() for t in big)
+    assert all(t.dim() <= 1 for t in saved if t.numel() < x.numel())
+    y.sum().backward()
+
+
+def test_mlp_norm_opcheck(device):
+    x = torch.randn(10, 16, device=device, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    w1, b1, w2, b2 = (t.double() for t in mlp_params(16, 24, device))
+    nw = (torch.rand(16, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    nb = torch.randn(16, generator=gen, dtype=torch.float64).to(device)
+    for kind in KINDS:
+        for recompute in (False, True):
+            leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+            args = (*leaves, None, 1.0, None, recompute, "none", 0.0, "gelu", 0.0, kind, nw.clone().requires_grad_(),
+                    None if kind == "rms" else nb.clone().requires_grad_(), 1e-5, None, None)
+            torch.library.opcheck(torch.ops.fusedres.residual_mlp_forward.default, args,
+                                  test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_mlp_norm_compile_fullgraph(device):
+    from fusedres import FusedResidualMLPBlock
+    torch._dynamo.reset()
+    block = FusedResidualMLPBlock(16, 32, norm="batch", pre_act=None, device=device)
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(12, 16, device=device)
+    for train in (True, False):
+        block.train(train)
+        eager.train(train)
+        assert torch.allclose(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(block.norm.running_mean, eager.norm.running_mean)
+
+
+def test_fuse_keeps_the_norm_and_never_stacks_it(device):
+    """fuse() swaps eager blocks with a norm for fused ones sharing the norm module; a run of
+    stackable widths with norms stays as single blocks (the stack has no norm)."""
+    import fusedres
+    torch.manual_seed(0)
+    model = nn.Sequential(*[ResidualBlock(32, norm="batch", device=device) for _ in range(3)])
+    norms = [b.norm for b in model]
+    x = torch.randn(20, 32, device=device)
+    want = copy.deepcopy(model)(x)
+    fusedres.fuse(model, stacks=True)
+    assert all(type(b) is FusedResidualBlock for b in model) and [b.norm for b in model] == norms
+    assert torch.allclose(model(x), want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edges a review found
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rms_default_eps_is_the_opmath_dtypes(dtype, device):
+    """RMSNorm's eps=None is fp32's machine epsilon for 16-bit x (torch's opmath), not the 16-bit
+    dtype's: visible on small inputs, where eps is not negligible against the mean square."""
+    x = (make_x((8, 32), torch.float32, device) * 0.02).to(dtype)
+    w, b = params(32, device)
+    check_norm_parity(x, w.to(dtype), b.to(dtype), make_norm("rms", 32).to(device))
+
+
+def test_masked_lanes_of_the_norm_prologue_are_zero(device):
+    """A large-mean column (BatchNorm) and a constant row without affine (LayerNorm) normalize the
+    masked lanes of ragged tiles to large values; in fp16 those would round to inf and meet the
+    other operand's masked zeros (NaN). They are zeroed: dW and y stay finite, under parity."""
+    x = make_x((100, 32), torch.float32, device)
+    x[:, 3] = -2024.0
+    w, b = params(32, device)
+    check_norm_parity(x.half(), w.half(), b.half(), make_norm("batch", 32).to(device))
+    x = make_x((6, 40), torch.float32, device)
+    x[1] = -300.0
+    w, b = params(40, device)
+    check_norm_parity(x.half(), w.half(), b.half(), nn.LayerNorm(40, elementwise_affine=False).to(device))
+
+
+def test_eager_backend_updates_batchnorm_once(device):
+    """Without the interpreter (or with set_backend("eager")) the module's own forward runs: its
+    running statistics and num_batches_tracked are updated once per call, as torch's."""
+    import fusedres
+    fusedres.set_backend("eager")
+    torch.manual_seed(0)
+    fused = FusedResidualBlock(16, norm=nn.BatchNorm1d(16, momentum=None), device=device)
+    eager = copy.deepcopy(fused)
+    for _ in range(3):
+        x = torch.randn(10, 16, device=device) + 1
+        fused(x)
+        residual_reference(x, eager.weight, eager.bias, norm=eager.norm)
+    assert int(fused.norm.num_batches_tracked) == 3
+    assert torch.allclose(fused.norm.running_mean, eager.norm.running_mean)
+
+
+def test_norm_opcheck_16_bit(device):
+    """The custom ops' fake outputs match the real ones for 16-bit x (the statistics are fp32)."""
+    x = torch.randn(10, 16, device=device, dtype=torch.float16)
+    w, b = (t.half() for t in params(16, device))
+    nw = torch.rand(16, device=device, dtype=torch.float16) + 0.5
+    for kind in KINDS:
+        args = (x, w, b, None, 1.0, None, "relu", 0.0, kind, nw, None, 1e-5, None, None)
+        torch.library.opcheck(torch.ops.fusedres.norm_residual_forward.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+        w1, b1, w2, b2 = (t.half() for t in mlp_params(16, 24, device))
+        args = (x, w1, b1, w2, b2, None, 1.0, None, False, "none", 0.0, "relu", 0.0, kind, nw, None, 1e-5, None,
+                None)
+        torch.library.opcheck(torch.ops.fusedres.residual_mlp_forward.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_norm_on_another_device_is_refused(device):
+    x = torch.randn(4, 16, device=device)
+    w, b = params(16, device)
+    with pytest.raises(ValueError, match="one device"):
+        fused_residual(x, w, b, norm=nn.LayerNorm(16, device="meta"))
+
+
+def test_batchnorm_on_an_empty_batch(device):
+    """No rows in training: an empty output, the running statistics kept, num_batches_tracked
+    counted, zero gradients for the affine, as torch."""
+    block = FusedResidualBlock(16, norm="batch", device=device)
+    x = torch.randn(0, 16, device=device, requires_grad=True)
+    y = block(x)
+    y.sum().backward()
+    assert y.shape == (0, 16) and x.grad.shape == (0, 16)
+    assert torch.equal(block.norm.running_mean, torch.zeros(16, device=device))
+    assert torch.equal(block.norm.running_var, torch.ones(16, device=device))
+    assert int(block.norm.num_batches_tracked) == 1 and torch.equal(block.norm.weight.grad, torch.zeros(16))
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLP block's hidden norm: act(hidden_norm(h)), statistics from fc1's epilogue
+
+
+def run_hidden(fn, x, params, norms, g, dtype, **kwargs):
+    cast = lambda t: t.detach().to(dtype).requires_grad_()          # noqa: E731
+    n1, n2 = (copy.deepcopy(n).to(x.device, dtype) if isinstance(n, nn.Module) else n for n in norms)
+    xx, *ps = (cast(t) for t in (x, *params))
+    y = fn(xx, *ps, norm=n1, hidden_norm=n2, **kwargs)
+    y.backward(g.to(y.dtype))
+    affine = [p.grad for n in (n1, n2) if isinstance(n, nn.Module) for p in n.parameters()]
+    return [y.detach(), xx.grad, *(p.grad for p in ps), *affine], n2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm,hidden", [("batch", "batch"),      # He et al.'s two-layer full pre-activation
+                                         (None, "layer"), ("rms", "rms")])
+def test_hidden_norm_parity(norm, hidden, dtype, device, launches):
+    from fusedres import fused_residual_mlp, residual_mlp_reference
+    x = (make_x((3, 11, 32), torch.float32, device) * 1.5 + 0.5).to(dtype)
+    params = [p.to(dtype) for p in mlp_params(32, 48, device)]
+    norms = (make_norm(norm, 32).to(device) if norm else None, make_norm(hidden, 48, seed=5).to(device))
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(device)
+    kw = dict(pre_act="relu", act="relu")
+    fused, fn = run_hidden(fused_residual_mlp, x, params, norms, g, dtype, **kw)
+    eager, en = run_hidden(residual_mlp_reference, x, params, norms, g, dtype, **kw)
+    ref, rn = run_hidden(residual_mlp_reference, x, params, norms, g, torch.float64, **kw)
+    for i, (f, e, r) in enumerate(zip(fused, eager, ref)):
+        assert f.shape == e.shape and f.dtype == e.dtype, i
+        p = parity(f, e, r)
+        assert p.ok, f"output {i} [{norm}, {hidden}, {dtype}]: {p}"
+    if hidden == "batch":
+        for name in ("running_mean", "running_var"):
+            assert parity(getattr(fn, name), getattr(en, name), getattr(rn, name)).ok, name
+    # the hidden norm's statistics come from fc1's epilogue: no statistics pass over h
+    stats = {} if norm is None else {"norm_col_stats" if norm == "batch" else "norm_row_stats": 1}
+    assert launches() == {**stats, "residual_fwd": 2, "residual_dx": 2, "norm_dx": 1 + (norm is not None),
+                          "residual_dw": 2}
+
+
+@pytest.mark.parametrize("hidden", KINDS)
+def test_hidden_norm_gradcheck(hidden, device):
+    from fusedres import FusedResidualMLPBlock
+    block = FusedResidualMLPBlock(6, 10, norm="batch", hidden_norm=hidden, act="gelu", learnable_alpha=True,
+                                  alpha=0.7, device=device, dtype=torch.float64)
+    gradcheck_module(block, 5, {"hidden_norm.weight", "norm.weight"}, device)
+
+
+def test_hidden_batchnorm_trains_then_evals_and_recomputes(device):
+    """He et al.'s two-layer form in an MLP block: three SGD steps (recompute=True) with both
+    BatchNorms' running statistics as torch's, then eval on them; the state_dict interchanges."""
+    from fusedres import FusedResidualMLPBlock, ResidualMLPBlock
+    torch.manual_seed(0)
+    eager = ResidualMLPBlock(24, 40, norm="batch", hidden_norm="batch", device=device)
+    fused = FusedResidualMLPBlock.from_block(copy.deepcopy(eager))
+    fused.recompute = True
+    ref = copy.deepcopy(eager).double()
+    gen = sgd_steps((fused, eager, ref), (37, 24), device)
+    for norm in ("norm", "hidden_norm"):
+        for name in ("running_mean", "running_var"):
+            got = [getattr(getattr(m, norm), name) for m in (fused, eager, ref)]
+            assert parity(*got).ok, (norm, name)
+    assert int(fused.hidden_norm.num_batches_tracked) == 3
+    x = (torch.randn(5, 24, generator=gen) + 1).to(device)
+    outs = [m.eval()(x.to(next(m.parameters()).dtype)) for m in (fused, eager, ref)]
+    assert parity(*outs).ok
+    assert {"hidden_norm.running_var", "norm.weight"} <= set(fused.state_dict()) == set(eager.state_dict())
+
+
+def test_hidden_norm_forward_reads_h_once(device):
+    """No pass over h for its statistics: fc1 writes h (and vector partials), fc2 reads it once."""
+    from fusedres import FusedResidualMLPBlock
+    from fusedres.traffic import InterpreterTraffic
+    block = FusedResidualMLPBlock(32, 64, hidden_norm="layer", device=device)
+    x = torch.randn(96, 32, device=device)
+    with torch.no_grad(), InterpreterTraffic() as t:
+        block(x)
+    h_bytes = 96 * 64 * 4
+    assert [lc.kernel for lc in t.launches] == ["residual_fwd_kernel", "residual_fwd_kernel"]
+    fc1, fc2 = t.launches
+    assert fc1.args["y_ptr"].unique_written == h_bytes and fc2.args["x_ptr"].unique_read == h_bytes
+    assert fc1.args["row_stats_ptr"].unique_written < h_bytes // 4
+
+
+def test_hidden_norm_opcheck_and_errors(device):
+    from fusedres import FusedResidualMLPBlock, ResidualMLP
+    x = torch.randn(10, 16, device=device, dtype=torch.float64)
+    w1, b1, w2, b2 = (t.double() for t in mlp_params(16, 24, device))
+    hw = torch.rand(24, device=device, dtype=torch.float64) + 0.5
+    for kind in KINDS:
+        leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+        args = (*leaves, None, 1.0, None, False, "relu", 0.0, "relu", 0.0, "none", None, None, 0.0, None, None, kind,
+                hw.clone().requires_grad_(), None, 1e-5, None, None)
+        torch.library.opcheck(torch.ops.fusedres.residual_mlp_forward.default, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    with pytest.raises(ValueError, match="num_features is 16, but the block's width is 24"):
+        FusedResidualMLPBlock(16, 24, hidden_norm=nn.BatchNorm1d(16))
+    with pytest.raises(ValueError, match="hidden_features"):
+        ResidualMLP(8, 16, 2, 2, hidden_norm="batch")

@@ -3,6 +3,7 @@ recipe string round-trips, and the pass table in docs/kernel-family.md is the on
 yield."""
 from __future__ import annotations
 
+import copy
 import importlib
 import pathlib
 import re
@@ -65,6 +66,27 @@ def test_an_mlp_blocks_launches_are_its_recipes_passes(launched, pre_act, act, p
     assert launched == [p.key for p in expected.passes()]
 
 
+@pytest.mark.parametrize("norm,affine,train", [("batch", True, True), ("batch", False, False), ("layer", True, True),
+                                               ("rms", True, True)])
+def test_a_normalized_blocks_launches_are_its_recipes_passes(launched, norm, affine, train):
+    """The norm's pieces: the statistics' kind, the affine (absent: no operand), dx's sinks (none for
+    BatchNorm on running statistics without an affine: nothing to correct, nothing to learn)."""
+    torch.manual_seed(0)
+    module = {"batch": torch.nn.BatchNorm1d(16, affine=affine), "layer": torch.nn.LayerNorm(16),
+              "rms": torch.nn.RMSNorm(16)}[norm]
+    block = fusedres.FusedResidualBlock(16, norm=module, alpha=0.5, learnable_alpha=True).train(train)
+    block(torch.randn(4, 8, 16, requires_grad=True)).sum().backward()
+    expected = Recipe(alpha="scalar", learnable_alpha=True, norm=norm, norm_weight=affine,
+                      norm_bias=affine and norm != "rms", batch_stats=train)
+    assert launched == [p.key for p in expected.passes()]
+    mlp = fusedres.FusedResidualMLPBlock(16, 32, norm=copy.deepcopy(module), pre_act=None, act="gelu").train(train)
+    launched.clear()
+    mlp(torch.randn(4, 8, 16, requires_grad=True)).sum().backward()
+    expected = MLPRecipe(pre_act=None, act="gelu", alpha="scalar", norm=norm, norm_weight=affine,
+                         norm_bias=affine and norm != "rms", batch_stats=train)
+    assert launched == [p.key for p in expected.passes()]
+
+
 def test_a_float_alpha_is_its_own_recipe_and_none_multiplies_by_nothing(launched):
     """A Python float is passed by value (fp32, as eager rounds it; fp64: a one-element tensor);
     no alpha is no operand at all."""
@@ -97,7 +119,7 @@ def test_every_gate_variant_is_a_recipe(act):
     compiles) is one of its recipe's passes."""
     import dataclasses
     from fusedres import aot
-    for feats in aot.FEATURES:
+    for feats in aot.FEATURES + aot.NORM_FEATURES:
         r = aot.FEATURE_RECIPES[feats]
         name = None if act == "identity" else act
         r = dataclasses.replace(r, act=name) if isinstance(r, Recipe) else dataclasses.replace(r, pre_act=name, act=name)

@@ -362,12 +362,32 @@ ACT_ADDED: dict = {("dx", 4): [(64, 64, 16, 8, 4)]}
 #: the kernels are composed from pieces (issue 21; ptxas allotted the flag-built kernel 187). Every
 #: other variant and arch compiles it clean. Keyed by arch, then (kind, element size).
 _CHANNEL_ALPHA_SPILLS: dict[str, dict[tuple[str, int], set]] = {"sm_80": {("dw", 2): {(64, 128, 64, 4, 4)}}}
-#: Tiles a launch with a normalization in its A-tile prologue (issue 22) does not ship, as the
-#: compile gate derived them (triton 3.7.1, ptxas 12.8: the fp32 forward at 64x128x16, 4 warps, 4
-#: stages spills 8 B with the prologue's statistics loads, on both archs) (``python -m fusedres.aot --cover --features norm-batch,norm-layer,norm-rms
-#: --derive-norm-drops``; ``tests/test_aot.py`` checks the table against the gate's records):
-#: gate arch -> kind -> element size -> tiles. An arch not in it takes the union of every arch's.
-NORM_DROPPED: dict = {"sm_80": {"fwd": {4: [(64, 128, 16, 4, 4)]}}, "sm_90": {"fwd": {4: [(64, 128, 16, 4, 4)]}}}
+#: Tiles a launch with a normalization (issue 22: the prologue's statistics loads, dx's sinks)
+#: does not ship, as the compile gate derived them: gate arch -> kind -> (element size, mixed) ->
+#: tiles, mixed being autocast's fp32 activations beside 16-bit weights. Derived with triton 3.7.1
+#: (ptxas 12.8; 13.1 for sm_120) from every norm variant's covering set: fp16, bf16, fp32, tf32 and
+#: autocast-bf16 on all five archs (``python -m fusedres.aot --cover --features norm-batch,norm-layer,
+#: norm-rms,norm-hidden-batch,norm-hidden-layer --derive-norm-drops``, run with this table emptied);
+#: ``tests/test_aot.py`` checks it against the saved failing records
+#: (``tests/data/norm_gate_failures.json``). An arch not in it takes the union of every arch's.
+NORM_DROPPED: dict = {'sm_120': {'dw': {(2, False): [(64, 128, 64, 4, 4)]}, 'fwd': {(4, False): [(128, 128, 16, 8, 4)]}},
+ 'sm_80': {'dw': {(2, False): [(128, 128, 64, 8, 4)],
+                  (2, True): [(128, 128, 64, 8, 3),
+                              (128, 64, 64, 4, 4),
+                              (64, 128, 64, 4, 4),
+                              (64, 64, 64, 4, 4)],
+                  (4, False): [(64, 128, 16, 4, 4), (64, 128, 16, 4, 3)]},
+           'fwd': {(4, False): [(64, 128, 16, 4, 4)]}},
+ 'sm_86': {'dw': {(4, False): [(64, 128, 16, 4, 4)]}},
+ 'sm_89': {'dw': {(4, False): [(64, 128, 16, 4, 4)]}},
+ 'sm_90': {'dw': {(2, True): [(128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]},
+           'dx': {(2, True): [(128, 128, 64, 8, 4),
+                              (128, 128, 64, 8, 3),
+                              (128, 128, 32, 8, 4),
+                              (128, 64, 64, 4, 4),
+                              (64, 128, 64, 4, 4)],
+                  (4, False): [(64, 128, 16, 4, 4)]},
+           'fwd': {(4, False): [(64, 128, 16, 4, 4)]}}}
 #: The archs whose activation lists the gate derived (:data:`ACT_DROPPED`); other archs take the
 #: list of their family (:func:`stack_table_arch`) and are not gate-verified for these rows.
 ACT_GATED_ARCHS = ("sm_80", "sm_90")
@@ -501,7 +521,7 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
                            for t in table.get((kind, elem_size), ())}
     if norm:
         spills = spills | {tuple(t) for a, table in NORM_DROPPED.items() if arch not in NORM_DROPPED or a == arch
-                           for t in table.get(kind, {}).get(elem_size, ())}
+                           for t in table.get(kind, {}).get((elem_size, mixed), ())}
 
     def smem(c):
         return pipeline_smem_bytes(kind, c, elem_size, operand_sizes)

@@ -91,6 +91,10 @@ def mma_loop(acc, colsum,
             else:
                 a = normalize(a, l, mask_l, a_idx, mask_a, row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr,
                               norm_w_ptr, norm_b_ptr, 1, ACC_DTYPE)
+            # masked lanes were loaded as 0, which normalizes to -mean * rstd * w + b, not 0: zero
+            # them, or a large one rounds to inf in a 16-bit operand and meets the other operand's
+            # masked 0 in the dot (inf * 0 = NaN)
+            a = tl.where(mask_a[:, None] & mask_l[None, :], a, 0.0)
         if plain is not None:
             a = tl.where(plain, to_gemm_operand(a, GEMM_DTYPE, EMULATE_BF16), ACT(a, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM))
         elif ACT is not None:
@@ -168,6 +172,40 @@ def normalize(x, m_idx, mask_m, k_idx, mask_k, row_mean_ptr, row_rstd_ptr, col_m
     return norm_affine(standardize(x, m_idx, mask_m, k_idx, mask_k, row_mean_ptr, row_rstd_ptr, col_mean_ptr,
                                    col_rstd_ptr, M_AXIS, ACC_DTYPE),
                        k_idx, mask_k, norm_w_ptr, norm_b_ptr, 1 - M_AXIS, ACC_DTYPE)
+
+
+@triton.jit
+def tile_summary(x, mask, count, AXIS: tl.constexpr):
+    """``(mean, M2)`` of a tile along ``AXIS`` over its unmasked lanes (``count`` of them; the
+    masked lanes must hold 0): the corrected two-pass mean (the mean of the residuals added back,
+    so a constant chunk's mean is its value exactly and its M2 is 0, as torch's norms give), then
+    the sum of squared residuals. The partial that Chan's formula combines."""
+    mean = tl.sum(x, axis=AXIS) / count
+    d = tl.where(mask, x - along(mean, 1 - AXIS), 0.0)
+    mean += tl.sum(d, axis=AXIS) / count
+    d = tl.where(mask, x - along(mean, 1 - AXIS), 0.0)
+    return mean, tl.sum(d * d, axis=AXIS)
+
+
+@triton.jit
+def store_stats_partials(v, mask, offs_m, mask_m, offs_n, mask_n, pid_m, pid_n, M, N, col_part_ptr, row_part_ptr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Epilogue sink: the next norm's statistics partials of the output tile ``v`` (the values as
+    stored), so that no pass over the output is needed for them. Per column over the tile's rows
+    (BatchNorm: ``(mean, M2)`` into row ``pid_m`` of ``[row tiles, 2, N]``) and per row over its
+    columns (LayerNorm, RMSNorm: into row ``pid_n`` of ``[column tiles, 2, M]``); either pointer
+    None: not wanted."""
+    v = tl.where(mask, v, 0.0)
+    if col_part_ptr is not None:
+        mean, m2 = tile_summary(v, mask, tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(v.dtype), 0)
+        part = col_part_ptr + pid_m.to(tl.int64) * 2 * N + offs_n
+        tl.store(part, mean, mask=mask_n)
+        tl.store(part + N, m2, mask=mask_n)
+    if row_part_ptr is not None:
+        mean, m2 = tile_summary(v, mask, tl.minimum(N - pid_n * BLOCK_N, BLOCK_N).to(v.dtype), 1)
+        part = row_part_ptr + pid_n.to(tl.int64) * 2 * M + offs_m
+        tl.store(part, mean, mask=mask_m)
+        tl.store(part + M, m2, mask=mask_m)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import Rows, RowStrides, cdiv, record_launch, row_offsets, store_rounded
-from .gemm import along, standardize
+from .gemm import along, standardize, tile_summary
 from .configs import device_guard, gemm_flags
 
 #: The statistics and finishing kernels' one config each (memory-bound; the compile gate compiles
@@ -48,18 +48,6 @@ def chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def chunk_summary(x, mask, count, AXIS: tl.constexpr):
-    """``(mean, M2)`` of a chunk along ``AXIS`` (masked lanes hold 0 and are left out): the
-    corrected two-pass mean (the mean of the residuals added back, so a constant chunk's mean is
-    its value exactly and its M2 is 0, as torch's norms give), then the sum of squared residuals."""
-    mean = tl.sum(x, axis=AXIS) / count
-    d = tl.where(mask, x - along(mean, 1 - AXIS), 0.0)
-    mean += tl.sum(d, axis=AXIS) / count
-    d = tl.where(mask, x - along(mean, 1 - AXIS), 0.0)
-    return mean, tl.sum(d * d, axis=AXIS)
-
-
-@triton.jit
 def row_stats_kernel(x_ptr, mean_ptr, var_ptr, M, K, T, stride_xo, stride_xm, stride_xk,
                      TWO_LEVEL_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -77,7 +65,7 @@ def row_stats_kernel(x_ptr, mean_ptr, var_ptr, M, K, T, stride_xo, stride_xm, st
         x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(ACC_DTYPE)
         if mean_ptr is not None:
             count = tl.minimum(K - k0, BLOCK_K).to(ACC_DTYPE)
-            chunk_mean, chunk_m2 = chunk_summary(x, mask, count, 1)
+            chunk_mean, chunk_m2 = tile_summary(x, mask, count, 1)
             n, mean, m2 = chan_combine(n, mean, m2, count, chunk_mean, chunk_m2)
         else:
             m2 += tl.sum(x * x, axis=1)
@@ -106,7 +94,7 @@ def col_stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, K, T, ROWS_PER_SPLIT,
         x_rows = row_offsets(offs_m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
         x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(ACC_DTYPE)
         count = tl.minimum(M - m0, BLOCK_M).to(ACC_DTYPE)
-        chunk_mean, chunk_m2 = chunk_summary(x, mask, count, 0)
+        chunk_mean, chunk_m2 = tile_summary(x, mask, count, 0)
         n, mean, m2 = chan_combine(n, mean, m2, count, chunk_mean, chunk_m2)
     tl.store(mean_part_ptr + split.to(tl.int64) * K + offs_k, mean, mask=mask_k)
     tl.store(m2_part_ptr + split.to(tl.int64) * K + offs_k, m2, mask=mask_k)
@@ -225,18 +213,37 @@ def col_stats(x, xs: RowStrides, rows: Rows):
     ``[S, K]`` partials, combined with Chan's formula in split order (a fixed order)."""
     K = x.shape[-1]
     acc = acc_dtype(x)
+    if rows.M == 0:
+        return torch.zeros(K, device=x.device, dtype=acc), torch.zeros(K, device=x.device, dtype=acc)
     S, per = col_splits(rows.M, K)
     mean_part = torch.empty(S, K, device=x.device, dtype=acc)
     m2_part = torch.empty(S, K, device=x.device, dtype=acc)
     _launch(col_stats_kernel, "norm_col_stats", *_swap(col_stats_launch_args(x, xs, rows, mean_part, m2_part)))
-    counts = torch.full((S, 1), float(per), device=x.device, dtype=acc)
-    counts[-1] = rows.M - per * (S - 1)
-    # the weighted mean, corrected by the weighted mean of the residuals (exact for equal partial
-    # means: a constant column), then Chan's M2: sum M2_s + sum n_s (mean_s - mean)^2
-    mean = (mean_part * counts).sum(0) / rows.M
-    mean = mean + (counts * (mean_part - mean)).sum(0) / rows.M
+    return combine_partials(mean_part, m2_part, per, rows.M)
+
+
+def combine_partials(mean_part, m2_part, per: int, total: int):
+    """``(mean, biased var)`` over ``total`` values from ``[S, n]`` ``(mean, M2)`` partials of ``per``
+    values each (the last: the rest), in split order: the weighted mean, corrected by the weighted
+    mean of the residuals (exact for equal partial means: a constant column), then Chan's M2,
+    ``sum M2_s + sum n_s (mean_s - mean)^2``."""
+    S = mean_part.shape[0]
+    counts = torch.full((S, 1), float(per), device=mean_part.device, dtype=mean_part.dtype)
+    counts[-1] = total - per * (S - 1)
+    mean = (mean_part * counts).sum(0) / total
+    mean = mean + (counts * (mean_part - mean)).sum(0) / total
     m2 = m2_part.sum(0) + (counts * (mean_part - mean) ** 2).sum(0)
-    return mean, m2 / rows.M
+    return mean, m2 / total
+
+
+def partial_stats(kind: str, part, tiles: int, per: int, n: int, total: int):
+    """A norm's statistics from an epilogue's partials (``part``: ``[>= tiles, 2, n]`` flat, the
+    first ``tiles`` written by the launch): ``(mean, var)``, RMSNorm ``(None, mean square)``."""
+    p = part[:tiles * 2 * n].view(tiles, 2, n)
+    mean, var = combine_partials(p[:, 0], p[:, 1], per, total)
+    if kind == "rms":
+        return None, var + mean * mean
+    return mean, var
 
 
 def norm_dx(dx, g, gs: RowStrides | None, x, xs: RowStrides, rows: Rows, norm: tuple, c1, c2) -> None:

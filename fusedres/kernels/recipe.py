@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 #: (stochastic depth's per-sample scale), ``split`` and ``col_sums`` (split-M dW's first launch:
 #: partial slabs, and the column sums of g into db partials).
 PIECES = ("bias", "db", "proj", "residual", "dalpha", "dalpha_bias", "row_scale", "split", "col_sums",
-          "norm_weight", "norm_bias", "norm_col_sums", "norm_row_sums")
+          "norm_weight", "norm_bias", "norm_col_sums", "norm_row_sums", "stats_col_partials", "stats_row_partials")
 #: The normalizations of the A operand (the A-tile prologue, before the activation): statistics
 #: per feature (``batch``) or per row (``layer``; ``rms`` without a mean). ``norm_weight`` and
 #: ``norm_bias`` are its affine; ``norm_col_sums`` and ``norm_row_sums`` dx's sinks of the norm
 #: output's gradient (column sums per row tile: dgamma, dbeta and BatchNorm's correction; row sums
-#: per feature tile: LayerNorm's and RMSNorm's correction).
+#: per feature tile: LayerNorm's and RMSNorm's correction); ``stats_col_partials`` and
+#: ``stats_row_partials`` the forward's sink of the next norm's statistics partials of its output
+#: (the MLP block's hidden norm: BatchNorm's per column, LayerNorm's and RMSNorm's per row).
 NORMS = ("batch", "layer", "rms")
 #: The kinds of residual scale, each its own code: a Python float passed by value, a one-element
 #: tensor read through a pointer, a per-channel tensor ``[N]``. (None: no scale, no multiply.)
@@ -151,13 +153,9 @@ class Recipe:
         dalpha = self.learnable_alpha and alpha in ("scalar", "channel")
         shortcut = "proj" if self.proj else "residual"
         rs = {"row_scale"} if self.row_scale else set()
-        affine = set()
-        dx_shortcut = {shortcut}
-        if self.norm is not None:
-            affine = {p for p, on in (("norm_weight", self.norm_weight), ("norm_bias", self.norm_bias)) if on}
-            dx_shortcut = {p for p, on in (
-                ("norm_col_sums", bool(affine) or (self.norm == "batch" and self.batch_stats)),
-                ("norm_row_sums", self.norm != "batch")) if on}
+        affine, dx_shortcut = _norm_pieces(self)
+        if self.norm is None:
+            dx_shortcut = {shortcut}
         return (PassRecipe("fwd", self.act, self.act_param, alpha,
                            {shortcut, *rs, *affine} | ({"bias"} if self.bias else set()), self.norm),
                 PassRecipe("dx", self.act, self.act_param, alpha, {*dx_shortcut, *rs, *affine}, self.norm),
@@ -168,8 +166,10 @@ class Recipe:
 
 @dataclass(frozen=True)
 class MLPRecipe:
-    """The two-layer block ``y = x + s[m] * alpha * (act(pre_act(x) @ W1.T + b1) @ W2.T + b2)``:
-    ``pre_act`` None is the pre-norm blocks' (timm's, rtdl's) first GEMM without activation."""
+    """The two-layer block ``y = x + s[m] * alpha * (act(pre_act(norm(x)) @ W1.T + b1) @ W2.T + b2)``:
+    ``pre_act`` None is the pre-norm blocks' (timm's, rtdl's) first GEMM without activation;
+    ``norm`` (as :class:`Recipe`'s) is in fc1's passes: its forward's and dW1's A-tile prologue,
+    and dx's epilogue with its sinks."""
     pre_act: str | None = "relu"
     pre_act_param: float = 0.0
     act: str = "relu"
@@ -178,6 +178,14 @@ class MLPRecipe:
     learnable_alpha: bool = False
     bias: bool = True
     row_scale: bool = False
+    norm: str | None = None
+    norm_weight: bool = True
+    norm_bias: bool = True
+    batch_stats: bool = True
+    hidden_norm: str | None = None
+    hidden_norm_weight: bool = True
+    hidden_norm_bias: bool = True
+    hidden_batch_stats: bool = True
 
     def passes(self) -> tuple[PassRecipe, ...]:
         """fc1's and fc2's forwards; then dh, dW2, dx, dW1: a training step's six launches."""
@@ -187,13 +195,41 @@ class MLPRecipe:
         bias = {"bias"} if self.bias else set()
         db = {"db"} if self.bias else set()
         pre, act = (self.pre_act, self.pre_act_param), (self.act, self.act_param)
-        return (PassRecipe("fwd", *pre, None, bias),
-                PassRecipe("fwd", *act, alpha, bias | {"residual"} | rs),
-                PassRecipe("dx", *act, alpha, rs),
+        affine, dx_residual = _norm_pieces(self)
+        hidden = _HiddenNorm(self.hidden_norm, self.hidden_norm_weight, self.hidden_norm_bias, self.hidden_batch_stats)
+        h_affine, h_sinks = _norm_pieces(hidden)
+        if self.hidden_norm is None:
+            h_sinks, stats = set(), set()
+        else:       # fc1's epilogue emits the hidden norm's statistics partials (batch statistics)
+            stats = {"stats_row_partials"} if self.hidden_norm != "batch" else (
+                {"stats_col_partials"} if self.hidden_batch_stats else set())
+        return (PassRecipe("fwd", *pre, None, bias | affine | stats, self.norm),
+                PassRecipe("fwd", *act, alpha, bias | {"residual"} | rs | h_affine, self.hidden_norm),
+                PassRecipe("dx", *act, alpha, rs | h_affine | h_sinks, self.hidden_norm),
                 PassRecipe("dw", *act, alpha, db | rs | ({"dalpha"} if dalpha else set())
-                           | ({"dalpha_bias"} if dalpha and self.bias else set())),
-                PassRecipe("dx", *pre, None, {"residual"}),
-                PassRecipe("dw", *pre, None, db))
+                           | ({"dalpha_bias"} if dalpha and self.bias else set()) | h_affine, self.hidden_norm),
+                PassRecipe("dx", *pre, None, dx_residual | affine, self.norm),
+                PassRecipe("dw", *pre, None, db | affine, self.norm))
+
+
+@dataclass(frozen=True)
+class _HiddenNorm:
+    """The MLP block's hidden norm, named as a recipe's norm (for :func:`_norm_pieces`)."""
+    norm: str | None
+    norm_weight: bool
+    norm_bias: bool
+    batch_stats: bool
+
+
+def _norm_pieces(recipe) -> tuple[set, set]:
+    """A recipe's norm affine pieces, and what its dx pass gets instead of the residual gradient:
+    with a norm, dz's sinks (the finishing pass adds the residual); without, ``residual``."""
+    if recipe.norm is None:
+        return set(), {"residual"}
+    affine = {p for p, on in (("norm_weight", recipe.norm_weight), ("norm_bias", recipe.norm_bias)) if on}
+    sinks = {p for p, on in (("norm_col_sums", bool(affine) or (recipe.norm == "batch" and recipe.batch_stats)),
+                             ("norm_row_sums", recipe.norm != "batch")) if on}
+    return affine, sinks
 
 
 #: The blocks the pass table (docs/kernel-family.md) shows: the mission's block, LayerScale with DropPath, a

@@ -386,12 +386,18 @@ residual_dw_kernel_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_for("dw")})(residual_dw_kernel)
 
 
+_NO_SUMS = (None, None)
+_NO_TAIL = NO_NORM + _NO_SUMS
+
+
 def dx_head(g, x, weight, dx, alpha=None, proj_weight=None, residual=None, sample_scale=None,
-            add_residual: bool = True, norm=NO_NORM, norm_sums=(None, None)) -> tuple:
+            add_residual: bool = True, norm=NO_NORM, norm_sums=_NO_SUMS) -> tuple:
     """The dx kernel's per-call arguments (operands, None where absent): the first
     :data:`DX_HEAD` of :func:`dx_launch_args`. ``residual``: the gradient added in the epilogue
     (None: ``g``, the block's own; none with a projection or without ``add_residual``)."""
     r = None if proj_weight is not None or not add_residual else (g if residual is None else residual)
+    if norm is NO_NORM and norm_sums is _NO_SUMS:      # the hot path: one constant tail
+        return (g, x, weight, dx, proj_weight, r, *alpha_args(alpha, weight), sample_scale) + _NO_TAIL
     return (g, x, weight, dx, proj_weight, r, *alpha_args(alpha, weight), sample_scale, *norm, *norm_sums)
 
 

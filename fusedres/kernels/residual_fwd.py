@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, Rows, RowStrides, grouped_tile, next_pow2_bucket, row_offsets, store_rounded
+from ._common import cdiv, Rows, RowStrides, grouped_tile, next_pow2_bucket, row_offsets, store_rounded, to_gemm_operand
 from .activations import KERNELS as ACTIVATION_KERNELS, identity
-from .gemm import add_bias, add_rows, mma_loop, scale_branch
+from .gemm import add_bias, add_rows, mma_loop, scale_branch, store_stats_partials
 from .recipe import pass_recipe
 from .configs import FWD_CONFIGS, PreparedLaunch, gemm_flags, launch_and_prepare, prune_for
 
@@ -97,7 +97,7 @@ def recipe_key(pass_: str, act: str | None, act_param: float, scale=(None, None,
 @triton.jit
 def residual_fwd_kernel(
     x_ptr, w_ptr, y_ptr, b_ptr, p_ptr, r_ptr, alpha_ptr, channel_alpha_ptr, alpha_value, s_ptr,
-    row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr,
+    row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr, col_stats_ptr, row_stats_ptr,
     M, N, K, T, M_BUCKET, ROWS_PER_SAMPLE,
     stride_xo, stride_xm, stride_xk,
     stride_ro, stride_rm, stride_rn,
@@ -156,6 +156,11 @@ def residual_fwd_kernel(
                           None, False, BLOCK_K, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
     acc = add_rows(acc, r_ptr, row_offsets(offs_m, T, stride_ro, stride_rm, TWO_LEVEL_ROWS), offs_n, stride_rn,
                    mask, ACC_DTYPE)
+    if col_stats_ptr is not None or row_stats_ptr is not None:
+        # the next norm's statistics partials of y as stored (rounded to its dtype), beside the store
+        store_stats_partials(to_gemm_operand(acc, y_ptr.dtype.element_ty, EMULATE_BF16).to(ACC_DTYPE), mask,
+                             offs_m, mask_m, offs_n, mask_n, pid_m, pid_n, M, N, col_stats_ptr, row_stats_ptr,
+                             BLOCK_M, BLOCK_N)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     store_rounded(y_ptrs, acc, mask, EMULATE_BF16)
 
@@ -167,6 +172,8 @@ residual_fwd_kernel_tuned = triton.autotune(
 
 #: The normalization operands of a launch without one (see :func:`norm_operands`).
 NO_NORM = (None,) * 6
+_NO_STATS = (None, None)
+_NO_TAIL = NO_NORM + _NO_STATS
 
 
 def norm_operands(kind: str | None, mean=None, rstd=None, weight=None, bias=None) -> tuple:
@@ -189,7 +196,7 @@ def norm_pieces(norm: tuple) -> dict:
 
 
 def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None, residual=None, sample_scale=None,
-             add_residual: bool = True, norm=NO_NORM) -> tuple:
+             add_residual: bool = True, norm=NO_NORM, stats_partials=_NO_STATS) -> tuple:
     """The forward kernel's per-call arguments (its operands, None where absent, and
     ``alpha_value``): the first :data:`FWD_HEAD` of :func:`fwd_launch_args`; the rest is fixed by
     the input signature. ``residual``: the tensor added in the epilogue (None: ``x``, the block's
@@ -208,7 +215,10 @@ def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None, residual=None, sa
     else:
         alpha_ptr = _fp64_alpha(float(alpha), weight.device)
     r = None if proj_weight is not None or not add_residual else (x if residual is None else residual)
-    return (x, weight, y, bias, proj_weight, r, alpha_ptr, channel_alpha_ptr, alpha_value, sample_scale, *norm)
+    if norm is NO_NORM and stats_partials is _NO_STATS:      # the hot path: one constant tail
+        return (x, weight, y, bias, proj_weight, r, alpha_ptr, channel_alpha_ptr, alpha_value, sample_scale) + _NO_TAIL
+    return (x, weight, y, bias, proj_weight, r, alpha_ptr, channel_alpha_ptr, alpha_value, sample_scale, *norm,
+            *stats_partials)
 
 
 #: The forward kernel's per-call arguments: those before its sizes.
@@ -226,7 +236,8 @@ def act_consts(act: str | None, act_param: float, derivative: bool = False) -> d
 
 def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, proj_weight=None, *,
                     residual=None, sample_scale=None, rows_per_sample: int = 1, add_residual: bool = True,
-                    act: str | None = "relu", act_param: float = 0.0, norm: tuple = NO_NORM):
+                    act: str | None = "relu", act_param: float = 0.0, norm: tuple = NO_NORM,
+                    stats_partials=(None, None)):
     """The forward kernel's launch arguments, without launching: ``(args, consts, grid)``.
 
     The launcher and the compile gate (``fusedres.aot``) both build them here, so the gate
@@ -235,18 +246,21 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
     first GEMM). ``sample_scale``: ``s [B]`` with ``rows_per_sample`` rows per sample. ``act``:
     the activation on the A operand (a name of :data:`activations.KERNELS`, None: none) with its
     ``act_param``. ``norm``: the six operands of :func:`norm_operands` (the normalization of the A
-    operand, before the activation).
+    operand, before the activation). ``stats_partials``: ``(col, row)`` fp32 (fp64) workspaces of
+    ``[cdiv(M, BLOCK_M), 2, N]`` and ``[cdiv(N, BLOCK_N), 2, M]`` for the next norm's statistics
+    partials of y (the MLP block's hidden norm; either None: not wanted).
     """
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
     r, rs = residual if residual is not None else (x, xs)
-    head = fwd_head(x, weight, bias, y, alpha, proj_weight, r, sample_scale, add_residual, norm)
+    head = fwd_head(x, weight, bias, y, alpha, proj_weight, r, sample_scale, add_residual, norm, stats_partials)
     args = head + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), rows_per_sample,
         *xs, *rs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), y.stride(0), y.stride(1))
     consts = dict(**act_consts(act, act_param),
                   RECIPE=recipe_key("fwd", act, act_param, head[6:9], bias=bias, proj=proj_weight,
                                     residual=add_residual and proj_weight is None, row_scale=sample_scale,
+                                    stats_col_partials=stats_partials[0], stats_row_partials=stats_partials[1],
                                     **norm_pieces(norm)),
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, x.dtype, y.dtype))
 
@@ -259,7 +273,7 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
 def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, proj_weight=None,
                  config: triton.Config | None = None, residual=None, sample_scale=None, rows_per_sample: int = 1,
                  add_residual: bool = True, act: str | None = "relu", act_param: float = 0.0,
-                 norm: tuple = NO_NORM) -> PreparedLaunch | None:
+                 norm: tuple = NO_NORM, stats_partials=(None, None)) -> PreparedLaunch | None:
     """Launch the forward kernel.
 
     ``x`` ``(..., K)`` is addressed through ``rows`` and its strides ``xs``; ``weight`` (and
@@ -275,7 +289,8 @@ def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, 
         return None
     args, consts, grid = fwd_launch_args(x, xs, weight, bias, y, rows, alpha, proj_weight, residual=residual,
                                          sample_scale=sample_scale, rows_per_sample=rows_per_sample,
-                                         add_residual=add_residual, act=act, act_param=act_param, norm=norm)
+                                         add_residual=add_residual, act=act, act_param=act_param, norm=norm,
+                                         stats_partials=stats_partials)
     return launch_and_prepare(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M,
                               max(weight.shape), config, n_head=FWD_HEAD)
 
