@@ -182,6 +182,14 @@ def _eager_hidden(x, w1, b1, pre: Activation | None):
     return F.linear((x if pre is None else pre(x)).to(w1.dtype), w1, b1)
 
 
+def _refuse_eager_norms(norm: str, hidden: str) -> None:
+    """The custom ops' eager path has no norms: ``fused_residual_mlp`` sends a normalized block on
+    the eager backend to the reference (the torch modules) before reaching them."""
+    if norm != "none" or hidden != "none":
+        raise RuntimeError("fusedres::residual_mlp_forward/backward: a norm on the eager backend is computed by "
+                           "fused_residual_mlp through the eager reference; call that, not the custom op")
+
+
 def _norm_state(x, xs, rows, norm):
     """``(operands for the kernels, mean, var)`` of a ``(kind, weight, bias, eps, running_mean,
     running_var)`` norm: the batch statistics (one pass over x) or BatchNorm's running ones."""
@@ -200,6 +208,7 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
     b1, b2, sample_scale = _contiguous(b1), _contiguous(b2), _contiguous(sample_scale)
     scale = _contiguous(_scale(alpha, alpha_value))
     if backend_for(x.device) == "eager":
+        _refuse_eager_norms(norm[0], hidden[0])
         h = _eager_hidden(x, w1, b1, pre)
         branch = F.linear(act(h), w2, b2)
         if sample_scale is not None:
@@ -352,6 +361,7 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
             if rows.M:
                 _triton_hidden(xk, xs, rows, w1, b1, h, pre, ops)
     if eager:
+        _refuse_eager_norms(norm[0] if norm else "none", hidden[0] if hidden else "none")
         return (*_eager_mlp_backward(grad, x, h, w1, b1, w2, b2, scale, sample_scale, needs, pre, act),
                 None, None, None, None)
     kact, kpre = dict(act=act.name, act_param=act.param), dict(zip(("act", "act_param"), kernel_args(pre)))
@@ -371,7 +381,8 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
         # backward 1 with the hidden norm: dz = act'(hidden_norm(h)) * (s * alpha * g @ W2) and its
         # sinks, then the finishing pass (no residual gradient: dh is the norm's input gradient)
         from .norm_op import norm_input_grad
-        _, dhnw, dhnb = norm_input_grad(gk, gs, hk, hs, w2, rows, h, hops, hidden, None, None, True,
+        need_dh = need_dx or need_w1 or need_b1 or need_nw or need_nb      # (else only the hidden affine's)
+        _, dhnw, dhnb = norm_input_grad(gk, gs, hk, hs, w2, rows, h, hops, hidden, None, None, need_dh,
                                         dict(alpha=scale, sample_scale=sample_scale, rows_per_sample=rps), kact,
                                         out=dhk[0].view(rows.M, H))
     elif dh is not None:

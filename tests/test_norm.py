@@ -704,3 +704,34 @@ def test_hidden_norm_opcheck_and_errors(device):
         FusedResidualMLPBlock(16, 24, hidden_norm=nn.BatchNorm1d(16))
     with pytest.raises(ValueError, match="hidden_features"):
         ResidualMLP(8, 16, 2, 2, hidden_norm="batch")
+
+
+def test_hidden_norm_affine_alone(device):
+    """Only the hidden norm's affine wants gradients: no finishing pass over dh (nothing reads
+    it), the same gradients as eager's."""
+    from fusedres import FusedResidualMLPBlock
+    torch.manual_seed(0)
+    block = FusedResidualMLPBlock(16, 32, hidden_norm="layer", device=device)
+    eager = copy.deepcopy(block)
+    for m in (block, eager):
+        for name, p in m.named_parameters():
+            p.requires_grad_(name.startswith("hidden_norm."))
+    x = torch.randn(12, 16, device=device)
+    block(x).square().sum().backward()
+    from fusedres import residual_mlp_reference
+    residual_mlp_reference(x, eager.fc1.weight, eager.fc1.bias, eager.fc2.weight, eager.fc2.bias, alpha=eager.alpha,
+                           hidden_norm=eager.hidden_norm).square().sum().backward()
+    for a, b in zip(block.hidden_norm.parameters(), eager.hidden_norm.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_mlp_ops_refuse_a_norm_on_the_eager_backend(device):
+    import fusedres
+    fusedres.set_backend("eager")
+    x = torch.randn(4, 16, device=device)
+    w1, b1, w2, b2 = mlp_params(16, 24, device)
+    with pytest.raises(RuntimeError, match="through the eager reference"):
+        torch.ops.fusedres.residual_mlp_forward(x, w1, b1, w2, b2, None, 1.0, None, False, "none", 0.0, "relu", 0.0,
+                                                "layer", None, None, 1e-5, None, None)
+    y = fusedres.fused_residual_mlp(x, w1, b1, w2, b2, norm="layer")      # the API takes the reference
+    assert torch.allclose(y, fusedres.residual_mlp_reference(x, w1, b1, w2, b2, norm="layer"))
