@@ -43,7 +43,7 @@ from .activations import Activation, ActLike, kernel_args, resolve as resolve_ac
 from .droppath import rows_per_sample, sample_rows
 from .kernels._common import cdiv
 from .norm import NormCall, NormLike, norm_kind, update_running_stats
-from .op import _activation, autocast_off, check_alpha_shape, dalpha_from_partials, warn_if_ungated
+from .op import _activation, autocast_off, check_alpha_shape, warn_if_ungated, weight_grads
 
 
 def _acts(pre_act: str, pre_act_param: float, act: str, act_param: float) -> tuple[Activation | None, Activation]:
@@ -336,10 +336,8 @@ def _saved_norm_operands(x, state):
     """The kernels' norm operands from a saved ``(kind, weight, bias, eps, mean, var, ...)`` state."""
     if state is None:
         return kernels.NO_NORM
-    kind, nw, nb, eps, mean, var = state[:6]
-    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
-    mean = mean.to(acc_t) if mean is not None and mean.numel() else None
-    return kernels.norm_operands(kind, mean, torch.rsqrt(var.to(acc_t) + eps), nw, nb)
+    from .norm_op import saved_norm_operands
+    return saved_norm_operands(x, *state[:6])
 
 
 def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, needs, pre, act, norm=None,
@@ -370,7 +368,6 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
     need_hnw, need_hnb = (hidden[7], hidden[8]) if hidden is not None else (False, False)
     dnw = dnb = dhnw = dhnb = None
     D, H = w2.shape
-    acc = torch.float64 if w2.dtype == torch.float64 else torch.float32
     rps = rows_per_sample(x)
     dh = h.new_empty(h.shape) if (need_dx or need_w1 or need_b1 or need_nw or need_nb or need_hnw
                                   or need_hnb) else None
@@ -391,17 +388,8 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
                             sample_scale=sample_scale, rows_per_sample=rps, **kact)
     if need_w2 or need_b2 or need_alpha:
         # backward 2: dW2 = alpha * (s g).T @ relu(h), db2, the dalpha partials
-        dw2 = w2.new_empty(D, H)
-        db2 = w2.new_empty(D) if need_b2 else None
-        partials = (torch.empty(kernels.dalpha_workspace_size(D, H, False, alpha.numel() > 1), device=x.device,
-                                dtype=acc) if need_alpha else None)
-        launched = kernels.residual_dw(gk, gs, hk, hs, dw2, db2, rows, weight=w2, bias=b2, alpha=scale,
-                                       dalpha_partials=partials, sample_scale=sample_scale, rows_per_sample=rps,
-                                       norm=hops, **kact)
-        if need_alpha:
-            dalpha = dalpha_from_partials(partials, launched.programs, alpha, D)
-        if not need_w2:
-            dw2 = None
+        dw2, db2, dalpha = weight_grads(gk, gs, hk, hs, rows, w2, b2, scale, alpha, need_w2, need_b2, need_alpha,
+                                        sample_scale=sample_scale, rows_per_sample=rps, norm=hops, **kact)
     if norm is not None and (need_dx or need_nw or need_nb):
         # backward 3 with a norm: dz = pre_act'(z) * (dh @ W1) and its sinks, then the finishing pass
         from .norm_op import norm_input_grad

@@ -135,14 +135,9 @@ def _backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_
               norm_bias, eps, mean, var, batch_stats, need_dx, need_weight, need_bias, need_alpha,
               need_norm_weight, need_norm_bias):
     """(dx, dW, db, dalpha, dnorm_weight, dnorm_bias), None for each not asked for."""
-    from .op import bias_grad, dalpha_from_partials
+    from .op import bias_grad, weight_grads
     rows, (gs, xs), (gk, xk) = plan_rows(grad, x)
-    M, (N, K) = rows.M, weight.shape
-    acc = acc_dtype(xk)
-    mean = mean.to(acc) if mean is not None and mean.numel() else None
-    var = var.to(acc)
-    rstd = torch.rsqrt(var + eps)
-    ops = kernels.norm_operands(kind, mean, rstd, norm_weight, norm_bias)
+    ops = saved_norm_operands(x, kind, norm_weight, norm_bias, eps, mean, var)
     scale = _scale(alpha, alpha_value)
     rps = rows_per_sample(x)
     kact = dict(act=act, act_param=act_param)
@@ -152,22 +147,19 @@ def _backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_
         dx, dnw, dnb = norm_input_grad(gk, gs, xk, xs, weight, rows, x, ops, state, gk, gs, need_dx,
                                        dict(alpha=scale, sample_scale=sample_scale, rows_per_sample=rps), kact)
     if need_weight or need_alpha:
-        dw = weight.new_empty(N, K)
-        db = weight.new_empty(N) if need_bias else None
-        per_channel = need_alpha and alpha.numel() > 1
-        partials = (torch.empty(kernels.dalpha_workspace_size(N, K, False, per_channel), device=x.device,
-                                dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
-                    if need_alpha else None)
-        prepared = kernels.residual_dw(gk, gs, xk, xs, dw, db, rows, weight=weight, bias=bias, alpha=scale,
-                                       dalpha_partials=partials, sample_scale=sample_scale, rows_per_sample=rps,
-                                       norm=ops, **kact)
-        if need_alpha:
-            dalpha = dalpha_from_partials(partials, prepared.programs, alpha, N)
-        if not need_weight:
-            dw = None
+        dw, db, dalpha = weight_grads(gk, gs, xk, xs, rows, weight, bias, scale, alpha, need_weight, need_bias,
+                                      need_alpha, sample_scale=sample_scale, rows_per_sample=rps, norm=ops, **kact)
     elif need_bias:
         db = bias_grad(grad, sample_scale, scale, weight)
     return dx, dw, db, dalpha, dnw, dnb
+
+
+def saved_norm_operands(x, kind, weight, bias, eps, mean, var) -> tuple:
+    """The kernels' norm operands from the statistics a forward saved (``mean`` empty: none, as
+    RMSNorm's), in the accumulator dtype."""
+    acc = acc_dtype(x)
+    mean = mean.to(acc) if mean is not None and mean.numel() else None
+    return kernels.norm_operands(kind, mean, torch.rsqrt(var.to(acc) + eps), weight, bias)
 
 
 def norm_input_grad(a, a_strides, xk, xs, weight, rows, x, ops, state, g, gs, need_dx, gemm_kwargs, kact, out=None):

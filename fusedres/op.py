@@ -551,6 +551,22 @@ class _BackwardLaunches:
         return dx, dw, db, dalpha, dp
 
 
+def weight_grads(g, gs, x, xs, rows, weight, bias, scale, alpha, need_weight, need_bias, need_alpha, **launch):
+    """``(dW, db, dalpha)`` of ``scale * (g.T @ act(x))``, None where not asked for: one dW launch
+    (split-M where the plan says) with db and the dalpha partials folded in. ``launch``: the rest of
+    :func:`kernels.residual_dw`'s keywords (row scale, activation, norm)."""
+    N, K = weight.shape
+    dw = weight.new_empty(N, K)
+    db = weight.new_empty(N) if need_bias else None
+    partials = (torch.empty(kernels.dalpha_workspace_size(N, K, False, alpha.numel() > 1), device=x.device,
+                            dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
+                if need_alpha else None)
+    prepared = kernels.residual_dw(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=scale,
+                                   dalpha_partials=partials, **launch)
+    dalpha = dalpha_from_partials(partials, prepared.programs, alpha, N) if need_alpha else None
+    return (dw if need_weight else None), db, dalpha
+
+
 def bias_grad(grad: Tensor, sample_scale: Optional[Tensor], alpha, weight: Tensor) -> Tensor:
     """db alone (no dW GEMM to fold it into): ``alpha * (s * g).sum over rows``, a native reduction."""
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
