@@ -391,9 +391,12 @@ NORM_DROPPED: dict = {'sm_120': {'dw': {(2, False): [(64, 128, 64, 4, 4)]}, 'fwd
 #: What the norm launches of another triton release drop besides :data:`NORM_DROPPED` (the same
 #: keys), from its own gate run: triton 3.6.0 (torch 2.11's pin; ptxas 12.8), fp16 covering sets of
 #: every norm variant on sm_80 and sm_90 (206 compiles, these 3 failed: dx spilled 120-128 B, dW
-#: 16 B). Its fp32, tf32 and autocast lists were not gated for norms.
+#: 16 B); triton 3.9.0 (ptxas 12.9 / 13.4), the same run (216 compiles, 10 failed: 8 to 80 B). Their
+#: fp32, tf32 and autocast lists were not gated for norms.
 _NORM_DROPPED_BY_TRITON: dict = {
     (3, 6): {"sm_90": {"dx": {(2, False): [(64, 128, 64, 4, 4)]}, "dw": {(2, False): [(128, 64, 64, 4, 4)]}}},
+    (3, 9): {"sm_80": {"dw": {(2, False): [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]}},
+             "sm_90": {"dx": {(2, False): [(64, 128, 64, 4, 4)]}, "dw": {(2, False): [(128, 64, 64, 4, 4)]}}},
 }
 #: The archs whose activation lists the gate derived (:data:`ACT_DROPPED`); other archs take the
 #: list of their family (:func:`stack_table_arch`) and are not gate-verified for these rows.
