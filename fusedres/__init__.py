@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .convert import fuse
 from .droppath import drop_path_scale
+from .dropout import record_dropout
 from .mlp import ResidualMLP
 from .mlp_op import fused_residual_mlp
 from .module import FusedResidualBlock, FusedResidualMLPBlock
@@ -31,6 +32,7 @@ __all__ = [
     "ResidualMLPBlock",
     "residual_mlp_reference",
     "drop_path_scale",
+    "record_dropout",
     "backend_for",
     "set_backend",
     "get_backend",

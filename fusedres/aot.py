@@ -197,6 +197,20 @@ FEATURE_RECIPES = {
 #: The normalization variants: compiled when asked for (``--features norm-batch,norm-layer,norm-rms``),
 #: each with the norm's own kernels (:data:`NORM_KINDS`) beside the GEMMs.
 NORM_FEATURES = ("norm-batch", "norm-layer", "norm-rms", "norm-hidden-batch", "norm-hidden-layer")
+# dropout (issue 23): the keep mask regenerated in every pass, each with its heaviest company:
+# the single block with DropPath and a learnable alpha; with LayerNorm and LayerScale (dx's sinks
+# beside the mask on g); the MLP block's fc2 passes with both dropouts and the hidden BatchNorm
+FEATURE_RECIPES.update({
+    "dropout": Recipe(alpha="scalar", learnable_alpha=True, row_scale=True, dropout=True),
+    "dropout-norm": Recipe(alpha="channel", learnable_alpha=True, row_scale=True, norm="layer", dropout=True),
+    "dropout-mlp": MLPRecipe(alpha="scalar", learnable_alpha=True, row_scale=True, norm="layer", hidden_norm="batch",
+                             dropout=True, hidden_dropout=True),
+})
+#: The dropout variants, compiled when asked for (``--features dropout,dropout-norm,dropout-mlp``).
+#: ``dropout-mlp``'s forward is fc2's (the one with the masks), not fc1's.
+DROPOUT_FEATURES = ("dropout", "dropout-norm", "dropout-mlp")
+#: The variants the gate compiles only on request, each as its own group of the covering set.
+ON_REQUEST_FEATURES = NORM_FEATURES + DROPOUT_FEATURES
 #: The normalization's own small kernels (``fusedres.kernels.norm``), one config each
 #: (``NORM_CONFIGS``), compiled with the norm variants that launch them.
 NORM_KINDS = ("norm_row_stats", "norm_col_stats", "norm_dx")
@@ -274,16 +288,19 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     tdtype, precision = DTYPES[dtype]
     act_dtype = ACTIVATIONS.get(dtype, tdtype)     # x, y, g, dx (and a module's alpha)
     features, act_name = split_features(features)
-    if features not in FEATURES + SPLIT_FEATURES + NORM_FEATURES:
-        raise ValueError(f"unknown features {features!r}; one of {FEATURES + SPLIT_FEATURES + NORM_FEATURES}")
+    if features not in FEATURES + SPLIT_FEATURES + ON_REQUEST_FEATURES:
+        raise ValueError(f"unknown features {features!r}; one of {FEATURES + SPLIT_FEATURES + ON_REQUEST_FEATURES}")
     split = features in SPLIT_FEATURES
     if split and kind not in ("dw", REDUCE_KIND):
         raise ValueError(f"{kind}: the split variants are dW's and its reduce's only")
     extra = features in ("alpha+proj", "split+alpha+proj")
-    layerscale = features in ("layerscale", "split+layerscale", "norm-layer")
-    row_scale = features in ("drop-path", "mlp", "split+drop-path") or layerscale
-    hidden_kind = features[len("norm-hidden-"):] if features.startswith("norm-hidden-") else None
-    norm_kind = features[len("norm-"):] if features in NORM_FEATURES and hidden_kind is None else None
+    layerscale = features in ("layerscale", "split+layerscale", "norm-layer", "dropout-norm")
+    row_scale = features in ("drop-path", "mlp", "split+drop-path", "dropout") or layerscale
+    hidden_kind = (features[len("norm-hidden-"):] if features.startswith("norm-hidden-")
+                   else "batch" if features == "dropout-mlp" else None)
+    norm_kind = (features[len("norm-"):] if features in NORM_FEATURES and hidden_kind is None
+                 else "layer" if features == "dropout-norm" else None)
+    dropout = features in DROPOUT_FEATURES
     mlp = features == "mlp" or hidden_kind is not None
     row_scale = row_scale or hidden_kind is not None
     N = 2 * D if extra else D
@@ -297,7 +314,7 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
 
     w, b = torch.empty(N, D, dtype=tdtype), (None if nobias else torch.empty(N, dtype=tdtype))
     alpha = (torch.empty(N, dtype=act_dtype) if layerscale else torch.empty((), dtype=act_dtype)
-             if extra or row_scale or nobias or norm_kind == "batch" or hidden_kind is not None
+             if extra or row_scale or nobias or norm_kind == "batch" or hidden_kind is not None or dropout
              else 0.5 if features in ("alpha-value", "norm-rms") else None)
     proj = torch.empty(N, D, dtype=tdtype) if extra else None
     scale = dict(sample_scale=torch.empty(EXAMPLE_B, dtype=act_dtype), rows_per_sample=M // EXAMPLE_B) \
@@ -323,8 +340,23 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
             hidden_kind, h_stats, h_stats, torch.empty(H, dtype=act_dtype), torch.empty(H, dtype=act_dtype))
         stats_partials = ((torch.empty(M // 16 * 2 * H, dtype=torch.float32), None) if hidden_kind == "batch"
                           else (None, torch.empty(H // 16 * 2 * M, dtype=torch.float32)))
+    if dropout:
+        # one int64 seed and [p, 1 / (1 - p)] in the accumulator dtype per site (fusedres.dropout)
+        acc_t = torch.float64 if tdtype == torch.float64 else torch.float32
+        drop = (torch.empty(1, dtype=torch.int64), torch.empty(2, dtype=acc_t))
+        kact["dropout"] = drop
+        if mlp:
+            kact["dropout_a"] = (torch.empty(1, dtype=torch.int64), torch.empty(2, dtype=acc_t))
     with _matmul_precision(precision):
-        if kind == "fwd" and mlp:       # the MLP's first GEMM: h = relu(x) @ W1.T + b1, no residual
+        if kind == "fwd" and mlp and dropout:   # fc2: y = x + s * alpha * drop(drop_h(act(bn(h))) @ W2.T + b2)
+            x, h = act(D), act(H).to(tdtype)
+            rows, (xs, hs), (xk, hk) = plan_rows(x, h)
+            y = torch.empty(rows.M, D, dtype=act_dtype)
+            kact["norm"] = kernels.norm_operands(hidden_kind, h_stats, h_stats, torch.empty(H, dtype=act_dtype),
+                                                 torch.empty(H, dtype=act_dtype))
+            args, consts, _ = fwd_launch_args(hk, hs, torch.empty(D, H, dtype=tdtype), torch.empty(D, dtype=tdtype),
+                                              y, rows, alpha, residual=(xk, xs), **scale, **kact)
+        elif kind == "fwd" and mlp:     # the MLP's first GEMM: h = relu(x) @ W1.T + b1, no residual
             x = act(D)
             rows, (xs,), (xk,) = plan_rows(x)
             h = torch.empty(rows.M, H, dtype=tdtype)
@@ -364,7 +396,7 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
             g, x = act(N), (act(H).to(tdtype) if mlp else act(D))
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
             dw, db = torch.empty(N, K, dtype=tdtype), (None if nobias else torch.empty(N, dtype=tdtype))
-            need_dalpha = extra or row_scale or nobias or norm_kind == "batch"
+            need_dalpha = extra or row_scale or nobias or norm_kind == "batch" or dropout
             partials = torch.empty(kernels.dalpha_workspace_size(N, K, extra, layerscale), dtype=torch.float32) \
                 if need_dalpha else None
             dp = torch.empty(N, D, dtype=tdtype) if extra else None
@@ -791,11 +823,12 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
                      for dtype in dtypes if not (kind == "stack_reduce" and dtype in ACTIVATIONS)
                      for width in widths for variant in variants for arch in archs]
             continue
-        feats_of_kind = [f for f in features if (f not in SPLIT_FEATURES or kind == "dw") and f not in NORM_FEATURES]
+        feats_of_kind = [f for f in features
+                         if (f not in SPLIT_FEATURES or kind == "dw") and f not in ON_REQUEST_FEATURES]
         if cover:
             feats_of_kind = sorted(feats_of_kind, key=lambda f: COVER_ORDER.index(f))
         # each norm variant gets its own pass of the covering set: its prologue is in no other variant
-        groups = [feats_of_kind] + [[f] for f in features if f in NORM_FEATURES]
+        groups = [feats_of_kind] + [[f] for f in features if f in ON_REQUEST_FEATURES]
         for dtype in dtypes:
             for tl_ in two_level:
                 for arch in archs:
@@ -838,19 +871,26 @@ def derive_act_drops(records: list[dict]) -> dict:
             for a, arches in sorted(out.items())}
 
 
-def derive_norm_drops(records: list[dict]) -> dict:
+def derive_norm_drops(records: list[dict], features: tuple = NORM_FEATURES) -> dict:
     """:data:`fusedres.kernels.configs.NORM_DROPPED` from gate records: every GEMM record of a norm
     variant that failed, as arch -> kind -> (element size, mixed) -> tiles (mixed: autocast's fp32
-    activations beside 16-bit weights)."""
+    activations beside 16-bit weights). With ``features`` :data:`DROPOUT_FEATURES`:
+    :data:`fusedres.kernels.configs.DROPOUT_DROPPED` (:func:`derive_dropout_drops`)."""
     out: dict = {}
     for r in records:
-        if r["ok"] or r["kernel"] not in KINDS or split_features(r.get("features", ""))[0] not in NORM_FEATURES:
+        if r["ok"] or r["kernel"] not in KINDS or split_features(r.get("features", ""))[0] not in features:
             continue
         key = (DTYPES[r["variant"]][0].itemsize, r["variant"] in ACTIVATIONS)
         tile = _configs._tile(r["kernel"], config_from_name(r["kernel"], r["config_name"]))
         out.setdefault(r["arch"], {}).setdefault(r["kernel"], {}).setdefault(key, set()).add(tile)
     return {arch: {k: {e: sorted(t, reverse=True) for e, t in sorted(by.items())} for k, by in sorted(kinds.items())}
             for arch, kinds in sorted(out.items())}
+
+
+def derive_dropout_drops(records: list[dict]) -> dict:
+    """:data:`fusedres.kernels.configs.DROPOUT_DROPPED` from gate records: every failed GEMM record
+    of a dropout variant, keyed as :func:`derive_norm_drops`'s."""
+    return derive_norm_drops(records, DROPOUT_FEATURES)
 
 
 def _format_act_drops(table: dict) -> str:
@@ -976,14 +1016,15 @@ def main(argv=None) -> int:
                         help="rows of the example launch: contiguous (no, default), a [B,T,D].transpose(0,1) "
                              "view (yes), or both")
     parser.add_argument("--features", default=DEFAULT_FEATURES,
-                        type=_choices(FEATURES + SPLIT_FEATURES + NORM_FEATURES),
+                        type=_choices(FEATURES + SPLIT_FEATURES + ON_REQUEST_FEATURES),
                         help="kernel variants: base (bias, db), alpha+proj (tensor residual scale with dalpha, "
                              "projection shortcut), alpha-value (a Python-float alpha, by value), drop-path "
                              "(stochastic depth's row scale), mlp (the MLP block's passes) and layerscale (a "
                              "per-channel alpha with the row scale); dW only: split, split+alpha+proj, "
                              "split+drop-path and split+layerscale (split-M partials, plus the reduce kernel); "
-                             "no-bias; default all of these. On request: norm-batch, norm-layer, norm-rms (the "
-                             "normalizations, with their statistics and finishing kernels)")
+                             "no-bias; default all of these. On request: norm-batch, norm-layer, norm-rms, "
+                             "norm-hidden-batch, norm-hidden-layer (the normalizations, with their statistics and "
+                             "finishing kernels) and dropout, dropout-norm, dropout-mlp (the keep masks)")
     parser.add_argument("--acts", default=("relu",), type=_choices(tuple(_act_kernels.KERNELS) + ("identity",)),
                         help="activations each single-block variant is compiled with, comma list of "
                              f"{','.join(_act_kernels.KERNELS)},identity (default relu; each row compiles "
@@ -992,6 +1033,9 @@ def main(argv=None) -> int:
                         help="print configs.ACT_DROPPED as derived from this run's failures (derive_act_drops)")
     parser.add_argument("--derive-norm-drops", action="store_true",
                         help="print configs.NORM_DROPPED as derived from this run's failures (derive_norm_drops)")
+    parser.add_argument("--derive-dropout-drops", action="store_true",
+                        help="print configs.DROPOUT_DROPPED as derived from this run's failures "
+                             "(derive_dropout_drops)")
     parser.add_argument("--from-json", action="append", metavar="PATH",
                         help="with --derive-act-drops: derive from these saved records instead of compiling")
     parser.add_argument("--cover", action="store_true",
@@ -1011,12 +1055,14 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, "-m", "fusedres.aot", *(sys.argv[1:] if argv is None else argv)],
                                env=env)
 
-    if (args.derive_act_drops or args.derive_norm_drops) and args.from_json:
+    if (args.derive_act_drops or args.derive_norm_drops or args.derive_dropout_drops) and args.from_json:
         records = [r for path in args.from_json for r in json.load(open(path))]
         if args.derive_act_drops:
             print(_format_act_drops(derive_act_drops(records)))
         if args.derive_norm_drops:
             print("NORM_DROPPED: dict = " + pprint.pformat(derive_norm_drops(records), width=110))
+        if args.derive_dropout_drops:
+            print("DROPOUT_DROPPED: dict = " + pprint.pformat(derive_dropout_drops(records), width=110))
         return 0
     t0 = time.perf_counter()
     if not _configs.stack_supported() and set(args.kernels) & set(STACK_KINDS):
@@ -1046,6 +1092,8 @@ def main(argv=None) -> int:
         print(_format_act_drops(derive_act_drops(records)))
     if args.derive_norm_drops:
         print("NORM_DROPPED: dict = " + pprint.pformat(derive_norm_drops(records), width=110))
+    if args.derive_dropout_drops:
+        print("DROPOUT_DROPPED: dict = " + pprint.pformat(derive_dropout_drops(records), width=110))
     failed = [r for r in records if not r["ok"]]
     print(f"\nfusedres.aot: {len(records)} compiles{' (covering set)' if args.cover else ''} "
           f"({','.join(args.kernels)} x {','.join(args.archs)} x "

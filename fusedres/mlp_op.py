@@ -12,6 +12,12 @@ exist once), with other operands (``fusedres.kernels.recipe.MLPRecipe``):
 | forward 2 | ``y = act(h) @ W2.T`` | act on h | + b2, * alpha * s, + x | fwd, residual x |
 | backward 1 | ``dh = g @ W2`` | per-channel alpha on g | * alpha * s, ``* act'(h)`` | dx, no residual |
 | backward 2 | ``dW2 = (s g).T @ act(h)`` | act on h, s on the rows | * alpha; db2, dalpha | dW (split-M) |
+
+Dropout (:mod:`fusedres.dropout`) enters fc2's passes only: the hidden dropout's keep mask on
+``act(h)`` (forward 2's and backward 2's A-tile prologue, backward 1's epilogue before ``act'``),
+the branch dropout's on the output (forward 2's epilogue) and so on ``g`` (backward 1's A tiles,
+backward 2's B tiles and db2). Both are regenerated from two seeds drawn per call; no mask is
+stored.
 | backward 3 | ``dx = dh @ W1`` | - | ``* pre_act'(x)``, + g | dx, residual g |
 | backward 4 | ``dW1 = dh.T @ pre_act(x)`` | pre_act on x | db1 | dW (split-M) |
 
@@ -43,6 +49,7 @@ from .activations import Activation, ActLike, kernel_args, resolve as resolve_ac
 from .droppath import rows_per_sample, sample_rows
 from .kernels._common import cdiv
 from .norm import NormCall, NormLike, norm_kind, update_running_stats
+from .dropout import check_p, draw_seeds, dropout_operands, keep_mask, note_draw
 from .op import _activation, autocast_off, check_alpha_shape, warn_if_ungated, weight_grads
 
 
@@ -80,7 +87,8 @@ def _check_mlp_inputs(x, w1, b1, w2, b2, alpha, sample_scale) -> None:
 def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                        fc2_bias: Optional[Tensor], *, alpha: float | Tensor = 1.0,
                        sample_scale: Optional[Tensor] = None, recompute: bool = False, pre_act: ActLike = "relu",
-                       act: ActLike = "relu", norm: NormLike = None, hidden_norm: NormLike = None) -> Tensor:
+                       act: ActLike = "relu", norm: NormLike = None, hidden_norm: NormLike = None,
+                       dropout: float = 0.0, hidden_dropout: float = 0.0, training: bool = True) -> Tensor:
     """Pre-activation residual block with a hidden layer, fused:
     ``y = x + alpha * s * (act(pre_act(norm(x)) @ fc1_weight.T + fc1_bias) @ fc2_weight.T + fc2_bias)``.
 
@@ -108,12 +116,33 @@ def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
             features (names or modules as ``norm``): He et al.'s two-layer full pre-activation is
             ``norm="batch", hidden_norm="batch"``. Its batch statistics come from fc1's epilogue (no
             pass over h), and fc2's GEMMs normalize their A tiles.
+        dropout: the branch's dropout probability, before the scales and the add (rtdl's
+            ``dropout2``, timm's ``drop2``); hidden_dropout: after the hidden activation (rtdl's
+            ``dropout1``, timm's ``drop1``); both applied with ``training`` (default True, as
+            ``F.dropout``): ``y = x + alpha * s * dropout(dropout_h(act(h)) @ W2.T + b2)``. The keep
+            masks are generated inside fc2's kernels from two seeds drawn per call from torch's
+            generator, never stored (:mod:`fusedres.dropout`).
 
     Under ``torch.autocast`` the GEMMs run in the autocast dtype, as ``F.linear``'s would.
     """
     _check_mlp_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, sample_scale)
     pre = resolve_act(pre_act, "fused_residual_mlp: pre_act", allow_none=True)
     hidden = resolve_act(act, "fused_residual_mlp: act")
+    dropout = check_p(dropout, "fused_residual_mlp: dropout")      # (checked in eval too, as F.dropout)
+    hidden_dropout = check_p(hidden_dropout, "fused_residual_mlp: hidden_dropout")
+    if not training:
+        dropout = hidden_dropout = 0.0
+    seeds = None
+    if dropout or hidden_dropout:
+        seeds = draw_seeds(2, x.device)      # [hidden, branch]
+        if x.device.type != "meta":
+            for site, p, seed in (("hidden_dropout", hidden_dropout, seeds[0:1]), ("dropout", dropout, seeds[1:2])):
+                if p:
+                    note_draw(site, seed, _hidden_shape(x, fc1_weight) if site == "hidden_dropout" else x.shape, p,
+                              fc2_weight.dtype)
+        if backend_for(x.device) == "eager":
+            return _reference_with_masks(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, sample_scale, pre,
+                                         hidden, norm, hidden_norm, dropout, hidden_dropout, seeds)
     calls, norm_args = [], []
     for nm, width in ((norm, x.shape[-1]), (hidden_norm, fc1_weight.shape[0])):
         args, call = ("none", None, None, 0.0, None, None), None
@@ -141,11 +170,31 @@ def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
     with autocast_off(device_type):
         y, _, mean, var, hmean, hvar = torch.ops.fusedres.residual_mlp_forward(
             x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, bool(recompute), pre_name or "none", pre_param,
-            act_name, act_param, *norm_args)
+            act_name, act_param, *norm_args, float(dropout), float(hidden_dropout), seeds)
     for call, m, v in zip(calls, (mean, hmean), (var, hvar)):
         if call is not None and call.update is not None and x.numel():
             update_running_stats(call.update, m, v, x.numel() // x.shape[-1])
     return y
+
+
+def _reference_with_masks(x, w1, b1, w2, b2, alpha, sample_scale, pre, act, norm, hidden_norm, dropout,
+                          hidden_dropout, seeds) -> Tensor:
+    """The eager backend with dropout: the reference, given the kernels' keep masks for the drawn
+    seeds (:func:`fusedres.dropout.keep_mask`)."""
+    from .reference import residual_mlp_reference
+    masks = [keep_mask(seed, shape, p, x.device, w2.dtype) if p else None
+             for seed, shape, p in ((seeds[0:1], _hidden_shape(x, w1), hidden_dropout), (seeds[1:2], x.shape, dropout))]
+    return residual_mlp_reference(x, w1, b1, w2, b2, alpha=alpha, sample_scale=sample_scale, pre_act=pre, act=act,
+                                  norm=norm, hidden_norm=hidden_norm, dropout=dropout, hidden_dropout=hidden_dropout,
+                                  hidden_dropout_mask=masks[0], dropout_mask=masks[1])
+
+
+def _drops(seeds, dropout, hidden_dropout, like) -> tuple:
+    """fc2's ``(branch, hidden)`` dropout operands from the call's two seeds (None: none)."""
+    if seeds is None:
+        return kernels.NO_DROPOUT, kernels.NO_DROPOUT
+    return (dropout_operands(seeds[1:2] if dropout else None, dropout, like),
+            dropout_operands(seeds[0:1] if hidden_dropout else None, hidden_dropout, like))
 
 
 def _hidden_shape(x: Tensor, w1: Tensor) -> tuple:
@@ -182,12 +231,12 @@ def _eager_hidden(x, w1, b1, pre: Activation | None):
     return F.linear((x if pre is None else pre(x)).to(w1.dtype), w1, b1)
 
 
-def _refuse_eager_norms(norm: str, hidden: str) -> None:
-    """The custom ops' eager path has no norms: ``fused_residual_mlp`` sends a normalized block on
-    the eager backend to the reference (the torch modules) before reaching them."""
-    if norm != "none" or hidden != "none":
-        raise RuntimeError("fusedres::residual_mlp_forward/backward: a norm on the eager backend is computed by "
-                           "fused_residual_mlp through the eager reference; call that, not the custom op")
+def _refuse_eager_norms(norm: str, hidden: str, seeds=None) -> None:
+    """The custom ops' eager path has no norms and no dropout: ``fused_residual_mlp`` sends such a
+    block on the eager backend to the reference (the torch modules) before reaching them."""
+    if norm != "none" or hidden != "none" or seeds is not None:
+        raise RuntimeError("fusedres::residual_mlp_forward/backward: a norm or dropout on the eager backend is "
+                           "computed by fused_residual_mlp through the eager reference; call that, not the custom op")
 
 
 def _norm_state(x, xs, rows, norm):
@@ -202,13 +251,13 @@ def _norm_state(x, xs, rows, norm):
 
 
 def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute, pre, act, norm=_NO_NORM_ARGS,
-                 hidden=_NO_NORM_ARGS):
+                 hidden=_NO_NORM_ARGS, dropout=0.0, hidden_dropout=0.0, seeds=None):
     """``(y, h, mean, var, hidden mean, hidden var)``: the batch statistics of the norm and of the
     hidden norm (None: none, or BatchNorm's running statistics)."""
     b1, b2, sample_scale = _contiguous(b1), _contiguous(b2), _contiguous(sample_scale)
     scale = _contiguous(_scale(alpha, alpha_value))
     if backend_for(x.device) == "eager":
-        _refuse_eager_norms(norm[0], hidden[0])
+        _refuse_eager_norms(norm[0], hidden[0], seeds)
         h = _eager_hidden(x, w1, b1, pre)
         branch = F.linear(act(h), w2, b2)
         if sample_scale is not None:
@@ -241,9 +290,10 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
                 acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
                 rstd = torch.rsqrt(hrv.to(acc_t) + heps)
             hops = kernels.norm_operands(hkind, hmean if hrm is None else hrm.to(rstd.dtype), rstd, hw, hb)
+        drop, hdrop = _drops(seeds, dropout, hidden_dropout, w2)
         kernels.residual_fwd(hk, hs, w2, b2, y.view(rows.M, w2.shape[0]), rows, alpha=scale, residual=(xk, xs),
                              sample_scale=sample_scale, rows_per_sample=rows_per_sample(x), act=act.name,
-                             act_param=act.param, norm=hops)
+                             act_param=act.param, norm=hops, dropout=drop, dropout_a=hdrop)
     elif hkind != "none" and hrm is None:
         acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
         hmean, hvar = torch.zeros(H, device=x.device, dtype=acc_t), torch.zeros(H, device=x.device, dtype=acc_t)
@@ -263,17 +313,21 @@ def residual_mlp_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tenso
                          running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                          hidden_norm: str = "none", hidden_norm_weight: Optional[Tensor] = None,
                          hidden_norm_bias: Optional[Tensor] = None, hidden_eps: float = 0.0,
-                         hidden_running_mean: Optional[Tensor] = None, hidden_running_var: Optional[Tensor] = None
+                         hidden_running_mean: Optional[Tensor] = None, hidden_running_var: Optional[Tensor] = None,
+                         dropout: float = 0.0, hidden_dropout: float = 0.0, seeds: Optional[Tensor] = None
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, h, mean, var)``: the output, the hidden pre-activation (an empty tensor with
     ``recompute``) and the norm's batch statistics (empty without a norm, or with BatchNorm's
     running statistics given). ``pre_act``: a name of the activation table, or ``"none"``;
     ``norm``: ``"none"``, ``"batch"``, ``"layer"`` or ``"rms"``; ``hidden_norm`` the same for h,
-    whose batch statistics are the last two outputs."""
+    whose batch statistics are the last two outputs. ``seeds`` (two int64: the hidden dropout's,
+    the branch dropout's; None: no dropout) with the probabilities ``hidden_dropout`` and
+    ``dropout``."""
     y, h, mean, var, hmean, hvar = _mlp_forward(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute,
         *_acts(pre_act, pre_act_param, act, act_param), (norm, norm_weight, norm_bias, eps, running_mean, running_var),
-        (hidden_norm, hidden_norm_weight, hidden_norm_bias, hidden_eps, hidden_running_mean, hidden_running_var))
+        (hidden_norm, hidden_norm_weight, hidden_norm_bias, hidden_eps, hidden_running_mean, hidden_running_var),
+        dropout, hidden_dropout, seeds)
     return (y, (x.new_empty(0, dtype=fc1_weight.dtype) if recompute else h),
             *_stats_outputs(x, mean, var, running_mean), *_stats_outputs(x, hmean, hvar, hidden_running_mean))
 
@@ -290,7 +344,7 @@ def _stats_outputs(x, mean, var, running_mean):
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute, pre_act="relu",
       pre_act_param=0.0, act="relu", act_param=0.0, norm="none", norm_weight=None, norm_bias=None, eps=0.0,
       running_mean=None, running_var=None, hidden_norm="none", hidden_norm_weight=None, hidden_norm_bias=None,
-      hidden_eps=0.0, hidden_running_mean=None, hidden_running_var=None):
+      hidden_eps=0.0, hidden_running_mean=None, hidden_running_var=None, dropout=0.0, hidden_dropout=0.0, seeds=None):
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, fc2_weight.dtype))
     h = x.new_empty(0 if recompute else _hidden_shape(x, fc1_weight), dtype=fc1_weight.dtype)
     return (y, h, *_fake_stats(x, norm, running_mean, x.shape[-1]),
@@ -341,7 +395,7 @@ def _saved_norm_operands(x, state):
 
 
 def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, needs, pre, act, norm=None,
-                  hidden=None):
+                  hidden=None, dropout=0.0, hidden_dropout=0.0, seeds=None):
     """(dx, dW1, db1, dW2, db2, dalpha, dnorm_weight, dnorm_bias, dhidden_norm_weight,
     dhidden_norm_bias), None for each not asked for. ``norm`` and ``hidden``: None, or ``(kind,
     weight, bias, eps, mean, var, batch_stats, need_weight, need_bias)`` of the norm on x and of the
@@ -359,7 +413,7 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
             if rows.M:
                 _triton_hidden(xk, xs, rows, w1, b1, h, pre, ops)
     if eager:
-        _refuse_eager_norms(norm[0] if norm else "none", hidden[0] if hidden else "none")
+        _refuse_eager_norms(norm[0] if norm else "none", hidden[0] if hidden else "none", seeds)
         return (*_eager_mlp_backward(grad, x, h, w1, b1, w2, b2, scale, sample_scale, needs, pre, act),
                 None, None, None, None)
     kact, kpre = dict(act=act.name, act_param=act.param), dict(zip(("act", "act_param"), kernel_args(pre)))
@@ -374,22 +428,24 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
     rows, strides, (gk, xk, hk, *dhk) = plan_rows(grad, x, h, *([dh] if dh is not None else []))
     gs, xs, hs = strides[:3]
     dx = dw1 = db1 = dw2 = db2 = dalpha = None
+    drop, hdrop = _drops(seeds, dropout, hidden_dropout, w2)
+    fc2_kwargs = dict(alpha=scale, sample_scale=sample_scale, rows_per_sample=rps, dropout=drop, dropout_a=hdrop)
     if dh is not None and hidden is not None:
         # backward 1 with the hidden norm: dz = act'(hidden_norm(h)) * (s * alpha * g @ W2) and its
         # sinks, then the finishing pass (no residual gradient: dh is the norm's input gradient)
         from .norm_op import norm_input_grad
         need_dh = need_dx or need_w1 or need_b1 or need_nw or need_nb      # (else only the hidden affine's)
         _, dhnw, dhnb = norm_input_grad(gk, gs, hk, hs, w2, rows, h, hops, hidden, None, None, need_dh,
-                                        dict(alpha=scale, sample_scale=sample_scale, rows_per_sample=rps), kact,
-                                        out=dhk[0].view(rows.M, H))
+                                        fc2_kwargs, kact, out=dhk[0].view(rows.M, H))
     elif dh is not None:
         # backward 1: dh = [h > 0] * (s * alpha * g @ W2)
-        kernels.residual_dx(gk, gs, hk, hs, w2, dhk[0].view(rows.M, H), rows, alpha=scale, add_residual=False,
-                            sample_scale=sample_scale, rows_per_sample=rps, **kact)
+        kernels.residual_dx(gk, gs, hk, hs, w2, dhk[0].view(rows.M, H), rows, add_residual=False, **fc2_kwargs,
+                            **kact)
     if need_w2 or need_b2 or need_alpha:
         # backward 2: dW2 = alpha * (s g).T @ relu(h), db2, the dalpha partials
         dw2, db2, dalpha = weight_grads(gk, gs, hk, hs, rows, w2, b2, scale, alpha, need_w2, need_b2, need_alpha,
-                                        sample_scale=sample_scale, rows_per_sample=rps, norm=hops, **kact)
+                                        sample_scale=sample_scale, rows_per_sample=rps, norm=hops, dropout=drop,
+                                        dropout_a=hdrop, **kact)
     if norm is not None and (need_dx or need_nw or need_nb):
         # backward 3 with a norm: dz = pre_act'(z) * (dh @ W1) and its sinks, then the finishing pass
         from .norm_op import norm_input_grad
@@ -421,7 +477,8 @@ def residual_mlp_backward(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor
                           hidden_norm_weight: Optional[Tensor] = None, hidden_norm_bias: Optional[Tensor] = None,
                           hidden_eps: float = 0.0, hidden_mean: Optional[Tensor] = None,
                           hidden_var: Optional[Tensor] = None, hidden_batch_stats: bool = True,
-                          need_hidden_norm_weight: bool = False, need_hidden_norm_bias: bool = False
+                          need_hidden_norm_weight: bool = False, need_hidden_norm_bias: bool = False,
+                          dropout: float = 0.0, hidden_dropout: float = 0.0, seeds: Optional[Tensor] = None
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``residual_mlp_forward`` with respect to (x, fc1_weight, fc1_bias, fc2_weight,
     fc2_bias, alpha, norm_weight, norm_bias); an empty tensor stands for each not asked for. ``h``
@@ -433,7 +490,8 @@ def residual_mlp_backward(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor
                                                  need_hidden_norm_weight, need_hidden_norm_bias)
     grads = _mlp_backward(grad, x, None if recompute else h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha,
                           alpha_value, sample_scale, (need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha),
-                          *_acts(pre_act, pre_act_param, act, act_param), state, hidden)
+                          *_acts(pre_act, pre_act_param, act, act_param), state, hidden, dropout, hidden_dropout,
+                          seeds)
     likes = (x, fc1_weight, fc1_weight, fc2_weight, fc2_weight, fc2_weight, x, x, x, x)
     return tuple(t if t is not None else like.new_empty(0) for t, like in zip(grads, likes))
 
@@ -444,7 +502,7 @@ def _(grad, x, h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value
       norm="none", norm_weight=None, norm_bias=None, eps=0.0, mean=None, var=None, batch_stats=True,
       need_norm_weight=False, need_norm_bias=False, hidden_norm="none", hidden_norm_weight=None,
       hidden_norm_bias=None, hidden_eps=0.0, hidden_mean=None, hidden_var=None, hidden_batch_stats=True,
-      need_hidden_norm_weight=False, need_hidden_norm_bias=False):
+      need_hidden_norm_weight=False, need_hidden_norm_bias=False, dropout=0.0, hidden_dropout=0.0, seeds=None):
     H, D = fc1_weight.shape
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             fc1_weight.new_empty(H, D) if need_w1 else fc1_weight.new_empty(0),
@@ -461,7 +519,10 @@ def _(grad, x, h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value
 def _setup_context(ctx, inputs, output) -> None:
     (x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute, pre_act, pre_param, act, act_param, *norms) = inputs
     norm, norm_weight, norm_bias, eps, running_mean, running_var = norms[:6]
-    hnorm, hnorm_weight, hnorm_bias, heps, hrunning_mean, hrunning_var = norms[6:]
+    hnorm, hnorm_weight, hnorm_bias, heps, hrunning_mean, hrunning_var = norms[6:12]
+    given = tuple(norms[12:])       # (a direct call may leave the dropout arguments at their defaults)
+    dropout, hidden_dropout, seeds = given + (0.0, 0.0, None)[len(given):]
+    ctx.dropout = (dropout, hidden_dropout)
     ctx.has = (b1 is not None, b2 is not None, alpha is not None, norm_weight is not None, norm_bias is not None,
                hnorm_weight is not None, hnorm_bias is not None)
     ctx.acts = (pre_act, pre_param, act, act_param)
@@ -470,13 +531,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*output[2:])
     # Saved: x, the weights, alpha, s and h (not with recompute); b1 only to recompute h, b2 only
     # for dalpha's <g.sum(0), b2> term; with norms their affines and statistic vectors, never a
-    # normalized tensor.
+    # normalized tensor; with dropout its two seeds, never a mask.
     keep_b1 = b1 if recompute else None
     keep_b2 = b2 if (alpha is not None and alpha.requires_grad) else None
     x_stats = (running_mean, running_var) if running_mean is not None else output[2:4]
     h_stats = (hrunning_mean, hrunning_var) if hrunning_mean is not None else output[4:6]
     ctx.save_for_backward(x, output[1], w1, keep_b1, w2, keep_b2, alpha, sample_scale, norm_weight, norm_bias,
-                          *x_stats, hnorm_weight, hnorm_bias, *h_stats)
+                          *x_stats, hnorm_weight, hnorm_bias, *h_stats, seeds)
 
 
 #: Input positions of the norms' affines in ``residual_mlp_forward``.
@@ -484,7 +545,7 @@ _NORM_WEIGHT, _NORM_BIAS, _HIDDEN_WEIGHT, _HIDDEN_BIAS = 14, 15, 20, 21
 
 
 def _backward(ctx, grad, _grad_h, *_grad_stats):
-    x, h, w1, b1, w2, b2, alpha, sample_scale, nw, nb, mean, var, hnw, hnb, hmean, hvar = ctx.saved_tensors
+    x, h, w1, b1, w2, b2, alpha, sample_scale, nw, nb, mean, var, hnw, hnb, hmean, hvar, seeds = ctx.saved_tensors
     has_b1, has_b2, has_alpha, has_nw, has_nb, has_hnw, has_hnb = ctx.has
     n = ctx.needs_input_grad
 
@@ -497,8 +558,8 @@ def _backward(ctx, grad, _grad_h, *_grad_stats):
     grads = torch.ops.fusedres.residual_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, ctx.alpha_value,
                                                      sample_scale, ctx.recompute, *needs, *ctx.acts, norm, nw, nb,
                                                      eps, mean, var, batch_stats, *norm_needs, hnorm, hnw, hnb, heps,
-                                                     hmean, hvar, hbatch_stats, *hidden_needs)
-    out = [None] * 25
+                                                     hmean, hvar, hbatch_stats, *hidden_needs, *ctx.dropout, seeds)
+    out = [None] * 28
     for i, (g, ok) in enumerate(zip(grads[:6], needs)):
         out[i] = g if ok else None
     for i, g, ok in zip((_NORM_WEIGHT, _NORM_BIAS, _HIDDEN_WEIGHT, _HIDDEN_BIAS), grads[6:],

@@ -35,6 +35,10 @@ class FusedResidualBlock(_ResidualParameters):
             (timm's ``DropPath``; :func:`fusedres.drop_path_scale` draws the scale with torch's
             RNG). The scale is a row scale in the kernels' epilogues; eval mode and ``p = 0`` run
             the plain block.
+        dropout: the branch's dropout rate (rtdl's ``dropout2``, timm's ``drop2``): in training,
+            ``x + alpha * dropout(act(x) @ weight.T + bias)``. The keep mask is generated inside
+            the kernels from a seed drawn per call from torch's generator, never stored
+            (:mod:`fusedres.dropout`); ``train()``/``eval()`` switch it as ``nn.Dropout``'s.
 
     Parameters ``weight [out, dim]`` and ``bias [out]`` are named and initialised exactly like
     ``nn.Linear``'s, so a state_dict moves to and from :class:`fusedres.ResidualBlock` unchanged.
@@ -43,7 +47,8 @@ class FusedResidualBlock(_ResidualParameters):
 
     def forward(self, x: Tensor) -> Tensor:
         return fused_residual(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight,
-                              sample_scale=self._sample_scale(x), act=self.act, norm=self.norm)
+                              sample_scale=self._sample_scale(x), act=self.act, norm=self.norm,
+                              dropout=self.dropout, training=self.training)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FusedResidualBlock":
@@ -65,6 +70,7 @@ class FusedResidualBlock(_ResidualParameters):
                     learnable_alpha=isinstance(block.alpha, nn.Parameter), drop_path=getattr(block, "drop_path", 0.0),
                     act=getattr(block, "act", "relu"), device="meta")
         fused.norm = getattr(block, "norm", None)
+        fused.dropout = getattr(block, "dropout", 0.0)
         for name in ("weight", "bias", "proj_weight", "alpha"):
             setattr(fused, name, getattr(block, name))
         fused._alpha_init = getattr(block, "_alpha_init", 1.0)
@@ -96,6 +102,9 @@ class FusedResidualMLPBlock(_ResidualMLPParameters):
             act="gelu"``.
         hidden_norm: a normalization of the hidden layer before ``act`` (held as ``hidden_norm``):
             He et al.'s two-layer full pre-activation is ``norm="batch", hidden_norm="batch"``.
+        dropout: the branch's dropout rate, before alpha and the add (rtdl's ``dropout2``, timm's
+            ``drop2``); hidden_dropout: after the hidden activation (rtdl's ``dropout1``, timm's
+            ``drop1``). Masks generated in the kernels, never stored (:mod:`fusedres.dropout`).
 
     ``fc1 = nn.Linear(dim, hidden_features)`` and ``fc2 = nn.Linear(hidden_features, dim)`` (timm's
     ``Mlp`` names and ``nn.Linear``'s init): a state_dict moves to and from
@@ -106,7 +115,8 @@ class FusedResidualMLPBlock(_ResidualMLPParameters):
     def forward(self, x: Tensor) -> Tensor:
         return fused_residual_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, alpha=self.alpha,
                                   sample_scale=self._sample_scale(x), recompute=self.recompute, pre_act=self.pre_act,
-                                  act=self.act, norm=self.norm, hidden_norm=self.hidden_norm)
+                                  act=self.act, norm=self.norm, hidden_norm=self.hidden_norm,
+                                  dropout=self.dropout, hidden_dropout=self.hidden_dropout, training=self.training)
 
     @classmethod
     def from_block(cls, block: _ResidualMLPParameters) -> "FusedResidualMLPBlock":
@@ -118,5 +128,7 @@ class FusedResidualMLPBlock(_ResidualMLPParameters):
         fused.fc1, fused.fc2, fused.alpha = block.fc1, block.fc2, block.alpha
         fused.norm = getattr(block, "norm", None)
         fused.hidden_norm = getattr(block, "hidden_norm", None)
+        fused.dropout = getattr(block, "dropout", 0.0)
+        fused.hidden_dropout = getattr(block, "hidden_dropout", 0.0)
         fused._alpha_init = getattr(block, "_alpha_init", 1.0)
         return fused

@@ -1,5 +1,6 @@
-"""The block with a normalization, fused: ``y = x + alpha * s * (act(norm(x)) @ W.T + b)``, He et
-al.'s full pre-activation (BatchNorm) and the pre-norm blocks (LayerNorm, RMSNorm).
+"""The block with a normalization or dropout, fused: ``y = x + alpha * s * dropout(act(norm(x)) @
+W.T + b)``, He et al.'s full pre-activation (BatchNorm), the pre-norm blocks (LayerNorm,
+RMSNorm), and the branch dropout of rtdl's and timm's blocks (either may be absent).
 
 No tensor of ``x``'s size is written but the output: the forward GEMM normalizes its A tiles from
 the statistics (``kernels.gemm.normalize``), and those come from one read-only pass over ``x``
@@ -21,6 +22,12 @@ Two custom ops carry it, so that ``torch.compile`` sees opaque, shape-known node
 ``fusedres::norm_residual_forward -> (y, mean, var)`` and ``fusedres::norm_residual_backward``.
 BatchNorm's running statistics are updated outside them, from the returned batch statistics, as
 ``nn.BatchNorm1d`` updates them.
+
+Dropout (:mod:`fusedres.dropout`): the call draws one seed on the device and passes it to the
+ops as a tensor; the forward's epilogue, dx's loop over g and dW's tiles of g regenerate the keep
+mask from it. Without a norm, the backward is the plain block's two launches (dx adds g itself).
+This path has no prepared launches (per-call Python dispatch, as the custom ops): a block
+without norm and dropout takes :func:`fusedres.fused_residual`'s prepared path.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from . import kernels
 from ._layout import plan_rows
 from .activations import ActLike, resolve as resolve_act
 from .droppath import rows_per_sample
+from .dropout import draw_seeds, dropout_operands, keep_mask, note_draw
 from .kernels._common import cdiv
 from .kernels.norm import acc_dtype, col_stats, norm_dx, row_stats
 from .norm import NormCall, NormLike, norm_kind, update_running_stats
@@ -41,29 +49,38 @@ WHO = "fused_residual"
 
 
 def fused_norm_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha, sample_scale: Optional[Tensor],
-                        act: ActLike, norm: NormLike) -> Tensor:
-    """:func:`fusedres.fused_residual` with ``norm`` given (its inputs checked there)."""
+                        act: ActLike, norm: NormLike, dropout: float = 0.0) -> Tensor:
+    """:func:`fusedres.fused_residual` with ``norm`` or an active ``dropout`` (training, ``p > 0``)
+    given (its inputs checked there)."""
     from .op import autocast_off, backend_for, gemm_operands
-    norm_kind(norm, x.shape[-1] if x.dim() else None, WHO)
+    if norm is not None:
+        norm_kind(norm, x.shape[-1] if x.dim() else None, WHO)
     act = resolve_act(act, WHO)
+    seed = draw_seeds(1, x.device) if dropout else None
+    if seed is not None and x.device.type != "meta":
+        note_draw("dropout", seed, (*x.shape[:-1], weight.shape[0]), dropout, weight.dtype)
     if backend_for(x.device) == "eager":       # (the module's own forward updates its statistics)
-        return _eager(x, weight, bias, alpha, sample_scale, act, norm)
-    check_norm_devices(WHO, x, norm)
-    call = NormCall(norm, x.shape[-1], WHO)
+        return _eager(x, weight, bias, alpha, sample_scale, act, norm, dropout, seed)
     D = x.shape[-1]
     M = x.numel() // D if D else 0
-    check_rows(call, M, D)
+    call = None
+    if norm is not None:
+        check_norm_devices(WHO, x, norm)
+        call = NormCall(norm, x.shape[-1], WHO)
+        check_rows(call, M, D)
     weight, bias = gemm_operands(WHO, x, [("weight", weight), ("bias", bias)])
     alpha_value = 1.0
     if not isinstance(alpha, Tensor):
         alpha, alpha_value = None, float(alpha)
-    eps = default_eps(call, x)
-    running_mean, running_var = call.running if call.running is not None else (None, None)
+    if call is not None:
+        running_mean, running_var = call.running if call.running is not None else (None, None)
+        norm_args = (call.kind, call.weight, call.bias, float(default_eps(call, x)), running_mean, running_var)
+    else:
+        norm_args = ("none", None, None, 0.0, None, None)
     with autocast_off(x.device.type):
         y, mean, var = torch.ops.fusedres.norm_residual_forward(
-            x, weight, bias, alpha, alpha_value, sample_scale, act.name, act.param, call.kind, call.weight,
-            call.bias, float(eps), running_mean, running_var)
-    if call.update is not None and M:
+            x, weight, bias, alpha, alpha_value, sample_scale, act.name, act.param, *norm_args, float(dropout), seed)
+    if call is not None and call.update is not None and M:
         update_running_stats(call.update, mean, var, M)
     return y
 
@@ -90,10 +107,15 @@ def check_norm_devices(who: str, x: Tensor, norm) -> None:
     check_one_device(who, [("x", x), *named])
 
 
-def _eager(x, weight, bias, alpha, sample_scale, act, norm) -> Tensor:
-    """The eager path (a CPU without the interpreter, or ``set_backend("eager")``): the reference."""
+def _eager(x, weight, bias, alpha, sample_scale, act, norm, dropout=0.0, seed=None) -> Tensor:
+    """The eager path (a CPU without the interpreter, or ``set_backend("eager")``): the reference,
+    with the kernels' keep mask for the drawn seed (:func:`fusedres.dropout.keep_mask`)."""
     from .reference import residual_reference
-    return residual_reference(x, weight, bias, alpha=alpha, sample_scale=sample_scale, act=act, norm=norm)
+    mask = None
+    if seed is not None:
+        mask = keep_mask(seed, (*x.shape[:-1], weight.shape[0]), dropout, x.device, weight.dtype)
+    return residual_reference(x, weight, bias, alpha=alpha, sample_scale=sample_scale, act=act, norm=norm,
+                              dropout=dropout, dropout_mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,37 +140,49 @@ def _scale(alpha, alpha_value):
 
 
 def _forward(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight, norm_bias, eps,
-             running_mean, running_var):
+             running_mean, running_var, dropout=0.0, seed=None):
     rows, (xs,), (xk,) = plan_rows(x)
     N = weight.shape[0]
-    mean, var, rstd = _stats(xk, xs, rows, kind, eps, running_mean, running_var)
     y = x.new_empty((*x.shape[:-1], N), dtype=torch.promote_types(x.dtype, weight.dtype))
+    if kind == "none":
+        ops = kernels.NO_NORM
+    else:
+        mean, var, rstd = _stats(xk, xs, rows, kind, eps, running_mean, running_var)
+        ops = kernels.norm_operands(kind, mean, rstd, norm_weight, norm_bias)
     kernels.residual_fwd(xk, xs, weight, bias, y.view(rows.M, N), rows, alpha=_scale(alpha, alpha_value),
                          sample_scale=sample_scale, rows_per_sample=rows_per_sample(x), act=act,
-                         act_param=act_param, norm=kernels.norm_operands(kind, mean, rstd, norm_weight, norm_bias))
-    if running_mean is not None:
+                         act_param=act_param, norm=ops, dropout=dropout_operands(seed, dropout, weight))
+    if running_mean is not None or kind == "none":
         return y, x.new_empty(0), x.new_empty(0)
     return y, (mean if mean is not None else x.new_empty(0, dtype=var.dtype)), var
 
 
 def _backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight,
               norm_bias, eps, mean, var, batch_stats, need_dx, need_weight, need_bias, need_alpha,
-              need_norm_weight, need_norm_bias):
+              need_norm_weight, need_norm_bias, dropout=0.0, seed=None):
     """(dx, dW, db, dalpha, dnorm_weight, dnorm_bias), None for each not asked for."""
     from .op import bias_grad, weight_grads
     rows, (gs, xs), (gk, xk) = plan_rows(grad, x)
-    ops = saved_norm_operands(x, kind, norm_weight, norm_bias, eps, mean, var)
+    ops = kernels.NO_NORM if kind == "none" else saved_norm_operands(x, kind, norm_weight, norm_bias, eps, mean, var)
     scale = _scale(alpha, alpha_value)
     rps = rows_per_sample(x)
     kact = dict(act=act, act_param=act_param)
+    drop = dropout_operands(seed, dropout, weight)
     dx = dw = db = dalpha = dnw = dnb = None
-    if need_dx or need_norm_weight or need_norm_bias:
+    if kind == "none" and need_dx:
+        dx = x.new_empty(x.shape)
+        kernels.residual_dx(gk, gs, xk, xs, weight, dx.view(rows.M, x.shape[-1]), rows, alpha=scale,
+                            sample_scale=sample_scale, rows_per_sample=rps, dropout=drop, **kact)
+    elif need_dx or need_norm_weight or need_norm_bias:
         state = (kind, norm_weight, norm_bias, eps, mean, var, batch_stats, need_norm_weight, need_norm_bias)
         dx, dnw, dnb = norm_input_grad(gk, gs, xk, xs, weight, rows, x, ops, state, gk, gs, need_dx,
-                                       dict(alpha=scale, sample_scale=sample_scale, rows_per_sample=rps), kact)
-    if need_weight or need_alpha:
+                                       dict(alpha=scale, sample_scale=sample_scale, rows_per_sample=rps,
+                                            dropout=drop), kact)
+    if need_weight or need_alpha or (need_bias and seed is not None):
+        # (with dropout, db is the column sum of the masked g: dW's kernel makes it)
         dw, db, dalpha = weight_grads(gk, gs, xk, xs, rows, weight, bias, scale, alpha, need_weight, need_bias,
-                                      need_alpha, sample_scale=sample_scale, rows_per_sample=rps, norm=ops, **kact)
+                                      need_alpha, sample_scale=sample_scale, rows_per_sample=rps, norm=ops,
+                                      dropout=drop, **kact)
     elif need_bias:
         db = bias_grad(grad, sample_scale, scale, weight)
     return dx, dw, db, dalpha, dnw, dnb
@@ -209,7 +243,7 @@ def norm_input_grad(a, a_strides, xk, xs, weight, rows, x, ops, state, g, gs, ne
 
 
 def _stat_shapes(x: Tensor, kind: str, given: bool):
-    if given:
+    if given or kind == "none":
         return (0,), (0,)
     D = x.shape[-1]
     M = x.numel() // D if D else 0
@@ -222,21 +256,22 @@ def _stat_shapes(x: Tensor, kind: str, given: bool):
 def norm_residual_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
                           alpha_value: float, sample_scale: Optional[Tensor], act: str, act_param: float, norm: str,
                           norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,
-                          running_mean: Optional[Tensor], running_var: Optional[Tensor]
-                          ) -> tuple[Tensor, Tensor, Tensor]:
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor], dropout: float = 0.0,
+                          seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, var)``: the block's output and the batch statistics it normalized with (empty
-    when ``running_mean``/``running_var`` were given; RMSNorm: no mean, ``var`` the mean square)."""
+    when ``running_mean``/``running_var`` were given, or ``norm`` is ``"none"``; RMSNorm: no mean,
+    ``var`` the mean square). ``seed`` (one int64, or None: no dropout): the branch dropout's."""
     return _forward(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight, norm_bias,
-                    eps, running_mean, running_var)
+                    eps, running_mean, running_var, dropout, seed)
 
 
 @norm_residual_forward.register_fake
 def _(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight, norm_bias, eps,
-      running_mean, running_var):
+      running_mean, running_var, dropout=0.0, seed=None):
     acc = acc_dtype(x)
     mean_shape, var_shape = _stat_shapes(x, norm, running_mean is not None)
     y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.promote_types(x.dtype, weight.dtype))
-    given = running_mean is not None
+    given = running_mean is not None or norm == "none"
     return (y, x.new_empty(mean_shape, dtype=x.dtype if given else acc),
             x.new_empty(var_shape, dtype=x.dtype if given else acc))
 
@@ -246,19 +281,20 @@ def norm_residual_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Option
                            alpha_value: float, sample_scale: Optional[Tensor], act: str, act_param: float, norm: str,
                            norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float, mean: Tensor,
                            var: Tensor, batch_stats: bool, need_dx: bool, need_weight: bool, need_bias: bool,
-                           need_alpha: bool, need_norm_weight: bool, need_norm_bias: bool
-                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           need_alpha: bool, need_norm_weight: bool, need_norm_bias: bool, dropout: float = 0.0,
+                           seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``norm_residual_forward``'s ``y`` with respect to (x, weight, bias, alpha,
     norm_weight, norm_bias); an empty tensor for each not asked for."""
     grads = _backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight,
                       norm_bias, eps, mean, var, batch_stats, need_dx, need_weight, need_bias, need_alpha,
-                      need_norm_weight, need_norm_bias)
+                      need_norm_weight, need_norm_bias, dropout, seed)
     return tuple(t if t is not None else x.new_empty(0) for t in grads)
 
 
 @norm_residual_backward.register_fake
 def _(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight, norm_bias, eps,
-      mean, var, batch_stats, need_dx, need_weight, need_bias, need_alpha, need_norm_weight, need_norm_bias):
+      mean, var, batch_stats, need_dx, need_weight, need_bias, need_alpha, need_norm_weight, need_norm_bias,
+      dropout=0.0, seed=None):
     N, K = weight.shape
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             weight.new_empty(N, K) if need_weight else x.new_empty(0),
@@ -270,29 +306,30 @@ def _(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, n
 
 def _setup_context(ctx, inputs, output) -> None:
     (x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight, norm_bias, eps,
-     running_mean, running_var) = inputs
+     running_mean, running_var, *drop) = inputs
     _, mean, var = output
     given = running_mean is not None
     ctx.mark_non_differentiable(mean, var)
     ctx.settings = (alpha_value, act, act_param, norm, eps, not given, bias is not None, alpha is not None,
-                    norm_weight is not None, norm_bias is not None)
-    # Saved: x, the vectors of the statistics and the parameters; never norm(x). The bias only
-    # when alpha needs its gradient (dalpha's bias term).
+                    norm_weight is not None, norm_bias is not None, drop[0] if drop else 0.0)
+    # Saved: x, the vectors of the statistics and the parameters, dropout's seed; never norm(x)
+    # and never a mask. The bias only when alpha needs its gradient (dalpha's bias term).
     keep_bias = bias if (alpha is not None and alpha.requires_grad) else None
     ctx.save_for_backward(x, weight, keep_bias, alpha, sample_scale, norm_weight, norm_bias,
-                          running_mean if given else mean, running_var if given else var)
+                          running_mean if given else mean, running_var if given else var,
+                          drop[1] if len(drop) > 1 else None)
 
 
 def _backward_rule(ctx, grad, _grad_mean, _grad_var):
-    x, weight, bias, alpha, sample_scale, norm_weight, norm_bias, mean, var = ctx.saved_tensors
-    alpha_value, act, act_param, norm, eps, batch_stats, has_bias, has_alpha, has_nw, has_nb = ctx.settings
+    x, weight, bias, alpha, sample_scale, norm_weight, norm_bias, mean, var, seed = ctx.saved_tensors
+    alpha_value, act, act_param, norm, eps, batch_stats, has_bias, has_alpha, has_nw, has_nb, dropout = ctx.settings
     need = ctx.needs_input_grad
     needs = (need[0], need[1], need[2] and has_bias, need[3] and has_alpha, need[9] and has_nw, need[10] and has_nb)
     grads = torch.ops.fusedres.norm_residual_backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act,
                                                       act_param, norm, norm_weight, norm_bias, eps, mean, var,
-                                                      batch_stats, *needs)
+                                                      batch_stats, *needs, dropout, seed)
     dx, dw, db, dalpha, dnw, dnb = (g if n else None for g, n in zip(grads, needs))
-    return dx, dw, db, dalpha, None, None, None, None, None, dnw, dnb, None, None, None
+    return (dx, dw, db, dalpha, None, None, None, None, None, dnw, dnb, None, None, None, None, None)[:len(need)]
 
 
 def _register() -> None:

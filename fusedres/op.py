@@ -28,6 +28,7 @@ from .activations import ACTIVATIONS, Activation, ActLike, resolve as resolve_ac
 from .norm import NormLike
 from ._layout import plan_rows
 from .droppath import rows_per_sample, sample_rows
+from .dropout import check_p as _check_p
 from .kernels import plan as _plan_module
 from .kernels.residual_bwd import dx_head
 from .kernels.residual_fwd import fwd_head
@@ -201,7 +202,8 @@ def check_sample_scale_arg(who: str, x: Tensor, sample_scale: Optional[Tensor]) 
 
 def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, alpha: float | Tensor = 1.0,
                    proj_weight: Optional[Tensor] = None, sample_scale: Optional[Tensor] = None,
-                   act: ActLike = "relu", norm: NormLike = None) -> Tensor:
+                   act: ActLike = "relu", norm: NormLike = None, dropout: float = 0.0,
+                   training: bool = True) -> Tensor:
     """Pre-activation residual block, fused: ``y = x + alpha * (act(x) @ weight.T + bias)``, or
     with a projection shortcut ``y = x @ proj_weight.T + alpha * (act(x) @ weight.T + bias)``.
 
@@ -231,6 +233,14 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
             D)``. Not with ``proj_weight``. The normalized tensor is never written: the kernels
             apply the statistics to their A tiles (:mod:`fusedres.norm_op`).
 
+        dropout: the branch's dropout probability, applied with ``training`` (as
+            ``F.dropout(..., p, training)``) before the scales and the add: ``y = x + alpha * s *
+            dropout(act(norm(x)) @ weight.T + b)``. The keep mask is a pure function of a seed
+            drawn per call from torch's generator and the element's (row, column): every kernel
+            regenerates it, none stores it (:mod:`fusedres.dropout`; :func:`fusedres.record_dropout`
+            returns the masks a call used). Not with ``proj_weight``.
+        training: whether ``dropout`` applies (default True, as ``F.dropout``'s).
+
     Returns:
         ``y`` of shape ``(..., out)``, in ``x``'s dtype (under autocast, eager's type promotion).
 
@@ -243,12 +253,17 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     # call). Inputs are checked once per signature (_plan_for); a signature seen before replays its
     # prepared launches. torch.compile, tensor subclasses, dispatch modes, functorch transforms
     # and autocast (which casts the parameters first) take the custom op.
-    if norm is not None:
+    if dropout:
+        dropout = _check_p(dropout, "fused_residual: dropout")
+        if not training:
+            dropout = 0.0
+    if norm is not None or dropout:
         _check_inputs(x, weight, bias, alpha, proj_weight, sample_scale)
         if proj_weight is not None:
-            raise ValueError("fused_residual: norm with a projection shortcut is not supported (which input the "
-                             "shortcut takes, x or norm(x), differs between code bases); normalize before the block")
-        return _norm_op.fused_norm_residual(x, weight, bias, alpha, sample_scale, act, norm)
+            raise ValueError(f"fused_residual: {'norm' if norm is not None else 'dropout'} with a projection shortcut "
+                             "is not supported (for a norm, which input the shortcut takes, x or norm(x), differs "
+                             "between code bases); normalize before the block")
+        return _norm_op.fused_norm_residual(x, weight, bias, alpha, sample_scale, act, norm, dropout)
     if (_is_compiling() or type(x) not in _PLAIN or type(weight) not in _PLAIN or _dispatch_modes()
             or _function_modes() or _functorch_active() or (_any_autocast() and torch.is_autocast_enabled(x.device.type))):
         return _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale, act)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .activations import ACTIVATIONS, Activation, ActLike, resolve as resolve_act
 from .norm import apply_norm, make_norm
 from .droppath import apply_sample_scale, check_drop_path, check_sample_scale, drop_path_scale, sample_rows
+from .dropout import apply_mask, check_p
 
 
 _RELU = ACTIVATIONS["relu"]
@@ -17,7 +18,8 @@ _RELU = ACTIVATIONS["relu"]
 
 def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, alpha: float | Tensor = 1.0,
                        proj_weight: Tensor | None = None, sample_scale: Tensor | None = None,
-                       act: ActLike = "relu", norm=None) -> Tensor:
+                       act: ActLike = "relu", norm=None, dropout: float = 0.0, training: bool = True,
+                       dropout_mask: Tensor | None = None) -> Tensor:
     """The definition of the block, in plain PyTorch:
 
     ``x + alpha * F.linear(act(x), weight, bias)``, or with a projection shortcut
@@ -33,13 +35,26 @@ def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     ``norm`` (:mod:`fusedres.norm`): None, a name or a torch norm module applied before the
     activation, ``x + alpha * F.linear(act(norm(x)), weight, bias)`` (He et al.'s full
     pre-activation); the module is called as it is, so BatchNorm updates its running statistics.
+
+    ``dropout`` (with ``training``): the branch's dropout, before the scales and the add:
+    ``x + alpha * s * dropout(F.linear(...))``, torch's ``F.dropout`` (its RNG), or with
+    ``dropout_mask`` (bool, the branch's shape) exactly that keep mask, ``z * mask / (1 - p)``:
+    the eager block given the mask a fused call used (:func:`fusedres.record_dropout`).
     """
     check_sample_scale(sample_scale, x, "residual_reference")
     act = resolve_act(act, "residual_reference")
     shortcut = x if proj_weight is None else F.linear(x, proj_weight)
     z = x if norm is None else apply_norm(norm, x)
-    branch = apply_sample_scale(F.linear(act(z), weight, bias), sample_scale)
+    branch = apply_sample_scale(_dropout(F.linear(act(z), weight, bias), dropout, training, dropout_mask),
+                                sample_scale)
     return _add_branch(shortcut, branch, alpha)
+
+
+def _dropout(t: Tensor, p: float, training: bool, mask: Tensor | None) -> Tensor:
+    """Dropout as the reference applies it: a given keep mask, else ``F.dropout``."""
+    if mask is not None:
+        return apply_mask(t, mask, p) if training and p > 0 else t
+    return F.dropout(t, p, training) if p else t
 
 
 def _add_branch(shortcut: Tensor, branch: Tensor, alpha: float | Tensor) -> Tensor:
@@ -52,7 +67,9 @@ def _add_branch(shortcut: Tensor, branch: Tensor, alpha: float | Tensor) -> Tens
 def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
                            fc2_bias: Tensor | None, *, alpha: float | Tensor = 1.0,
                            sample_scale: Tensor | None = None, pre_act: ActLike = "relu",
-                           act: ActLike = "relu", norm=None, hidden_norm=None) -> Tensor:
+                           act: ActLike = "relu", norm=None, hidden_norm=None, dropout: float = 0.0,
+                           hidden_dropout: float = 0.0, training: bool = True, dropout_mask: Tensor | None = None,
+                           hidden_dropout_mask: Tensor | None = None) -> Tensor:
     """The definition of the block with a hidden layer (the MLP block), in plain PyTorch:
 
     ``y = x + alpha * s * (act(pre_act(x) @ W1.T + b1) @ W2.T + b2)``
@@ -67,6 +84,11 @@ def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | Non
     ``b2 = fc2_bias [D]`` (either bias may be None), ``x (..., D)``, and ``s`` the per-sample scale
     ``sample_scale`` (1-D, ``x.shape[0]`` values, one per index of x's first dimension; None: 1).
     Where ``s[b] == 0`` the sample's output is ``x[b]`` exactly.
+
+    ``hidden_dropout`` after the hidden activation and ``dropout`` on the branch, with
+    ``training`` (rtdl's dropout1 and dropout2, timm's drop1 and drop2):
+    ``y = x + alpha * s * dropout(dropout_h(act(h)) @ W2.T + b2)``; with the masks given, exactly
+    those (see :func:`residual_reference`).
     """
     check_sample_scale(sample_scale, x, "residual_mlp_reference")
     D = x.shape[-1] if x.dim() else None
@@ -81,7 +103,9 @@ def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | Non
     h = F.linear(z if pre is None else pre(z), fc1_weight, fc1_bias)
     if hidden_norm is not None:
         h = apply_norm(hidden_norm, h)
-    branch = apply_sample_scale(F.linear(act(h), fc2_weight, fc2_bias), sample_scale)
+    a = _dropout(act(h), hidden_dropout, training, hidden_dropout_mask)
+    branch = apply_sample_scale(_dropout(F.linear(a, fc2_weight, fc2_bias), dropout, training, dropout_mask),
+                                sample_scale)
     return _add_branch(x, branch, alpha)
 
 
@@ -159,6 +183,12 @@ class _ResidualAlpha(nn.Module):
     def _init_drop_path(self, drop_path: float) -> None:
         self.drop_path = check_drop_path(drop_path, f"{type(self).__name__}: drop_path")
 
+    def _init_dropout(self, **rates: float) -> None:
+        """Dropout rates (``dropout``, ``hidden_dropout``): plain floats outside the state_dict,
+        active in training as ``nn.Dropout``'s; a rate outside [0, 1] raises its error."""
+        for name, p in rates.items():
+            setattr(self, name, check_p(p, f"{type(self).__name__}: {name}"))
+
     def _sample_scale(self, x: Tensor) -> Tensor | None:
         """Stochastic depth's per-sample scale for this forward (None: the plain block)."""
         return drop_path_scale(x, getattr(self, "drop_path", 0.0), self.training)
@@ -184,13 +214,13 @@ class _ResidualAlpha(nn.Module):
         acts = "" if act is None or act.name == "relu" else f"act={act.spec}, "
         pre = getattr(self, "pre_act", ACTIVATIONS["relu"])
         acts = ("" if pre is not None and pre.name == "relu" else f"pre_act={pre.spec if pre else None}, ") + acts
-        drop = getattr(self, "drop_path", 0.0)
+        drop = "".join(f", {name}={getattr(self, name, 0.0):g}" for name in ("drop_path", "dropout", "hidden_dropout")
+                       if getattr(self, name, 0.0))
         if alpha.dim() == 1:
-            return f"{acts}alpha=[{alpha.numel()}] per channel, init {getattr(self, '_alpha_init', 1.0):g}" + (
-                f", drop_path={drop:g}" if drop else "")
+            return f"{acts}alpha=[{alpha.numel()}] per channel, init {getattr(self, '_alpha_init', 1.0):g}" + drop
         value = getattr(self, "_alpha_init", 1.0) if alpha.device.type == "meta" else alpha.item()
         learnable = " (learnable)" if isinstance(alpha, nn.Parameter) else ""
-        return f"{acts}alpha={value:g}{learnable}" + (f", drop_path={drop:g}" if drop else "")
+        return f"{acts}alpha={value:g}{learnable}" + drop
 
 
 class _ResidualParameters(_ResidualAlpha):
@@ -203,12 +233,14 @@ class _ResidualParameters(_ResidualAlpha):
 
     ``out_features`` may be left out (``None``: a square block). For the issue-2 signature
     ``(dim, bias)``, a bool in second place is taken as ``bias``. ``drop_path`` is the
-    stochastic-depth rate (:mod:`fusedres.droppath`), a float attribute outside the state_dict.
+    stochastic-depth rate (:mod:`fusedres.droppath`) and ``dropout`` the branch's dropout rate,
+    float attributes outside the state_dict.
     """
 
     def __init__(self, dim: int, out_features: int | None = None, bias: bool = True, *, alpha: float = 1.0,
                  learnable_alpha: bool = False, drop_path: float = 0.0, act: ActLike = "relu",
-                 alpha_per_channel: bool = False, norm=None, device=None, dtype=None) -> None:
+                 alpha_per_channel: bool = False, norm=None, dropout: float = 0.0, device=None,
+                 dtype=None) -> None:
         super().__init__()
         self.act = resolve_act(act, type(self).__name__)
         if isinstance(out_features, bool):
@@ -230,6 +262,7 @@ class _ResidualParameters(_ResidualAlpha):
             self.register_parameter("proj_weight", None)
         self._init_alpha(alpha, learnable_alpha, device, dtype, out_features if alpha_per_channel else None)
         self._init_drop_path(drop_path)
+        self._init_dropout(dropout=dropout)
         if norm is not None and out_features != dim:
             raise ValueError(f"{type(self).__name__}: norm with a projection shortcut (out_features != dim) is not "
                              "supported")
@@ -271,7 +304,8 @@ class ResidualBlock(_ResidualParameters):
 
     def forward(self, x: Tensor) -> Tensor:
         return residual_reference(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight,
-                                  sample_scale=self._sample_scale(x), act=self.act, norm=self.norm)
+                                  sample_scale=self._sample_scale(x), act=self.act, norm=self.norm,
+                                  dropout=self.dropout, training=self.training)
 
 
 class _ResidualMLPParameters(_ResidualAlpha):
@@ -282,7 +316,8 @@ class _ResidualMLPParameters(_ResidualAlpha):
       timm's ``Mlp`` names, ``nn.Linear``'s init (fc1 drawn first, then fc2);
     - ``alpha``: a 0-dim buffer, or with ``learnable_alpha`` a parameter; a state_dict without it
       keeps the module's own value;
-    - ``drop_path``: the stochastic-depth rate, a float outside the state_dict;
+    - ``drop_path``: the stochastic-depth rate, ``dropout`` (the branch's) and ``hidden_dropout``
+      (after the hidden activation) dropout rates: floats outside the state_dict;
     - ``recompute``: a bool for the fused block (save only x for the backward and
       recompute the hidden pre-activation); the eager block ignores it.
     """
@@ -290,7 +325,8 @@ class _ResidualMLPParameters(_ResidualAlpha):
     def __init__(self, dim: int, hidden_features: int, bias: bool = True, *, alpha: float = 1.0,
                  learnable_alpha: bool = False, drop_path: float = 0.0, recompute: bool = False,
                  pre_act: ActLike = "relu", act: ActLike = "relu", alpha_per_channel: bool = False, norm=None,
-                 hidden_norm=None, device=None, dtype=None) -> None:
+                 hidden_norm=None, dropout: float = 0.0, hidden_dropout: float = 0.0, device=None,
+                 dtype=None) -> None:
         super().__init__()
         self.pre_act = resolve_act(pre_act, type(self).__name__, allow_none=True)
         self.act = resolve_act(act, type(self).__name__)
@@ -303,6 +339,7 @@ class _ResidualMLPParameters(_ResidualAlpha):
         self.fc2 = nn.Linear(hidden_features, dim, bias=bias, **factory)
         self._init_alpha(alpha, learnable_alpha, device, dtype, dim if alpha_per_channel else None)
         self._init_drop_path(drop_path)
+        self._init_dropout(dropout=dropout, hidden_dropout=hidden_dropout)
         self.recompute = bool(recompute)
         # the norm on x, a real torch module named ``norm`` (state_dict keys ``norm.*``)
         self.norm = make_norm(norm, dim, type(self).__name__, device, dtype)
@@ -344,7 +381,9 @@ class ResidualMLPBlock(_ResidualMLPParameters):
     def forward(self, x: Tensor) -> Tensor:
         return residual_mlp_reference(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                       alpha=self.alpha, sample_scale=self._sample_scale(x), pre_act=self.pre_act,
-                                      act=self.act, norm=self.norm, hidden_norm=self.hidden_norm)
+                                      act=self.act, norm=self.norm, hidden_norm=self.hidden_norm,
+                                      dropout=self.dropout, hidden_dropout=self.hidden_dropout,
+                                      training=self.training)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@
 from ._common import INTERPRET, Rows, RowStrides, launch_counts, reset_launch_counts
 from .configs import CONFIGS, DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, interpreter_config, shipped_configs
 from .residual_bwd import dalpha_workspace_size, residual_dw, residual_dw_kernel, residual_dx, residual_dx_kernel
-from .residual_fwd import NO_NORM, norm_operands, residual_fwd, residual_fwd_kernel
+from .residual_fwd import NO_DROPOUT, NO_NORM, norm_operands, residual_fwd, residual_fwd_kernel
 from . import norm
 from .residual_stack import (
     STACK_WIDTHS,
@@ -24,7 +24,7 @@ from .residual_stack import (
 __all__ = [
     "INTERPRET", "Rows", "RowStrides", "launch_counts", "reset_launch_counts",
     "CONFIGS", "FWD_CONFIGS", "DX_CONFIGS", "DW_CONFIGS", "interpreter_config", "shipped_configs",
-    "NO_NORM", "norm_operands", "norm",
+    "NO_DROPOUT", "NO_NORM", "norm_operands", "norm",
     "residual_fwd", "residual_dx", "residual_dw", "dalpha_workspace_size",
     "residual_fwd_kernel", "residual_dx_kernel", "residual_dw_kernel",
     "STACK_WIDTHS", "residual_stack_fwd", "residual_stack_bwd",

@@ -398,6 +398,13 @@ _NORM_DROPPED_BY_TRITON: dict = {
     (3, 9): {"sm_80": {"dw": {(2, False): [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]}},
              "sm_90": {"dx": {(2, False): [(64, 128, 64, 4, 4)]}, "dw": {(2, False): [(128, 64, 64, 4, 4)]}}},
 }
+#: Tiles a launch with dropout (issue 23: the keep mask regenerated in the epilogue, on dx's g, on
+#: dW's tiles) does not ship, as the compile gate derived them (the same keys as
+#: :data:`NORM_DROPPED`; ``python -m fusedres.aot --cover --features dropout,dropout-norm,dropout-mlp
+#: --derive-dropout-drops``, run with this table emptied; ``tests/test_aot.py`` checks it against
+#: the saved failing records, ``tests/data/dropout_gate_failures.json``). An arch not in it takes
+#: the union of every arch's. Filled in below, from the gate run.
+DROPOUT_DROPPED: dict = {}
 #: The archs whose activation lists the gate derived (:data:`ACT_DROPPED`); other archs take the
 #: list of their family (:func:`stack_table_arch`) and are not gate-verified for these rows.
 ACT_GATED_ARCHS = ("sm_80", "sm_90")
@@ -499,7 +506,8 @@ def _tile(kind: str, config: triton.Config) -> tuple:
 def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
                     operand_sizes: tuple[int, int] | None = None, proj: bool = False,
                     row_scale: bool = False, limits: DeviceLimits | None = None,
-                    act: str = "relu", channel_alpha: bool = False, norm: bool = False) -> list[triton.Config]:
+                    act: str = "relu", channel_alpha: bool = False, norm: bool = False,
+                    dropout: bool = False) -> list[triton.Config]:
     """The configs of ``kind`` that a GEMM in an ``elem_size``-byte dtype (and two-level rows, if
     ``two_level``; a projection shortcut, if ``proj``; stochastic depth's row scale, if
     ``row_scale``) may run on a device with ``limits`` (None: no GPU; see
@@ -508,8 +516,8 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
     (:func:`smem_budget`), with its A and B tiles loaded at ``operand_sizes`` bytes per element
     (default ``elem_size``; see :func:`pipeline_smem_bytes`), less those the activation ``act``
     drops (:data:`ACT_DROPPED`) and, with ``channel_alpha`` (a per-channel alpha),
-    :data:`_CHANNEL_ALPHA_SPILLS`, and with ``norm`` (a normalization prologue), :data:`NORM_DROPPED`.
-    Largest tiles first."""
+    :data:`_CHANNEL_ALPHA_SPILLS`, with ``norm`` (a normalization prologue) :data:`NORM_DROPPED`,
+    and with ``dropout`` (a keep mask) :data:`DROPOUT_DROPPED`. Largest tiles first."""
     listed = (_TILES_TWO_LEVEL.get(elem_size) if two_level else None) or _TILES.get(elem_size)
     if proj and not two_level and (kind, elem_size) in _PROJ_TILES_BY_TRITON.get(TRITON_VERSION, {}):
         listed = _PROJ_TILES_BY_TRITON[TRITON_VERSION][(kind, elem_size)]
@@ -529,10 +537,11 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
     if channel_alpha:
         spills = spills | {t for a, table in _CHANNEL_ALPHA_SPILLS.items() if arch is None or a == arch
                            for t in table.get((kind, elem_size), ())}
-    if norm:
-        for drops in (NORM_DROPPED, _NORM_DROPPED_BY_TRITON.get(TRITON_VERSION, {})):
-            spills = spills | {tuple(t) for a, table in drops.items() if arch not in drops or a == arch
-                               for t in table.get(kind, {}).get((elem_size, mixed), ())}
+    tables = ((NORM_DROPPED, _NORM_DROPPED_BY_TRITON.get(TRITON_VERSION, {})) if norm else ()) + \
+        ((DROPOUT_DROPPED,) if dropout else ())
+    for drops in tables:
+        spills = spills | {tuple(t) for a, table in drops.items() if arch not in drops or a == arch
+                           for t in table.get(kind, {}).get((elem_size, mixed), ())}
 
     def smem(c):
         return pipeline_smem_bytes(kind, c, elem_size, operand_sizes)
@@ -564,7 +573,8 @@ def launch_shipped_configs(kind: str, named_args: dict) -> list[triton.Config]:
     return shipped_configs(kind, elem_size, bool(named_args.get("TWO_LEVEL_ROWS", False)), operand_sizes,
                            launch_has(kind, named_args, "proj"), launch_has(kind, named_args, "row_scale"),
                            launch_limits(kind, named_args), act_name_of(named_args.get("RECIPE")),
-                           launch_has(kind, named_args, "channel_alpha"), launch_has(kind, named_args, "norm"))
+                           launch_has(kind, named_args, "channel_alpha"), launch_has(kind, named_args, "norm"),
+                           launch_has(kind, named_args, "dropout"))
 
 
 #: The operand that carries a piece, per kernel.
@@ -578,6 +588,8 @@ def launch_has(kind: str, named_args: dict, piece: str) -> bool:
     ``"norm"``): its operand given (a norm: its per-row or per-feature statistics)."""
     if piece == "norm":
         return named_args.get("row_rstd_ptr") is not None or named_args.get("col_rstd_ptr") is not None
+    if piece == "dropout":
+        return named_args.get("drop_seed_ptr") is not None or named_args.get("a_drop_seed_ptr") is not None
     return named_args.get(_PIECE_OPERAND[piece][kind]) is not None
 
 

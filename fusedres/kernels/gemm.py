@@ -11,6 +11,9 @@ tile layout, numerics and tile constexprs. What varies between blocks enters as 
 - **the epilogue steps**: bias (:func:`add_bias`), the residual scale (:func:`scale_branch`,
   :func:`scale_by_alpha`), the residual or shortcut (:func:`add_rows`, or a second
   :func:`mma_loop`), the activation's derivative (``DACT``, from :mod:`.activations`);
+- **dropout's keep mask** (:func:`dropout_multiplier`): a pure function of (seed, row, column),
+  regenerated wherever a pass needs it: on the A tile in the loop (the MLP's hidden dropout; the
+  branch dropout on dx's ``g``), on dW's B tile ``g``, and in the forward's epilogue;
 - **the column sums** (db and dalpha; :func:`dalpha_of_tile`, :func:`dalpha_of_bias`,
   :func:`store_db`), the same code in dW's epilogue and in the split reduce.
 
@@ -23,6 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from triton.language.random import philox, uint_to_uniform_float
+
 from ._common import row_offsets, store_rounded, to_gemm_operand
 
 
@@ -33,6 +38,7 @@ def mma_loop(acc, colsum,
              first, trips, L, T,
              ACT: tl.constexpr, ACT_PARAM: tl.constexpr, plain, scale_ptr, scale_div, sum_b,
              a_idx, row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr,
+             a_drop_seed_ptr, a_drop_ptr, a_col0, b_drop_seed_ptr, b_drop_ptr, b_col0,
              REDUCE_ROWS: tl.constexpr, B_WIDE: tl.constexpr, BLOCK_L: tl.constexpr, GEMM_DTYPE: tl.constexpr,
              ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """``acc[r, c] += sum_l prologue(A)[r, l] * B[l, c]`` over the reduction tiles ``first ..
@@ -55,7 +61,14 @@ def mma_loop(acc, colsum,
     None: none), then ``ACT`` (None: the tile as loaded), then ``scale_ptr[l // scale_div]`` on its columns
     (``scale_ptr`` None: none; ``scale_div`` None: ``l``), rounded once to the GEMM dtype. ``plain``
     (None, or a runtime bool): dW with a projection, whose dP tiles take ``x`` without the
-    activation and without the scale.
+    activation and without the scale. Then dropout's multiplier (:func:`dropout_multiplier`;
+    ``a_drop_seed_ptr`` None: none) at the A tile's (row, feature) positions: the MLP's hidden
+    dropout on ``act(h)``, or the branch dropout on dx's ``g`` (over features, the tile's rows
+    are ``a_idx``; over rows, in dW, its features start at ``a_col0``).
+
+    ``b_drop_seed_ptr`` (dW only, where B is ``g`` over flattened rows; None: none): the branch
+    dropout's multiplier on the B tile at (row ``l``, the features from ``b_col0``), in registers
+    before the dot, and on the column sums; dP's tiles (``plain``) take ``g`` as it is.
 
     ``sum_b`` (None, or a runtime bool): also add B's column sums over the reduction, scaled by
     the same ``scale_ptr``, to ``colsum`` (db). They are read as a copy of the B tile, 16 rows at a
@@ -99,14 +112,29 @@ def mma_loop(acc, colsum,
             a = tl.where(plain, to_gemm_operand(a, GEMM_DTYPE, EMULATE_BF16), ACT(a, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM))
         elif ACT is not None:
             a = ACT(a, GEMM_DTYPE, EMULATE_BF16, ACT_PARAM)
-        if scale_ptr is not None:
-            # after the activation, so any scale is exact (relu(s x) = s relu(x) only for s >= 0)
-            sv = reduction_scale(scale_ptr, l, mask_l, scale_div, ACC_DTYPE)
-            if plain is not None:
-                sv = tl.where(plain, 1.0, sv)
-            a = to_gemm_operand(a.to(ACC_DTYPE) * sv[None, :], GEMM_DTYPE, EMULATE_BF16)
+        if scale_ptr is not None or a_drop_seed_ptr is not None:
+            # after the activation, so any scale is exact (relu(s x) = s relu(x) only for s >= 0);
+            # one rounding to the GEMM dtype, as eager rounds act(h) * mask * scale
+            a = a.to(ACC_DTYPE)
+            if scale_ptr is not None:
+                sv = reduction_scale(scale_ptr, l, mask_l, scale_div, ACC_DTYPE)
+                if plain is not None:
+                    sv = tl.where(plain, 1.0, sv)
+                a = a * sv[None, :]
+            if a_drop_seed_ptr is not None:
+                if REDUCE_ROWS is None:
+                    a = a * dropout_multiplier(a_drop_seed_ptr, a_drop_ptr, a_idx, l_tile * BLOCK_L, BLOCK_L, ACC_DTYPE)
+                else:       # dW's A is x.T: the mask made in (row, feature) order, transposed
+                    a = a * tl.trans(dropout_multiplier(a_drop_seed_ptr, a_drop_ptr, l, a_col0, a_idx.shape[0],
+                                                        ACC_DTYPE))
+            a = to_gemm_operand(a, GEMM_DTYPE, EMULATE_BF16)
         elif ACT is None:
             a = to_gemm_operand(a, GEMM_DTYPE, EMULATE_BF16)
+        if b_drop_seed_ptr is not None:
+            keep = dropout_multiplier(b_drop_seed_ptr, b_drop_ptr, l, b_col0, b.shape[1], ACC_DTYPE)
+            if plain is not None:
+                keep = tl.where(plain, 1.0, keep)
+            b = b.to(ACC_DTYPE) * keep
         b = to_gemm_operand(b, GEMM_DTYPE, EMULATE_BF16)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if sum_b is not None:
@@ -118,11 +146,43 @@ def mma_loop(acc, colsum,
                     b_sum = tl.load(b_ptr + reduction_offsets(l_sum, T, b_stride_outer, b_stride_inner,
                                                               REDUCE_ROWS)[:, None] + b_fixed[None, :],
                                     mask=mask_sum[:, None] & mask_b[None, :], other=0.0)
+                    if b_drop_seed_ptr is not None:
+                        b_sum = b_sum.to(ACC_DTYPE) * dropout_multiplier(b_drop_seed_ptr, b_drop_ptr, l_sum, b_col0,
+                                                                         b.shape[1], ACC_DTYPE)
                     b_sum = to_gemm_operand(b_sum, GEMM_DTYPE, EMULATE_BF16).to(ACC_DTYPE)
                     if scale_ptr is not None:
                         b_sum = b_sum * reduction_scale(scale_ptr, l_sum, mask_sum, scale_div, ACC_DTYPE)[:, None]
                     colsum += tl.sum(b_sum, axis=0)
     return acc, colsum
+
+
+@triton.jit
+def dropout_multiplier(seed_ptr, drop_ptr, rows, col0, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Dropout's multiplier on the tile of rows ``rows`` (a vector of flattened row indices of
+    ``x.reshape(-1, D)``) and the ``BLOCK_C`` features from ``col0`` (a multiple of 4):
+    ``1 / (1 - p)`` where the element is kept, 0 where dropped, in the accumulator dtype, as a
+    ``[len(rows), BLOCK_C]`` tile.
+
+    The keep mask is a pure function of (seed, row, column): element ``(m, n)`` takes word ``n %
+    4`` of one Philox4x32-10 draw (Triton's ``philox``) under the 64-bit key ``seed_ptr[0]``
+    (drawn per call from torch's generator on the device) and the counter ``(n // 4, m mod 2**32,
+    m // 2**32, 0)``, made a uniform ``u`` in [0, 1) by ``uint_to_uniform_float``; kept iff ``u
+    >= p``. One draw serves four features, so the live state is one word per element (four
+    words per element spilled 2 KB at 128x128, 8 warps on sm_90), and the words are interleaved
+    back into feature order with two joins. No tile, split or config enters the mask: every pass
+    regenerates exactly the bits the forward used, and :func:`fusedres.dropout.keep_mask`
+    computes the same bits with torch ops. ``drop_ptr``: ``[p, 1 / (1 - p)]`` in the accumulator
+    dtype (``[1, 0]`` for ``p = 1``). A multiply, not a select: a dropped NaN or inf stays NaN, as
+    in eager's ``x * mask * scale``."""
+    seed = tl.load(seed_ptr)
+    groups = col0 // 4 + tl.arange(0, BLOCK_C // 4)
+    r = rows.to(tl.int64)[:, None] + (groups * 0).to(tl.int64)[None, :]
+    c = (groups[None, :] + (rows * 0)[:, None]).to(tl.uint32)
+    w0, w1, w2, w3 = philox(seed, c, (r & 0xFFFFFFFF).to(tl.uint32), (r >> 32).to(tl.uint32), (c * 0))
+    # join(join(w0, w2), join(w1, w3))[j, i, k] is word 2 i + k of group j: feature 4 j + 2 i + k
+    bits = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (rows.shape[0], BLOCK_C))
+    u = uint_to_uniform_float(bits)
+    return tl.where(u >= tl.load(drop_ptr).to(ACC_DTYPE), tl.load(drop_ptr + 1).to(ACC_DTYPE), 0.0)
 
 
 @triton.jit

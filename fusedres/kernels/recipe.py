@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 #: (stochastic depth's per-sample scale), ``split`` and ``col_sums`` (split-M dW's first launch:
 #: partial slabs, and the column sums of g into db partials).
 PIECES = ("bias", "db", "proj", "residual", "dalpha", "dalpha_bias", "row_scale", "split", "col_sums",
-          "norm_weight", "norm_bias", "norm_col_sums", "norm_row_sums", "stats_col_partials", "stats_row_partials")
+          "norm_weight", "norm_bias", "norm_col_sums", "norm_row_sums", "stats_col_partials", "stats_row_partials",
+          "dropout", "dropout_a")
 #: The normalizations of the A operand (the A-tile prologue, before the activation): statistics
 #: per feature (``batch``) or per row (``layer``; ``rms`` without a mean). ``norm_weight`` and
 #: ``norm_bias`` are its affine; ``norm_col_sums`` and ``norm_row_sums`` dx's sinks of the norm
@@ -28,6 +29,10 @@ PIECES = ("bias", "db", "proj", "residual", "dalpha", "dalpha_bias", "row_scale"
 #: per feature tile: LayerNorm's and RMSNorm's correction); ``stats_col_partials`` and
 #: ``stats_row_partials`` the forward's sink of the next norm's statistics partials of its output
 #: (the MLP block's hidden norm: BatchNorm's per column, LayerNorm's and RMSNorm's per row).
+#: Dropout's keep masks, regenerated from a seed (``kernels.gemm.dropout_multiplier``):
+#: ``dropout`` on the GEMM's output side, the branch (the forward's epilogue; g in dx's A-tile
+#: prologue and on dW's B tile); ``dropout_a`` on its activated A operand, the MLP's hidden
+#: dropout (the forward's A-tile prologue; dx's epilogue before the derivative; dW's A prologue).
 NORMS = ("batch", "layer", "rms")
 #: The kinds of residual scale, each its own code: a Python float passed by value, a one-element
 #: tensor read through a pointer, a per-channel tensor ``[N]``. (None: no scale, no multiply.)
@@ -90,20 +95,24 @@ class PassRecipe:
             affine = "".join(t for p, t in (("norm_weight", " x w[k]"), ("norm_bias", " + b[k]")) if has(p))
             norm = ({"batch": "(x - mean[k]) x rstd[k]", "layer": "(x - mean[m]) x rstd[m]",
                      "rms": "x rstd[m]"}[self.norm] + affine + ", then ")
+        drop, drop_a = " x mask[m, n]" if has("dropout") else "", " x mask_h[m, k]" if has("dropout_a") else ""
         if self.kind == "fwd":
-            prologue = norm + act
-            epilogue = ["+ b" if has("bias") else None, "x s[m]" if has("row_scale") else None, scale,
+            prologue = norm + act + drop_a
+            epilogue = ["+ b" if has("bias") else None, drop.strip() or None, "x s[m]" if has("row_scale") else None,
+                        scale,
                         "+ x P^T (2nd K loop)" if has("proj") else "+ residual" if has("residual") else None]
             sums = []
         elif self.kind == "dx":
-            prologue = "g x alpha[n]" if self.alpha == "channel" else "g"
+            prologue = ("g x alpha[n]" if self.alpha == "channel" else "g") + drop
             epilogue = [None if self.alpha == "channel" else scale, "x s[m]" if has("row_scale") else None,
+                        drop_a.strip() or None,
                         (f"x {act}'(norm(x)) = dz" if self.norm else f"x {act}'(x)") if self.act is not None else None,
                         "+ g P (2nd K loop)" if has("proj") else "+ residual grad" if has("residual") else None]
             sums = [s for s, p in (("dz, dz x_hat column sums", "norm_col_sums"),
                                    ("dz, dz x_hat row sums", "norm_row_sums")) if has(p)]
         else:
-            prologue = norm + act + (" x s[m]" if has("row_scale") else "")
+            prologue = norm + act + (" x s[m]" if has("row_scale") else "") + drop_a + (
+                "; g" + drop if drop else "")
             if has("split"):
                 epilogue = ["fp32 partial slabs (reduce kernel: the epilogue)"]
                 sums = ["db partials"] if has("col_sums") else []
@@ -134,7 +143,8 @@ class Recipe:
     ``norm``: a normalization before the activation (:data:`NORMS`), with its affine
     ``norm_weight``/``norm_bias`` (learnable), on batch statistics (``batch_stats``; False:
     BatchNorm's running statistics, constants for the backward). With a norm, dx writes the norm
-    output's gradient and its sinks, and the norm's finishing pass adds the residual gradient."""
+    output's gradient and its sinks, and the norm's finishing pass adds the residual gradient.
+    ``dropout``: the branch's dropout (training, ``p > 0``), a keep mask in every pass."""
     act: str | None = "relu"
     act_param: float = 0.0
     alpha: str | None = None
@@ -146,6 +156,7 @@ class Recipe:
     norm_weight: bool = True
     norm_bias: bool = True
     batch_stats: bool = True
+    dropout: bool = False
 
     def passes(self) -> tuple[PassRecipe, PassRecipe, PassRecipe]:
         """The forward, dx and dW launches of a training step that needs every gradient."""
@@ -153,6 +164,8 @@ class Recipe:
         dalpha = self.learnable_alpha and alpha in ("scalar", "channel")
         shortcut = "proj" if self.proj else "residual"
         rs = {"row_scale"} if self.row_scale else set()
+        if self.dropout:
+            rs.add("dropout")
         affine, dx_shortcut = _norm_pieces(self)
         if self.norm is None:
             dx_shortcut = {shortcut}
@@ -169,7 +182,8 @@ class MLPRecipe:
     """The two-layer block ``y = x + s[m] * alpha * (act(pre_act(norm(x)) @ W1.T + b1) @ W2.T + b2)``:
     ``pre_act`` None is the pre-norm blocks' (timm's, rtdl's) first GEMM without activation;
     ``norm`` (as :class:`Recipe`'s) is in fc1's passes: its forward's and dW1's A-tile prologue,
-    and dx's epilogue with its sinks."""
+    and dx's epilogue with its sinks. ``dropout`` (the branch's) and ``hidden_dropout`` (after the
+    hidden activation) are fc2's passes' keep masks."""
     pre_act: str | None = "relu"
     pre_act_param: float = 0.0
     act: str = "relu"
@@ -186,12 +200,15 @@ class MLPRecipe:
     hidden_norm_weight: bool = True
     hidden_norm_bias: bool = True
     hidden_batch_stats: bool = True
+    dropout: bool = False
+    hidden_dropout: bool = False
 
     def passes(self) -> tuple[PassRecipe, ...]:
         """fc1's and fc2's forwards; then dh, dW2, dx, dW1: a training step's six launches."""
         alpha = self.alpha
         dalpha = self.learnable_alpha and alpha in ("scalar", "channel")
         rs = {"row_scale"} if self.row_scale else set()
+        rs |= {p for p, on in (("dropout", self.dropout), ("dropout_a", self.hidden_dropout)) if on}
         bias = {"bias"} if self.bias else set()
         db = {"db"} if self.bias else set()
         pre, act = (self.pre_act, self.pre_act_param), (self.act, self.act_param)

@@ -47,6 +47,7 @@ from .configs import (
 )
 from .gemm import (
     add_rows,
+    dropout_multiplier,
     norm_affine,
     standardize,
     dalpha_of_bias,
@@ -57,13 +58,14 @@ from .gemm import (
     scale_by_alpha,
     store_db,
 )
-from .residual_fwd import NO_NORM, act_consts, alpha_args, alpha_kind, norm_pieces, recipe_key
+from .residual_fwd import NO_DROPOUT, NO_NORM, act_consts, alpha_args, alpha_kind, norm_pieces, recipe_key
 
 
 @triton.jit
 def residual_dx_kernel(
     g_ptr, x_ptr, w_ptr, dx_ptr, p_ptr, r_ptr, alpha_ptr, channel_alpha_ptr, alpha_value, s_ptr,
     row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr, col_sums_ptr, row_sums_ptr,
+    drop_seed_ptr, drop_ptr, a_drop_seed_ptr, a_drop_ptr,
     M, N, K, T, M_BUCKET, ROWS_PER_SAMPLE,
     stride_go, stride_gm, stride_gn,
     stride_xo, stride_xm, stride_xk,
@@ -90,6 +92,12 @@ def residual_dx_kernel(
     the loop's A-tile prologue (the features this loop reduces over), rounded once as eager rounds
     ``alpha * g``; a scalar one the accumulator. With a projection (``p_ptr``), the ``g @ P`` loop
     accumulates after the derivative is applied, into the same accumulator.
+
+    Dropout: the branch dropout's multiplier (``drop_*``) on g's A tiles in the loop, beside a
+    per-channel alpha (the forward dropped ``act(x) @ W.T + b`` at (row, n), so its gradient is
+    ``g * mask * scale``); the hidden dropout's (``a_drop_*``, the MLP's ``dh``: the forward
+    dropped ``act(h)`` at (row, k)) in the epilogue, before the derivative. Both regenerated from
+    the seed (:func:`.gemm.dropout_multiplier`), neither read from memory.
     """
     GEMM_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
@@ -105,7 +113,7 @@ def residual_dx_kernel(
     acc, _ = mma_loop(acc, unused, g_ptr, g_rows, 0, stride_gn, mask_m,
                       w_ptr, offs_k * stride_wk, 0, stride_wn, mask_k,
                       0, n_trips, N, T, None, 0.0, None, channel_alpha_ptr, None, None,
-                      None, None, None, None, None, None, None,
+                      offs_m, None, None, None, None, None, None, drop_seed_ptr, drop_ptr, None, None, None, None,
                       None, True, BLOCK_N, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
 
     mask = mask_m[:, None] & mask_k[None, :]
@@ -113,6 +121,8 @@ def residual_dx_kernel(
         acc = acc * scalar_alpha(alpha_ptr, alpha_value, ACC_DTYPE)
     if s_ptr is not None:
         acc = acc * row_scale(s_ptr, offs_m, mask_m, ROWS_PER_SAMPLE, ACC_DTYPE)[:, None]
+    if a_drop_seed_ptr is not None:
+        acc = acc * dropout_multiplier(a_drop_seed_ptr, a_drop_ptr, offs_m, pid_k * BLOCK_K, BLOCK_K, ACC_DTYPE)
     if DACT is not None or row_rstd_ptr is not None or col_rstd_ptr is not None:
         x_rows = row_offsets(offs_m, T, stride_xo, stride_xm, TWO_LEVEL_ROWS)
         x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -140,7 +150,7 @@ def residual_dx_kernel(
         acc, _ = mma_loop(acc, unused, g_ptr, g_rows, 0, stride_gn, mask_m,
                           p_ptr, offs_k * stride_pk, 0, stride_pn, mask_k,
                           0, n_trips, N, T, None, 0.0, None, None, None, None,
-                          None, None, None, None, None, None, None,
+                          None, None, None, None, None, None, None, None, None, None, None, None, None,
                           None, True, BLOCK_N, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
     acc = add_rows(acc, r_ptr, row_offsets(offs_m, T, stride_ro, stride_rm, TWO_LEVEL_ROWS), offs_k, stride_rk,
                    mask, ACC_DTYPE)
@@ -153,6 +163,7 @@ def residual_dw_kernel(
     g_ptr, x_ptr, dw_ptr, db_ptr, dp_ptr, w_ptr, b_ptr, alpha_ptr, channel_alpha_ptr, alpha_value,
     dalpha_ptr, part_ptr, dbpart_ptr, s_ptr,
     row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr,
+    drop_seed_ptr, drop_ptr, a_drop_seed_ptr, a_drop_ptr,
     M, N, K, T, M_BUCKET, TILES_PER_SPLIT, ROWS_PER_SAMPLE,
     stride_go, stride_gm, stride_gn,
     stride_xo, stride_xm, stride_xk,
@@ -209,6 +220,11 @@ def residual_dw_kernel(
     the saved ``x``. ``w_ptr`` and ``b_ptr`` are given only for dalpha (``dalpha_ptr``). A
     per-channel alpha (``channel_alpha_ptr``) gets per-feature dalpha partials, row ``pid_k`` of a
     ``[cdiv(K, BLOCK_K), N]`` workspace, instead of one per program.
+
+    Dropout, regenerated (:func:`.gemm.dropout_multiplier`): the branch dropout's multiplier
+    (``drop_*``) on the B tile ``g`` and on its column sums (db, and so dalpha, see the masked
+    g), not on dP's tiles; the hidden dropout's (``a_drop_*``) on the activated A tile, the MLP's
+    ``act(h)`` in dW2.
     """
     GEMM_DTYPE: tl.constexpr = dw_ptr.dtype.element_ty
     SUM_G: tl.constexpr = dbpart_ptr is not None or db_ptr is not None or (dalpha_ptr is not None and b_ptr is not None)
@@ -250,6 +266,8 @@ def residual_dw_kernel(
                        g_ptr, offs_n * stride_gn, stride_go, stride_gm, mask_n,
                        m_tile0, m_trips, M, T, ACT, ACT_PARAM, plain, s_ptr, ROWS_PER_SAMPLE, sum_g,
                        offs_k, row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr,
+                       a_drop_seed_ptr, a_drop_ptr, (pid_k % num_k) * BLOCK_K, drop_seed_ptr, drop_ptr,
+                       pid_n * BLOCK_N,
                        TWO_LEVEL_ROWS, False, BLOCK_M, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
 
     tile_mask = mask_k[:, None] & mask_n[None, :]
@@ -387,18 +405,22 @@ residual_dw_kernel_tuned = triton.autotune(
 
 
 _NO_SUMS = (None, None)
-_NO_TAIL = NO_NORM + _NO_SUMS
+_NO_TAIL = NO_NORM + _NO_SUMS + NO_DROPOUT + NO_DROPOUT
+_NO_DW_TAIL = NO_NORM + NO_DROPOUT + NO_DROPOUT
 
 
 def dx_head(g, x, weight, dx, alpha=None, proj_weight=None, residual=None, sample_scale=None,
-            add_residual: bool = True, norm=NO_NORM, norm_sums=_NO_SUMS) -> tuple:
+            add_residual: bool = True, norm=NO_NORM, norm_sums=_NO_SUMS, dropout=NO_DROPOUT,
+            dropout_a=NO_DROPOUT) -> tuple:
     """The dx kernel's per-call arguments (operands, None where absent): the first
     :data:`DX_HEAD` of :func:`dx_launch_args`. ``residual``: the gradient added in the epilogue
     (None: ``g``, the block's own; none with a projection or without ``add_residual``)."""
     r = None if proj_weight is not None or not add_residual else (g if residual is None else residual)
-    if norm is NO_NORM and norm_sums is _NO_SUMS:      # the hot path: one constant tail
+    if norm is NO_NORM and norm_sums is _NO_SUMS and dropout is NO_DROPOUT and dropout_a is NO_DROPOUT:
+        # the hot path: one constant tail
         return (g, x, weight, dx, proj_weight, r, *alpha_args(alpha, weight), sample_scale) + _NO_TAIL
-    return (g, x, weight, dx, proj_weight, r, *alpha_args(alpha, weight), sample_scale, *norm, *norm_sums)
+    return (g, x, weight, dx, proj_weight, r, *alpha_args(alpha, weight), sample_scale, *norm, *norm_sums,
+            *dropout, *dropout_a)
 
 
 #: The dx kernel's per-call arguments: those before its sizes.
@@ -406,18 +428,20 @@ DX_HEAD = residual_dx_kernel.arg_names.index("M")
 
 
 def dw_head(g, x, dw, db, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None, sample_scale=None,
-            workspaces=None, norm=NO_NORM) -> tuple:
+            workspaces=None, norm=NO_NORM, dropout=NO_DROPOUT, dropout_a=NO_DROPOUT) -> tuple:
     """The dW kernel's per-call arguments (operands, None where absent): the first
     :data:`DW_HEAD` of :func:`dw_launch_args`. ``weight`` and ``bias`` go to the kernel only for
     dalpha. ``workspaces``: the split-M slabs ``(slab, db_slab)`` of the split's first launch,
     which writes partials only: then no db, alpha or dalpha."""
+    tail = _NO_DW_TAIL if norm is NO_NORM and dropout is NO_DROPOUT and dropout_a is NO_DROPOUT else \
+        (*norm, *dropout, *dropout_a)
     if workspaces is not None:
-        return (g, x, dw, None, dp, None, None, None, None, None, None, *workspaces, sample_scale, *norm)
+        return (g, x, dw, None, dp, None, None, None, None, None, None, *workspaces, sample_scale) + tail
     alpha_ptr, channel_alpha_ptr, alpha_value = alpha_args(alpha, dw)
     if dalpha_partials is None:
         weight = bias = None
     return (g, x, dw, db, dp, weight, bias, alpha_ptr, channel_alpha_ptr, alpha_value, dalpha_partials, None, None,
-            sample_scale, *norm)
+            sample_scale) + tail
 
 
 #: The dW kernel's per-call arguments: those before its sizes.
@@ -436,7 +460,8 @@ REDUCE_HEAD = residual_dw_reduce_kernel.arg_names.index("N")
 
 def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, alpha=None, proj_weight=None, *,
                    residual=None, sample_scale=None, rows_per_sample: int = 1, add_residual: bool = True,
-                   act: str | None = "relu", act_param: float = 0.0, norm: tuple = NO_NORM, norm_sums=(None, None)):
+                   act: str | None = "relu", act_param: float = 0.0, norm: tuple = NO_NORM, norm_sums=(None, None),
+                   dropout=NO_DROPOUT, dropout_a=NO_DROPOUT):
     """The dx kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
     launcher and the compile gate, ``fusedres.aot``). ``residual``: ``(r, r's RowStrides)``, the
     gradient added in the epilogue (default ``g``); ``add_residual=False``: none (the MLP's
@@ -445,18 +470,22 @@ def dx_launch_args(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows,
     six normalization operands (:func:`~.residual_fwd.norm_operands`): the derivative then applies
     at ``norm(x)``, and ``dx`` is the norm output's gradient ``dz``; ``norm_sums``: ``(col_sums,
     row_sums)``, fp32 (fp64) workspaces of ``[cdiv(M, BLOCK_M), 2, K]`` and ``[cdiv(K, BLOCK_K),
-    2, M]`` for dz's sinks (either None: not wanted)."""
+    2, M]`` for dz's sinks (either None: not wanted). ``dropout``: the branch dropout's ``(seed,
+    [p, 1 / (1 - p)])``, on ``g``; ``dropout_a``: the hidden dropout's, before the derivative
+    (:data:`~.residual_fwd.NO_DROPOUT`: none)."""
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
     r, rs = residual if residual is not None else (g, gs)
-    head = dx_head(g, x, weight, dx, alpha, proj_weight, r, sample_scale, add_residual, norm, norm_sums)
+    head = dx_head(g, x, weight, dx, alpha, proj_weight, r, sample_scale, add_residual, norm, norm_sums, dropout,
+                   dropout_a)
     args = head + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), rows_per_sample, *gs, *xs, *rs,
         weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), dx.stride(0), dx.stride(1))
     consts = dict(**act_consts(act, act_param, derivative=True),
                   RECIPE=recipe_key("dx", act, act_param, head[6:9], proj=proj_weight,
                                     residual=add_residual and proj_weight is None, row_scale=sample_scale,
-                                    norm_col_sums=norm_sums[0], norm_row_sums=norm_sums[1], **norm_pieces(norm)),
+                                    norm_col_sums=norm_sums[0], norm_row_sums=norm_sums[1], dropout=dropout[0],
+                                    dropout_a=dropout_a[0], **norm_pieces(norm)),
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, g.dtype, x.dtype, dx.dtype))
 
     def grid(meta):
@@ -480,7 +509,7 @@ def dalpha_workspace_size(N: int, K: int, proj: bool, per_channel: bool = False)
 def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None,
                    alpha=None, dalpha_partials=None, dp=None, split=None, sample_scale=None,
                    rows_per_sample: int = 1, act: str | None = "relu", act_param: float = 0.0,
-                   norm: tuple = NO_NORM):
+                   norm: tuple = NO_NORM, dropout=NO_DROPOUT, dropout_a=NO_DROPOUT):
     """The dW kernel's launch arguments, without launching: ``(args, consts, grid)`` (shared by the
     launcher and the compile gate, ``fusedres.aot``). ``weight`` (and ``bias``, if any) are read
     only for the dalpha partials, which go to ``dalpha_partials`` (:func:`dalpha_workspace_size`
@@ -491,7 +520,9 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
     the kernel then writes only the fp32 partials (:func:`dw_split_workspaces`), and
     :func:`dw_reduce_launch_args` does the rest. ``sample_scale``: stochastic depth's ``s [B]``
     (``rows_per_sample`` rows per sample), scaling g's rows in dW, db and dalpha (not in dP).
-    ``norm``: the six normalization operands, applied to ``x`` before the activation."""
+    ``norm``: the six normalization operands, applied to ``x`` before the activation.
+    ``dropout``: the branch dropout's ``(seed, [p, 1 / (1 - p)])``, on ``g``; ``dropout_a``: the
+    hidden dropout's, on ``act(x)``."""
     N, K = dw.shape
     w = weight if weight is not None else dw
     dpt = dp if dp is not None else dw
@@ -500,15 +531,17 @@ def dw_launch_args(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, 
         raise ValueError("residual_dw: dalpha needs alpha as a tensor")
     splits, per = (split[2], split[3]) if split is not None else (1, 1)
     head = dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale,
-                   split[:2] if split is not None else None, norm)
+                   split[:2] if split is not None else None, norm, dropout, dropout_a)
     args = head + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), per, rows_per_sample,
         *gs, *xs, w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), dpt.stride(0), dpt.stride(1))
     if split is None:
         pieces = dict(scale=head[7:10], db=db, proj=dp, dalpha=dalpha_partials,
-                      dalpha_bias=need_dalpha and bias is not None, row_scale=sample_scale, **norm_pieces(norm))
+                      dalpha_bias=need_dalpha and bias is not None, row_scale=sample_scale, dropout=dropout[0],
+                      dropout_a=dropout_a[0], **norm_pieces(norm))
     else:                   # the split's first launch: partials only, the reduce does the epilogue
-        pieces = dict(proj=dp, split=True, col_sums=split[1], row_scale=sample_scale, **norm_pieces(norm))
+        pieces = dict(proj=dp, split=True, col_sums=split[1], row_scale=sample_scale, dropout=dropout[0],
+                      dropout_a=dropout_a[0], **norm_pieces(norm))
     consts = dict(**act_consts(act, act_param), RECIPE=recipe_key("dw", act, act_param, **pieces),
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(dw.dtype, g.dtype, x.dtype))
 
@@ -549,7 +582,8 @@ def dw_reduce_launch_args(slab, db_slab, splits: int, dw, db, *, weight=None, bi
 def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *, alpha=None, proj_weight=None,
                 config: triton.Config | None = None, residual=None, sample_scale=None, rows_per_sample: int = 1,
                 add_residual: bool = True, act: str | None = "relu", act_param: float = 0.0,
-                norm: tuple = NO_NORM, norm_sums=(None, None)) -> PreparedLaunch | None:
+                norm: tuple = NO_NORM, norm_sums=(None, None), dropout=NO_DROPOUT,
+                dropout_a=NO_DROPOUT) -> PreparedLaunch | None:
     """Launch the dx kernel; ``dx`` is ``[M, K]`` row-major (any view of it); the keyword arguments
     after ``config`` are :func:`dx_launch_args`'s. Returns the launch as a :class:`PreparedLaunch`
     (repeat it with :func:`dx_head`'s arguments), None without rows."""
@@ -558,7 +592,7 @@ def residual_dx(g, gs: RowStrides, x, xs: RowStrides, weight, dx, rows: Rows, *,
     args, consts, grid = dx_launch_args(g, gs, x, xs, weight, dx, rows, alpha, proj_weight, residual=residual,
                                         sample_scale=sample_scale, rows_per_sample=rows_per_sample,
                                         add_residual=add_residual, act=act, act_param=act_param, norm=norm,
-                                        norm_sums=norm_sums)
+                                        norm_sums=norm_sums, dropout=dropout, dropout_a=dropout_a)
     return launch_and_prepare(residual_dx_kernel, residual_dx_kernel_tuned, "dx", grid, args, consts, rows.M,
                               max(weight.shape), config, n_head=DX_HEAD)
 
@@ -585,7 +619,8 @@ def _gpu_split_config(sms: int, M: int, N: int, K: int, named: dict, consts: dic
 def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, weight=None, bias=None, alpha=None,
                 dalpha_partials=None, dp=None, config: triton.Config | None = None,
                 splits: int | None = None, sample_scale=None, rows_per_sample: int = 1, act: str | None = "relu",
-                act_param: float = 0.0, norm: tuple = NO_NORM) -> "PreparedDw":
+                act_param: float = 0.0, norm: tuple = NO_NORM, dropout=NO_DROPOUT,
+                dropout_a=NO_DROPOUT) -> "PreparedDw":
     """Launch the dW kernel: ``dw = alpha * g.T @ act(x)``, ``db = alpha * g.sum(0)`` if ``db`` is
     given, ``dp = g.T @ x`` if ``dp`` is given, and per-program dalpha partials if
     ``dalpha_partials`` is given (:func:`dalpha_workspace_size` long, fp32 or fp64, needs ``alpha``
@@ -609,7 +644,8 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
     """
     args, consts, grid = dw_launch_args(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=alpha,
                                         dalpha_partials=dalpha_partials, dp=dp, sample_scale=sample_scale,
-                                        rows_per_sample=rows_per_sample, act=act, act_param=act_param, norm=norm)
+                                        rows_per_sample=rows_per_sample, act=act, act_param=act_param, norm=norm,
+                                        dropout=dropout, dropout_a=dropout_a)
     per_channel = alpha_kind(alpha) == "channel"
     N, K = dw.shape
     proj = dp is not None
@@ -632,7 +668,8 @@ def residual_dw(g, gs: RowStrides, x, xs: RowStrides, dw, db, rows: Rows, *, wei
                                                    dalpha_partials=dalpha_partials, dp=dp,
                                                    split=(slab, db_slab, p.splits, p.tiles_per_split),
                                                    sample_scale=sample_scale, rows_per_sample=rows_per_sample,
-                                                   act=act, act_param=act_param, norm=norm)
+                                                   act=act, act_param=act_param, norm=norm, dropout=dropout,
+                                                   dropout_a=dropout_a)
             main = launch_and_prepare(residual_dw_kernel, residual_dw_kernel_tuned, "dw", grid1, args1, consts1,
                                       rows.M, max(dw.shape), config, n_head=DW_HEAD)
             args2, consts2, grid2 = dw_reduce_launch_args(slab, db_slab, p.splits, dw, db, weight=weight, bias=bias,
@@ -660,13 +697,14 @@ class PreparedDw:
         self.acc, self.programs = acc, programs
 
     def __call__(self, g, x, dw, db, *, weight=None, bias=None, alpha=None, dalpha_partials=None, dp=None,
-                 sample_scale=None, norm=NO_NORM) -> int:
+                 sample_scale=None, norm=NO_NORM, dropout=NO_DROPOUT, dropout_a=NO_DROPOUT) -> int:
         if self.reduce is None:
-            self.main.run(dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale, None, norm))
+            self.main.run(dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale, None, norm,
+                                  dropout, dropout_a))
             return self.programs
         slab = torch.empty(self.slab_numel, device=dw.device, dtype=self.acc)
         db_slab = torch.empty(self.db_numel, device=dw.device, dtype=self.acc) if self.db_numel else None
         self.main.run(dw_head(g, x, dw, db, weight, bias, alpha, dalpha_partials, dp, sample_scale, (slab, db_slab),
-                              norm))
+                              norm, dropout, dropout_a))
         self.reduce(*reduce_head(slab, db_slab, dw, db, weight, bias, alpha, dalpha_partials, dp))
         return self.programs

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ._common import cdiv, Rows, RowStrides, grouped_tile, next_pow2_bucket, row_offsets, store_rounded, to_gemm_operand
 from .activations import KERNELS as ACTIVATION_KERNELS, identity
-from .gemm import add_bias, add_rows, mma_loop, scale_branch, store_stats_partials
+from .gemm import add_bias, add_rows, dropout_multiplier, mma_loop, scale_branch, store_stats_partials
 from .recipe import pass_recipe
 from .configs import FWD_CONFIGS, PreparedLaunch, gemm_flags, launch_and_prepare, prune_for
 
@@ -98,6 +98,7 @@ def recipe_key(pass_: str, act: str | None, act_param: float, scale=(None, None,
 def residual_fwd_kernel(
     x_ptr, w_ptr, y_ptr, b_ptr, p_ptr, r_ptr, alpha_ptr, channel_alpha_ptr, alpha_value, s_ptr,
     row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr, col_stats_ptr, row_stats_ptr,
+    drop_seed_ptr, drop_ptr, a_drop_seed_ptr, a_drop_ptr,
     M, N, K, T, M_BUCKET, ROWS_PER_SAMPLE,
     stride_xo, stride_xm, stride_xk,
     stride_ro, stride_rm, stride_rn,
@@ -117,8 +118,9 @@ def residual_fwd_kernel(
 
     The skeleton: the K loop with the A-tile prologue (a normalization with precomputed
     statistics, ``row_*``: per row, LayerNorm and RMSNorm; ``col_*``: per feature, BatchNorm;
-    ``norm_w_ptr``/``norm_b_ptr``: its affine; all None: none; then the activation), then the epilogue
-    steps: bias (``b_ptr``), the scales (``s_ptr``, and ``alpha_ptr``, ``channel_alpha_ptr`` or
+    ``norm_w_ptr``/``norm_b_ptr``: its affine; all None: none; then the activation; then the hidden
+    dropout's multiplier, ``a_drop_*``), then the epilogue steps: bias (``b_ptr``), the branch
+    dropout's multiplier (``drop_*``; :func:`.gemm.dropout_multiplier`), the scales (``s_ptr``, and ``alpha_ptr``, ``channel_alpha_ptr`` or
     ``alpha_value``), then the shortcut, which is the projection's K loop (``p_ptr``) or the
     residual tensor (``r_ptr``) or nothing. Every optional operand may be None.
 
@@ -142,17 +144,20 @@ def residual_fwd_kernel(
                       w_ptr, offs_n.to(tl.int64) * stride_wn, 0, stride_wk, mask_n,
                       0, k_trips, K, T, ACT, ACT_PARAM, None, None, None, None,
                       offs_m, row_mean_ptr, row_rstd_ptr, col_mean_ptr, col_rstd_ptr, norm_w_ptr, norm_b_ptr,
+                      a_drop_seed_ptr, a_drop_ptr, None, None, None, None,
                       None, False, BLOCK_K, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
 
     mask = mask_m[:, None] & mask_n[None, :]
     acc = add_bias(acc, b_ptr, offs_n, mask_n, ACC_DTYPE)
+    if drop_seed_ptr is not None:
+        acc = acc * dropout_multiplier(drop_seed_ptr, drop_ptr, offs_m, pid_n * BLOCK_N, BLOCK_N, ACC_DTYPE)
     acc = scale_branch(acc, alpha_ptr, alpha_value, channel_alpha_ptr, s_ptr, offs_m, mask_m, offs_n, mask_n,
                        ROWS_PER_SAMPLE, ACC_DTYPE)
     if p_ptr is not None:
         acc, _ = mma_loop(acc, unused, x_ptr, x_rows, 0, stride_xk, mask_m,
                           p_ptr, offs_n.to(tl.int64) * stride_pn, 0, stride_pk, mask_n,
                           0, k_trips, K, T, None, 0.0, None, None, None, None,
-                          None, None, None, None, None, None, None,
+                          None, None, None, None, None, None, None, None, None, None, None, None, None,
                           None, False, BLOCK_K, GEMM_DTYPE, ACC_DTYPE, INPUT_PRECISION, EMULATE_BF16)
     acc = add_rows(acc, r_ptr, row_offsets(offs_m, T, stride_ro, stride_rm, TWO_LEVEL_ROWS), offs_n, stride_rn,
                    mask, ACC_DTYPE)
@@ -173,7 +178,10 @@ residual_fwd_kernel_tuned = triton.autotune(
 #: The normalization operands of a launch without one (see :func:`norm_operands`).
 NO_NORM = (None,) * 6
 _NO_STATS = (None, None)
-_NO_TAIL = NO_NORM + _NO_STATS
+#: The dropout operands of a launch without one: ``(seed, [p, 1 / (1 - p)])`` (see
+#: :func:`fusedres.dropout.dropout_operands`).
+NO_DROPOUT = (None, None)
+_NO_TAIL = NO_NORM + _NO_STATS + NO_DROPOUT + NO_DROPOUT
 
 
 def norm_operands(kind: str | None, mean=None, rstd=None, weight=None, bias=None) -> tuple:
@@ -196,7 +204,8 @@ def norm_pieces(norm: tuple) -> dict:
 
 
 def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None, residual=None, sample_scale=None,
-             add_residual: bool = True, norm=NO_NORM, stats_partials=_NO_STATS) -> tuple:
+             add_residual: bool = True, norm=NO_NORM, stats_partials=_NO_STATS, dropout=NO_DROPOUT,
+             dropout_a=NO_DROPOUT) -> tuple:
     """The forward kernel's per-call arguments (its operands, None where absent, and
     ``alpha_value``): the first :data:`FWD_HEAD` of :func:`fwd_launch_args`; the rest is fixed by
     the input signature. ``residual``: the tensor added in the epilogue (None: ``x``, the block's
@@ -215,10 +224,11 @@ def fwd_head(x, weight, bias, y, alpha=None, proj_weight=None, residual=None, sa
     else:
         alpha_ptr = _fp64_alpha(float(alpha), weight.device)
     r = None if proj_weight is not None or not add_residual else (x if residual is None else residual)
-    if norm is NO_NORM and stats_partials is _NO_STATS:      # the hot path: one constant tail
+    if norm is NO_NORM and stats_partials is _NO_STATS and dropout is NO_DROPOUT and dropout_a is NO_DROPOUT:
+        # the hot path: one constant tail
         return (x, weight, y, bias, proj_weight, r, alpha_ptr, channel_alpha_ptr, alpha_value, sample_scale) + _NO_TAIL
     return (x, weight, y, bias, proj_weight, r, alpha_ptr, channel_alpha_ptr, alpha_value, sample_scale, *norm,
-            *stats_partials)
+            *stats_partials, *dropout, *dropout_a)
 
 
 #: The forward kernel's per-call arguments: those before its sizes.
@@ -237,7 +247,7 @@ def act_consts(act: str | None, act_param: float, derivative: bool = False) -> d
 def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, proj_weight=None, *,
                     residual=None, sample_scale=None, rows_per_sample: int = 1, add_residual: bool = True,
                     act: str | None = "relu", act_param: float = 0.0, norm: tuple = NO_NORM,
-                    stats_partials=(None, None)):
+                    stats_partials=(None, None), dropout=NO_DROPOUT, dropout_a=NO_DROPOUT):
     """The forward kernel's launch arguments, without launching: ``(args, consts, grid)``.
 
     The launcher and the compile gate (``fusedres.aot``) both build them here, so the gate
@@ -248,12 +258,16 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
     ``act_param``. ``norm``: the six operands of :func:`norm_operands` (the normalization of the A
     operand, before the activation). ``stats_partials``: ``(col, row)`` fp32 (fp64) workspaces of
     ``[cdiv(M, BLOCK_M), 2, N]`` and ``[cdiv(N, BLOCK_N), 2, M]`` for the next norm's statistics
-    partials of y (the MLP block's hidden norm; either None: not wanted).
+    partials of y (the MLP block's hidden norm; either None: not wanted). ``dropout``: the branch
+    dropout's ``(seed, [p, 1 / (1 - p)])`` operands, applied after the bias
+    (:func:`fusedres.dropout.dropout_operands`; :data:`NO_DROPOUT`: none); ``dropout_a``: the
+    hidden dropout's, on the activated A tile (the MLP's fc2).
     """
     N, K = weight.shape
     p = proj_weight if proj_weight is not None else weight
     r, rs = residual if residual is not None else (x, xs)
-    head = fwd_head(x, weight, bias, y, alpha, proj_weight, r, sample_scale, add_residual, norm, stats_partials)
+    head = fwd_head(x, weight, bias, y, alpha, proj_weight, r, sample_scale, add_residual, norm, stats_partials,
+                    dropout, dropout_a)
     args = head + (
         rows.M, N, K, rows.T, next_pow2_bucket(rows.M), rows_per_sample,
         *xs, *rs, weight.stride(0), weight.stride(1), p.stride(0), p.stride(1), y.stride(0), y.stride(1))
@@ -261,7 +275,7 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
                   RECIPE=recipe_key("fwd", act, act_param, head[6:9], bias=bias, proj=proj_weight,
                                     residual=add_residual and proj_weight is None, row_scale=sample_scale,
                                     stats_col_partials=stats_partials[0], stats_row_partials=stats_partials[1],
-                                    **norm_pieces(norm)),
+                                    dropout=dropout[0], dropout_a=dropout_a[0], **norm_pieces(norm)),
                   TWO_LEVEL_ROWS=rows.two_level, **gemm_flags(weight.dtype, x.dtype, y.dtype))
 
     def grid(meta):
@@ -273,7 +287,8 @@ def fwd_launch_args(x, xs: RowStrides, weight, bias, y, rows: Rows, alpha=None, 
 def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, proj_weight=None,
                  config: triton.Config | None = None, residual=None, sample_scale=None, rows_per_sample: int = 1,
                  add_residual: bool = True, act: str | None = "relu", act_param: float = 0.0,
-                 norm: tuple = NO_NORM, stats_partials=(None, None)) -> PreparedLaunch | None:
+                 norm: tuple = NO_NORM, stats_partials=(None, None), dropout=NO_DROPOUT,
+                 dropout_a=NO_DROPOUT) -> PreparedLaunch | None:
     """Launch the forward kernel.
 
     ``x`` ``(..., K)`` is addressed through ``rows`` and its strides ``xs``; ``weight`` (and
@@ -290,7 +305,7 @@ def residual_fwd(x, xs: RowStrides, weight, bias, y, rows: Rows, *, alpha=None, 
     args, consts, grid = fwd_launch_args(x, xs, weight, bias, y, rows, alpha, proj_weight, residual=residual,
                                          sample_scale=sample_scale, rows_per_sample=rows_per_sample,
                                          add_residual=add_residual, act=act, act_param=act_param, norm=norm,
-                                         stats_partials=stats_partials)
+                                         stats_partials=stats_partials, dropout=dropout, dropout_a=dropout_a)
     return launch_and_prepare(residual_fwd_kernel, residual_fwd_kernel_tuned, "fwd", grid, args, consts, rows.M,
                               max(weight.shape), config, n_head=FWD_HEAD)
 
