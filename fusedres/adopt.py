@@ -210,7 +210,7 @@ def _const(a) -> bool:
 
 
 def _module_piece(path: str, m: nn.Module) -> _Piece:
-    name = path.rsplit(".", 1)[-1]
+    name = path
     t = type(m)
     if t is nn.Linear:
         return _Piece("linear", name, path, m)
@@ -263,7 +263,7 @@ def _function_piece(node: fx.Node, data: fx.Node, root: nn.Module, prefix: str) 
             except AttributeError:
                 tensor = None
             if isinstance(tensor, Tensor) and tensor.dim() == 1:
-                return _Piece("scale", other.target.rsplit(".", 1)[-1], path, tensor)
+                return _Piece("scale", path, path, tensor)
     what = target if isinstance(target, str) else getattr(target, "__name__", str(target))
     return _Piece("other", name, why=f"{name} ({what})")
 
@@ -323,7 +323,7 @@ def _walk(graph_end: fx.Node, start: fx.Node, root: nn.Module, prefix: str,
 def _expand(m: nn.Module, prefix: str, root: nn.Module, cache: dict) -> list[_Piece]:
     """A user module inside a branch as pieces: its traced forward must be a chain from its one
     input to its output (timm's Mlp, LayerScale)."""
-    name = prefix[:-1].rsplit(".", 1)[-1]
+    name = prefix[:-1]
     try:
         graph = _trace(m, cache)
     except _Untraceable as e:
@@ -431,12 +431,12 @@ def _check_shapes(spec: _Spec, proj: Optional[nn.Linear]) -> None:
     D = fc1.in_features
     if len(spec.linears) == 2:
         fc2 = spec.linears[1].obj
+        if proj is not None:
+            raise _Unsupported("a projection shortcut with a hidden layer (fused_residual_mlp has no proj_weight)")
         if fc2.in_features != fc1.out_features or fc2.out_features != D:
             raise _Unsupported(f"the Linears are {D} -> {fc1.out_features} -> {fc2.in_features} -> "
                                f"{fc2.out_features}: the block must map {D} back to {D}")
         out = D
-        if proj is not None:
-            raise _Unsupported("a projection shortcut with a hidden layer (fused_residual_mlp has no proj_weight)")
     else:
         out = fc1.out_features
         if proj is None and out != D:
@@ -476,7 +476,7 @@ def _recipe_text(spec: _Spec) -> str:
     def a(p):
         if p is None:
             return "None"
-        return type(p.obj).__name__ + "()" if p.path else repr(p.act)
+        return type(p.obj).__name__ + "()" if p.path else repr(_act(p.act).spec)
     parts = []
     if len(spec.linears) == 2:
         fc1, fc2 = (p.obj for p in spec.linears)
@@ -660,9 +660,9 @@ def _match(add: fx.Node, root: nn.Module, cache: dict):
         if short in anc:
             options.append((short, branch, None))
         elif (short.op == "call_module" and len(short.args) == 1 and isinstance(short.args[0], fx.Node)
-              and short.args[0] in anc and len(short.users) == 1):
-            m = root.get_submodule(short.target)
-            options.append((short.args[0], branch, (short, m)))
+              and short.args[0] in anc and len(short.users) == 1
+              and type(root.get_submodule(short.target)) is nn.Linear):
+            options.append((short.args[0], branch, (short, root.get_submodule(short.target))))
     if not options:
         return None
     x, branch, shortcut = options[0]
@@ -674,8 +674,7 @@ def _match(add: fx.Node, root: nn.Module, cache: dict):
     if len(branch.users) != 1:
         return text, f"{branch.name}'s value is also used outside the residual add"
     if shortcut is not None:
-        m = shortcut[1]
-        if type(m) is not nn.Linear or m.bias is not None:
+        if shortcut[1].bias is not None:
             return text, f"the shortcut {shortcut[0].target} is not a bias-free nn.Linear"
     if add.op == "call_method" and add.target == "add_":
         return text, "an in-place add (add_): the caller's tensor would change"
