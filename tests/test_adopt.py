@@ -486,3 +486,60 @@ def test_report_class_pass_refuse_twice_and_deepcopy():
     x = torch.randn(4, 16)
     torch.testing.assert_close(twin[1](x), x)
     assert not torch.equal(model[1](x), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# read at call time
+
+
+def test_dropout_rate_and_batchnorm_layout_read_at_call_time(launches):
+    """A dropout whose p was 0 when fused and is raised later, in training, runs the block as the
+    original code did (the same modules, the same RNG draws: equal to eager exactly) while this
+    fusedres's fused forms take no dropout; eval is fused again. An nn.BatchNorm1d over an input
+    that is not (N, C) (it normalizes dim 1; the fused norm the last) runs the original code too."""
+    model = _resnet(n_blocks=2, d_block=16)
+    eager = copy.deepcopy(model)
+    fuse(model)
+    for m in (model, eager):
+        for block in m.blocks:
+            block.dropout1.p = 0.25
+    x = torch.randn(16, 8)
+    if "hidden_dropout" not in inspect.signature(fusedres.fused_residual_mlp).parameters:
+        torch.manual_seed(5)
+        y = model.train()(x)
+        torch.manual_seed(5)
+        assert torch.equal(y, eager.train()(x)) and launches() == {}
+    torch.testing.assert_close(model.eval()(x), eager.eval()(x), rtol=1e-5, atol=1e-6)
+    assert launches()["residual_fwd"] == 4
+
+    class BN3d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.fc1, self.fc2 = nn.BatchNorm1d(16), nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            return x + self.fc2(F.relu(self.fc1(self.bn(x))))
+
+    torch.manual_seed(0)
+    block = BN3d()
+    eager = copy.deepcopy(block)
+    _, report = fuse(block, report=True)
+    assert len(report.fused) == 1
+    x = torch.randn(4, 16, 16)
+    before = launches()
+    assert torch.equal(block(x), eager(x)) and launches() == before
+    x2 = torch.randn(8, 16)
+    torch.testing.assert_close(block(x2), eager(x2), rtol=1e-5, atol=1e-6)
+    assert launches()["residual_fwd"] == before["residual_fwd"] + 2
+
+
+def test_timm_block_compiles_without_graph_breaks():
+    """The timm-structured block, fused, traces with no graph break in training (DropPath's draw)
+    and in eval."""
+    torch._dynamo.reset()
+    model = fuse(_timm(drop_path=0.3))
+    x = torch.randn(6, 16)
+    for train in (True, False):
+        explained = torch._dynamo.explain(model.train(train))(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained
+    torch._dynamo.reset()
