@@ -488,7 +488,7 @@ def _recipe_text(spec: _Spec) -> str:
             parts.append(f"hidden_norm={type(spec.hidden_norm.obj).__name__}")
         parts.append(f"act={a(spec.act)}")
         if spec.hidden_dropout:
-            parts.append(f"hidden_dropout={spec.hidden_dropout.label}")
+            parts.append(f"hidden_dropout={spec.hidden_dropout.label} (p={spec.hidden_dropout.obj.p})")
     else:
         fc = spec.linears[0].obj
         parts.append(f"fused_residual({fc.in_features} -> {fc.out_features}")
@@ -498,7 +498,7 @@ def _recipe_text(spec: _Spec) -> str:
         if spec.proj:
             parts.append(f"proj_weight={spec.proj}.weight")
     if spec.dropout:
-        parts.append(f"dropout={spec.dropout.label}")
+        parts.append(f"dropout={spec.dropout.label} (p={spec.dropout.obj.p})")
     if spec.scale:
         parts.append(f"alpha={spec.scale.label} (per channel)")
     elif spec.const != 1.0:
