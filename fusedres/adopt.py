@@ -522,10 +522,6 @@ def _act(a) -> Optional[Activation]:
     return ACTIVATIONS[a]
 
 
-def _call(act, h):
-    return act(h)
-
-
 def residual_block(x: Tensor, fc1: nn.Linear, fc2: Optional[nn.Linear] = None, *, norm=None, pre_act=None,
                    hidden_norm=None, act=None, hidden_dropout: Optional[nn.Dropout] = None,
                    dropout: Optional[nn.Dropout] = None, scale: Optional[Tensor] = None, alpha: float = 1.0,
