@@ -1,6 +1,7 @@
 """fusedres: fused Triton kernels for the pre-activation residual block ``y = x + relu(x) @ W.T + b``."""
 from __future__ import annotations
 
+from .adopt import FuseReport
 from .convert import fuse
 from .droppath import drop_path_scale
 from .dropout import record_dropout
@@ -26,6 +27,7 @@ __all__ = [
     "STACK_WIDTHS",
     "ResidualMLP",
     "fuse",
+    "FuseReport",
     "ResidualBlock",
     "fused_residual",
     "residual_reference",

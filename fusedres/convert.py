@@ -6,6 +6,7 @@ import warnings
 import triton
 from torch import nn
 
+from .adopt import Candidate, FuseReport, fuse_structure
 from .module import FusedResidualBlock, FusedResidualMLPBlock
 from .reference import ResidualBlock, ResidualMLPBlock
 from .stack import FusedResidualStack, _stackable
@@ -26,12 +27,14 @@ def _stack_shipped() -> bool:
     return INTERPRET or stack_supported()
 
 
-def fuse(model: nn.Module, *, stacks: bool = False) -> nn.Module:
-    """Replace, in place, every submodule ``fuse`` can recognise without guessing, and return
-    ``model``. The replacement shares the original's parameters (no copy): optimizers, tied
-    weights and hooks on the parameters keep working.
+def fuse(model: nn.Module, *, stacks: bool = False, report: bool = False):
+    """Fuse, in place, every residual block ``fuse`` can prove is one, and return ``model``
+    (with ``report=True``: ``(model, report)``, a :class:`fusedres.adopt.FuseReport` listing every
+    candidate, fused with its recipe or left alone with the reason; ``print(report)`` reads it).
+    Nothing is copied: parameters, buffers and state_dict keys stay the same tensors, so
+    optimizers, tied weights, hooks on the parameters and checkpoints keep working.
 
-    Recognised patterns:
+    Two passes. First, by class:
 
     - :class:`fusedres.ResidualBlock` (exactly that class: a subclass may have changed
       ``forward``) becomes :class:`fusedres.FusedResidualBlock`;
@@ -47,26 +50,45 @@ def fuse(model: nn.Module, *, stacks: bool = False) -> nn.Module:
     The stack owns its ``[depth, dim, dim]`` weight, so those parameters are copied, not shared:
     build the optimizer after ``fuse``. Blocks outside such runs are converted as above.
 
-    A hand-written ``x + linear(relu(x))`` inside some other module's ``forward`` is not
-    recognised: that would need guessing at code. Wrap it as a ``ResidualBlock`` or use
-    ``FusedResidualBlock.from_linear``.
+    Second, by structure (:mod:`fusedres.adopt`): every other module's ``forward`` is read with
+    torch.fx, and each residual add in it (``x + branch(x)``, ``x + c * branch(x)``,
+    ``shortcut(x) + branch(x)`` with a bias-free Linear shortcut) whose branch is a chain the fused
+    forms compute exactly (``[norm] -> [act] -> Linear``, optionally ``-> [hidden norm] -> act ->
+    [dropout] -> Linear``, then any of dropout, a per-channel scale such as timm's LayerScale, a
+    constant, a timm-style DropPath) becomes one call of :func:`fusedres.adopt.residual_block` on
+    the user's own modules; the rewritten graph becomes that module's ``forward`` (an instance
+    attribute: its class, other methods, children and state_dict are unchanged). A forward that
+    cannot be traced, or that reads ``self.training`` in Python, is left alone and its children
+    are searched on their own. Python decisions in a forward are read now: configure first.
+    Calling ``fuse`` again fuses nothing twice.
     """
+    found = FuseReport()
+    _fuse_classes(model, stacks, found, "")
+    fuse_structure(model, found)
+    return (model, found) if report else model
+
+
+def _fuse_classes(model: nn.Module, stacks: bool, found: FuseReport, path: str) -> None:
     if type(model) in _FUSED:
         raise TypeError(f"fuse: the model itself is a {type(model).__name__}; use "
                         f"{_FUSED[type(model)].__name__}.from_block(model) to convert a single block")
     if stacks and not _stack_shipped():
         warnings.warn(f"fusedres.fuse: stacks=True is ignored: triton {triton.__version__} does not ship the narrow "
                       "stack's kernels (fusedres.kernels.configs.STACK_MIN_TRITON); blocks are fused one by one",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
         stacks = False
     if stacks and isinstance(model, nn.Sequential):
-        _fold_stacks(model)
+        for name, depth in _fold_stacks(model):
+            found.append(Candidate(f"{path}.{name}" if path else name, None, f"{depth} consecutive blocks", True,
+                                   recipe=f"FusedResidualStack (depth {depth})"))
     for name, child in model.named_children():
+        where = f"{path}.{name}" if path else name
         if type(child) in _FUSED:
-            setattr(model, name, _FUSED[type(child)].from_block(child))
+            fused = _FUSED[type(child)].from_block(child)
+            setattr(model, name, fused)
+            found.append(Candidate(where, None, type(child).__name__, True, recipe=type(fused).__name__))
         else:
-            fuse(child, stacks=stacks)
-    return model
+            _fuse_classes(child, stacks, found, where)
 
 
 #: eager class -> fused class, for exactly these classes
@@ -80,7 +102,8 @@ def _stack_key(block: nn.Module):
     return block.dim, block.bias is None, block.weight.dtype, block.weight.device
 
 
-def _fold_stacks(seq: nn.Sequential) -> None:
+def _fold_stacks(seq: nn.Sequential) -> list[tuple[str, int]]:
+    """Fold the runs; returns each stack's name and depth."""
     items = list(seq._modules.items())
     runs, start = [], 0
     for i in range(1, len(items) + 1):
@@ -89,7 +112,7 @@ def _fold_stacks(seq: nn.Sequential) -> None:
                 runs.append((start, i))
             start = i
     if not runs:
-        return
+        return []
     folded, i = [], 0
     for a, b in runs:
         folded += items[i:a]
@@ -98,3 +121,4 @@ def _fold_stacks(seq: nn.Sequential) -> None:
     folded += items[i:]
     seq._modules.clear()
     seq._modules.update(folded)
+    return [(items[a][0], b - a) for a, b in runs]
