@@ -19,8 +19,9 @@ setup(
     install_requires=["torch>=2.11,<2.16", "triton>=3.6.0,<3.10"],
     extras_require={
         # rtdl_revisiting_models: third-party code that tests/test_adopt.py fuses by structure
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy", "scikit-learn>=1.3",
-                 "matplotlib>=3.7", "tqdm>=4.60", "rtdl_revisiting_models==0.0.2"],
+        # pytest-xdist: the test command runs the compile gate's file beside the interpreter's tests
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6", "numpy",
+                 "scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60", "rtdl_revisiting_models==0.0.2"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60", "numpy"],
         "examples": ["scikit-learn>=1.3", "matplotlib>=3.7"],
     },

@@ -10,7 +10,7 @@ gate; writes ``OUT/cpu_traffic.md``, ``OUT/cpu_records.json`` (or ``--json PATH`
 ``OUT/cpu_bytes.png`` and ``OUT/cpu_model_time.png``. Its sections: the single block, the narrow
 stack (``--no-stack``), the MLP block's bytes against its formulas and eager (``--no-mlp``), the
 normalized block's bytes (BatchNorm, LayerNorm, RMSNorm) against eager and the compulsory minimum
-(``--no-norm``), host overhead (``--no-host``).
+(``--no-norm``), dropout's bytes, fused and eager (``--no-dropout``), host overhead (``--no-host``).
 """
 from __future__ import annotations
 
@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the normalized block's section: M rows of width D (default 512x128)")
     c.add_argument("--no-norm", action="store_true",
                    help="skip the normalized block's section (BatchNorm, LayerNorm, RMSNorm bytes; CPU mode)")
+    c.add_argument("--dropout-size", type=_size, default=(512, 128), metavar="MxD",
+                   help="the dropout section: M rows of width D (default 512x128)")
+    c.add_argument("--no-dropout", action="store_true",
+                   help="skip the dropout section (the blocks' bytes with and without dropout, fused and eager; "
+                        "CPU mode)")
     g.add_argument("--stack-gpu", type=_stack_size, default=(65536, 64, 8), metavar="MxDxL",
                    help="GPU mode: the narrow stack timed against L single-block kernels and eager "
                         "(default 65536x64x8, bf16; written to OUT/gpu_stack.md)")
@@ -326,6 +331,15 @@ def cpu_main(args) -> int:
         norm_lines, norm_ok = norm.section(nm)
         lines += norm_lines
         recs += norm.records(nm)
+    dropout_ok = True
+    if not args.no_dropout:
+        from . import dropout
+        t0 = time.perf_counter()
+        dm = dropout.measure(*args.dropout_size)
+        res.timings["dropout"] = time.perf_counter() - t0
+        dropout_lines, dropout_ok = dropout.section(dm)
+        lines += dropout_lines
+        recs += dropout.records(dm)
     if not args.no_host:
         from . import host
         t0 = time.perf_counter()
@@ -367,4 +381,4 @@ def cpu_main(args) -> int:
     e = ELEMENT_SIZE[args.dtype]
     within = all(abs(res.traffic[("fused", m)].unique_bytes / minimum_bytes(m, M, D, e) - 1) <= 0.01
                  for m in ("fwd", "bwd"))
-    return 0 if all_ok(res.parity) and within and stack_exact and mlp_exact and norm_ok and not res.violations else 1
+    return 0 if all_ok(res.parity) and within and stack_exact and mlp_exact and norm_ok and dropout_ok and not res.violations else 1

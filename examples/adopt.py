@@ -4,16 +4,18 @@ Trains rtdl's ``ResNet`` with its README settings (``n_blocks=2, d_block=192,
 d_hidden_multiplier=2.0, dropout1=0.15, dropout2=0.0``) on scikit-learn's bundled diabetes
 regression set (442 rows, 10 features; shipped inside the package, no download), twice from the
 same initialisation and seed: the model as rtdl wrote it (eager) and ``fusedres.fuse(model)``.
-Prints the fuse report, both loss curves side by side, and the bytes one fused training step
-moves through its kernels (``fusedres.traffic.InterpreterTraffic``, measured under Triton's
-interpreter on the CPU; skipped on a GPU).
+Prints the fuse report, both loss curves side by side, and the bytes one training step moves:
+the fused step's through its kernels (each launch's distinct bytes, ``fusedres.traffic.InterpreterTraffic``,
+measured under Triton's interpreter on the CPU) against the eager step's aten ops (``bench.counters``' dispatch
+counter); skipped on a GPU.
 
     TRITON_INTERPRET=1 python examples/adopt.py                  # CPU, the kernels interpreted
-    TRITON_INTERPRET=1 python examples/adopt.py --dropout1 0     # every block fused today
+    TRITON_INTERPRET=1 python examples/adopt.py --dropout1 0     # no dropout: the curves agree to rounding
     python examples/adopt.py --device cuda
 
-``dropout1 > 0`` fuses once ``fused_residual_mlp`` takes ``hidden_dropout=`` (the report says so
-until then, and those blocks run as rtdl wrote them). Results: docs/integration.md.
+With ``dropout1 > 0`` the fused blocks draw their own keep masks in the kernels (eager draws
+torch's), so the two curves agree as two runs with different dropout masks do, not to rounding.
+Results: docs/integration.md.
 """
 from __future__ import annotations
 
@@ -72,12 +74,23 @@ def main() -> None:
 
     from fusedres import kernels
     if args.device == "cpu" and kernels.INTERPRET:
+        from bench.counters import DispatchTraffic
         from fusedres.traffic import InterpreterTraffic
+        # the fused step: its Triton kernels' bytes, plus every other aten op's (the input layer, the
+        # head, the loss, the vector ops between launches), the fused blocks' custom ops excepted
         fused.train()
-        with InterpreterTraffic(track_unique=False) as traffic:
+        with DispatchTraffic() as ops, InterpreterTraffic() as traffic:
             F.mse_loss(fused(X[:args.batch]), y[:args.batch]).backward()
-        print(f"\none fused training step (batch {args.batch}): {traffic.bytes_read()} bytes read, "
-              f"{traffic.bytes_written()} written by {len(traffic.select())} kernel launches")
+        rest = [o for o in ops.ops if not o.op.startswith(("residual_", "norm_residual"))]
+        # each launch's distinct bytes (a tile re-reading W hits in cache), as an aten op's tensors count once
+        kernel_bytes = sum(lc.unique_bytes for lc in traffic.launches)
+        print(f"\none training step, batch {args.batch}, bytes measured on this CPU:")
+        print(f"  fused: {kernel_bytes + sum(o.bytes for o in rest):,} B ({kernel_bytes:,} B in "
+              f"{len(traffic.launches)} kernel launches, the rest in {len(rest)} aten ops)")
+        eager.train()
+        with DispatchTraffic() as ops:
+            F.mse_loss(eager(X[:args.batch]), y[:args.batch]).backward()
+        print(f"  eager: {sum(o.bytes for o in ops.ops):,} B in {len(ops.ops)} aten ops")
 
 
 if __name__ == "__main__":

@@ -41,11 +41,11 @@ methods, its children and its state_dict; nothing is copied). Python decisions i
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import linecache
 import operator
 import types
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -362,15 +362,6 @@ class _Unsupported(Exception):
     pass
 
 
-def _dropout_keywords() -> set:
-    """The dropout keywords this fusedres's fused forms take (none before the dropout work)."""
-    from .mlp_op import fused_residual_mlp
-    from .op import fused_residual
-    return ({k for k in ("dropout", "training") if k in inspect.signature(fused_residual).parameters},
-            {k for k in ("dropout", "hidden_dropout", "training")
-             if k in inspect.signature(fused_residual_mlp).parameters})
-
-
 def _parse(pieces: list[_Piece], x_is_input: bool) -> _Spec:
     """Match the pieces against the grammar (module docstring), or raise _Unsupported."""
     for p in pieces:
@@ -464,12 +455,10 @@ def _check_shapes(spec: _Spec, proj: Optional[nn.Linear]) -> None:
 
 
 def _check_dropout(spec: _Spec) -> None:
-    single, mlp = _dropout_keywords()
-    has = mlp if len(spec.linears) == 2 else single
-    for p, keyword in ((spec.dropout, "dropout"), (spec.hidden_dropout, "hidden_dropout")):
-        if p is not None and p.obj.p > 0 and keyword not in has:
-            raise _Unsupported(f"dropout p>0 not supported by this fusedres ({p.label}: p={p.obj.p}; the fused "
-                               f"forms take no {keyword}=)")
+    """fused_residual refuses dropout with a projection shortcut: such a block stays eager."""
+    if spec.proj is not None and spec.dropout is not None:
+        raise _Unsupported(f"dropout ({spec.dropout.label}) with a projection shortcut (fused_residual takes no "
+                           "dropout with proj_weight)")
 
 
 def _recipe_text(spec: _Spec) -> str:
@@ -533,30 +522,28 @@ def residual_block(x: Tensor, fc1: nn.Linear, fc2: Optional[nn.Linear] = None, *
     ``gamma``; ``drop_path`` a timm-style DropPath, whose ``drop_prob``, ``scale_by_keep`` and
     ``training`` are read here; dropouts' ``p`` and ``training`` too).
 
-    Runs the branch as the original code did (the same modules, eager) when the fused forms
-    cannot compute it exactly at this call: an ``nn.BatchNorm1d`` over an input that is not
-    ``(N, C)`` (the fused norm is over the last dimension), or an active dropout that this
-    fusedres's fused forms do not take.
+    Runs the branch as the original code did (the same modules, eager), with a warning, when the
+    fused forms cannot compute it exactly at this call: an ``nn.BatchNorm1d`` over an input that
+    is not ``(N, C)`` (it normalizes dim 1; the fused norm is over the last dimension), or two
+    dropouts of the block set to different modes (one in training, one in eval).
     """
     pre, hid = _act(pre_act), _act(act)
     mlp = fc2 is not None
-    single_kw, mlp_kw = _dropout_keywords_cached()
-    keywords = mlp_kw if mlp else single_kw
     kw = {}
-    replay = isinstance(norm, nn.BatchNorm1d) and x.dim() != 2
+    why = "an nn.BatchNorm1d over a 3-D input normalizes dim 1" if isinstance(norm, nn.BatchNorm1d) and \
+        x.dim() != 2 else None
     trainings = set()
     for d, key in ((dropout, "dropout"), (hidden_dropout, "hidden_dropout")):
         if d is not None and d.p > 0:
-            if key not in keywords:
-                replay = replay or d.training
-            else:
-                kw[key] = d.p
-                trainings.add(d.training)
+            kw[key] = d.p
+            trainings.add(d.training)
     if len(trainings) > 1:
-        replay = True
+        why = "its two dropouts are in different modes (training and eval)"
     elif trainings:
         kw["training"] = trainings.pop()
-    if replay:
+    if why is not None:
+        warnings.warn(f"fusedres: a block fused by structure runs eagerly at this call: {why}", RuntimeWarning,
+                      stacklevel=2)
         return _replay(x, fc1, fc2, norm, pre, hidden_norm, hid, hidden_dropout, dropout, scale, alpha, drop_path,
                        proj)
     sample_scale = None
@@ -570,16 +557,6 @@ def residual_block(x: Tensor, fc1: nn.Linear, fc2: Optional[nn.Linear] = None, *
     from .op import fused_residual
     return fused_residual(x, fc1.weight, fc1.bias, alpha=a, proj_weight=None if proj is None else proj.weight,
                           sample_scale=sample_scale, act=pre, norm=norm, **kw)
-
-
-_KEYWORDS = None
-
-
-def _dropout_keywords_cached():
-    global _KEYWORDS
-    if _KEYWORDS is None:
-        _KEYWORDS = _dropout_keywords()
-    return _KEYWORDS
 
 
 def _drop_path_scale(x: Tensor, m: nn.Module) -> Optional[Tensor]:

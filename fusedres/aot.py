@@ -503,7 +503,7 @@ def gate_configs(kind: str, dtype: str, two_level: bool = False, features: str =
                                         _configs.launch_has(kind, named, "row_scale"), limits,
                                         _configs.act_name_of(consts.get("RECIPE")),
                                         _configs.launch_has(kind, named, "channel_alpha"),
-                                        _configs.launch_has(kind, named, "norm"))
+                                        _configs.launch_has(kind, named, "norm"), _configs.dropout_sites(named))
     if [id(c) for c in kept] != [id(c) for c in expected]:
         raise AssertionError(f"{kind}: the autotuner's prune and shipped_configs disagree")
     return list(kept)
@@ -871,14 +871,13 @@ def derive_act_drops(records: list[dict]) -> dict:
             for a, arches in sorted(out.items())}
 
 
-def derive_norm_drops(records: list[dict], features: tuple = NORM_FEATURES) -> dict:
+def derive_norm_drops(records: list[dict]) -> dict:
     """:data:`fusedres.kernels.configs.NORM_DROPPED` from gate records: every GEMM record of a norm
     variant that failed, as arch -> kind -> (element size, mixed) -> tiles (mixed: autocast's fp32
-    activations beside 16-bit weights). With ``features`` :data:`DROPOUT_FEATURES`:
-    :data:`fusedres.kernels.configs.DROPOUT_DROPPED` (:func:`derive_dropout_drops`)."""
+    activations beside 16-bit weights)."""
     out: dict = {}
     for r in records:
-        if r["ok"] or r["kernel"] not in KINDS or split_features(r.get("features", ""))[0] not in features:
+        if r["ok"] or r["kernel"] not in KINDS or split_features(r.get("features", ""))[0] not in NORM_FEATURES:
             continue
         key = (DTYPES[r["variant"]][0].itemsize, r["variant"] in ACTIVATIONS)
         tile = _configs._tile(r["kernel"], config_from_name(r["kernel"], r["config_name"]))
@@ -889,8 +888,19 @@ def derive_norm_drops(records: list[dict], features: tuple = NORM_FEATURES) -> d
 
 def derive_dropout_drops(records: list[dict]) -> dict:
     """:data:`fusedres.kernels.configs.DROPOUT_DROPPED` from gate records: every failed GEMM record
-    of a dropout variant, keyed as :func:`derive_norm_drops`'s."""
-    return derive_norm_drops(records, DROPOUT_FEATURES)
+    of a dropout variant, as arch -> kind -> (element size, mixed, both) -> tiles, ``both`` for the
+    launches with both masks (``dropout-mlp``: fc2's passes), so that a block with one dropout
+    keeps the tiles only the two-mask passes spill in."""
+    out: dict = {}
+    for r in records:
+        feats = split_features(r.get("features", ""))[0]
+        if r["ok"] or r["kernel"] not in KINDS or feats not in DROPOUT_FEATURES:
+            continue
+        key = (DTYPES[r["variant"]][0].itemsize, r["variant"] in ACTIVATIONS, feats == "dropout-mlp")
+        tile = _configs._tile(r["kernel"], config_from_name(r["kernel"], r["config_name"]))
+        out.setdefault(r["arch"], {}).setdefault(r["kernel"], {}).setdefault(key, set()).add(tile)
+    return {arch: {k: {e: sorted(t, reverse=True) for e, t in sorted(by.items())} for k, by in sorted(kinds.items())}
+            for arch, kinds in sorted(out.items())}
 
 
 def _format_act_drops(table: dict) -> str:

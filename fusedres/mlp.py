@@ -41,7 +41,9 @@ class ResidualMLP(nn.Module):
     ``act``: every block's activation (the hidden one in MLP blocks), ``pre_act`` the MLP blocks'
     activation on x (:mod:`fusedres.activations`); ``alpha_per_channel``: each block's alpha a
     per-channel parameter (LayerScale). ``norm``: a name (``"batch"``, ``"layer"``, ``"rms"``): every
-    block gets its own torch norm module (:mod:`fusedres.norm`).
+    block gets its own torch norm module (:mod:`fusedres.norm`). ``dropout`` (each branch's) and
+    ``hidden_dropout`` (the MLP blocks', after the hidden activation): every block's dropout rates
+    (:mod:`fusedres.dropout`).
 
     Shapes: ``(..., in_features) -> (..., out_features)``.
     """
@@ -50,7 +52,8 @@ class ResidualMLP(nn.Module):
                  bias: bool = True, alpha: float = 1.0, learnable_alpha: bool = False,
                  hidden_features: int | None = None, drop_path: float = 0.0, act: ActLike = "relu",
                  pre_act: ActLike = "relu", alpha_per_channel: bool = False, norm: str | None = None,
-                 hidden_norm: str | None = None, device=None, dtype=None) -> None:
+                 hidden_norm: str | None = None, dropout: float = 0.0, hidden_dropout: float = 0.0, device=None,
+                 dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         rates = drop_path_rates(check_drop_path(drop_path, "ResidualMLP: drop_path"), depth)
@@ -78,6 +81,12 @@ class ResidualMLP(nn.Module):
             options["norm"] = norm
         if hidden_norm is not None:
             options["hidden_norm"] = hidden_norm
+        if hidden_dropout and hidden_features is None:
+            raise ValueError("ResidualMLP: hidden_dropout is the MLP blocks' (hidden_features=H)")
+        if dropout:
+            options["dropout"] = dropout
+        if hidden_dropout:
+            options["hidden_dropout"] = hidden_dropout
         if hidden_features is not None:
             options["pre_act"] = pre_act
         elif resolve_act(pre_act, "ResidualMLP: pre_act", allow_none=True) != resolve_act("relu", ""):

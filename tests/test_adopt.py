@@ -2,7 +2,6 @@
 ResNet, installed from the package index), timm-structured blocks written as timm writes them,
 the occupancy-network / NeRF block, hand-written forms, and what must be left alone and why."""
 import copy
-import inspect
 
 import pytest
 import rtdl_revisiting_models as rtdl
@@ -123,22 +122,52 @@ def test_rtdl_resnet_state_dict_optimizer_and_modes(launches):
     torch.testing.assert_close(model(x), _resnet(n_blocks=2, d_block=16).eval()(x), rtol=1e-5, atol=1e-6)
 
 
-def test_rtdl_resnet_hidden_dropout():
-    """rtdl's README block (dropout1=0.15): fused when this fusedres's fused_residual_mlp takes
-    ``hidden_dropout=``; before that, left alone with the reason, never fused with the dropout
-    dropped. (Once the dropout keywords land: extend with the mask-debug parity in training.)"""
-    model = _resnet(dropout1=0.15, n_blocks=2, d_block=16)
-    eager = copy.deepcopy(model).eval()
+class _MaskedDropout(nn.Module):
+    """An nn.Dropout that applies a given keep mask: the eager side of a parity check through the
+    masks a fused call used (fusedres.record_dropout)."""
+
+    def __init__(self, mask, p):
+        super().__init__()
+        self.mask, self.p = mask, p
+
+    def forward(self, x):
+        return x * self.mask.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+def test_rtdl_resnet_with_dropout_fuses_with_parity_through_the_masks(launches):
+    """rtdl's README block (dropout1=0.15; here dropout2=0.1 too): every block fused with both
+    dropouts; eval matches eager; training matches the eager model run with the keep masks the
+    fused call drew (outputs and every gradient, the parity rule; fp32 and fp64 eager copies)."""
+    model = _resnet(dropout1=0.15, dropout2=0.1, n_blocks=2, d_block=16, d_out=None)
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    before = _state(model)
     model, report = fuse(model, report=True)
-    assert len(report) == 2
-    if "hidden_dropout" in inspect.signature(fusedres.fused_residual_mlp).parameters:
-        assert len(report.fused) == 2, str(report)
-        x = torch.randn(16, 8)
-        torch.testing.assert_close(model.eval()(x), eager(x), rtol=1e-5, atol=1e-6)
-    else:
-        assert report.fused == [] and "forward" not in model.__dict__
-        for c in report:
-            assert c.reason.startswith("dropout p>0 not supported by this fusedres"), c.reason
+    _same_state(model, before)
+    assert len(report.fused) == 2 and "hidden_dropout=blocks.0.dropout1 (p=0.15)" in report.fused[0].recipe
+    x = torch.randn(32, 8)
+    torch.testing.assert_close(model.eval()(x), eager.eval()(x), rtol=1e-5, atol=1e-6)
+    g = torch.randn(32, 16, generator=torch.Generator().manual_seed(7))
+    results = []
+    with fusedres.record_dropout() as rec:
+        launched = launches()
+        xx = x.clone().requires_grad_()
+        y = model.train()(xx)
+        assert launches()["residual_fwd"] - launched.get("residual_fwd", 0) == 4
+    y.backward(g)
+    results.append([y.detach(), xx.grad] + [p.grad for p in model.parameters()])
+    hidden, branch = rec.masks("hidden_dropout"), rec.masks("dropout")
+    assert len(hidden) == len(branch) == 2 and hidden[0].shape == (32, 32) and not hidden[0].all()
+    for m, dtype in ((eager, torch.float32), (ref, torch.float64)):
+        for block, h, b in zip(m.blocks, hidden, branch):
+            block.dropout1, block.dropout2 = _MaskedDropout(h, 0.15), _MaskedDropout(b, 0.1)
+        xx = x.to(dtype).clone().requires_grad_()
+        y = m.train()(xx)
+        y.backward(g.to(dtype))
+        results.append([y.detach(), xx.grad] + [p.grad for p in m.parameters()])
+    names = ["y", "dx"] + [n for n, _ in model.named_parameters()]
+    for name, f, e, r in zip(names, *results):
+        p = parity(f, e, r)
+        assert p.ok, f"{name}: {p}"
 
 
 def test_rtdl_resnet_compiles_fullgraph():
@@ -493,10 +522,10 @@ def test_report_class_pass_refuse_twice_and_deepcopy():
 
 
 def test_dropout_rate_and_batchnorm_layout_read_at_call_time(launches):
-    """A dropout whose p was 0 when fused and is raised later, in training, runs the block as the
-    original code did (the same modules, the same RNG draws: equal to eager exactly) while this
-    fusedres's fused forms take no dropout; eval is fused again. An nn.BatchNorm1d over an input
-    that is not (N, C) (it normalizes dim 1; the fused norm the last) runs the original code too."""
+    """A dropout whose p was 0 when fused and is raised later is read at each call: training then
+    draws its mask in the fused kernels; eval is the plain block. An nn.BatchNorm1d over an input
+    that is not (N, C) (it normalizes dim 1; the fused norm the last) runs the original code, with
+    a warning."""
     model = _resnet(n_blocks=2, d_block=16)
     eager = copy.deepcopy(model)
     fuse(model)
@@ -504,13 +533,13 @@ def test_dropout_rate_and_batchnorm_layout_read_at_call_time(launches):
         for block in m.blocks:
             block.dropout1.p = 0.25
     x = torch.randn(16, 8)
-    if "hidden_dropout" not in inspect.signature(fusedres.fused_residual_mlp).parameters:
-        torch.manual_seed(5)
-        y = model.train()(x)
-        torch.manual_seed(5)
-        assert torch.equal(y, eager.train()(x)) and launches() == {}
+    state = copy.deepcopy(model.state_dict())
+    with fusedres.record_dropout() as rec:
+        model.train()(x)
+    model.load_state_dict(state)        # (undo the running statistics' update: its inputs were dropped)
+    assert [d.p for d in rec.draws] == [0.25, 0.25] and launches()["residual_fwd"] == 4
     torch.testing.assert_close(model.eval()(x), eager.eval()(x), rtol=1e-5, atol=1e-6)
-    assert launches()["residual_fwd"] == 4
+    assert launches()["residual_fwd"] == 8
 
     class BN3d(nn.Module):
         def __init__(self):
@@ -527,7 +556,9 @@ def test_dropout_rate_and_batchnorm_layout_read_at_call_time(launches):
     assert len(report.fused) == 1
     x = torch.randn(4, 16, 16)
     before = launches()
-    assert torch.equal(block(x), eager(x)) and launches() == before
+    with pytest.warns(RuntimeWarning, match="runs eagerly at this call: an nn.BatchNorm1d over a 3-D input"):
+        y = block(x)
+    assert torch.equal(y, eager(x)) and launches() == before
     x2 = torch.randn(8, 16)
     torch.testing.assert_close(block(x2), eager(x2), rtol=1e-5, atol=1e-6)
     assert launches()["residual_fwd"] == before["residual_fwd"] + 2

@@ -706,6 +706,57 @@ def test_norm_drops_are_derived_from_the_gate_records():
 
 
 # ---------------------------------------------------------------------------------------------
+# Dropout (issue 23): every dropout recipe's passes, sm_80 and sm_90
+
+
+@pytest.fixture(scope="module")
+def dropout_gate(tmp_path_factory):
+    """The dropout variants' covering sets in fp16 (the 16-bit lists, where the masks spilled:
+    the full run's fp32 and tf32 failures are few and in the same table), every pass."""
+    path = tmp_path_factory.mktemp("aot") / "dropout.json"
+    proc = _run(["-m", "fusedres.aot", "-q", "--cover", "-j", str(os.cpu_count() or 2), "--kernels", "fwd,dx,dw",
+                 "--dtypes", "fp16", "--features", ",".join(aot.DROPOUT_FEATURES), "--archs", ",".join(FULL_ARCHS),
+                 "--json", str(path)])
+    return proc, json.loads(path.read_text()) if path.exists() else []
+
+
+def test_every_dropout_recipe_compiles_clean_on_sm80_and_sm90(dropout_gate):
+    """Every pass of the dropout recipes at exactly the configs the prune ships for a launch with
+    one or two keep masks (configs.DROPOUT_DROPPED applied): no spills, no serialised wgmma (the
+    mask on dW's B tile included), tensor cores."""
+    proc, records = dropout_gate
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for r in records:
+        _check_record(r)
+    got = {(r["kernel"], r["features"], r["arch"], r["config_name"]) for r in records}
+    want = {(k, f, a, aot.config_name(k, c)) for k in aot.KINDS for f in aot.DROPOUT_FEATURES for a in FULL_ARCHS
+            for c in aot.gate_configs(k, "fp16", features=f, arch=a)}
+    assert got == want and len(got) > 50
+
+
+def test_dropout_drops_are_derived_from_the_gate_records():
+    """configs.DROPOUT_DROPPED is derive_dropout_drops of the gate's failing records, saved from the
+    run that derived it (tests/data/dropout_gate_failures.json: the three dropout variants, fp16,
+    bf16, fp32, tf32 and autocast-bf16 on sm_80, sm_90 and sm_120; triton 3.7.1). A launch with one
+    mask drops the one-mask list only; with both masks (the MLP block's fc2 passes) both lists."""
+    import pathlib
+    path = pathlib.Path(__file__).parent / "data" / "dropout_gate_failures.json"
+    records = json.loads(path.read_text())
+    assert records and not any(r["ok"] for r in records)
+    assert aot.derive_dropout_drops(records) == configs.DROPOUT_DROPPED
+    for arch, by_kind in configs.DROPOUT_DROPPED.items():
+        for kind, by_key in by_kind.items():
+            for (elem, mixed, both), tiles in by_key.items():
+                ops = ((4, 4) if kind == "dw" else (4, 2)) if mixed else None
+                kept = {configs._tile(kind, c) for c in configs.shipped_configs(
+                    kind, elem, operand_sizes=ops, limits=aot.arch_limits(arch), dropout=2 if both else 1)}
+                assert kept and not kept & set(tiles), (arch, kind, elem, mixed, both)
+    one = {configs._tile("dx", c) for c in configs.shipped_configs("dx", 2, limits=aot.arch_limits("sm_80"), dropout=1)}
+    two = {configs._tile("dx", c) for c in configs.shipped_configs("dx", 2, limits=aot.arch_limits("sm_80"), dropout=2)}
+    assert two < one
+
+
+# ---------------------------------------------------------------------------------------------
 # Every public option lands on pieces the compile gate compiles
 
 def _pieces(kind, consts):
@@ -730,8 +781,8 @@ def _compiled_pieces(*record_lists):
     return out
 
 
-def test_every_api_option_lands_on_pieces_the_gate_compiles(gate, cover_gate, act_gate, norm_gate, monkeypatch,
-                                                            device):
+def test_every_api_option_lands_on_pieces_the_gate_compiles(gate, cover_gate, act_gate, norm_gate, dropout_gate,
+                                                            monkeypatch, device):
     """Enumerate the public options (activation, alpha kind, projection, stochastic depth, bias,
     the MLP block's pre_act) and spy on every launch's constexprs: each piece a user can reach is
     one this module's gate runs compiled (their records: what CI compiles)."""
@@ -780,6 +831,12 @@ def test_every_api_option_lands_on_pieces_the_gate_compiles(gate, cover_gate, ac
         mlp(x).sum().backward()
         mlp.eval()
         mlp(x).sum().backward()
+    for drops in (dict(dropout=0.5), dict(hidden_dropout=0.5), dict(dropout=0.5, hidden_dropout=0.5)):
+        fusedres.FusedResidualMLPBlock(D, 2 * D, hidden_norm="batch", norm="layer", drop_path=0.5, learnable_alpha=True,
+                                       device=device, **drops)(x).sum().backward()
+    for norm in (None, "layer"):
+        fusedres.FusedResidualBlock(D, norm=norm, dropout=0.5, drop_path=0.5, learnable_alpha=True, alpha_per_channel=True,
+                                    device=device)(x).sum().backward()
     missing = seen - _compiled_pieces(*(records for _, records, _ in gate), cover_gate[1], act_gate[1],
-                                      norm_gate[1])
+                                      norm_gate[1], dropout_gate[1])
     assert seen and not missing, sorted(missing, key=str)

@@ -248,7 +248,7 @@ def test_cpu_mode_end_to_end(tmp_path):
     out = tmp_path / "out"
     js = tmp_path / "records.json"
     rc = main(["--mode", "cpu", "--size", "128x64", "--stack", "200x16x3", "--mlp-size", "64x32", "--norm-size", "64x32",
-               "--gate", "off",
+               "--dropout-size", "64x32", "--gate", "off",
                "--no-inductor-probe", "--no-progress", "--out", str(out), "--json", str(js)])
     assert rc == 0
     for name in ("cpu_traffic.md", "cpu_bytes.png", "cpu_model_time.png", "cpu_records.json"):
@@ -258,7 +258,17 @@ def test_cpu_mode_end_to_end(tmp_path):
     host = {(r["impl"], r["mode"]): r for r in recs if r.get("section") == "host"}
     mlp = {(r["impl"], r["H"], r["mode"]): r for r in recs if r.get("section") == "mlp"}
     norm = {(r["impl"], r["block"], r["norm"], r["mode"]): r for r in recs if r.get("section") == "norm"}
-    recs = [r for r in recs if r.get("section") not in ("stack", "host", "mlp", "norm")]
+    drop = {(r["impl"], r["block"], r["dropout"], r["mode"]): r for r in recs if r.get("section") == "dropout"}
+    recs = [r for r in recs if r.get("section") not in ("stack", "host", "mlp", "norm", "dropout")]
+    # dropout (bench/dropout.py): the same fused launches with and without it, only the seeds'
+    # and parameters' bytes more; eager's dropout moves tensors of the branch's size
+    assert set(drop) == {(i, blk, d, m) for i in ("fused", "eager") for blk in ("single", "mlp")
+                         for d in (False, True) for m in ("fwd", "bwd")}
+    for blk in ("single", "mlp"):
+        for mode in ("fwd", "bwd"):
+            off, on = drop[("fused", blk, False, mode)], drop[("fused", blk, True, mode)]
+            assert on["launches"] == off["launches"] and 0 < on["unique_bytes"] - off["unique_bytes"] <= 64
+            assert drop[("eager", blk, True, mode)]["bytes"] - drop[("eager", blk, False, mode)]["bytes"] >= 64 * 32
     # the normalized block (bench/norm.py): fused bytes below eager's, above the compulsory minimum
     assert set(norm) == {(i, blk, k, m) for i in ("fused", "eager") for blk in ("single", "mlp", "mlp-hidden")
                          for k in ("batch", "layer", "rms") for m in ("fwd", "bwd")}

@@ -416,3 +416,24 @@ def test_the_debug_record_names_each_site_and_call():
     with fusedres.record_dropout() as rec:
         block(torch.randn(3, 8))
     assert rec.draws == []
+
+
+def test_every_dropout_pass_stays_in_bounds_under_the_sanitizer(monkeypatch):
+    """Ragged shapes, a transposed x, 16-wide tiles (many programs, partial tiles in every
+    dimension, the split-M dW where the plan takes it): no active lane outside its tensor, the
+    masks' seeds and parameters included (the suite runs under the sanitizer too; this names it)."""
+    from fusedres import traffic
+    from fusedres.kernels import configs
+    from fusedres.traffic import InterpreterTraffic
+    if not traffic.supported()[0]:
+        pytest.fail(traffic.supported()[1])
+    default = configs.interpreter_config
+    monkeypatch.setattr(configs, "interpreter_config", lambda kind, M, D: type(default(kind, M, D))(
+        {k: 16 if k.startswith("BLOCK_") else 2 for k in default(kind, M, D).kwargs}, num_warps=4, num_stages=1))
+    x = make_x((3, 6, 40), torch.float32, "cpu", layout="transposed").requires_grad_()
+    with InterpreterTraffic(track_unique=False, raise_on_violation=True) as t:
+        FusedResidualBlock(40, dropout=0.3, norm="layer", alpha_per_channel=True)(x).sum().backward()
+        FusedResidualMLPBlock(40, 24, dropout=0.2, hidden_dropout=0.4, hidden_norm="batch",
+                              drop_path=0.5)(x).sum().backward()
+    assert t.violations == [] and len(t.launches) >= 10
+    assert {"drop_seed_ptr", "a_drop_seed_ptr"} <= {name for lc in t.launches for name in lc.args}

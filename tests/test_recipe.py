@@ -119,7 +119,7 @@ def test_every_gate_variant_is_a_recipe(act):
     compiles) is one of its recipe's passes."""
     import dataclasses
     from fusedres import aot
-    for feats in aot.FEATURES + aot.NORM_FEATURES:
+    for feats in aot.FEATURES + aot.ON_REQUEST_FEATURES:
         r = aot.FEATURE_RECIPES[feats]
         name = None if act == "identity" else act
         r = dataclasses.replace(r, act=name) if isinstance(r, Recipe) else dataclasses.replace(r, pre_act=name, act=name)

@@ -400,11 +400,68 @@ _NORM_DROPPED_BY_TRITON: dict = {
 }
 #: Tiles a launch with dropout (issue 23: the keep mask regenerated in the epilogue, on dx's g, on
 #: dW's tiles) does not ship, as the compile gate derived them (the same keys as
-#: :data:`NORM_DROPPED`; ``python -m fusedres.aot --cover --features dropout,dropout-norm,dropout-mlp
-#: --derive-dropout-drops``, run with this table emptied; ``tests/test_aot.py`` checks it against
-#: the saved failing records, ``tests/data/dropout_gate_failures.json``). An arch not in it takes
-#: the union of every arch's. Filled in below, from the gate run.
-DROPOUT_DROPPED: dict = {}
+#: :data:`NORM_DROPPED` and ``both``: the list of the launches with both masks, the MLP block's fc2
+#: passes, ``dropout-mlp``; a launch with one mask drops the ``False`` list only). Derived with
+#: triton 3.7.1 (ptxas 12.8; 13.1 for sm_120) from every dropout variant's covering set: fp16, bf16,
+#: fp32, tf32 and autocast-bf16 on sm_80, sm_90 and sm_120 (508 compiles, 82 failed: spills of 8
+#: to 368 B, one over sm_80's shared memory; no serialised wgmma): ``python -m fusedres.aot --cover
+#: --features dropout,dropout-norm,dropout-mlp --derive-dropout-drops``, run with this table
+#: emptied; ``tests/test_aot.py`` checks it against the saved failing records
+#: (``tests/data/dropout_gate_failures.json``). An arch not in it (sm_86, sm_89) takes the union of
+#: every arch's. The forward drops nothing: one Philox draw per four features keeps its epilogue
+#: within the registers (one draw per element spilled 2 KB at 128x128, 8 warps, on sm_90).
+DROPOUT_DROPPED: dict = {'sm_120': {'dw': {(2, False, False): [(128, 128, 64, 8, 3),
+                                       (128, 64, 64, 4, 4),
+                                       (64, 128, 64, 4, 4),
+                                       (64, 64, 64, 4, 4)],
+                   (2, False, True): [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
+                   (2, True, True): [(64, 64, 64, 4, 4)],
+                   (4, False, True): [(64, 128, 16, 4, 3)]},
+            'dx': {(2, False, False): [(64, 128, 64, 4, 4)],
+                   (2, False, True): [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4)],
+                   (2, True, True): [(128, 128, 32, 8, 4)],
+                   (4, False, True): [(128, 128, 16, 8, 4), (64, 128, 16, 4, 4)]}},
+ 'sm_80': {'dw': {(2, False, False): [(128, 128, 64, 8, 4),
+                                      (128, 128, 64, 8, 3),
+                                      (128, 64, 64, 4, 4),
+                                      (64, 128, 64, 4, 4)],
+                  (2, False, True): [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)],
+                  (2, True, False): [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)],
+                  (2, True, True): [(128, 128, 64, 8, 4)]},
+           'dx': {(2, False, True): [(128, 128, 64, 8, 4),
+                                     (128, 128, 64, 8, 3),
+                                     (128, 128, 32, 8, 4),
+                                     (128, 64, 64, 4, 4),
+                                     (64, 128, 64, 4, 4)],
+                  (2, True, False): [(128, 64, 64, 4, 4), (64, 64, 32, 4, 5)],
+                  (2, True, True): [(128, 128, 64, 8, 4),
+                                    (128, 128, 64, 8, 3),
+                                    (128, 128, 32, 8, 4),
+                                    (128, 64, 64, 4, 4),
+                                    (64, 128, 64, 4, 4)],
+                  (4, False, True): [(128, 128, 16, 8, 4)]}},
+ 'sm_90': {'dw': {(2, False, False): [(128, 64, 64, 4, 4), (64, 128, 64, 4, 4)],
+                  (2, False, True): [(128, 128, 64, 8, 4),
+                                     (128, 128, 64, 8, 3),
+                                     (128, 64, 64, 4, 4),
+                                     (64, 128, 64, 4, 4)],
+                  (2, True, False): [(128, 128, 64, 8, 3)]},
+           'dx': {(2, False, True): [(128, 128, 64, 8, 4),
+                                     (128, 128, 64, 8, 3),
+                                     (128, 128, 32, 8, 4),
+                                     (128, 64, 64, 4, 4),
+                                     (64, 128, 64, 4, 4)],
+                  (2, True, False): [(128, 64, 64, 4, 4)],
+                  (4, False, True): [(128, 128, 16, 8, 4)]}}}
+#: What the dropout launches of another triton release drop besides :data:`DROPOUT_DROPPED` (the
+#: same keys), from its own gate run of the three dropout variants, fp16 on sm_80 and sm_90:
+#: triton 3.6.0 (ptxas 12.8) compiled all 88 configs clean; triton 3.9.0 (ptxas 12.9 / 13.4) failed
+#: 3 of 95, all in the two-mask passes (fc2's forward spilled 104-184 B, dW2 32 B). Their bf16,
+#: fp32, tf32 and autocast lists were not gated for dropout.
+_DROPOUT_DROPPED_BY_TRITON: dict = {
+    (3, 9): {"sm_80": {"fwd": {(2, False, True): [(128, 64, 64, 4, 4)]}},
+             "sm_90": {"fwd": {(2, False, True): [(128, 64, 64, 4, 4)]}, "dw": {(2, False, True): [(64, 64, 64, 4, 4)]}}},
+}
 #: The archs whose activation lists the gate derived (:data:`ACT_DROPPED`); other archs take the
 #: list of their family (:func:`stack_table_arch`) and are not gate-verified for these rows.
 ACT_GATED_ARCHS = ("sm_80", "sm_90")
@@ -507,7 +564,7 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
                     operand_sizes: tuple[int, int] | None = None, proj: bool = False,
                     row_scale: bool = False, limits: DeviceLimits | None = None,
                     act: str = "relu", channel_alpha: bool = False, norm: bool = False,
-                    dropout: bool = False) -> list[triton.Config]:
+                    dropout: int = 0) -> list[triton.Config]:
     """The configs of ``kind`` that a GEMM in an ``elem_size``-byte dtype (and two-level rows, if
     ``two_level``; a projection shortcut, if ``proj``; stochastic depth's row scale, if
     ``row_scale``) may run on a device with ``limits`` (None: no GPU; see
@@ -517,7 +574,8 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
     (default ``elem_size``; see :func:`pipeline_smem_bytes`), less those the activation ``act``
     drops (:data:`ACT_DROPPED`) and, with ``channel_alpha`` (a per-channel alpha),
     :data:`_CHANNEL_ALPHA_SPILLS`, with ``norm`` (a normalization prologue) :data:`NORM_DROPPED`,
-    and with ``dropout`` (a keep mask) :data:`DROPOUT_DROPPED`. Largest tiles first."""
+    and with ``dropout`` keep masks (1, or 2: the MLP block's fc2 passes, both masks)
+    :data:`DROPOUT_DROPPED`. Largest tiles first."""
     listed = (_TILES_TWO_LEVEL.get(elem_size) if two_level else None) or _TILES.get(elem_size)
     if proj and not two_level and (kind, elem_size) in _PROJ_TILES_BY_TRITON.get(TRITON_VERSION, {}):
         listed = _PROJ_TILES_BY_TRITON[TRITON_VERSION][(kind, elem_size)]
@@ -537,11 +595,14 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
     if channel_alpha:
         spills = spills | {t for a, table in _CHANNEL_ALPHA_SPILLS.items() if arch is None or a == arch
                            for t in table.get((kind, elem_size), ())}
-    tables = ((NORM_DROPPED, _NORM_DROPPED_BY_TRITON.get(TRITON_VERSION, {})) if norm else ()) + \
-        ((DROPOUT_DROPPED,) if dropout else ())
-    for drops in tables:
+    for drops in ((NORM_DROPPED, _NORM_DROPPED_BY_TRITON.get(TRITON_VERSION, {})) if norm else ()):
         spills = spills | {tuple(t) for a, table in drops.items() if arch not in drops or a == arch
                            for t in table.get(kind, {}).get((elem_size, mixed), ())}
+    for drops in ((DROPOUT_DROPPED, _DROPOUT_DROPPED_BY_TRITON.get(TRITON_VERSION, {})) if dropout else ()):
+        # one mask: the one-mask list; both masks: both lists
+        spills = spills | {tuple(t) for a, table in drops.items() if arch not in drops or a == arch
+                           for both in ((False, True) if dropout > 1 else (False,))
+                           for t in table.get(kind, {}).get((elem_size, mixed, both), ())}
 
     def smem(c):
         return pipeline_smem_bytes(kind, c, elem_size, operand_sizes)
@@ -574,7 +635,7 @@ def launch_shipped_configs(kind: str, named_args: dict) -> list[triton.Config]:
                            launch_has(kind, named_args, "proj"), launch_has(kind, named_args, "row_scale"),
                            launch_limits(kind, named_args), act_name_of(named_args.get("RECIPE")),
                            launch_has(kind, named_args, "channel_alpha"), launch_has(kind, named_args, "norm"),
-                           launch_has(kind, named_args, "dropout"))
+                           dropout_sites(named_args))
 
 
 #: The operand that carries a piece, per kernel.
@@ -588,9 +649,12 @@ def launch_has(kind: str, named_args: dict, piece: str) -> bool:
     ``"norm"``): its operand given (a norm: its per-row or per-feature statistics)."""
     if piece == "norm":
         return named_args.get("row_rstd_ptr") is not None or named_args.get("col_rstd_ptr") is not None
-    if piece == "dropout":
-        return named_args.get("drop_seed_ptr") is not None or named_args.get("a_drop_seed_ptr") is not None
     return named_args.get(_PIECE_OPERAND[piece][kind]) is not None
+
+
+def dropout_sites(named_args: dict) -> int:
+    """How many keep masks a launch regenerates: 0, 1, or 2 (the MLP block's fc2 passes)."""
+    return (named_args.get("drop_seed_ptr") is not None) + (named_args.get("a_drop_seed_ptr") is not None)
 
 
 def prune_for(kind: str):

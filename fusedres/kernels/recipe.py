@@ -250,7 +250,8 @@ def _norm_pieces(recipe) -> tuple[set, set]:
 
 
 #: The blocks the pass table (docs/kernel-family.md) shows: the mission's block, LayerScale with DropPath, a
-#: projection with a learnable alpha, and timm's MLP half (LN's block: no pre-activation, GELU).
+#: projection with a learnable alpha, timm's MLP half (LN's block: no pre-activation, GELU), and rtdl's
+#: block with both dropouts (training).
 TABLE_RECIPES = (
     ("FusedResidualBlock(D)", Recipe(alpha="scalar")),
     ("FusedResidualBlock(D, act='gelu', alpha_per_channel=True, drop_path=0.1)",
@@ -258,6 +259,8 @@ TABLE_RECIPES = (
     ("FusedResidualBlock(D, 2 * D, learnable_alpha=True)", Recipe(alpha="scalar", learnable_alpha=True, proj=True)),
     ("FusedResidualMLPBlock(D, 4 * D, pre_act=None, act='gelu', alpha_per_channel=True)",
      MLPRecipe(pre_act=None, act="gelu", alpha="channel", learnable_alpha=True)),
+    ("FusedResidualMLPBlock(D, 2 * D, norm='batch', pre_act=None, hidden_dropout=0.15, dropout=0.1)",
+     MLPRecipe(pre_act=None, norm="batch", hidden_dropout=True, dropout=True)),
 )
 _MLP_PASS_NAMES = ("fwd (fc1)", "fwd (fc2)", "dx (dh)", "dw (dW2)", "dx (dx)", "dw (dW1)")
 

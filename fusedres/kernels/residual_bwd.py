@@ -196,16 +196,11 @@ def residual_dw_kernel(
     config.
 
     The column sum loads the g tile a second time, 16 rows at a time, inside the ``pid_k == 0``
-    branch, instead of summing the ``g`` the dot consumes. Measured with ``python -m fusedres.aot``
-    on sm_90: summing the dot's ``g`` did not serialise the wgmma (no C7515, still async with one
-    group in flight), but every program, whatever its pid_k, then copied each g tile from shared
-    memory into registers, and the pipeliner gave g num_stages - 1 buffers instead of
-    num_stages. With its own load, the GEMM's operands are pipelined exactly as in a plain GEMM
-    in every program, and only the first K-tile column pays for db: one more read of tiles that
-    are in L2. Loading the whole [BLOCK_M, BLOCK_N] tile at once cost up to 100 more registers
-    (spills on sm_80); 16-row pieces do not. (Splitting the loop into a db and a no-db copy also
-    kept the pipeline, but Triton then allocates both loops' buffers: up to twice the shared
-    memory.) The summation order is fixed: 16-row partial sums, in row order.
+    branch, instead of summing the ``g`` the dot consumes: so the GEMM's operands are pipelined as
+    in a plain GEMM in every program, and only the first K-tile column pays for db, with one more
+    read of tiles that are in L2 (the compile-gate measurements behind this choice:
+    docs/kernel-family.md, "Why dW sums g with its own loads"). The summation order is fixed:
+    16-row partial sums, in row order.
 
     Split-M (``part_ptr`` given: when the output tiles alone leave the GPU under one wave): the grid is
     ``tiles x S``; program ``pid`` reduces row tiles ``[s * TILES_PER_SPLIT, (s + 1) *
