@@ -173,13 +173,13 @@ stack_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, 
 
 def _stackable(block: nn.Module) -> bool:
     """A block the stack computes exactly: square, no projection, alpha a fixed 1, no stochastic
-    depth (the stack has no per-sample branch scale), no norm, relu (the activation the stack's
-    tables and gate cover; its kernels take the activation table, its API does not yet)."""
+    depth (the stack has no per-sample branch scale), no dropout, no norm, relu (the activation the
+    stack's tables and gate cover; its kernels take the activation table, its API does not yet)."""
     return (type(block) in (ResidualBlock, FusedResidualBlock) and block.proj_weight is None
             and getattr(block, "norm", None) is None
             and getattr(block, "act", None) is not None and block.act.name == "relu"
             and not isinstance(block.alpha, nn.Parameter) and bool(block.alpha.eq(1).all())
-            and not getattr(block, "drop_path", 0.0))
+            and not getattr(block, "drop_path", 0.0) and not getattr(block, "dropout", 0.0))
 
 
 class FusedResidualStack(nn.Module):

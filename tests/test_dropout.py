@@ -375,6 +375,10 @@ def test_train_eval_switch_and_state_dicts_interchange():
     assert not torch.equal(fused(x), fused.eval()(x))
     converted = fusedres.fuse(torch.nn.Sequential(ResidualMLPBlock(16, 32, dropout=0.1, hidden_dropout=0.2)))
     assert (converted[0].dropout, converted[0].hidden_dropout) == (0.1, 0.2)
+    # a run of blocks with dropout is never folded into a stack (it has no dropout)
+    run = fusedres.fuse(torch.nn.Sequential(ResidualBlock(16, dropout=0.1), ResidualBlock(16, dropout=0.1)),
+                        stacks=True)
+    assert [type(b) for b in run] == [FusedResidualBlock] * 2 and run[0].dropout == 0.1
 
 
 def test_dropout_with_a_projection_is_refused():
@@ -389,20 +393,22 @@ def test_compiles_fullgraph_and_is_deterministic_for_a_seed():
     """torch.compile(fullgraph=True) traces the seed draw (torch.randint) and the custom ops: no
     graph break; a seed reproduces the compiled run, and the kept fraction is 1 - p's."""
     torch.manual_seed(0)
-    block = FusedResidualMLPBlock(16, 32, dropout=0.5, hidden_dropout=0.5, norm="layer", pre_act=None)
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     x = torch.randn(64, 16, requires_grad=True)
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(3)
-        y = compiled(x)
-        (dx,) = torch.autograd.grad(y.sum(), x)
-        runs.append((y, dx))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    with torch.no_grad():
-        kept = (runs[0][0] != x).float().mean().item()
-    assert abs(kept - 0.5) < 0.1
-    assert math.isfinite(runs[0][1].sum().item())
+    for block in (FusedResidualMLPBlock(16, 32, dropout=0.5, hidden_dropout=0.5, norm="layer", pre_act=None),
+                  FusedResidualBlock(16, dropout=0.5)):
+        torch._dynamo.reset()
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(3)
+            y = compiled(x)
+            (dx,) = torch.autograd.grad(y.sum(), x)
+            runs.append((y, dx))
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+        with torch.no_grad():
+            kept = (runs[0][0] != x).float().mean().item()
+        assert abs(kept - 0.5) < 0.1
+        assert math.isfinite(runs[0][1].sum().item())
 
 
 def test_the_debug_record_names_each_site_and_call():
