@@ -50,7 +50,7 @@ from .droppath import rows_per_sample, sample_rows
 from .kernels._common import cdiv
 from .norm import NormCall, NormLike, norm_kind, update_running_stats
 from .dropout import check_p, draw_seeds, dropout_operands, keep_mask, note_draw
-from .op import _activation, autocast_off, check_alpha_shape, warn_if_ungated, weight_grads
+from .op import _activation, autocast_off, check_alpha_shape, eager_mode_call, warn_if_ungated, weight_grads
 
 
 def _acts(pre_act: str, pre_act_param: float, act: str, act_param: float) -> tuple[Activation | None, Activation]:
@@ -167,10 +167,13 @@ def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
     alpha_value = 1.0
     if not isinstance(alpha, Tensor):
         alpha, alpha_value = None, float(alpha)
-    with autocast_off(device_type):
-        y, _, mean, var, hmean, hvar = torch.ops.fusedres.residual_mlp_forward(
-            x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, bool(recompute), pre_name or "none", pre_param,
-            act_name, act_param, *norm_args, float(dropout), float(hidden_dropout), seeds)
+    inputs = (x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, bool(recompute), pre_name or "none", pre_param,
+              act_name, act_param, *norm_args, float(dropout), float(hidden_dropout), seeds)
+    if eager_mode_call(x, w1):
+        y, _, mean, var, hmean, hvar = _EagerMLP.apply(*inputs)
+    else:
+        with autocast_off(device_type):
+            y, _, mean, var, hmean, hvar = torch.ops.fusedres.residual_mlp_forward(*inputs)
     for call, m, v in zip(calls, (mean, hmean), (var, hvar)):
         if call is not None and call.update is not None and x.numel():
             update_running_stats(call.update, m, v, x.numel() // x.shape[-1])
@@ -304,6 +307,27 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
     return y, h, mean, var, hmean, hvar
 
 
+def _forward_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                fc2_bias: Optional[Tensor], alpha: Optional[Tensor], alpha_value: float,
+                sample_scale: Optional[Tensor], recompute: bool, pre_act: str = "relu",
+                pre_act_param: float = 0.0, act: str = "relu", act_param: float = 0.0, norm: str = "none",
+                norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None, eps: float = 0.0,
+                running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                hidden_norm: str = "none", hidden_norm_weight: Optional[Tensor] = None,
+                hidden_norm_bias: Optional[Tensor] = None, hidden_eps: float = 0.0,
+                hidden_running_mean: Optional[Tensor] = None, hidden_running_var: Optional[Tensor] = None,
+                dropout: float = 0.0, hidden_dropout: float = 0.0, seeds: Optional[Tensor] = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The implementation of ``fusedres::residual_mlp_forward``, callable without its dispatch."""
+    y, h, mean, var, hmean, hvar = _mlp_forward(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute,
+        *_acts(pre_act, pre_act_param, act, act_param), (norm, norm_weight, norm_bias, eps, running_mean, running_var),
+        (hidden_norm, hidden_norm_weight, hidden_norm_bias, hidden_eps, hidden_running_mean, hidden_running_var),
+        dropout, hidden_dropout, seeds)
+    return (y, (x.new_empty(0, dtype=fc1_weight.dtype) if recompute else h),
+            *_stats_outputs(x, mean, var, running_mean), *_stats_outputs(x, hmean, hvar, hidden_running_mean))
+
+
 @torch.library.custom_op("fusedres::residual_mlp_forward", mutates_args=())
 def residual_mlp_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                          fc2_bias: Optional[Tensor], alpha: Optional[Tensor], alpha_value: float,
@@ -323,13 +347,10 @@ def residual_mlp_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tenso
     whose batch statistics are the last two outputs. ``seeds`` (two int64: the hidden dropout's,
     the branch dropout's; None: no dropout) with the probabilities ``hidden_dropout`` and
     ``dropout``."""
-    y, h, mean, var, hmean, hvar = _mlp_forward(
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute,
-        *_acts(pre_act, pre_act_param, act, act_param), (norm, norm_weight, norm_bias, eps, running_mean, running_var),
-        (hidden_norm, hidden_norm_weight, hidden_norm_bias, hidden_eps, hidden_running_mean, hidden_running_var),
-        dropout, hidden_dropout, seeds)
-    return (y, (x.new_empty(0, dtype=fc1_weight.dtype) if recompute else h),
-            *_stats_outputs(x, mean, var, running_mean), *_stats_outputs(x, hmean, hvar, hidden_running_mean))
+    return _forward_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale,
+                       recompute, pre_act, pre_act_param, act, act_param, norm, norm_weight, norm_bias, eps,
+                       running_mean, running_var, hidden_norm, hidden_norm_weight, hidden_norm_bias,
+                       hidden_eps, hidden_running_mean, hidden_running_var, dropout, hidden_dropout, seeds)
 
 
 def _stats_outputs(x, mean, var, running_mean):
@@ -465,6 +486,34 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
     return dx, dw1, db1, dw2, db2, dalpha, dnw, dnb, dhnw, dhnb
 
 
+def _backward_op(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
+                 fc2_weight: Tensor, fc2_bias: Optional[Tensor], alpha: Optional[Tensor], alpha_value: float,
+                 sample_scale: Optional[Tensor], recompute: bool, need_dx: bool, need_w1: bool,
+                 need_b1: bool, need_w2: bool, need_b2: bool, need_alpha: bool, pre_act: str = "relu",
+                 pre_act_param: float = 0.0, act: str = "relu", act_param: float = 0.0, norm: str = "none",
+                 norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None, eps: float = 0.0,
+                 mean: Optional[Tensor] = None, var: Optional[Tensor] = None, batch_stats: bool = True,
+                 need_norm_weight: bool = False, need_norm_bias: bool = False, hidden_norm: str = "none",
+                 hidden_norm_weight: Optional[Tensor] = None, hidden_norm_bias: Optional[Tensor] = None,
+                 hidden_eps: float = 0.0, hidden_mean: Optional[Tensor] = None,
+                 hidden_var: Optional[Tensor] = None, hidden_batch_stats: bool = True,
+                 need_hidden_norm_weight: bool = False, need_hidden_norm_bias: bool = False,
+                 dropout: float = 0.0, hidden_dropout: float = 0.0, seeds: Optional[Tensor] = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The implementation of ``fusedres::residual_mlp_backward``, callable without its dispatch."""
+    state = None if norm == "none" else (norm, norm_weight, norm_bias, eps, mean, var, batch_stats,
+                                         need_norm_weight, need_norm_bias)
+    hidden = None if hidden_norm == "none" else (hidden_norm, hidden_norm_weight, hidden_norm_bias, hidden_eps,
+                                                 hidden_mean, hidden_var, hidden_batch_stats,
+                                                 need_hidden_norm_weight, need_hidden_norm_bias)
+    grads = _mlp_backward(grad, x, None if recompute else h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha,
+                          alpha_value, sample_scale, (need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha),
+                          *_acts(pre_act, pre_act_param, act, act_param), state, hidden, dropout, hidden_dropout,
+                          seeds)
+    likes = (x, fc1_weight, fc1_weight, fc2_weight, fc2_weight, fc2_weight, x, x, x, x)
+    return tuple(t if t is not None else like.new_empty(0) for t, like in zip(grads, likes))
+
+
 @torch.library.custom_op("fusedres::residual_mlp_backward", mutates_args=())
 def residual_mlp_backward(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
                           fc2_weight: Tensor, fc2_bias: Optional[Tensor], alpha: Optional[Tensor], alpha_value: float,
@@ -483,17 +532,12 @@ def residual_mlp_backward(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor
     """Gradients of ``residual_mlp_forward`` with respect to (x, fc1_weight, fc1_bias, fc2_weight,
     fc2_bias, alpha, norm_weight, norm_bias); an empty tensor stands for each not asked for. ``h``
     is ignored (recomputed) with ``recompute``. ``mean``, ``var``: the norm's saved statistics."""
-    state = None if norm == "none" else (norm, norm_weight, norm_bias, eps, mean, var, batch_stats,
-                                         need_norm_weight, need_norm_bias)
-    hidden = None if hidden_norm == "none" else (hidden_norm, hidden_norm_weight, hidden_norm_bias, hidden_eps,
-                                                 hidden_mean, hidden_var, hidden_batch_stats,
-                                                 need_hidden_norm_weight, need_hidden_norm_bias)
-    grads = _mlp_backward(grad, x, None if recompute else h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha,
-                          alpha_value, sample_scale, (need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha),
-                          *_acts(pre_act, pre_act_param, act, act_param), state, hidden, dropout, hidden_dropout,
-                          seeds)
-    likes = (x, fc1_weight, fc1_weight, fc2_weight, fc2_weight, fc2_weight, x, x, x, x)
-    return tuple(t if t is not None else like.new_empty(0) for t, like in zip(grads, likes))
+    return _backward_op(grad, x, h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value,
+                        sample_scale, recompute, need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha,
+                        pre_act, pre_act_param, act, act_param, norm, norm_weight, norm_bias, eps, mean, var,
+                        batch_stats, need_norm_weight, need_norm_bias, hidden_norm, hidden_norm_weight,
+                        hidden_norm_bias, hidden_eps, hidden_mean, hidden_var, hidden_batch_stats,
+                        need_hidden_norm_weight, need_hidden_norm_bias, dropout, hidden_dropout, seeds)
 
 
 @residual_mlp_backward.register_fake
@@ -544,7 +588,7 @@ def _setup_context(ctx, inputs, output) -> None:
 _NORM_WEIGHT, _NORM_BIAS, _HIDDEN_WEIGHT, _HIDDEN_BIAS = 14, 15, 20, 21
 
 
-def _backward(ctx, grad, _grad_h, *_grad_stats):
+def _backward(ctx, grad, _grad_h, *_grad_stats, direct: bool = False):
     x, h, w1, b1, w2, b2, alpha, sample_scale, nw, nb, mean, var, hnw, hnb, hmean, hvar, seeds = ctx.saved_tensors
     has_b1, has_b2, has_alpha, has_nw, has_nb, has_hnw, has_hnb = ctx.has
     n = ctx.needs_input_grad
@@ -555,10 +599,11 @@ def _backward(ctx, grad, _grad_h, *_grad_stats):
     norm, eps, batch_stats, hnorm, heps, hbatch_stats = ctx.norm
     norm_needs = (need(_NORM_WEIGHT, has_nw), need(_NORM_BIAS, has_nb))
     hidden_needs = (need(_HIDDEN_WEIGHT, has_hnw), need(_HIDDEN_BIAS, has_hnb))
-    grads = torch.ops.fusedres.residual_mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, ctx.alpha_value,
-                                                     sample_scale, ctx.recompute, *needs, *ctx.acts, norm, nw, nb,
-                                                     eps, mean, var, batch_stats, *norm_needs, hnorm, hnw, hnb, heps,
-                                                     hmean, hvar, hbatch_stats, *hidden_needs, *ctx.dropout, seeds)
+    # (direct: the eager-mode node calls the implementation; the op's autograd refuses a double backward)
+    backward = _backward_op if direct else torch.ops.fusedres.residual_mlp_backward
+    grads = backward(grad, x, h, w1, b1, w2, b2, alpha, ctx.alpha_value, sample_scale, ctx.recompute, *needs,
+                     *ctx.acts, norm, nw, nb, eps, mean, var, batch_stats, *norm_needs, hnorm, hnw, hnb, heps, hmean,
+                     hvar, hbatch_stats, *hidden_needs, *ctx.dropout, seeds)
     out = [None] * 28
     for i, (g, ok) in enumerate(zip(grads[:6], needs)):
         out[i] = g if ok else None
@@ -566,6 +611,23 @@ def _backward(ctx, grad, _grad_h, *_grad_stats):
                         (*norm_needs, *hidden_needs)):
         out[i] = g if ok else None
     return tuple(out[:len(n)])
+
+
+class _EagerMLP(torch.autograd.Function):
+    """The eager-mode autograd node (:func:`fusedres.op.eager_mode_call`): the custom ops' forward,
+    saved tensors and backward, called directly, without their per-call dispatch. Under
+    ``create_graph=True`` the backward goes through ``fusedres::residual_mlp_backward``, whose
+    autograd refuses a second backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _forward_op(*inputs)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad, grad_h, *grad_stats):
+        return _backward(ctx, grad, grad_h, *grad_stats, direct=not torch.is_grad_enabled())
 
 
 residual_mlp_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -264,8 +264,7 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
                              "is not supported (for a norm, which input the shortcut takes, x or norm(x), differs "
                              "between code bases); normalize before the block")
         return _norm_op.fused_norm_residual(x, weight, bias, alpha, sample_scale, act, norm, dropout)
-    if (_is_compiling() or type(x) not in _PLAIN or type(weight) not in _PLAIN or _dispatch_modes()
-            or _function_modes() or _functorch_active() or (_any_autocast() and torch.is_autocast_enabled(x.device.type))):
+    if not eager_mode_call(x, weight):
         return _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale, act)
     act = _RELU if act == "relu" else resolve_act(act, "fused_residual")
     if type(alpha) is float:
@@ -325,6 +324,17 @@ def _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale=None, a
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def eager_mode_call(x: Tensor, weight: Tensor) -> bool:
+    """Whether a call may skip the custom ops' per-call Python dispatch (their autograd and
+    redispatch) and call their implementation directly: not under torch.compile, tensor
+    subclasses, dispatch or function modes, functorch transforms or autocast (which casts the
+    parameters first), and not on the meta device (the fake kernels infer its shapes). The
+    fused ops' eager-mode paths all decide by it."""
+    return not (_is_compiling() or type(x) not in _PLAIN or type(weight) not in _PLAIN or _dispatch_modes()
+                or _function_modes() or _functorch_active() or x.device.type == "meta"
+                or (_any_autocast() and torch.is_autocast_enabled(x.device.type)))
 
 
 class _FusedResidual(torch.autograd.Function):
