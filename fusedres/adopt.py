@@ -44,6 +44,7 @@ import dataclasses
 import itertools
 import linecache
 import operator
+import inspect
 import types
 import warnings
 from typing import Any, Optional
@@ -146,6 +147,11 @@ def _trace(module: nn.Module, cache: dict) -> fx.Graph:
         return result
     modes = _modes(module)
     try:
+        extra = [name for name in inspect.signature(module.forward).parameters][1:]
+        if extra:
+            # fx passes every argument as a proxy: `if mask is None` would be decided once, wrongly
+            raise _Untraceable(f"its forward takes more than one input ({', '.join(extra)}): a traced graph would "
+                               "freeze the Python decisions on them")
         graphs = []
         for training in (True, False):
             module.train(training)
@@ -524,14 +530,22 @@ def residual_block(x: Tensor, fc1: nn.Linear, fc2: Optional[nn.Linear] = None, *
 
     Runs the branch as the original code did (the same modules, eager), with a warning, when the
     fused forms cannot compute it exactly at this call: an ``nn.BatchNorm1d`` over an input that
-    is not ``(N, C)`` (it normalizes dim 1; the fused norm is over the last dimension), or two
-    dropouts of the block set to different modes (one in training, one in eval).
+    is not ``(N, C)`` (it normalizes dim 1; the fused norm is over the last dimension), two
+    dropouts of the block set to different modes (one in training, one in eval), hooks on its
+    modules (or global ones) registered after ``fuse``, or a module replaced by one of another
+    type (an adapter's Linear subclass).
     """
     pre, hid = _act(pre_act), _act(act)
     mlp = fc2 is not None
     kw = {}
     why = "an nn.BatchNorm1d over a 3-D input normalizes dim 1" if isinstance(norm, nn.BatchNorm1d) and \
         x.dim() != 2 else None
+    modules = [m for m in (fc1, fc2, norm, hidden_norm, pre_act, act, hidden_dropout, dropout, drop_path, proj)
+               if isinstance(m, nn.Module)]
+    if any(_hooks(m) for m in modules) or _global_hooks():
+        why = "a module of the block has hooks, which only its own forward runs"
+    elif not _same_kinds(fc1, fc2, proj, norm, hidden_norm, pre_act, act, hidden_dropout, dropout):
+        why = "a module of the block was replaced after fuse by one of another type"
     trainings = set()
     for d, key in ((dropout, "dropout"), (hidden_dropout, "hidden_dropout")):
         if d is not None and d.p > 0:
@@ -557,6 +571,15 @@ def residual_block(x: Tensor, fc1: nn.Linear, fc2: Optional[nn.Linear] = None, *
     from .op import fused_residual
     return fused_residual(x, fc1.weight, fc1.bias, alpha=a, proj_weight=None if proj is None else proj.weight,
                           sample_scale=sample_scale, act=pre, norm=norm, **kw)
+
+
+def _same_kinds(fc1, fc2, proj, norm, hidden_norm, pre_act, act, hidden_dropout, dropout) -> bool:
+    """Whether the modules a fused call reads are still of the types ``fuse`` matched (a LoRA or
+    parametrized Linear swapped in later computes more than ``weight`` and ``bias``)."""
+    return (all(m is None or type(m) is nn.Linear for m in (fc1, fc2, proj))
+            and all(m is None or type(m) in _NORM_MODULES for m in (norm, hidden_norm))
+            and all(not isinstance(m, nn.Module) or type(m) in _ACT_MODULES for m in (pre_act, act))
+            and all(m is None or type(m) is nn.Dropout for m in (hidden_dropout, dropout)))
 
 
 def _drop_path_scale(x: Tensor, m: nn.Module) -> Optional[Tensor]:
@@ -659,9 +682,43 @@ def _match(add: fx.Node, root: nn.Module, cache: dict):
             spec.proj = shortcut[0].target
         _check_shapes(spec, shortcut[1] if shortcut else None)
         _check_dropout(spec)
+        _check_hooks(spec, root)
     except _Unsupported as e:
         return text, str(e)
     return text, (spec, x, nodes + ([shortcut[0]] if shortcut else []))
+
+
+def _hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has forward or backward hooks (pruning, old-style weight_norm and
+    spectral_norm are forward pre-hooks): the fused call reads parameters, it calls no module."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks are registered globally (``nn.modules.module.register_module_*``)."""
+    mm = torch.nn.modules.module
+    return bool(mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
+                or getattr(mm, "_global_backward_pre_hooks", None))
+
+
+def _check_hooks(spec: _Spec, root: nn.Module) -> None:
+    """A hook on a module of the branch (or on a container inlined into it) would not run in the
+    fused call: such a block is left alone."""
+    pieces = [*spec.linears, spec.norm, spec.pre_act, spec.hidden_norm, spec.act, spec.hidden_dropout, spec.dropout,
+              spec.drop_path]
+    paths = {p.path for p in pieces if p is not None and p.path and isinstance(p.obj, nn.Module)}
+    if spec.proj:
+        paths.add(spec.proj)
+    for path in sorted(paths):
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):        # the module and the containers it sits in
+            sub = ".".join(parts[:i])
+            if _hooks(root.get_submodule(sub)):
+                raise _Unsupported(f"{sub} has hooks, which the fused call (it reads parameters, calls no module) "
+                                   "would not run")
+    if _global_hooks():
+        raise _Unsupported("module hooks are registered globally; the fused call would not run them")
 
 
 def _rewrite(graph: fx.Graph, add: fx.Node, spec: _Spec, x: fx.Node, nodes: list) -> None:

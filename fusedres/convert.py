@@ -83,7 +83,10 @@ def _fuse_classes(model: nn.Module, stacks: bool, found: FuseReport, path: str) 
                                    recipe=f"FusedResidualStack (depth {depth})"))
     for name, child in model.named_children():
         where = f"{path}.{name}" if path else name
-        if type(child) in _FUSED:
+        if type(child) is ResidualBlock and child.dropout and child.proj_weight is not None:
+            found.append(Candidate(where, None, type(child).__name__, False,
+                                   reason="dropout with a projection shortcut: the fused kernels do not take it"))
+        elif type(child) in _FUSED:
             fused = _FUSED[type(child)].from_block(child)
             setattr(model, name, fused)
             found.append(Candidate(where, None, type(child).__name__, True, recipe=type(fused).__name__))

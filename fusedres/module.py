@@ -45,6 +45,8 @@ class FusedResidualBlock(_ResidualParameters):
     ``forward(x)`` takes ``(..., dim)`` in fp16, bf16, fp32 or fp64 and returns ``(..., out)``.
     """
 
+    _fused_kernels = True
+
     def forward(self, x: Tensor) -> Tensor:
         return fused_residual(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight,
                               sample_scale=self._sample_scale(x), act=self.act, norm=self.norm,
@@ -69,6 +71,9 @@ class FusedResidualBlock(_ResidualParameters):
         fused = cls(block.in_features, block.out_features, bias=block.bias is not None,
                     learnable_alpha=isinstance(block.alpha, nn.Parameter), drop_path=getattr(block, "drop_path", 0.0),
                     act=getattr(block, "act", "relu"), device="meta")
+        if getattr(block, "dropout", 0.0) and block.proj_weight is not None:
+            raise ValueError(f"{cls.__name__}.from_block: dropout with a projection shortcut is not supported by the "
+                             "fused kernels; keep this block a fusedres.ResidualBlock")
         fused.norm = getattr(block, "norm", None)
         fused.dropout = getattr(block, "dropout", 0.0)
         for name in ("weight", "bias", "proj_weight", "alpha"):

@@ -259,10 +259,12 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
             dropout = 0.0
     if norm is not None or dropout:
         _check_inputs(x, weight, bias, alpha, proj_weight, sample_scale)
+        if proj_weight is not None and norm is not None:
+            raise ValueError("fused_residual: norm with a projection shortcut is not supported (which input the "
+                             "shortcut takes, x or norm(x), differs between code bases); normalize before the block")
         if proj_weight is not None:
-            raise ValueError(f"fused_residual: {'norm' if norm is not None else 'dropout'} with a projection shortcut "
-                             "is not supported (for a norm, which input the shortcut takes, x or norm(x), differs "
-                             "between code bases); normalize before the block")
+            raise ValueError("fused_residual: dropout with a projection shortcut is not supported by the fused "
+                             "kernels; use fusedres.ResidualBlock (eager) for such a block")
         return _norm_op.fused_norm_residual(x, weight, bias, alpha, sample_scale, act, norm, dropout)
     if not eager_mode_call(x, weight):
         return _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale, act)

@@ -237,6 +237,9 @@ class _ResidualParameters(_ResidualAlpha):
     float attributes outside the state_dict.
     """
 
+    #: Whether the class runs the fused kernels (which refuse dropout with a projection).
+    _fused_kernels = False
+
     def __init__(self, dim: int, out_features: int | None = None, bias: bool = True, *, alpha: float = 1.0,
                  learnable_alpha: bool = False, drop_path: float = 0.0, act: ActLike = "relu",
                  alpha_per_channel: bool = False, norm=None, dropout: float = 0.0, device=None,
@@ -263,6 +266,9 @@ class _ResidualParameters(_ResidualAlpha):
         self._init_alpha(alpha, learnable_alpha, device, dtype, out_features if alpha_per_channel else None)
         self._init_drop_path(drop_path)
         self._init_dropout(dropout=dropout)
+        if self.dropout and out_features != dim and self._fused_kernels:
+            raise ValueError(f"{type(self).__name__}: dropout with a projection shortcut (out_features != dim) is not "
+                             "supported by the fused kernels; use fusedres.ResidualBlock for such a block")
         if norm is not None and out_features != dim:
             raise ValueError(f"{type(self).__name__}: norm with a projection shortcut (out_features != dim) is not "
                              "supported")

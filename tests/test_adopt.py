@@ -574,3 +574,89 @@ def test_timm_block_compiles_without_graph_breaks():
         explained = torch._dynamo.explain(model.train(train))(x)
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# What the fused call must not skip (review findings): other inputs, hooks, swapped modules
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + self.fc(F.relu(x))
+
+
+def test_a_forward_with_more_inputs_is_left_alone():
+    """fx passes every argument as a proxy: `if extra is None` would be frozen to one branch."""
+    class TwoInputs(_Block):
+        def forward(self, x, extra=None):
+            y = x + self.fc(F.relu(x))
+            return y if extra is None else y * 2
+    torch.manual_seed(0)
+    m = TwoInputs()
+    x = torch.randn(4, 16)
+    want = m(x)
+    m, report = fuse(m, report=True)
+    assert report.fused == [] and "takes more than one input (extra)" in report[0].reason
+    assert torch.equal(m(x), want) and torch.equal(m(x, extra=1), 2 * want)
+
+
+def test_hooks_leave_a_block_alone_or_run_it_eagerly():
+    """A hook on a branch module at fuse time: left alone. One registered after fuse (a pruning
+    pre-hook, a forward hook): that call runs the block's own code, with a warning, and equals eager."""
+    torch.manual_seed(0)
+    m = _Block()
+    m.fc.register_forward_hook(lambda mod, inp, out: out * 0)
+    _, report = fuse(m, report=True)
+    assert report.fused == [] and "fc has hooks" in report[0].reason
+    torch.manual_seed(0)
+    m, eager = _Block(), _Block()
+    eager.load_state_dict(m.state_dict())
+    _, report = fuse(m, report=True)
+    assert len(report.fused) == 1
+    x = torch.randn(4, 16)
+    from torch.nn.utils import prune
+    for mod in (m, eager):
+        prune.l1_unstructured(mod.fc, "weight", 0.5)
+    with pytest.warns(RuntimeWarning, match="has hooks"):
+        y = m(x)
+    torch.testing.assert_close(y, eager(x))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for _ in range(2):          # the pruning pre-hook recomputes the weight each call: two steps train
+        opt.zero_grad()
+        with pytest.warns(RuntimeWarning):
+            m(x).sum().backward()
+        opt.step()
+
+
+def test_a_module_swapped_after_fuse_runs_its_own_forward():
+    """An adapter's Linear subclass (a LoRA term in forward) put in place after fuse: the fused call
+    would read weight and bias only; the block's own code runs instead, with a warning."""
+    class LoRALinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 3.0
+    torch.manual_seed(0)
+    m = fuse(_Block())
+    lora = LoRALinear(16, 16)
+    lora.load_state_dict(m.fc.state_dict())
+    m.fc = lora
+    x = torch.randn(4, 16)
+    with pytest.warns(RuntimeWarning, match="replaced after fuse"):
+        y = m(x)
+    torch.testing.assert_close(y, x + lora(F.relu(x)))
+
+
+def test_a_projection_block_with_dropout_stays_eager():
+    """The fused kernels refuse dropout with a projection: fuse leaves such a ResidualBlock as it is
+    (with the reason), and the fused module refuses it at construction."""
+    model = nn.Sequential(ResidualBlock(16, 24, dropout=0.1))
+    model, report = fuse(model, report=True)
+    assert type(model[0]) is ResidualBlock and "dropout with a projection" in report[0].reason
+    model.train()(torch.randn(4, 16))
+    with pytest.raises(ValueError, match="dropout with a projection"):
+        FusedResidualBlock(16, 24, dropout=0.1)
+    with pytest.raises(ValueError, match="dropout with a projection"):
+        FusedResidualBlock.from_block(ResidualBlock(16, 24, dropout=0.1))

@@ -754,6 +754,9 @@ def test_dropout_drops_are_derived_from_the_gate_records():
     one = {configs._tile("dx", c) for c in configs.shipped_configs("dx", 2, limits=aot.arch_limits("sm_80"), dropout=1)}
     two = {configs._tile("dx", c) for c in configs.shipped_configs("dx", 2, limits=aot.arch_limits("sm_80"), dropout=2)}
     assert two < one
+    # the hidden mask alone (not a gated variant of its own) takes the two-mask list
+    assert [configs.dropout_sites(a) for a in ({}, {"drop_seed_ptr": 1}, {"a_drop_seed_ptr": 1},
+                                               {"drop_seed_ptr": 1, "a_drop_seed_ptr": 1})] == [0, 1, 2, 2]
 
 
 # ---------------------------------------------------------------------------------------------

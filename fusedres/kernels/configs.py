@@ -655,8 +655,13 @@ def launch_has(kind: str, named_args: dict, piece: str) -> bool:
 
 
 def dropout_sites(named_args: dict) -> int:
-    """How many keep masks a launch regenerates: 0, 1, or 2 (the MLP block's fc2 passes)."""
-    return (named_args.get("drop_seed_ptr") is not None) + (named_args.get("a_drop_seed_ptr") is not None)
+    """Which dropout tile lists a launch takes: 0 (no mask), 1 (the branch mask alone: the gated
+    single-mask variants), or 2 (the MLP block's hidden mask, alone or with the branch mask). The
+    hidden mask alone was not gated as a variant of its own: it takes the two-mask list, the
+    heavier combination's, conservatively."""
+    if named_args.get("a_drop_seed_ptr") is not None:
+        return 2
+    return 1 if named_args.get("drop_seed_ptr") is not None else 0
 
 
 def prune_for(kind: str):
