@@ -871,19 +871,25 @@ def derive_act_drops(records: list[dict]) -> dict:
             for a, arches in sorted(out.items())}
 
 
+def _derive_drops(records: list[dict], features: tuple, key) -> dict:
+    """arch -> kind -> key(record) -> tiles, from the failed GEMM records of ``features``."""
+    out: dict = {}
+    for r in records:
+        feats = split_features(r.get("features", ""))[0]
+        if r["ok"] or r["kernel"] not in KINDS or feats not in features:
+            continue
+        tile = _configs._tile(r["kernel"], config_from_name(r["kernel"], r["config_name"]))
+        out.setdefault(r["arch"], {}).setdefault(r["kernel"], {}).setdefault(key(r, feats), set()).add(tile)
+    return {arch: {k: {e: sorted(t, reverse=True) for e, t in sorted(by.items())} for k, by in sorted(kinds.items())}
+            for arch, kinds in sorted(out.items())}
+
+
 def derive_norm_drops(records: list[dict]) -> dict:
     """:data:`fusedres.kernels.configs.NORM_DROPPED` from gate records: every GEMM record of a norm
     variant that failed, as arch -> kind -> (element size, mixed) -> tiles (mixed: autocast's fp32
     activations beside 16-bit weights)."""
-    out: dict = {}
-    for r in records:
-        if r["ok"] or r["kernel"] not in KINDS or split_features(r.get("features", ""))[0] not in NORM_FEATURES:
-            continue
-        key = (DTYPES[r["variant"]][0].itemsize, r["variant"] in ACTIVATIONS)
-        tile = _configs._tile(r["kernel"], config_from_name(r["kernel"], r["config_name"]))
-        out.setdefault(r["arch"], {}).setdefault(r["kernel"], {}).setdefault(key, set()).add(tile)
-    return {arch: {k: {e: sorted(t, reverse=True) for e, t in sorted(by.items())} for k, by in sorted(kinds.items())}
-            for arch, kinds in sorted(out.items())}
+    return _derive_drops(records, NORM_FEATURES,
+                         lambda r, feats: (DTYPES[r["variant"]][0].itemsize, r["variant"] in ACTIVATIONS))
 
 
 def derive_dropout_drops(records: list[dict]) -> dict:
@@ -891,16 +897,8 @@ def derive_dropout_drops(records: list[dict]) -> dict:
     of a dropout variant, as arch -> kind -> (element size, mixed, both) -> tiles, ``both`` for the
     launches with both masks (``dropout-mlp``: fc2's passes), so that a block with one dropout
     keeps the tiles only the two-mask passes spill in."""
-    out: dict = {}
-    for r in records:
-        feats = split_features(r.get("features", ""))[0]
-        if r["ok"] or r["kernel"] not in KINDS or feats not in DROPOUT_FEATURES:
-            continue
-        key = (DTYPES[r["variant"]][0].itemsize, r["variant"] in ACTIVATIONS, feats == "dropout-mlp")
-        tile = _configs._tile(r["kernel"], config_from_name(r["kernel"], r["config_name"]))
-        out.setdefault(r["arch"], {}).setdefault(r["kernel"], {}).setdefault(key, set()).add(tile)
-    return {arch: {k: {e: sorted(t, reverse=True) for e, t in sorted(by.items())} for k, by in sorted(kinds.items())}
-            for arch, kinds in sorted(out.items())}
+    return _derive_drops(records, DROPOUT_FEATURES, lambda r, feats: (
+        DTYPES[r["variant"]][0].itemsize, r["variant"] in ACTIVATIONS, feats == "dropout-mlp"))
 
 
 def _format_act_drops(table: dict) -> str:

@@ -50,7 +50,8 @@ from .droppath import rows_per_sample, sample_rows
 from .kernels._common import cdiv
 from .norm import NormCall, NormLike, norm_kind, update_running_stats
 from .dropout import check_p, draw_seeds, dropout_operands, keep_mask, note_draw
-from .op import _activation, autocast_off, check_alpha_shape, eager_mode_call, warn_if_ungated, weight_grads
+from .op import (_activation, autocast_off, check_alpha_shape, eager_mode_call, eager_node, warn_if_ungated,
+                 weight_grads)
 
 
 def _acts(pre_act: str, pre_act_param: float, act: str, act_param: float) -> tuple[Activation | None, Activation]:
@@ -318,7 +319,14 @@ def _forward_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_w
                 hidden_running_mean: Optional[Tensor] = None, hidden_running_var: Optional[Tensor] = None,
                 dropout: float = 0.0, hidden_dropout: float = 0.0, seeds: Optional[Tensor] = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The implementation of ``fusedres::residual_mlp_forward``, callable without its dispatch."""
+    """``(y, h, mean, var)``: the output, the hidden pre-activation (an empty tensor with
+    ``recompute``) and the norm's batch statistics (empty without a norm, or with BatchNorm's
+    running statistics given). ``pre_act``: a name of the activation table, or ``"none"``;
+    ``norm``: ``"none"``, ``"batch"``, ``"layer"`` or ``"rms"``; ``hidden_norm`` the same for h,
+    whose batch statistics are the last two outputs. ``seeds`` (two int64: the hidden dropout's,
+    the branch dropout's; None: no dropout) with the probabilities ``hidden_dropout`` and
+    ``dropout``. ``fusedres::residual_mlp_forward`` is this
+    function as a custom op; the eager-mode node calls it directly."""
     y, h, mean, var, hmean, hvar = _mlp_forward(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute,
         *_acts(pre_act, pre_act_param, act, act_param), (norm, norm_weight, norm_bias, eps, running_mean, running_var),
@@ -328,29 +336,7 @@ def _forward_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_w
             *_stats_outputs(x, mean, var, running_mean), *_stats_outputs(x, hmean, hvar, hidden_running_mean))
 
 
-@torch.library.custom_op("fusedres::residual_mlp_forward", mutates_args=())
-def residual_mlp_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
-                         fc2_bias: Optional[Tensor], alpha: Optional[Tensor], alpha_value: float,
-                         sample_scale: Optional[Tensor], recompute: bool, pre_act: str = "relu",
-                         pre_act_param: float = 0.0, act: str = "relu", act_param: float = 0.0, norm: str = "none",
-                         norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None, eps: float = 0.0,
-                         running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
-                         hidden_norm: str = "none", hidden_norm_weight: Optional[Tensor] = None,
-                         hidden_norm_bias: Optional[Tensor] = None, hidden_eps: float = 0.0,
-                         hidden_running_mean: Optional[Tensor] = None, hidden_running_var: Optional[Tensor] = None,
-                         dropout: float = 0.0, hidden_dropout: float = 0.0, seeds: Optional[Tensor] = None
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(y, h, mean, var)``: the output, the hidden pre-activation (an empty tensor with
-    ``recompute``) and the norm's batch statistics (empty without a norm, or with BatchNorm's
-    running statistics given). ``pre_act``: a name of the activation table, or ``"none"``;
-    ``norm``: ``"none"``, ``"batch"``, ``"layer"`` or ``"rms"``; ``hidden_norm`` the same for h,
-    whose batch statistics are the last two outputs. ``seeds`` (two int64: the hidden dropout's,
-    the branch dropout's; None: no dropout) with the probabilities ``hidden_dropout`` and
-    ``dropout``."""
-    return _forward_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale,
-                       recompute, pre_act, pre_act_param, act, act_param, norm, norm_weight, norm_bias, eps,
-                       running_mean, running_var, hidden_norm, hidden_norm_weight, hidden_norm_bias,
-                       hidden_eps, hidden_running_mean, hidden_running_var, dropout, hidden_dropout, seeds)
+residual_mlp_forward = torch.library.custom_op("fusedres::residual_mlp_forward", _forward_op, mutates_args=())
 
 
 def _stats_outputs(x, mean, var, running_mean):
@@ -500,7 +486,10 @@ def _backward_op(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor, fc1_bia
                  need_hidden_norm_weight: bool = False, need_hidden_norm_bias: bool = False,
                  dropout: float = 0.0, hidden_dropout: float = 0.0, seeds: Optional[Tensor] = None
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The implementation of ``fusedres::residual_mlp_backward``, callable without its dispatch."""
+    """Gradients of ``residual_mlp_forward`` with respect to (x, fc1_weight, fc1_bias, fc2_weight,
+    fc2_bias, alpha, norm_weight, norm_bias); an empty tensor stands for each not asked for. ``h``
+    is ignored (recomputed) with ``recompute``. ``mean``, ``var``: the norm's saved statistics. ``fusedres::residual_mlp_backward`` is this
+    function as a custom op; the eager-mode node calls it directly."""
     state = None if norm == "none" else (norm, norm_weight, norm_bias, eps, mean, var, batch_stats,
                                          need_norm_weight, need_norm_bias)
     hidden = None if hidden_norm == "none" else (hidden_norm, hidden_norm_weight, hidden_norm_bias, hidden_eps,
@@ -514,30 +503,7 @@ def _backward_op(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor, fc1_bia
     return tuple(t if t is not None else like.new_empty(0) for t, like in zip(grads, likes))
 
 
-@torch.library.custom_op("fusedres::residual_mlp_backward", mutates_args=())
-def residual_mlp_backward(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
-                          fc2_weight: Tensor, fc2_bias: Optional[Tensor], alpha: Optional[Tensor], alpha_value: float,
-                          sample_scale: Optional[Tensor], recompute: bool, need_dx: bool, need_w1: bool,
-                          need_b1: bool, need_w2: bool, need_b2: bool, need_alpha: bool, pre_act: str = "relu",
-                          pre_act_param: float = 0.0, act: str = "relu", act_param: float = 0.0, norm: str = "none",
-                          norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None, eps: float = 0.0,
-                          mean: Optional[Tensor] = None, var: Optional[Tensor] = None, batch_stats: bool = True,
-                          need_norm_weight: bool = False, need_norm_bias: bool = False, hidden_norm: str = "none",
-                          hidden_norm_weight: Optional[Tensor] = None, hidden_norm_bias: Optional[Tensor] = None,
-                          hidden_eps: float = 0.0, hidden_mean: Optional[Tensor] = None,
-                          hidden_var: Optional[Tensor] = None, hidden_batch_stats: bool = True,
-                          need_hidden_norm_weight: bool = False, need_hidden_norm_bias: bool = False,
-                          dropout: float = 0.0, hidden_dropout: float = 0.0, seeds: Optional[Tensor] = None
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of ``residual_mlp_forward`` with respect to (x, fc1_weight, fc1_bias, fc2_weight,
-    fc2_bias, alpha, norm_weight, norm_bias); an empty tensor stands for each not asked for. ``h``
-    is ignored (recomputed) with ``recompute``. ``mean``, ``var``: the norm's saved statistics."""
-    return _backward_op(grad, x, h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value,
-                        sample_scale, recompute, need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha,
-                        pre_act, pre_act_param, act, act_param, norm, norm_weight, norm_bias, eps, mean, var,
-                        batch_stats, need_norm_weight, need_norm_bias, hidden_norm, hidden_norm_weight,
-                        hidden_norm_bias, hidden_eps, hidden_mean, hidden_var, hidden_batch_stats,
-                        need_hidden_norm_weight, need_hidden_norm_bias, dropout, hidden_dropout, seeds)
+residual_mlp_backward = torch.library.custom_op("fusedres::residual_mlp_backward", _backward_op, mutates_args=())
 
 
 @residual_mlp_backward.register_fake
@@ -613,22 +579,7 @@ def _backward(ctx, grad, _grad_h, *_grad_stats, direct: bool = False):
     return tuple(out[:len(n)])
 
 
-class _EagerMLP(torch.autograd.Function):
-    """The eager-mode autograd node (:func:`fusedres.op.eager_mode_call`): the custom ops' forward,
-    saved tensors and backward, called directly, without their per-call dispatch. Under
-    ``create_graph=True`` the backward goes through ``fusedres::residual_mlp_backward``, whose
-    autograd refuses a second backward."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _forward_op(*inputs)
-        _setup_context(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad, grad_h, *grad_stats):
-        return _backward(ctx, grad, grad_h, *grad_stats, direct=not torch.is_grad_enabled())
-
-
+#: The eager-mode autograd node: the ops' implementations without their dispatch.
+_EagerMLP = eager_node("_EagerMLP", _forward_op, _setup_context, _backward)
 residual_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(residual_mlp_backward, "fused_residual_mlp", "ResidualMLPBlock")

@@ -336,27 +336,12 @@ def _backward_rule(ctx, grad, _grad_mean, _grad_var, direct: bool = False):
     return (dx, dw, db, dalpha, None, None, None, None, None, dnw, dnb, None, None, None, None, None)[:len(need)]
 
 
-class _EagerNormResidual(torch.autograd.Function):
-    """The eager-mode autograd node (:func:`fusedres.op.eager_mode_call`): the custom ops' forward,
-    saved tensors and backward, called directly, without their per-call dispatch (about 300 us of
-    a training step's host time, launches stubbed). Under ``create_graph=True`` the backward goes
-    through ``fusedres::norm_residual_backward``, whose autograd refuses a second backward."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _forward(*inputs)
-        _setup_context(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad, grad_mean, grad_var):
-        return _backward_rule(ctx, grad, grad_mean, grad_var, direct=not torch.is_grad_enabled())
-
-
-def _register() -> None:
-    from .op import refuse_double_backward
+def _register() -> type:
+    """Register the ops' autograd; return the eager-mode node (:func:`fusedres.op.eager_node`)."""
+    from .op import eager_node, refuse_double_backward
     norm_residual_forward.register_autograd(_backward_rule, setup_context=_setup_context)
     refuse_double_backward(norm_residual_backward, "fused_residual with a norm", "ResidualBlock")
+    return eager_node("_EagerNormResidual", _forward, _setup_context, _backward_rule)
 
 
-_register()
+_EagerNormResidual = _register()

@@ -266,7 +266,10 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
             raise ValueError("fused_residual: dropout with a projection shortcut is not supported by the fused "
                              "kernels; use fusedres.ResidualBlock (eager) for such a block")
         return _norm_op.fused_norm_residual(x, weight, bias, alpha, sample_scale, act, norm, dropout)
-    if not eager_mode_call(x, weight):
+    # (eager_mode_call's checks, inline on this hot path; the meta device is sent to the custom op
+    # below, when its signature has no plan)
+    if (_is_compiling() or type(x) not in _PLAIN or type(weight) not in _PLAIN or _dispatch_modes()
+            or _function_modes() or _functorch_active() or (_any_autocast() and torch.is_autocast_enabled(x.device.type))):
         return _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale, act)
     act = _RELU if act == "relu" else resolve_act(act, "fused_residual")
     if type(alpha) is float:
@@ -326,6 +329,23 @@ def _through_custom_op(x, weight, bias, alpha, proj_weight, sample_scale=None, a
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def eager_node(name: str, implementation, setup_context, backward_rule) -> type:
+    """The eager-mode autograd node of a custom op (:func:`eager_mode_call`): its implementation,
+    saved tensors (``setup_context``) and backward (``backward_rule(ctx, *grads, direct=...)``)
+    called directly, without the op's per-call dispatch. Under ``create_graph=True`` the backward
+    goes through the backward custom op (``direct=False``), whose autograd refuses a second
+    backward."""
+    def forward(ctx, *inputs):
+        out = implementation(*inputs)
+        setup_context(ctx, inputs, out)
+        return out
+
+    def backward(ctx, *grads):
+        return backward_rule(ctx, *grads, direct=not torch.is_grad_enabled())
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward),
+                                                   "__doc__": eager_node.__doc__})
 
 
 def eager_mode_call(x: Tensor, weight: Tensor) -> bool:

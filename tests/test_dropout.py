@@ -14,21 +14,12 @@ from fusedres import FusedResidualBlock, FusedResidualMLPBlock, ResidualBlock, R
 from fusedres.dropout import keep_mask, uniform
 from fusedres.kernels.recipe import MLPRecipe, Recipe
 from fusedres.validate import parity
-from helpers import make_x, mlp_params
+from helpers import make_params, make_x, mlp_params
 from test_recipe import launched  # noqa: F401  (the fixture)
 
 ACTS = ["relu", "gelu", "gelu_tanh", "silu", "relu_sq", "leaky_relu"]
 GRADS = ("y", "dx", "dW", "db", "dalpha")
 MLP_GRADS = ("y", "dx", "dW1", "db1", "dW2", "db2", "dalpha")
-
-
-def params(D, N=None, seed=1, dtype=torch.float32, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    N = N or D
-    bound = D ** -0.5
-    w = torch.empty(N, D).uniform_(-bound, bound, generator=gen)
-    b = torch.empty(N).uniform_(-bound, bound, generator=gen)
-    return w.to(device, dtype), b.to(device, dtype)
 
 
 def single(x, w, b, alpha, g, *, mask=None, **kw):
@@ -67,7 +58,7 @@ def test_the_kernels_drop_exactly_the_mask_torch_ops_compute(device):
     """y - x is 0 exactly where the recorded mask (computed with torch ops from the call's seed)
     drops, and nowhere else: the kernels' Philox and fusedres.dropout.keep_mask agree bit for bit."""
     x = make_x((3, 37, 48), torch.float64, device)
-    w, b = params(48, dtype=torch.float64, device=device)
+    w, b = make_params(48, torch.float64, device)
     with fusedres.record_dropout() as rec:
         y = fusedres.fused_residual(x, w, b, dropout=0.4)
     (draw,) = rec.draws
@@ -82,7 +73,7 @@ def test_the_mask_depends_on_no_tile_or_config(device):
     from helpers import fixed_tiles
     from fusedres.kernels import configs
     x = make_x((2, 45, 40), torch.float64, device)
-    w, b = params(40, dtype=torch.float64, device=device)
+    w, b = make_params(40, torch.float64, device)
     outs = []
     for tiles in ((16, 16, 16), (32, 64, 32)):
         with configs.config_override(fixed_tiles(*tiles)):
@@ -104,7 +95,7 @@ def test_the_kept_fraction_is_one_minus_p(p):
 def test_kept_values_are_the_branch_scaled_by_one_over_keep(device):
     """Kept: exactly ``z / (1 - p)`` (fp64, alpha = 1); dropped: y = x bit for bit."""
     x = make_x((4, 9, 32), torch.float64, device)
-    w, b = params(32, dtype=torch.float64, device=device)
+    w, b = make_params(32, torch.float64, device)
     p = 0.25
     with fusedres.record_dropout() as rec:
         y = fusedres.fused_residual(x, w, b, dropout=p)
@@ -116,7 +107,7 @@ def test_kept_values_are_the_branch_scaled_by_one_over_keep(device):
 
 def test_the_same_seed_reproduces_and_another_seed_draws_another_mask(device):
     x = make_x((2, 21, 32), torch.float32, device)
-    w, b = params(32, device=device)
+    w, b = make_params(32, torch.float32, device)
     block = FusedResidualMLPBlock(32, 64, dropout=0.3, hidden_dropout=0.3).to(device)
 
     def step(seed):
@@ -142,7 +133,7 @@ def test_the_same_seed_reproduces_and_another_seed_draws_another_mask(device):
                                                 ("silu", "layer", False)])
 def test_single_block_parity_given_the_mask(dtype, act, norm, drop_path, device, launches):
     x = make_x((3, 13, 40), torch.float32, device)
-    w, b = params(40, device=device)
+    w, b = make_params(40, torch.float32, device)
     alpha = torch.full((40,), 0.8, device=device)
     g = torch.randn(3, 13, 40, generator=torch.Generator().manual_seed(7)).to(device)
     s = torch.tensor([0.0, 2.0, 1.25], device=device) if drop_path else None
@@ -227,7 +218,7 @@ def test_mlp_block_with_both_dropouts_drop_path_norm_and_every_activation(act, d
 def test_single_block_with_dropout_drop_path_norm_and_every_activation(act, device):
     i = ACTS.index(act)
     x = make_x((2, 9, 32), torch.float32, device)
-    w, b = params(32, device=device)
+    w, b = make_params(32, torch.float32, device)
     alpha = torch.tensor(0.7, device=device)
     g = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(3)).to(device)
     s = torch.tensor([0.0, 1.5], device=device)
@@ -249,7 +240,7 @@ def test_fp64_gradcheck_with_the_seed_fixed(device):
     (the kernels' regenerated masks) matches the numeric derivative of the forward's."""
     # (smooth activations and x away from 0: a numeric derivative across relu's kink is not one)
     x = torch.randn(2, 3, 8, dtype=torch.float64, device=device, requires_grad=True)
-    w, b = (t.requires_grad_() for t in params(8, dtype=torch.float64, device=device))
+    w, b = (t.requires_grad_() for t in make_params(8, torch.float64, device))
     alpha = torch.tensor(0.6, dtype=torch.float64, device=device, requires_grad=True)
 
     def block(x, w, b, alpha):

@@ -597,14 +597,15 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
     if channel_alpha:
         spills = spills | {t for a, table in _CHANNEL_ALPHA_SPILLS.items() if arch is None or a == arch
                            for t in table.get((kind, elem_size), ())}
-    for drops in ((NORM_DROPPED, _NORM_DROPPED_BY_TRITON.get(TRITON_VERSION, {})) if norm else ()):
-        spills = spills | {tuple(t) for a, table in drops.items() if arch not in drops or a == arch
-                           for t in table.get(kind, {}).get((elem_size, mixed), ())}
-    for drops in ((DROPOUT_DROPPED, _DROPOUT_DROPPED_BY_TRITON.get(TRITON_VERSION, {})) if dropout else ()):
-        # one mask: the one-mask list; both masks: both lists
-        spills = spills | {tuple(t) for a, table in drops.items() if arch not in drops or a == arch
-                           for both in ((False, True) if dropout > 1 else (False,))
-                           for t in table.get(kind, {}).get((elem_size, mixed, both), ())}
+    # the gate-derived tables of a piece: (tables, keys); dropout: one mask's list, or both lists
+    derived = ([((NORM_DROPPED, _NORM_DROPPED_BY_TRITON.get(TRITON_VERSION, {})), [(elem_size, mixed)])] if norm
+               else []) + ([((DROPOUT_DROPPED, _DROPOUT_DROPPED_BY_TRITON.get(TRITON_VERSION, {})),
+                             [(elem_size, mixed, both) for both in ((False, True) if dropout > 1 else (False,))])]
+                           if dropout else [])
+    for tables, keys in derived:
+        for drops in tables:
+            spills = spills | {tuple(t) for a, table in drops.items() if arch not in drops or a == arch
+                               for key in keys for t in table.get(kind, {}).get(key, ())}
 
     def smem(c):
         return pipeline_smem_bytes(kind, c, elem_size, operand_sizes)
