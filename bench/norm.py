@@ -20,6 +20,10 @@ KINDS = ("batch", "layer", "rms")
 #: single: the block; mlp: the MLP block with the norm on x (pre_act None, rtdl's and timm's order);
 #: mlp-hidden: He et al.'s two-layer form, the same norm on x and on h (relu before each GEMM).
 BLOCKS = ("single", "mlp", "mlp-hidden")
+#: Chains of ``CHAIN_DEPTH`` blocks with the same norm (fusedres.chain): each block's forward emits
+#: the next one's statistics, so only the first block's input has a statistics pass.
+CHAINS = ("chain-single", "chain-mlp")
+CHAIN_DEPTH = 3
 DEFAULT_SIZE = (512, 128)
 _MODULES = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "rms": nn.RMSNorm}
 
@@ -58,7 +62,16 @@ class NormCase:
     @property
     def label(self) -> str:
         return {"single": "FusedResidualBlock", "mlp": "FusedResidualMLPBlock, H = 4D",
-                "mlp-hidden": "FusedResidualMLPBlock, H = 4D, hidden_norm"}[self.block] + f": {self.kind}"
+                "mlp-hidden": "FusedResidualMLPBlock, H = 4D, hidden_norm",
+                "chain-single": f"{CHAIN_DEPTH} x FusedResidualBlock, chained",
+                "chain-mlp": f"{CHAIN_DEPTH} x FusedResidualMLPBlock, H = 4D, chained"}[self.block] + f": {self.kind}"
+
+    @property
+    def depth(self) -> int:
+        return CHAIN_DEPTH if self.block in CHAINS else 1
+
+    def stats_launches(self, mode: str = "fwd") -> int:
+        return sum(1 for k, _, _ in self.fused[mode] if k in ("col_stats_kernel", "row_stats_kernel"))
 
 
 @dataclass
@@ -72,9 +85,7 @@ class NormMeasurement:
 def measure(M: int = DEFAULT_SIZE[0], D: int = DEFAULT_SIZE[1], seed: int = 0) -> NormMeasurement:
     """Fused and eager, forward and backward (every gradient, the norm's affine included), fp32."""
     import fusedres
-    from fusedres.traffic import InterpreterTraffic
 
-    from .counters import DispatchTraffic
     from .cpu import require_interpreter
     require_interpreter()
     t0 = time.perf_counter()
@@ -106,26 +117,65 @@ def measure(M: int = DEFAULT_SIZE[0], D: int = DEFAULT_SIZE[1], seed: int = 0) -
                     hn = _MODULES[kind](4 * D)
                     params += list(hn.parameters())
                     kwargs = dict(pre_act="relu", hidden_norm=hn)
-            counter = InterpreterTraffic if impl == "fused" else DispatchTraffic
-            with counter() as f:
-                y = fn(*leaves, norm=nm, **kwargs)
-            with counter() as bwd:
-                grads = torch.autograd.grad(y, params, g)
-            results[impl] = (y.detach(), *grads)
-            if impl == "fused":
-                for mode, t in (("fwd", f), ("bwd", bwd)):
-                    case.fused[mode] = [(lc.kernel, lc.unique_bytes, lc.bytes_read + lc.bytes_written)
-                                        for lc in t.launches]
-                    case.violations += list(t.violations)
-                # tensors of x's size (or larger) written in the forward: y, and the MLP block's h
-                case.fused["fwd_writes_x_size"] = sum(
-                    1 for lc in f.launches for a in lc.args.values() if a.unique_written >= x.numel() * 4)
-            else:
-                case.eager = {"fwd": sum(o.bytes for o in f.ops), "bwd": sum(o.bytes for o in bwd.ops)}
+            results[impl] = _count(case, impl, lambda: fn(*leaves, norm=nm, **kwargs), params, g, x.numel())
         case.max_abs_diff = max(float((a - c).abs().max()) for a, c in zip(results["fused"], results["eager"]))
         out.cases.append(case)
+    for block, kind in [(blk, k) for blk in CHAINS for k in KINDS]:
+        out.cases.append(_chain_case(block, kind, x, g, seed))
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _chain_case(block: str, kind: str, x, g, seed: int) -> NormCase:
+    """A chain of CHAIN_DEPTH blocks in an nn.Sequential, fused (linked ahead of the call, as
+    ResidualMLP links its blocks: fusedres.chain) and eager (the same state_dict on fusedres's
+    eager classes), one forward and backward each."""
+    import fusedres
+    from fusedres.chain import link_blocks
+    D = x.shape[-1]
+    torch.manual_seed(seed)
+    if block == "chain-single":
+        make = [lambda cls: cls(D, norm=kind)] * 2
+        classes = (fusedres.FusedResidualBlock, fusedres.ResidualBlock)
+    else:
+        make = [lambda cls: cls(D, 4 * D, norm=kind, pre_act=None)] * 2
+        classes = (fusedres.FusedResidualMLPBlock, fusedres.ResidualMLPBlock)
+    fused = nn.Sequential(*[make[0](classes[0]) for _ in range(CHAIN_DEPTH)])
+    eager = nn.Sequential(*[make[1](classes[1]) for _ in range(CHAIN_DEPTH)])
+    eager.load_state_dict(fused.state_dict())
+    link_blocks(fused)
+    case = NormCase(kind, block)
+    results = {}
+    for impl, model in (("fused", fused), ("eager", eager)):
+        xx = x.clone().requires_grad_()
+        params = [xx] + list(model.parameters())
+        results[impl] = _count(case, impl, lambda: model(xx), params, g, x.numel())
+    case.max_abs_diff = max(float((a - c).abs().max()) for a, c in zip(results["fused"], results["eager"]))
+    return case
+
+
+def _count(case: NormCase, impl: str, forward, params, g, numel: int) -> tuple:
+    """Run ``forward`` and its backward (the gradients of ``params``) under the byte counters into
+    ``case``: the fused launches through the interpreter instrument, eager's aten ops under the
+    dispatch counter. Returns ``(y, *grads)``."""
+    from fusedres.traffic import InterpreterTraffic
+
+    from .counters import DispatchTraffic
+    counter = InterpreterTraffic if impl == "fused" else DispatchTraffic
+    with counter() as f:
+        y = forward()
+    with counter() as bwd:
+        grads = torch.autograd.grad(y, params, g)
+    if impl == "fused":
+        for mode, t in (("fwd", f), ("bwd", bwd)):
+            case.fused[mode] = [(lc.kernel, lc.unique_bytes, lc.bytes_read + lc.bytes_written) for lc in t.launches]
+            case.violations += list(t.violations)
+        # tensors of x's size (or larger) written in the forward: y (each block's), the MLP block's h
+        case.fused["fwd_writes_x_size"] = sum(
+            1 for lc in f.launches for a in lc.args.values() if a.unique_written >= numel * 4)
+    else:
+        case.eager = {"fwd": sum(o.bytes for o in f.ops), "bwd": sum(o.bytes for o in bwd.ops)}
+    return (y.detach(), *grads)
 
 
 def bytes_table(m: NormMeasurement) -> str:
@@ -134,12 +184,19 @@ def bytes_table(m: NormMeasurement) -> str:
     for c in m.cases:
         for mode in ("fwd", "bwd"):
             fu, ea = c.fused_bytes(mode), c.eager[mode]
-            cm = compulsory_bytes(mode, c.kind, m.M, m.D, 4, None if c.block == "single" else 4 * m.D,
-                                  hidden=c.block == "mlp-hidden")
-            rows.append([c.label, mode, str(len(c.fused[mode])), f"{fu:,}", f"{ea:,}", f"{cm:,}", f"{ea / fu:.2f}x",
-                         f"{fu / cm:.2f}x"])
-    return markdown_table(["block: norm", "mode", "fused launches", "fused unique B (measured)", "eager B (measured)",
-                           "compulsory minimum B", "eager / fused", "fused / minimum"], rows)
+            cm = case_compulsory_bytes(c, mode, m)
+            rows.append([c.label, mode, str(len(c.fused[mode])), str(c.stats_launches(mode)), f"{fu:,}", f"{ea:,}",
+                         f"{cm:,}", f"{ea / fu:.2f}x", f"{fu / cm:.2f}x"])
+    return markdown_table(["block: norm", "mode", "fused launches", "statistics passes", "fused unique B (measured)",
+                           "eager B (measured)", "compulsory minimum B", "eager / fused", "fused / minimum"], rows)
+
+
+def case_compulsory_bytes(c: NormCase, mode: str, m: NormMeasurement) -> int:
+    """A case's compulsory minimum: its block's, times the chain's depth (each block's input read
+    and output written once: block k's output is block k+1's input, and a GEMM lies between)."""
+    return c.depth * compulsory_bytes(mode, c.kind, m.M, m.D, 4,
+                                      None if c.block in ("single", "chain-single") else 4 * m.D,
+                                      hidden=c.block == "mlp-hidden")
 
 
 def launch_table(m: NormMeasurement) -> str:
@@ -152,7 +209,11 @@ def launch_table(m: NormMeasurement) -> str:
 def section(m: NormMeasurement) -> tuple[list[str], bool]:
     """The CPU report's "normalized block" section, and whether it holds: no lane out of bounds, and
     the forward writes one tensor of x's size (y)."""
-    ok = all(not c.violations and c.writes_of_x_size() == (1 if c.block == "single" else 2) for c in m.cases)
+    ok = all(not c.violations and c.writes_of_x_size() == c.depth * (1 if c.block in ("single", "chain-single")
+                                                                      else 2) for c in m.cases)
+    # a chain: one statistics pass, over the first block's input; the others come from epilogues
+    chained = all(c.stats_launches("fwd") == 1 for c in m.cases if c.block in CHAINS)
+    ok = ok and chained
     # the hidden norm's statistics come from fc1's epilogue: no launch reads h for them
     ok = ok and all(len(c.fused["fwd"]) == 3 for c in m.cases if c.block == "mlp-hidden")
     worst = max((c.max_abs_diff for c in m.cases), default=0.0)
@@ -171,6 +232,12 @@ def section(m: NormMeasurement) -> tuple[list[str], bool]:
              f"MLP block's h) and the statistic vectors: {'yes' if ok else 'NO'}",
              "- the backward's extra pass is the correction the norm's global reduction forces: dx's GEMM writes dz "
              "with its column/row sums, the finishing pass reads dz, g and x and writes dx",
+             f"- a chain of {CHAIN_DEPTH} blocks (fusedres.chain) runs one statistics pass, over its input; each block's "
+             "forward epilogue emits the next block's statistics partials of its output (combined with Chan's "
+             f"formula over [tiles, D] or [tiles, M] vectors): {'yes' if chained else 'NO'}",
+             "- the backward's correction stays one finishing pass per block (norm_dx): in a chain, the next pass to "
+             "read dx is the previous block's dx GEMM, whose A operand it is; folding the correction into that "
+             "GEMM's A-tile prologue is not done",
              f"- fused vs eager outputs (y and every gradient), max |difference|: {worst:.3g}",
              f"- measured in {m.seconds:.1f} s on this CPU", ""]
     return lines, ok
@@ -183,8 +250,7 @@ def records(m: NormMeasurement) -> list[dict]:
             base = dict(section="norm", block=c.block, norm=c.kind, mode=mode, M=m.M, D=m.D, dtype="fp32", ms=None, measured=False)
             out.append(dict(base, impl="fused", launches=len(c.fused[mode]), unique_bytes=c.fused_bytes(mode),
                             bytes_source="measured",
-                            compulsory_min_bytes=compulsory_bytes(mode, c.kind, m.M, m.D, 4,
-                                                                  None if c.block == "single" else 4 * m.D,
-                                                                  hidden=c.block == "mlp-hidden")))
+                            statistics_passes=c.stats_launches(mode),
+                            compulsory_min_bytes=case_compulsory_bytes(c, mode, m)))
             out.append(dict(base, impl="eager", bytes=c.eager[mode], bytes_source="measured"))
     return out

@@ -55,6 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import ACTIVATIONS, Activation, resolve as resolve_act
+from . import chain as _chain
+from .chain import call_for as _chain_call, produced as _produced
 
 __all__ = ["FuseReport", "Candidate", "fuse_structure", "residual_block", "BlockTracer"]
 
@@ -564,13 +566,20 @@ def residual_block(x: Tensor, fc1: nn.Linear, fc2: Optional[nn.Linear] = None, *
     if drop_path is not None:
         sample_scale = _drop_path_scale(x, drop_path)
     a = scale if scale is not None else alpha
+    # a chain of such blocks hands norm statistics from one to the next (fusedres.chain): the
+    # block is known by its first Linear
+    chain = _chain_call(fc1, norm, x, fc1.training, proj)
     if mlp:
         from .mlp_op import fused_residual_mlp
-        return fused_residual_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, alpha=a, sample_scale=sample_scale,
-                                  pre_act=pre, act=hid, norm=norm, hidden_norm=hidden_norm, **kw)
-    from .op import fused_residual
-    return fused_residual(x, fc1.weight, fc1.bias, alpha=a, proj_weight=None if proj is None else proj.weight,
-                          sample_scale=sample_scale, act=pre, norm=norm, **kw)
+        y = fused_residual_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, alpha=a, sample_scale=sample_scale,
+                               pre_act=pre, act=hid, norm=norm, hidden_norm=hidden_norm, _chain=chain, **kw)
+    else:
+        from .op import fused_residual
+        y = fused_residual(x, fc1.weight, fc1.bias, alpha=a, proj_weight=None if proj is None else proj.weight,
+                           sample_scale=sample_scale, act=pre, norm=norm, _chain=chain, **kw)
+    if _chain._NORMS_SEEN:
+        _produced(y, fc1)
+    return y
 
 
 def _same_kinds(fc1, fc2, proj, norm, hidden_norm, pre_act, act, hidden_dropout, dropout) -> bool:

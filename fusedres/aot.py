@@ -48,6 +48,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -209,8 +210,25 @@ FEATURE_RECIPES.update({
 #: The dropout variants, compiled when asked for (``--features dropout,dropout-norm,dropout-mlp``).
 #: ``dropout-mlp``'s forward is fc2's (the one with the masks), not fc1's.
 DROPOUT_FEATURES = ("dropout", "dropout-norm", "dropout-mlp")
+# chains (issue 22): a block's forward epilogue emits the next block's norm statistics partials of
+# its output y (``fusedres.chain``), beside the residual add: per column for a BatchNorm next, per
+# row for a LayerNorm or RMSNorm next. Each on the heaviest forward of its block: the single block
+# with BatchNorm and dropout (rtdl's), with LayerNorm, LayerScale, DropPath and dropout (timm's);
+# the MLP block's fc2 with the hidden BatchNorm and both dropouts
+#: chain variant -> (the variant whose forward it extends, the next block's norm). Forward only:
+#: the sink is the forward's; the other passes are their base variant's.
+CHAIN_FEATURES = {"chain-batch": ("dropout-norm-batch", "batch"), "chain-layer": ("dropout-norm", "layer"),
+                  "chain-mlp-batch": ("dropout-mlp", "batch"), "chain-mlp-layer": ("dropout-mlp", "layer")}
+FEATURE_RECIPES["dropout-norm-batch"] = Recipe(alpha="scalar", learnable_alpha=True, norm="batch", dropout=True)
+FEATURE_RECIPES.update({name: dataclasses.replace(FEATURE_RECIPES[base], next_norm=kind)
+                        for name, (base, kind) in CHAIN_FEATURES.items()})
 #: The variants the gate compiles only on request, each as its own group of the covering set.
-ON_REQUEST_FEATURES = NORM_FEATURES + DROPOUT_FEATURES
+ON_REQUEST_FEATURES = NORM_FEATURES + DROPOUT_FEATURES + tuple(CHAIN_FEATURES)
+
+
+def feature_kinds(features: str) -> tuple[str, ...]:
+    """The kernels a variant has passes of (a chain variant: the forward only)."""
+    return ("fwd",) if split_features(features)[0] in CHAIN_FEATURES else KINDS
 #: The normalization's own small kernels (``fusedres.kernels.norm``), one config each
 #: (``NORM_CONFIGS``), compiled with the norm variants that launch them.
 NORM_KINDS = ("norm_row_stats", "norm_col_stats", "norm_dx")
@@ -290,6 +308,11 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     features, act_name = split_features(features)
     if features not in FEATURES + SPLIT_FEATURES + ON_REQUEST_FEATURES:
         raise ValueError(f"unknown features {features!r}; one of {FEATURES + SPLIT_FEATURES + ON_REQUEST_FEATURES}")
+    emit = None     # a chain variant: its base's forward, with the next norm's statistics sink
+    if features in CHAIN_FEATURES:
+        if kind != "fwd":
+            raise ValueError(f"{kind}: the chain variants are the forward's only")
+        features, emit = CHAIN_FEATURES[features]
     split = features in SPLIT_FEATURES
     if split and kind not in ("dw", REDUCE_KIND):
         raise ValueError(f"{kind}: the split variants are dW's and its reduce's only")
@@ -299,8 +322,8 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
     hidden_kind = (features[len("norm-hidden-"):] if features.startswith("norm-hidden-")
                    else "batch" if features == "dropout-mlp" else None)
     norm_kind = (features[len("norm-"):] if features in NORM_FEATURES and hidden_kind is None
-                 else "layer" if features == "dropout-norm" else None)
-    dropout = features in DROPOUT_FEATURES
+                 else "layer" if features == "dropout-norm" else "batch" if features == "dropout-norm-batch" else None)
+    dropout = features in DROPOUT_FEATURES or features == "dropout-norm-batch"
     mlp = features == "mlp" or hidden_kind is not None
     row_scale = row_scale or hidden_kind is not None
     N = 2 * D if extra else D
@@ -347,6 +370,10 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
         kact["dropout"] = drop
         if mlp:
             kact["dropout_a"] = (torch.empty(1, dtype=torch.int64), torch.empty(2, dtype=acc_t))
+    out_partials = (None, None)     # a chain's sink over the output's N columns and M rows
+    if emit is not None:
+        out_partials = ((torch.empty(M // 16 * 2 * N, dtype=torch.float32), None) if emit == "batch"
+                        else (None, torch.empty(N // 16 * 2 * M, dtype=torch.float32)))
     with _matmul_precision(precision):
         if kind == "fwd" and mlp and dropout:   # fc2: y = x + s * alpha * drop(drop_h(act(bn(h))) @ W2.T + b2)
             x, h = act(D), act(H).to(tdtype)
@@ -355,7 +382,8 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
             kact["norm"] = kernels.norm_operands(hidden_kind, h_stats, h_stats, torch.empty(H, dtype=act_dtype),
                                                  torch.empty(H, dtype=act_dtype))
             args, consts, _ = fwd_launch_args(hk, hs, torch.empty(D, H, dtype=tdtype), torch.empty(D, dtype=tdtype),
-                                              y, rows, alpha, residual=(xk, xs), **scale, **kact)
+                                              y, rows, alpha, residual=(xk, xs), stats_partials=out_partials,
+                                              **scale, **kact)
         elif kind == "fwd" and mlp:     # the MLP's first GEMM: h = relu(x) @ W1.T + b1, no residual
             x = act(D)
             rows, (xs,), (xk,) = plan_rows(x)
@@ -366,7 +394,8 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
             x = act(D)
             rows, (xs,), (xk,) = plan_rows(x)
             y = torch.empty(rows.M, N, dtype=act_dtype)
-            args, consts, _ = fwd_launch_args(xk, xs, w, b, y, rows, alpha, proj, **scale, **kact)
+            args, consts, _ = fwd_launch_args(xk, xs, w, b, y, rows, alpha, proj, stats_partials=out_partials,
+                                              **scale, **kact)
         elif kind == "dx" and mlp:      # the MLP's dh = [h > 0] * (s * alpha * g @ W2), no residual
             g, h = act(D), act(H).to(tdtype)
             rows, (gs, hs), (gk, hk) = plan_rows(g, h)
@@ -503,7 +532,7 @@ def gate_configs(kind: str, dtype: str, two_level: bool = False, features: str =
                                         _configs.launch_has(kind, named, "row_scale"), limits,
                                         _configs.act_name_of(consts.get("RECIPE")),
                                         _configs.launch_has(kind, named, "channel_alpha"),
-                                        _configs.launch_has(kind, named, "norm"), _configs.dropout_sites(named))
+                                        _configs.norm_sites(named), _configs.dropout_sites(named))
     if [id(c) for c in kept] != [id(c) for c in expected]:
         raise AssertionError(f"{kind}: the autotuner's prune and shipped_configs disagree")
     return list(kept)
@@ -828,7 +857,7 @@ def gate_jobs(kinds=ALL_KINDS, archs=DEFAULT_ARCHS, dtypes=DEFAULT_DTYPES, two_l
         if cover:
             feats_of_kind = sorted(feats_of_kind, key=lambda f: COVER_ORDER.index(f))
         # each norm variant gets its own pass of the covering set: its prologue is in no other variant
-        groups = [feats_of_kind] + [[f] for f in features if f in ON_REQUEST_FEATURES]
+        groups = [feats_of_kind] + [[f] for f in features if f in ON_REQUEST_FEATURES and kind in feature_kinds(f)]
         for dtype in dtypes:
             for tl_ in two_level:
                 for arch in archs:
@@ -890,6 +919,21 @@ def derive_norm_drops(records: list[dict]) -> dict:
     activations beside 16-bit weights)."""
     return _derive_drops(records, NORM_FEATURES,
                          lambda r, feats: (DTYPES[r["variant"]][0].itemsize, r["variant"] in ACTIVATIONS))
+
+
+def derive_chain_drops(records: list[dict]) -> dict:
+    """:data:`fusedres.kernels.configs.CHAIN_DROPPED` from gate records: every failed forward of a
+    chain variant, as arch -> kind -> (element size, mixed) -> tiles, ``mixed`` as the launch's own
+    prune sees it (its A and B operands wider than the GEMM dtype: the single block under autocast;
+    the MLP block's fc2 reads h in the GEMM dtype, so its autocast launch is not mixed). Every arch
+    the records compiled gets an entry, empty where all compiled clean: an arch absent from a drop
+    table takes every arch's drops (as an ungated one must)."""
+    def key(r, feats):
+        args, consts = example_launch(r["kernel"], r["variant"], r.get("two_level", False), features=r["features"])
+        elem, operands = _configs.launch_operand_sizes(r["kernel"], dict(zip(TUNED[r["kernel"]].arg_names, args)))
+        return elem, max(operands) > elem
+    gated = {r["arch"] for r in records if split_features(r.get("features", ""))[0] in CHAIN_FEATURES}
+    return {arch: {} for arch in sorted(gated)} | _derive_drops(records, tuple(CHAIN_FEATURES), key)
 
 
 def derive_dropout_drops(records: list[dict]) -> dict:
@@ -1044,6 +1088,8 @@ def main(argv=None) -> int:
     parser.add_argument("--derive-dropout-drops", action="store_true",
                         help="print configs.DROPOUT_DROPPED as derived from this run's failures "
                              "(derive_dropout_drops)")
+    parser.add_argument("--derive-chain-drops", action="store_true",
+                        help="print configs.CHAIN_DROPPED as derived from this run's failures (derive_chain_drops)")
     parser.add_argument("--from-json", action="append", metavar="PATH",
                         help="with --derive-act-drops: derive from these saved records instead of compiling")
     parser.add_argument("--cover", action="store_true",
@@ -1063,14 +1109,18 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, "-m", "fusedres.aot", *(sys.argv[1:] if argv is None else argv)],
                                env=env)
 
-    if (args.derive_act_drops or args.derive_norm_drops or args.derive_dropout_drops) and args.from_json:
-        records = [r for path in args.from_json for r in json.load(open(path))]
+    def print_derived(records):
         if args.derive_act_drops:
             print(_format_act_drops(derive_act_drops(records)))
-        if args.derive_norm_drops:
-            print("NORM_DROPPED: dict = " + pprint.pformat(derive_norm_drops(records), width=110))
-        if args.derive_dropout_drops:
-            print("DROPOUT_DROPPED: dict = " + pprint.pformat(derive_dropout_drops(records), width=110))
+        for wanted, name, derive in ((args.derive_norm_drops, "NORM_DROPPED", derive_norm_drops),
+                                     (args.derive_dropout_drops, "DROPOUT_DROPPED", derive_dropout_drops),
+                                     (args.derive_chain_drops, "CHAIN_DROPPED", derive_chain_drops)):
+            if wanted:
+                print(f"{name}: dict = " + pprint.pformat(derive(records), width=110))
+
+    if (args.derive_act_drops or args.derive_norm_drops or args.derive_dropout_drops
+            or args.derive_chain_drops) and args.from_json:
+        print_derived([r for path in args.from_json for r in json.load(open(path))])
         return 0
     t0 = time.perf_counter()
     if not _configs.stack_supported() and set(args.kernels) & set(STACK_KINDS):
@@ -1096,12 +1146,7 @@ def main(argv=None) -> int:
             json.dump(records, f, indent=1)
     if not args.quiet:
         print(format_table(records))
-    if args.derive_act_drops:
-        print(_format_act_drops(derive_act_drops(records)))
-    if args.derive_norm_drops:
-        print("NORM_DROPPED: dict = " + pprint.pformat(derive_norm_drops(records), width=110))
-    if args.derive_dropout_drops:
-        print("DROPOUT_DROPPED: dict = " + pprint.pformat(derive_dropout_drops(records), width=110))
+    print_derived(records)
     failed = [r for r in records if not r["ok"]]
     print(f"\nfusedres.aot: {len(records)} compiles{' (covering set)' if args.cover else ''} "
           f"({','.join(args.kernels)} x {','.join(args.archs)} x "

@@ -96,6 +96,9 @@ class ResidualMLP(nn.Module):
         self.blocks = nn.Sequential(*[block(*args, bias=bias, alpha=alpha, learnable_alpha=learnable_alpha,
                                             **options, **extra(rate), **factory) for rate in rates])
         self.output = nn.Linear(dim, out_features, bias=bias, **factory)
+        if fused:       # each block's forward emits the next one's norm statistics (fusedres.chain)
+            from .chain import link_blocks
+            link_blocks(self.blocks)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.output(self.blocks(self.input(x)))

@@ -89,7 +89,8 @@ def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
                        fc2_bias: Optional[Tensor], *, alpha: float | Tensor = 1.0,
                        sample_scale: Optional[Tensor] = None, recompute: bool = False, pre_act: ActLike = "relu",
                        act: ActLike = "relu", norm: NormLike = None, hidden_norm: NormLike = None,
-                       dropout: float = 0.0, hidden_dropout: float = 0.0, training: bool = True) -> Tensor:
+                       dropout: float = 0.0, hidden_dropout: float = 0.0, training: bool = True,
+                       _chain=None) -> Tensor:
     """Pre-activation residual block with a hidden layer, fused:
     ``y = x + alpha * s * (act(pre_act(norm(x)) @ fc1_weight.T + fc1_bias) @ fc2_weight.T + fc2_bias)``.
 
@@ -123,6 +124,9 @@ def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
             ``F.dropout``): ``y = x + alpha * s * dropout(dropout_h(act(h)) @ W2.T + b2)``. The keep
             masks are generated inside fc2's kernels from two seeds drawn per call from torch's
             generator, never stored (:mod:`fusedres.dropout`).
+
+        _chain: internal (the modules' :func:`fusedres.chain.call_for`): the norm's statistics
+            handed over by the previous block, the next block's norm to emit statistics for.
 
     Under ``torch.autocast`` the GEMMs run in the autocast dtype, as ``F.linear``'s would.
     """
@@ -170,14 +174,25 @@ def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
         alpha, alpha_value = None, float(alpha)
     inputs = (x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, bool(recompute), pre_name or "none", pre_param,
               act_name, act_param, *norm_args, float(dropout), float(hidden_dropout), seeds)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    given = (_chain.stats if _chain is not None and calls[0] is not None and calls[0].running is None and rows
+             else None)
+    next_norm = _chain.next_norm if _chain is not None and _chain.next_norm is not None else "none"
+    if given is not None or next_norm != "none":
+        inputs += (*(given or (None, None)), next_norm)
     if eager_mode_call(x, w1):
-        y, _, mean, var, hmean, hvar = _EagerMLP.apply(*inputs)
+        y, _, mean, var, hmean, hvar, *emitted = _EagerMLP.apply(*inputs)
     else:
         with autocast_off(device_type):
-            y, _, mean, var, hmean, hvar = torch.ops.fusedres.residual_mlp_forward(*inputs)
+            y, _, mean, var, hmean, hvar, *emitted = torch.ops.fusedres.residual_mlp_forward(*inputs)
+    if given is not None:
+        mean, var = given
     for call, m, v in zip(calls, (mean, hmean), (var, hvar)):
-        if call is not None and call.update is not None and x.numel():
-            update_running_stats(call.update, m, v, x.numel() // x.shape[-1])
+        if call is not None and call.update is not None and rows:
+            update_running_stats(call.update, m, v, rows)
+    if next_norm != "none" and rows and backend_for(x.device) != "eager":
+        from .chain import hand_over
+        hand_over(y, next_norm, *emitted)
     return y
 
 
@@ -243,21 +258,23 @@ def _refuse_eager_norms(norm: str, hidden: str, seeds=None) -> None:
                            "computed by fused_residual_mlp through the eager reference; call that, not the custom op")
 
 
-def _norm_state(x, xs, rows, norm):
+def _norm_state(x, xs, rows, norm, given=None):
     """``(operands for the kernels, mean, var)`` of a ``(kind, weight, bias, eps, running_mean,
-    running_var)`` norm: the batch statistics (one pass over x) or BatchNorm's running ones."""
+    running_var)`` norm: the batch statistics (``given``, a chain's ``(mean, var)``, else one pass
+    over x) or BatchNorm's running ones."""
     kind, weight, bias, eps, running_mean, running_var = norm
     if kind == "none":
         return kernels.NO_NORM, None, None
     from .norm_op import _stats
-    mean, var, rstd = _stats(x, xs, rows, kind, eps, running_mean, running_var)
+    mean, var, rstd = _stats(x, xs, rows, kind, eps, running_mean, running_var, given)
     return kernels.norm_operands(kind, mean, rstd, weight, bias), mean, var
 
 
 def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute, pre, act, norm=_NO_NORM_ARGS,
-                 hidden=_NO_NORM_ARGS, dropout=0.0, hidden_dropout=0.0, seeds=None):
-    """``(y, h, mean, var, hidden mean, hidden var)``: the batch statistics of the norm and of the
-    hidden norm (None: none, or BatchNorm's running statistics)."""
+                 hidden=_NO_NORM_ARGS, dropout=0.0, hidden_dropout=0.0, seeds=None, given=None, next_norm="none"):
+    """``(y, h, mean, var, hidden mean, hidden var, next mean, next var)``: the batch statistics of
+    the norm (``given``: a chain's, handed over) and of the hidden norm (None: none, or BatchNorm's
+    running statistics), and the next block's norm's statistics of y (``next_norm``: a chain's)."""
     b1, b2, sample_scale = _contiguous(b1), _contiguous(b2), _contiguous(sample_scale)
     scale = _contiguous(_scale(alpha, alpha_value))
     if backend_for(x.device) == "eager":
@@ -268,13 +285,14 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
             branch = branch * sample_rows(sample_scale, branch)
         if scale is not None:
             branch = scale * branch
-        return (x + branch).contiguous(), h.contiguous(), None, None, None, None      # the fake kernel's layout
+        # (the fake kernel's layout; the eager backend emits no chain statistics)
+        return (x + branch).contiguous(), h.contiguous(), None, None, None, None, None, None
     warn_if_ungated(pre, x.device)
     warn_if_ungated(act, x.device)
     h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, w2.dtype))
     rows, (xs, hs), (xk, hk) = plan_rows(x, h)
-    ops, mean, var = _norm_state(xk, xs, rows, norm)
+    ops, mean, var = _norm_state(xk, xs, rows, norm, given)
     hkind, hw, hb, heps, hrm, hrv = hidden
     hmean = hvar = None
     hops = kernels.NO_NORM
@@ -295,9 +313,13 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
                 rstd = torch.rsqrt(hrv.to(acc_t) + heps)
             hops = kernels.norm_operands(hkind, hmean if hrm is None else hrm.to(rstd.dtype), rstd, hw, hb)
         drop, hdrop = _drops(seeds, dropout, hidden_dropout, w2)
-        kernels.residual_fwd(hk, hs, w2, b2, y.view(rows.M, w2.shape[0]), rows, alpha=scale, residual=(xk, xs),
-                             sample_scale=sample_scale, rows_per_sample=rows_per_sample(x), act=act.name,
-                             act_param=act.param, norm=hops, dropout=drop, dropout_a=hdrop)
+        from .norm_op import sink_stats, stats_sinks
+        sinks = stats_sinks(next_norm, rows.M, w2.shape[0], x)
+        launch = kernels.residual_fwd(hk, hs, w2, b2, y.view(rows.M, w2.shape[0]), rows, alpha=scale,
+                                      residual=(xk, xs), sample_scale=sample_scale,
+                                      rows_per_sample=rows_per_sample(x), act=act.name, act_param=act.param,
+                                      norm=hops, stats_partials=sinks, dropout=drop, dropout_a=hdrop)
+        emitted = sink_stats(next_norm, launch, sinks, rows.M, w2.shape[0], x)
     elif hkind != "none" and hrm is None:
         acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
         hmean, hvar = torch.zeros(H, device=x.device, dtype=acc_t), torch.zeros(H, device=x.device, dtype=acc_t)
@@ -305,7 +327,10 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
             hmean, hvar = hmean[:0], hvar[:0]
         if hkind == "rms":
             hmean = None
-    return y, h, mean, var, hmean, hvar
+    if not rows.M:
+        from .norm_op import sink_stats
+        emitted = sink_stats(next_norm, None, None, 0, w2.shape[0], x)
+    return y, h, mean, var, hmean, hvar, *emitted
 
 
 def _forward_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
@@ -317,23 +342,32 @@ def _forward_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_w
                 hidden_norm: str = "none", hidden_norm_weight: Optional[Tensor] = None,
                 hidden_norm_bias: Optional[Tensor] = None, hidden_eps: float = 0.0,
                 hidden_running_mean: Optional[Tensor] = None, hidden_running_var: Optional[Tensor] = None,
-                dropout: float = 0.0, hidden_dropout: float = 0.0, seeds: Optional[Tensor] = None
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                dropout: float = 0.0, hidden_dropout: float = 0.0, seeds: Optional[Tensor] = None,
+                stats_mean: Optional[Tensor] = None, stats_var: Optional[Tensor] = None, next_norm: str = "none"
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, h, mean, var)``: the output, the hidden pre-activation (an empty tensor with
     ``recompute``) and the norm's batch statistics (empty without a norm, or with BatchNorm's
     running statistics given). ``pre_act``: a name of the activation table, or ``"none"``;
     ``norm``: ``"none"``, ``"batch"``, ``"layer"`` or ``"rms"``; ``hidden_norm`` the same for h,
     whose batch statistics are the last two outputs. ``seeds`` (two int64: the hidden dropout's,
     the branch dropout's; None: no dropout) with the probabilities ``hidden_dropout`` and
-    ``dropout``. ``fusedres::residual_mlp_forward`` is this
+    ``dropout``. ``stats_mean``/``stats_var``: the norm's batch statistics of x handed over by the
+    previous block of a chain (no statistics pass; then not returned); ``next_norm``: the next
+    block's norm, whose statistics of y fc2's epilogue emits as the last two outputs
+    (:mod:`fusedres.chain`). ``fusedres::residual_mlp_forward`` is this
     function as a custom op; the eager-mode node calls it directly."""
-    y, h, mean, var, hmean, hvar = _mlp_forward(
+    given = (stats_mean, stats_var) if stats_var is not None else None
+    y, h, mean, var, hmean, hvar, nmean, nvar = _mlp_forward(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute,
         *_acts(pre_act, pre_act_param, act, act_param), (norm, norm_weight, norm_bias, eps, running_mean, running_var),
         (hidden_norm, hidden_norm_weight, hidden_norm_bias, hidden_eps, hidden_running_mean, hidden_running_var),
-        dropout, hidden_dropout, seeds)
+        dropout, hidden_dropout, seeds, given, next_norm)
+    if nvar is None:        # (the eager backend)
+        from .norm_op import sink_stats
+        nmean, nvar = sink_stats("none", None, None, 0, 0, x)
     return (y, (x.new_empty(0, dtype=fc1_weight.dtype) if recompute else h),
-            *_stats_outputs(x, mean, var, running_mean), *_stats_outputs(x, hmean, hvar, hidden_running_mean))
+            *_stats_outputs(x, mean, var, running_mean if given is None else stats_var),
+            *_stats_outputs(x, hmean, hvar, hidden_running_mean), nmean, nvar)
 
 
 residual_mlp_forward = torch.library.custom_op("fusedres::residual_mlp_forward", _forward_op, mutates_args=())
@@ -351,11 +385,13 @@ def _stats_outputs(x, mean, var, running_mean):
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, alpha, alpha_value, sample_scale, recompute, pre_act="relu",
       pre_act_param=0.0, act="relu", act_param=0.0, norm="none", norm_weight=None, norm_bias=None, eps=0.0,
       running_mean=None, running_var=None, hidden_norm="none", hidden_norm_weight=None, hidden_norm_bias=None,
-      hidden_eps=0.0, hidden_running_mean=None, hidden_running_var=None, dropout=0.0, hidden_dropout=0.0, seeds=None):
+      hidden_eps=0.0, hidden_running_mean=None, hidden_running_var=None, dropout=0.0, hidden_dropout=0.0, seeds=None,
+      stats_mean=None, stats_var=None, next_norm="none"):
+    from .norm_op import fake_sink_stats
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, fc2_weight.dtype))
     h = x.new_empty(0 if recompute else _hidden_shape(x, fc1_weight), dtype=fc1_weight.dtype)
-    return (y, h, *_fake_stats(x, norm, running_mean, x.shape[-1]),
-            *_fake_stats(x, hidden_norm, hidden_running_mean, fc1_weight.shape[0]))
+    return (y, h, *_fake_stats(x, norm, running_mean if stats_var is None else stats_var, x.shape[-1]),
+            *_fake_stats(x, hidden_norm, hidden_running_mean, fc1_weight.shape[0]), *fake_sink_stats(next_norm, x, y))
 
 
 def _fake_stats(x, norm, running_mean, width):
@@ -530,8 +566,8 @@ def _setup_context(ctx, inputs, output) -> None:
     (x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute, pre_act, pre_param, act, act_param, *norms) = inputs
     norm, norm_weight, norm_bias, eps, running_mean, running_var = norms[:6]
     hnorm, hnorm_weight, hnorm_bias, heps, hrunning_mean, hrunning_var = norms[6:12]
-    given = tuple(norms[12:])       # (a direct call may leave the dropout arguments at their defaults)
-    dropout, hidden_dropout, seeds = given + (0.0, 0.0, None)[len(given):]
+    given = tuple(norms[12:])       # (a direct call may leave the dropout and chain arguments at their defaults)
+    dropout, hidden_dropout, seeds, stats_mean, stats_var, _ = given + (0.0, 0.0, None, None, None, "none")[len(given):]
     ctx.dropout = (dropout, hidden_dropout)
     ctx.has = (b1 is not None, b2 is not None, alpha is not None, norm_weight is not None, norm_bias is not None,
                hnorm_weight is not None, hnorm_bias is not None)
@@ -544,7 +580,9 @@ def _setup_context(ctx, inputs, output) -> None:
     # normalized tensor; with dropout its two seeds, never a mask.
     keep_b1 = b1 if recompute else None
     keep_b2 = b2 if (alpha is not None and alpha.requires_grad) else None
-    x_stats = (running_mean, running_var) if running_mean is not None else output[2:4]
+    x_stats = ((running_mean, running_var) if running_mean is not None
+               else (stats_mean if stats_mean is not None else output[2], stats_var) if stats_var is not None
+               else output[2:4])
     h_stats = (hrunning_mean, hrunning_var) if hrunning_mean is not None else output[4:6]
     ctx.save_for_backward(x, output[1], w1, keep_b1, w2, keep_b2, alpha, sample_scale, norm_weight, norm_bias,
                           *x_stats, hnorm_weight, hnorm_bias, *h_stats, seeds)
@@ -570,7 +608,7 @@ def _backward(ctx, grad, _grad_h, *_grad_stats, direct: bool = False):
     grads = backward(grad, x, h, w1, b1, w2, b2, alpha, ctx.alpha_value, sample_scale, ctx.recompute, *needs,
                      *ctx.acts, norm, nw, nb, eps, mean, var, batch_stats, *norm_needs, hnorm, hnw, hnb, heps, hmean,
                      hvar, hbatch_stats, *hidden_needs, *ctx.dropout, seeds)
-    out = [None] * 28
+    out = [None] * 31
     for i, (g, ok) in enumerate(zip(grads[:6], needs)):
         out[i] = g if ok else None
     for i, g, ok in zip((_NORM_WEIGHT, _NORM_BIAS, _HIDDEN_WEIGHT, _HIDDEN_BIAS), grads[6:],

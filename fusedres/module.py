@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import chain as _chain
+from .chain import call_for as _chain_call, produced as _produced
 from .mlp_op import fused_residual_mlp
 from .op import fused_residual
 from .reference import _ResidualMLPParameters, _ResidualParameters
@@ -48,9 +50,14 @@ class FusedResidualBlock(_ResidualParameters):
     _fused_kernels = True
 
     def forward(self, x: Tensor) -> Tensor:
-        return fused_residual(x, self.weight, self.bias, alpha=self.alpha, proj_weight=self.proj_weight,
-                              sample_scale=self._sample_scale(x), act=self.act, norm=self.norm,
-                              dropout=self.dropout, training=self.training)
+        norm, proj, training = self.norm, self.proj_weight, self.training      # (each read once: nn.Module lookups)
+        chain = _chain_call(self, norm, x, training, proj) if norm is not None or _chain._ANY_LINK else None
+        y = fused_residual(x, self.weight, self.bias, alpha=self.alpha, proj_weight=proj,
+                           sample_scale=self._sample_scale(x), act=self.act, norm=norm, dropout=self.dropout,
+                           training=training, _chain=chain)
+        if _chain._NORMS_SEEN:      # (a chain of blocks: fusedres.chain)
+            _produced(y, self)
+        return y
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FusedResidualBlock":
@@ -118,10 +125,15 @@ class FusedResidualMLPBlock(_ResidualMLPParameters):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        return fused_residual_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, alpha=self.alpha,
-                                  sample_scale=self._sample_scale(x), recompute=self.recompute, pre_act=self.pre_act,
-                                  act=self.act, norm=self.norm, hidden_norm=self.hidden_norm,
-                                  dropout=self.dropout, hidden_dropout=self.hidden_dropout, training=self.training)
+        norm, training = self.norm, self.training
+        y = fused_residual_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, alpha=self.alpha,
+                               sample_scale=self._sample_scale(x), recompute=self.recompute, pre_act=self.pre_act,
+                               act=self.act, norm=norm, hidden_norm=self.hidden_norm,
+                               dropout=self.dropout, hidden_dropout=self.hidden_dropout, training=training,
+                               _chain=_chain_call(self, norm, x, training))
+        if _chain._NORMS_SEEN:      # (a chain of blocks: fusedres.chain)
+            _produced(y, self)
+        return y
 
     @classmethod
     def from_block(cls, block: _ResidualMLPParameters) -> "FusedResidualMLPBlock":

@@ -49,9 +49,10 @@ WHO = "fused_residual"
 
 
 def fused_norm_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha, sample_scale: Optional[Tensor],
-                        act: ActLike, norm: NormLike, dropout: float = 0.0) -> Tensor:
-    """:func:`fusedres.fused_residual` with ``norm`` or an active ``dropout`` (training, ``p > 0``)
-    given (its inputs checked there)."""
+                        act: ActLike, norm: NormLike, dropout: float = 0.0, chain=None) -> Tensor:
+    """:func:`fusedres.fused_residual` with ``norm``, an active ``dropout`` (training, ``p > 0``)
+    or a chain call (:class:`fusedres.chain.ChainCall`: the batch statistics of x handed over, the
+    next norm's statistics of y to emit) given (its inputs checked there)."""
     from .op import autocast_off, backend_for, eager_mode_call, gemm_operands
     if norm is not None:
         norm_kind(norm, x.shape[-1] if x.dim() else None, WHO)
@@ -78,13 +79,22 @@ def fused_norm_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha
     else:
         norm_args = ("none", None, None, 0.0, None, None)
     inputs = (x, weight, bias, alpha, alpha_value, sample_scale, act.name, act.param, *norm_args, float(dropout), seed)
+    given = chain.stats if chain is not None and call is not None and call.running is None and M else None
+    next_norm = chain.next_norm if chain is not None and chain.next_norm is not None else "none"
+    if given is not None or next_norm != "none":
+        inputs += (*(given or (None, None)), next_norm)
     if eager_mode_call(x, weight):
-        y, mean, var = _EagerNormResidual.apply(*inputs)
+        y, mean, var, *emitted = _EagerNormResidual.apply(*inputs)
     else:
         with autocast_off(x.device.type):
-            y, mean, var = torch.ops.fusedres.norm_residual_forward(*inputs)
+            y, mean, var, *emitted = torch.ops.fusedres.norm_residual_forward(*inputs)
+    if given is not None:
+        mean, var = given
     if call is not None and call.update is not None and M:
         update_running_stats(call.update, mean, var, M)
+    if next_norm != "none" and M:
+        from .chain import hand_over
+        hand_over(y, next_norm, *emitted)
     return y
 
 
@@ -125,12 +135,15 @@ def _eager(x, weight, bias, alpha, sample_scale, act, norm, dropout=0.0, seed=No
 # The launches
 
 
-def _stats(x, xs, rows, kind, eps, running_mean, running_var):
-    """``(mean, var, rstd)`` in the accumulator dtype: the batch statistics (one pass over ``x``)
-    or BatchNorm's running ones; ``mean`` None for RMSNorm (``var`` is then the mean square)."""
+def _stats(x, xs, rows, kind, eps, running_mean, running_var, given=None):
+    """``(mean, var, rstd)`` in the accumulator dtype: the batch statistics (``given``: ``(mean,
+    var)`` handed over by the previous block of a chain, else one pass over ``x``) or BatchNorm's
+    running ones; ``mean`` None for RMSNorm (``var`` is then the mean square)."""
     acc = acc_dtype(x)
     if running_mean is not None:
         mean, var = running_mean.to(acc), running_var.to(acc)
+    elif given is not None and given[1] is not None:
+        mean, var = given[0] if kind != "rms" else None, given[1]
     elif kind == "batch":
         mean, var = col_stats(x, xs, rows)
     else:
@@ -143,21 +156,56 @@ def _scale(alpha, alpha_value):
 
 
 def _forward(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight, norm_bias, eps,
-             running_mean, running_var, dropout=0.0, seed=None):
+             running_mean, running_var, dropout=0.0, seed=None, stats_mean=None, stats_var=None, next_norm="none"):
     rows, (xs,), (xk,) = plan_rows(x)
     N = weight.shape[0]
     y = x.new_empty((*x.shape[:-1], N), dtype=torch.promote_types(x.dtype, weight.dtype))
     if kind == "none":
         ops = kernels.NO_NORM
     else:
-        mean, var, rstd = _stats(xk, xs, rows, kind, eps, running_mean, running_var)
+        mean, var, rstd = _stats(xk, xs, rows, kind, eps, running_mean, running_var, (stats_mean, stats_var))
         ops = kernels.norm_operands(kind, mean, rstd, norm_weight, norm_bias)
-    kernels.residual_fwd(xk, xs, weight, bias, y.view(rows.M, N), rows, alpha=_scale(alpha, alpha_value),
-                         sample_scale=sample_scale, rows_per_sample=rows_per_sample(x), act=act,
-                         act_param=act_param, norm=ops, dropout=dropout_operands(seed, dropout, weight))
-    if running_mean is not None or kind == "none":
-        return y, x.new_empty(0), x.new_empty(0)
-    return y, (mean if mean is not None else x.new_empty(0, dtype=var.dtype)), var
+    sinks = stats_sinks(next_norm, rows.M, N, x)
+    launch = kernels.residual_fwd(xk, xs, weight, bias, y.view(rows.M, N), rows, alpha=_scale(alpha, alpha_value),
+                                  sample_scale=sample_scale, rows_per_sample=rows_per_sample(x), act=act,
+                                  act_param=act_param, norm=ops, stats_partials=sinks,
+                                  dropout=dropout_operands(seed, dropout, weight))
+    emitted = sink_stats(next_norm, launch, sinks, rows.M, N, x)
+    if running_mean is not None or kind == "none" or stats_var is not None:
+        # (no statistics computed here: none, the running ones, or the chain's, which the caller has)
+        return y, x.new_empty(0), x.new_empty(0), *emitted
+    return y, (mean if mean is not None else x.new_empty(0, dtype=var.dtype)), var, *emitted
+
+
+def stats_sinks(next_norm: str, M: int, N: int, like: Tensor) -> tuple:
+    """The forward's ``(col, row)`` workspaces for the next norm's statistics partials of its
+    ``[M, N]`` output (sized for the smallest tile, 16), in the accumulator dtype; ``(None,
+    None)`` for ``next_norm`` ``"none"``."""
+    if next_norm == "none" or not M:
+        return (None, None)
+    acc = acc_dtype(like)
+    if next_norm == "batch":
+        return (torch.empty(cdiv(M, 16) * 2 * N, device=like.device, dtype=acc), None)
+    return (None, torch.empty(cdiv(N, 16) * 2 * M, device=like.device, dtype=acc))
+
+
+def sink_stats(next_norm: str, launch, sinks: tuple, M: int, N: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The next norm's batch statistics ``(mean, var)`` of an ``[M, N]`` output from its forward's
+    partials (Chan's merge in tile order): ``[N]`` for BatchNorm, ``[M]`` for LayerNorm; RMSNorm
+    ``(empty, mean square)``. Empty tensors for ``"none"``."""
+    from .kernels.norm import partial_stats
+    acc = acc_dtype(like)
+    if next_norm == "none":
+        return like.new_empty(0, dtype=acc), like.new_empty(0, dtype=acc)
+    width = N if next_norm == "batch" else M
+    if launch is None:      # no rows: BatchNorm's error is the consumer's; a row norm has no rows
+        return (like.new_zeros(width if next_norm != "rms" else 0, dtype=acc), like.new_zeros(width, dtype=acc))
+    cfg = launch.config.kwargs
+    if next_norm == "batch":
+        mean, var = partial_stats("batch", sinks[0], cdiv(M, cfg["BLOCK_M"]), cfg["BLOCK_M"], N, M)
+    else:
+        mean, var = partial_stats(next_norm, sinks[1], cdiv(N, cfg["BLOCK_N"]), cfg["BLOCK_N"], M, N)
+    return (mean if mean is not None else like.new_empty(0, dtype=acc)), var
 
 
 def _backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight,
@@ -260,23 +308,41 @@ def norm_residual_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], alp
                           alpha_value: float, sample_scale: Optional[Tensor], act: str, act_param: float, norm: str,
                           norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,
                           running_mean: Optional[Tensor], running_var: Optional[Tensor], dropout: float = 0.0,
-                          seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, mean, var)``: the block's output and the batch statistics it normalized with (empty
-    when ``running_mean``/``running_var`` were given, or ``norm`` is ``"none"``; RMSNorm: no mean,
-    ``var`` the mean square). ``seed`` (one int64, or None: no dropout): the branch dropout's."""
+                          seed: Optional[Tensor] = None, stats_mean: Optional[Tensor] = None,
+                          stats_var: Optional[Tensor] = None, next_norm: str = "none"
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, next_mean, next_var)``: the block's output and the batch statistics it
+    normalized with (empty when ``running_mean``/``running_var`` or ``stats_var`` were given, or
+    ``norm`` is ``"none"``; RMSNorm: no mean, ``var`` the mean square). ``seed`` (one int64, or
+    None: no dropout): the branch dropout's. ``stats_mean``/``stats_var``: the batch statistics of
+    x handed over by the previous block of a chain (no statistics pass); ``next_norm``: the next
+    block's norm, whose batch statistics of y the epilogue emits as ``next_mean``/``next_var``
+    (empty for ``"none"``)."""
     return _forward(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight, norm_bias,
-                    eps, running_mean, running_var, dropout, seed)
+                    eps, running_mean, running_var, dropout, seed, stats_mean, stats_var, next_norm)
 
 
 @norm_residual_forward.register_fake
 def _(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight, norm_bias, eps,
-      running_mean, running_var, dropout=0.0, seed=None):
+      running_mean, running_var, dropout=0.0, seed=None, stats_mean=None, stats_var=None, next_norm="none"):
     acc = acc_dtype(x)
-    mean_shape, var_shape = _stat_shapes(x, norm, running_mean is not None)
+    mean_shape, var_shape = _stat_shapes(x, norm, running_mean is not None or stats_var is not None)
     y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.promote_types(x.dtype, weight.dtype))
-    given = running_mean is not None or norm == "none"
+    given = running_mean is not None or norm == "none" or stats_var is not None
     return (y, x.new_empty(mean_shape, dtype=x.dtype if given else acc),
-            x.new_empty(var_shape, dtype=x.dtype if given else acc))
+            x.new_empty(var_shape, dtype=x.dtype if given else acc), *fake_sink_stats(next_norm, x, y))
+
+
+def fake_sink_stats(next_norm: str, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The shapes :func:`sink_stats` returns, for the fake kernels."""
+    acc = acc_dtype(x)
+    N = y.shape[-1]
+    M = y.numel() // N if N else 0
+    if next_norm == "none":
+        return x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+    if next_norm == "batch":
+        return x.new_empty(N, dtype=acc), x.new_empty(N, dtype=acc)
+    return x.new_empty(M if next_norm == "layer" else 0, dtype=acc), x.new_empty(M, dtype=acc)
 
 
 @torch.library.custom_op("fusedres::norm_residual_backward", mutates_args=())
@@ -310,9 +376,11 @@ def _(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, n
 def _setup_context(ctx, inputs, output) -> None:
     (x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight, norm_bias, eps,
      running_mean, running_var, *drop) = inputs
-    _, mean, var = output
+    _, mean, var, *emitted = output
     given = running_mean is not None
-    ctx.mark_non_differentiable(mean, var)
+    if len(drop) > 3 and drop[3] is not None:       # a chain's statistics: saved as the batch statistics
+        mean, var = (drop[2] if drop[2] is not None else mean), drop[3]
+    ctx.mark_non_differentiable(*output[1:])
     ctx.settings = (alpha_value, act, act_param, norm, eps, not given, bias is not None, alpha is not None,
                     norm_weight is not None, norm_bias is not None, drop[0] if drop else 0.0)
     # Saved: x, the vectors of the statistics and the parameters, dropout's seed; never norm(x)
@@ -323,7 +391,7 @@ def _setup_context(ctx, inputs, output) -> None:
                           drop[1] if len(drop) > 1 else None)
 
 
-def _backward_rule(ctx, grad, _grad_mean, _grad_var, direct: bool = False):
+def _backward_rule(ctx, grad, *_grad_stats, direct: bool = False):
     x, weight, bias, alpha, sample_scale, norm_weight, norm_bias, mean, var, seed = ctx.saved_tensors
     alpha_value, act, act_param, norm, eps, batch_stats, has_bias, has_alpha, has_nw, has_nb, dropout = ctx.settings
     need = ctx.needs_input_grad
@@ -333,7 +401,8 @@ def _backward_rule(ctx, grad, _grad_mean, _grad_var, direct: bool = False):
     grads = backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, norm, norm_weight,
                      norm_bias, eps, mean, var, batch_stats, *needs, dropout, seed)
     dx, dw, db, dalpha, dnw, dnb = (g if n else None for g, n in zip(grads, needs))
-    return (dx, dw, db, dalpha, None, None, None, None, None, dnw, dnb, None, None, None, None, None)[:len(need)]
+    return (dx, dw, db, dalpha, None, None, None, None, None, dnw, dnb, None, None, None, None, None, None, None,
+            None)[:len(need)]
 
 
 def _register() -> type:

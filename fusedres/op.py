@@ -203,7 +203,7 @@ def check_sample_scale_arg(who: str, x: Tensor, sample_scale: Optional[Tensor]) 
 def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, alpha: float | Tensor = 1.0,
                    proj_weight: Optional[Tensor] = None, sample_scale: Optional[Tensor] = None,
                    act: ActLike = "relu", norm: NormLike = None, dropout: float = 0.0,
-                   training: bool = True) -> Tensor:
+                   training: bool = True, _chain=None) -> Tensor:
     """Pre-activation residual block, fused: ``y = x + alpha * (act(x) @ weight.T + bias)``, or
     with a projection shortcut ``y = x @ proj_weight.T + alpha * (act(x) @ weight.T + bias)``.
 
@@ -240,6 +240,8 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
             regenerates it, none stores it (:mod:`fusedres.dropout`; :func:`fusedres.record_dropout`
             returns the masks a call used). Not with ``proj_weight``.
         training: whether ``dropout`` applies (default True, as ``F.dropout``'s).
+        _chain: internal (the modules' :func:`fusedres.chain.call_for`): the norm's statistics
+            handed over by the previous block, the next block's norm to emit statistics for.
 
     Returns:
         ``y`` of shape ``(..., out)``, in ``x``'s dtype (under autocast, eager's type promotion).
@@ -257,7 +259,7 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
         dropout = _check_p(dropout, "fused_residual: dropout")
         if not training:
             dropout = 0.0
-    if norm is not None or dropout:
+    if norm is not None or dropout or _chain is not None:
         _check_inputs(x, weight, bias, alpha, proj_weight, sample_scale)
         if proj_weight is not None and norm is not None:
             raise ValueError("fused_residual: norm with a projection shortcut is not supported (which input the "
@@ -265,7 +267,7 @@ def fused_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
         if proj_weight is not None:
             raise ValueError("fused_residual: dropout with a projection shortcut is not supported by the fused "
                              "kernels; use fusedres.ResidualBlock (eager) for such a block")
-        return _norm_op.fused_norm_residual(x, weight, bias, alpha, sample_scale, act, norm, dropout)
+        return _norm_op.fused_norm_residual(x, weight, bias, alpha, sample_scale, act, norm, dropout, _chain)
     # (eager_mode_call's checks, inline on this hot path; the meta device is sent to the custom op
     # below, when its signature has no plan)
     if (_is_compiling() or type(x) not in _PLAIN or type(weight) not in _PLAIN or _dispatch_modes()

@@ -642,7 +642,7 @@ def norm_gate(tmp_path_factory):
     records = []
     procs = []
     for name, kinds, features, dtypes in (("norms", aot.KINDS + aot.NORM_KINDS, NORM_SINGLE, NORM_GATE_DTYPES),
-                                          ("hidden", ("fwd",), NORM_HIDDEN, NORM_HIDDEN_DTYPES)):
+                                          ("hidden", ("fwd",), NORM_HIDDEN + CHAIN_CI, NORM_HIDDEN_DTYPES)):
         path = tmp_path_factory.mktemp("aot") / f"{name}.json"
         procs.append(_run(["-m", "fusedres.aot", "-q", "--cover", "-j", str(os.cpu_count() or 2),
                            "--kernels", ",".join(kinds), "--dtypes", ",".join(dtypes),
@@ -653,6 +653,12 @@ def norm_gate(tmp_path_factory):
 
 NORM_SINGLE = tuple(f for f in aot.NORM_FEATURES if not f.startswith("norm-hidden-"))
 NORM_HIDDEN = tuple(f for f in aot.NORM_FEATURES if f.startswith("norm-hidden-"))
+#: A chain's forward (fusedres.chain: the residual add with the next norm's statistics sink) in CI,
+#: at fp16 with the hidden-norm forwards: the row sink on the single block's heaviest forward
+#: (LayerNorm, LayerScale, DropPath, dropout) and the column sink on the MLP block's fc2 (the hidden
+#: BatchNorm, both dropouts). The full run (every chain variant, fp16, bf16, fp32, tf32 and
+#: autocast-bf16 on sm_80 and sm_90, fp16 and fp32 on sm_86, sm_89, sm_120) derived CHAIN_DROPPED.
+CHAIN_CI = ("chain-layer", "chain-mlp-batch")
 
 
 def test_every_norm_recipe_compiles_clean_on_sm80_and_sm90(norm_gate):
@@ -673,7 +679,7 @@ def test_every_norm_recipe_compiles_clean_on_sm80_and_sm90(norm_gate):
     want = {(k, f, d, a, aot.config_name(k, c)) for k, feats in ((k, NORM_SINGLE) for k in aot.KINDS)
             for f in feats for d in NORM_GATE_DTYPES for a in FULL_ARCHS
             for c in aot.gate_configs(k, d, features=f, arch=a)}
-    want |= {("fwd", f, d, a, aot.config_name("fwd", c)) for f in NORM_HIDDEN for d in NORM_HIDDEN_DTYPES
+    want |= {("fwd", f, d, a, aot.config_name("fwd", c)) for f in NORM_HIDDEN + CHAIN_CI for d in NORM_HIDDEN_DTYPES
              for a in FULL_ARCHS for c in aot.gate_configs("fwd", d, features=f, arch=a)}
     want |= {(k, f, d, a, aot.config_name(k, kernels.norm.NORM_CONFIGS[k])) for k in aot.NORM_KINDS
              for f in aot._NORM_KIND_FEATURES[k] for d in NORM_GATE_DTYPES for a in FULL_ARCHS}
@@ -703,6 +709,34 @@ def test_norm_drops_are_derived_from_the_gate_records():
                     kind, elem, operand_sizes=ops, limits=aot.arch_limits(arch))}
                 # (a list left empty falls back to the smallest tile, which the norm gate compiles)
                 assert with_norm and not with_norm & set(tiles) and with_norm != without, (arch, kind, elem, mixed)
+
+
+def test_chain_drops_are_derived_from_the_gate_records():
+    """configs.CHAIN_DROPPED is derive_chain_drops of the chain variants' records, saved from the
+    full run (tests/data/chain_gate_records.json, triton 3.7.1: every chain variant, fp16, bf16,
+    fp32, tf32 and autocast-bf16 on sm_80 and sm_90, fp16 and fp32 on sm_86, sm_89 and sm_120); an
+    arch that compiled clean has an empty entry (it keeps every tile); the dropped tiles leave only
+    a chain's forward (a residual with a statistics sink), not the hidden norm's fc1 (a sink
+    without a residual, gated with the hidden-norm variants)."""
+    import pathlib
+    records = json.loads((pathlib.Path(__file__).parent / "data" / "chain_gate_records.json").read_text())
+    assert any(r["ok"] for r in records) and any(not r["ok"] for r in records)
+    assert {r["features"] for r in records} <= set(aot.CHAIN_FEATURES)
+    assert aot.derive_chain_drops(records) == configs.CHAIN_DROPPED
+    assert {a for a, t in configs.CHAIN_DROPPED.items() if not t} == {"sm_90", "sm_120"}
+    args, _ = aot.example_launch("fwd", "fp16", features="norm-hidden-batch")
+    named = dict(zip(aot.TUNED["fwd"].arg_names, args))
+    assert named["col_stats_ptr"] is not None and configs.norm_sites(named) == 1
+    args, _ = aot.example_launch("fwd", "fp16", features="chain-batch")
+    assert configs.norm_sites(dict(zip(aot.TUNED["fwd"].arg_names, args))) == 2
+    for arch, by_kind in configs.CHAIN_DROPPED.items():
+        for (elem, mixed), tiles in by_kind.get("fwd", {}).items():
+            ops = (4, 2) if mixed else None     # (autocast's single block: fp32 x, 16-bit weight)
+            sink = {configs._tile("fwd", c) for c in configs.shipped_configs(
+                "fwd", elem, operand_sizes=ops, limits=aot.arch_limits(arch), norm=2)}
+            prologue = {configs._tile("fwd", c) for c in configs.shipped_configs(
+                "fwd", elem, operand_sizes=ops, limits=aot.arch_limits(arch), norm=1)}
+            assert sink and not sink & set(tiles) and set(tiles) & prologue, (arch, elem, mixed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -270,13 +270,17 @@ def test_cpu_mode_end_to_end(tmp_path):
             assert on["launches"] == off["launches"] and 0 < on["unique_bytes"] - off["unique_bytes"] <= 64
             assert drop[("eager", blk, True, mode)]["bytes"] - drop[("eager", blk, False, mode)]["bytes"] >= 64 * 32
     # the normalized block (bench/norm.py): fused bytes below eager's, above the compulsory minimum
-    assert set(norm) == {(i, blk, k, m) for i in ("fused", "eager") for blk in ("single", "mlp", "mlp-hidden")
+    assert set(norm) == {(i, blk, k, m) for i in ("fused", "eager")
+                         for blk in ("single", "mlp", "mlp-hidden", "chain-single", "chain-mlp")
                          for k in ("batch", "layer", "rms") for m in ("fwd", "bwd")}
     for (impl, blk, kind, mode), r in norm.items():
         if impl == "fused":
             assert r["compulsory_min_bytes"] < r["unique_bytes"] < norm[("eager", blk, kind, mode)]["bytes"]
+            # a chain of 3 (fusedres.chain): one statistics pass, over its input; none backward
             assert r["launches"] == {"single": {"fwd": 2, "bwd": 3}, "mlp": {"fwd": 3, "bwd": 5},
-                                     "mlp-hidden": {"fwd": 3, "bwd": 6}}[blk][mode]
+                                     "mlp-hidden": {"fwd": 3, "bwd": 6}, "chain-single": {"fwd": 4, "bwd": 9},
+                                     "chain-mlp": {"fwd": 7, "bwd": 15}}[blk][mode]
+            assert r["statistics_passes"] == (1 if mode == "fwd" else 0)
     # the MLP block (bench/mlp.py): H = 4D and H = D, fused bytes equal to the two-launch formula
     assert set(mlp) == {(i, h, m) for i in ("fused", "fused-recompute", "eager") for h in (128, 32)
                         for m in ("fwd", "bwd", "full")}

@@ -87,6 +87,25 @@ def test_a_normalized_blocks_launches_are_its_recipes_passes(launched, norm, aff
     assert launched == [p.key for p in expected.passes()]
 
 
+@pytest.mark.parametrize("nxt", ["batch", "layer"])
+def test_a_chained_blocks_forward_has_the_next_norms_sink(launched, nxt):
+    """In a chain (fusedres.chain) a block's forward emits the next norm's statistics: its recipe's
+    ``next_norm``, the one piece it adds (the single block's forward; the MLP block's fc2)."""
+    torch.manual_seed(0)
+    block = fusedres.FusedResidualBlock(16, norm="layer", alpha=0.5, learnable_alpha=True)
+    fusedres.chain.set_next_norm(block, nxt)
+    block(torch.randn(4, 8, 16, requires_grad=True)).sum().backward()
+    assert launched == [p.key for p in Recipe(alpha="scalar", learnable_alpha=True, norm="layer",
+                                              next_norm=nxt).passes()]
+    assert "stats_" in launched[0]
+    mlp = fusedres.FusedResidualMLPBlock(16, 32, norm="batch", pre_act=None, act="gelu")
+    fusedres.chain.set_next_norm(mlp, nxt)
+    launched.clear()
+    mlp(torch.randn(4, 8, 16, requires_grad=True)).sum().backward()
+    assert launched == [p.key for p in MLPRecipe(pre_act=None, act="gelu", alpha="scalar", norm="batch",
+                                                 next_norm=nxt).passes()]
+
+
 def test_a_float_alpha_is_its_own_recipe_and_none_multiplies_by_nothing(launched):
     """A Python float is passed by value (fp32, as eager rounds it; fp64: a one-element tensor);
     no alpha is no operand at all."""
@@ -124,6 +143,6 @@ def test_every_gate_variant_is_a_recipe(act):
         name = None if act == "identity" else act
         r = dataclasses.replace(r, act=name) if isinstance(r, Recipe) else dataclasses.replace(r, pre_act=name, act=name)
         keys = {p.key for p in r.passes()}
-        for kind in aot.KINDS:
+        for kind in aot.feature_kinds(feats):
             _, consts = aot.example_launch(kind, "bf16", M=64, D=32, features=f"{feats}@{act}")
             assert consts["RECIPE"] in keys, (feats, kind, consts["RECIPE"], sorted(keys))

@@ -398,6 +398,27 @@ _NORM_DROPPED_BY_TRITON: dict = {
     (3, 9): {"sm_80": {"dw": {(2, False): [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]}},
              "sm_90": {"dx": {(2, False): [(64, 128, 64, 4, 4)]}, "dw": {(2, False): [(128, 64, 64, 4, 4)]}}},
 }
+#: Tiles a launch with a sink of the next norm's statistics (a chain's forward, :mod:`fusedres.chain`;
+#: the hidden norm's fc1) does not ship besides :data:`NORM_DROPPED`, derived by the compile gate
+#: from the chain variants (``python -m fusedres.aot --cover --kernels fwd --features chain-batch,
+#: chain-layer,chain-mlp-batch,chain-mlp-layer --derive-chain-drops``; that run's records are
+#: tests/data/chain_gate_records.json): the same keys as :data:`NORM_DROPPED`, ``mixed`` as the
+#: launch's prune sees it (the MLP block's fc2 under autocast is not: it reads h in the GEMM dtype).
+CHAIN_DROPPED: dict = {'sm_120': {},
+                       'sm_80': {'fwd': {(2, False): [(128, 128, 32, 8, 4)],
+                                         (2, True): [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 64, 32, 4, 5)]}},
+                       'sm_86': {'fwd': {(4, False): [(128, 128, 16, 8, 4)]}},
+                       'sm_89': {'fwd': {(4, False): [(128, 128, 16, 8, 4)]}},
+                       'sm_90': {}}
+#: What another triton release's chain forwards drop besides :data:`CHAIN_DROPPED`, from its own run
+#: of the chain variants (fp16 and fp32 on sm_80 and sm_90; an empty entry: compiled clean, the
+#: archs absent were not gated on that release and take every listed arch's drops): 3.6.0 (64
+#: compiles, 1 spilled 8 B), 3.8.0 (68 compiles, none), 3.9.0 (68 compiles, 5 spilled 8 to 56 B).
+_CHAIN_DROPPED_BY_TRITON: dict = {
+    (3, 6): {"sm_80": {}, "sm_90": {"fwd": {(4, False): [(128, 128, 16, 8, 4)]}}},
+    (3, 8): {"sm_80": {}, "sm_90": {}},
+    (3, 9): {"sm_80": {}, "sm_90": {"fwd": {(2, False): [(128, 64, 64, 4, 4)], (4, False): [(128, 128, 16, 8, 4)]}}},
+}
 #: Tiles a launch with dropout (issue 23: the keep mask regenerated in the epilogue, on dx's g, on
 #: dW's tiles) does not ship, as the compile gate derived them (the same keys as
 #: :data:`NORM_DROPPED` and ``both``: the list of the launches with both masks, the MLP block's fc2
@@ -565,7 +586,7 @@ def _tile(kind: str, config: triton.Config) -> tuple:
 def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
                     operand_sizes: tuple[int, int] | None = None, proj: bool = False,
                     row_scale: bool = False, limits: DeviceLimits | None = None,
-                    act: str = "relu", channel_alpha: bool = False, norm: bool = False,
+                    act: str = "relu", channel_alpha: bool = False, norm: int = 0,
                     dropout: int = 0) -> list[triton.Config]:
     """The configs of ``kind`` that a GEMM in an ``elem_size``-byte dtype (and two-level rows, if
     ``two_level``; a projection shortcut, if ``proj``; stochastic depth's row scale, if
@@ -575,7 +596,8 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
     (:func:`smem_budget`), with its A and B tiles loaded at ``operand_sizes`` bytes per element
     (default ``elem_size``; see :func:`pipeline_smem_bytes`), less those the activation ``act``
     drops (:data:`ACT_DROPPED`) and, with ``channel_alpha`` (a per-channel alpha),
-    :data:`_CHANNEL_ALPHA_SPILLS`, with ``norm`` (a normalization prologue) :data:`NORM_DROPPED`,
+    :data:`_CHANNEL_ALPHA_SPILLS`, with ``norm`` (1: a normalization prologue; 2: a sink of the next
+    norm's statistics too, with or without a prologue) :data:`NORM_DROPPED` (and :data:`CHAIN_DROPPED`),
     and with ``dropout`` keep masks (1, or 2: the MLP block's fc2 passes, both masks)
     :data:`DROPOUT_DROPPED`. Largest tiles first."""
     listed = (_TILES_TWO_LEVEL.get(elem_size) if two_level else None) or _TILES.get(elem_size)
@@ -599,7 +621,8 @@ def shipped_configs(kind: str, elem_size: int, two_level: bool = False,
                            for t in table.get((kind, elem_size), ())}
     # the gate-derived tables of a piece: (tables, keys); dropout: one mask's list, or both lists
     derived = ([((NORM_DROPPED, _NORM_DROPPED_BY_TRITON.get(TRITON_VERSION, {})), [(elem_size, mixed)])] if norm
-               else []) + ([((DROPOUT_DROPPED, _DROPOUT_DROPPED_BY_TRITON.get(TRITON_VERSION, {})),
+               else []) + ([((CHAIN_DROPPED, _CHAIN_DROPPED_BY_TRITON.get(TRITON_VERSION, {})), [(elem_size, mixed)])]
+                           if norm > 1 else []) + ([((DROPOUT_DROPPED, _DROPOUT_DROPPED_BY_TRITON.get(TRITON_VERSION, {})),
                              [(elem_size, mixed, both) for both in ((False, True) if dropout > 1 else (False,))])]
                            if dropout else [])
     for tables, keys in derived:
@@ -637,7 +660,7 @@ def launch_shipped_configs(kind: str, named_args: dict) -> list[triton.Config]:
     return shipped_configs(kind, elem_size, bool(named_args.get("TWO_LEVEL_ROWS", False)), operand_sizes,
                            launch_has(kind, named_args, "proj"), launch_has(kind, named_args, "row_scale"),
                            launch_limits(kind, named_args), act_name_of(named_args.get("RECIPE")),
-                           launch_has(kind, named_args, "channel_alpha"), launch_has(kind, named_args, "norm"),
+                           launch_has(kind, named_args, "channel_alpha"), norm_sites(named_args),
                            dropout_sites(named_args))
 
 
@@ -653,6 +676,17 @@ def launch_has(kind: str, named_args: dict, piece: str) -> bool:
     if piece == "norm":
         return named_args.get("row_rstd_ptr") is not None or named_args.get("col_rstd_ptr") is not None
     return named_args.get(_PIECE_OPERAND[piece][kind]) is not None
+
+
+def norm_sites(named_args: dict) -> int:
+    """Which norm tile lists a launch takes: 0 (no norm), 1 (a normalization prologue, or the hidden
+    norm's fc1: its statistics sink without a residual, gated as the hidden-norm variants), 2 (a
+    chain's forward: the residual add with the next norm's statistics sink, with or without a
+    prologue, gated as the chain variants; it takes both lists)."""
+    sink = named_args.get("col_stats_ptr") is not None or named_args.get("row_stats_ptr") is not None
+    if sink and named_args.get("r_ptr") is not None:
+        return 2
+    return int(sink or launch_has("fwd", named_args, "norm"))
 
 
 def dropout_sites(named_args: dict) -> int:

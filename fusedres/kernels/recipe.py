@@ -144,7 +144,9 @@ class Recipe:
     ``norm_weight``/``norm_bias`` (learnable), on batch statistics (``batch_stats``; False:
     BatchNorm's running statistics, constants for the backward). With a norm, dx writes the norm
     output's gradient and its sinks, and the norm's finishing pass adds the residual gradient.
-    ``dropout``: the branch's dropout (training, ``p > 0``), a keep mask in every pass."""
+    ``dropout``: the branch's dropout (training, ``p > 0``), a keep mask in every pass.
+    ``next_norm``: the norm of the next block of a chain (:data:`NORMS`), whose batch statistics
+    of y the forward's epilogue emits as partials (``fusedres.chain``)."""
     act: str | None = "relu"
     act_param: float = 0.0
     alpha: str | None = None
@@ -157,6 +159,7 @@ class Recipe:
     norm_bias: bool = True
     batch_stats: bool = True
     dropout: bool = False
+    next_norm: str | None = None
 
     def passes(self) -> tuple[PassRecipe, PassRecipe, PassRecipe]:
         """The forward, dx and dW launches of a training step that needs every gradient."""
@@ -170,7 +173,8 @@ class Recipe:
         if self.norm is None:
             dx_shortcut = {shortcut}
         return (PassRecipe("fwd", self.act, self.act_param, alpha,
-                           {shortcut, *rs, *affine} | ({"bias"} if self.bias else set()), self.norm),
+                           {shortcut, *rs, *affine, *stats_sink(self.next_norm)} | ({"bias"} if self.bias else set()),
+                           self.norm),
                 PassRecipe("dx", self.act, self.act_param, alpha, {*dx_shortcut, *rs, *affine}, self.norm),
                 PassRecipe("dw", self.act, self.act_param, alpha,
                            {p for p, on in (("db", self.bias), ("proj", self.proj), ("dalpha", dalpha),
@@ -202,6 +206,7 @@ class MLPRecipe:
     hidden_batch_stats: bool = True
     dropout: bool = False
     hidden_dropout: bool = False
+    next_norm: str | None = None
 
     def passes(self) -> tuple[PassRecipe, ...]:
         """fc1's and fc2's forwards; then dh, dW2, dx, dW1: a training step's six launches."""
@@ -218,15 +223,21 @@ class MLPRecipe:
         if self.hidden_norm is None:
             h_sinks, stats = set(), set()
         else:       # fc1's epilogue emits the hidden norm's statistics partials (batch statistics)
-            stats = {"stats_row_partials"} if self.hidden_norm != "batch" else (
-                {"stats_col_partials"} if self.hidden_batch_stats else set())
+            stats = stats_sink(self.hidden_norm) if self.hidden_norm != "batch" or self.hidden_batch_stats else set()
         return (PassRecipe("fwd", *pre, None, bias | affine | stats, self.norm),
-                PassRecipe("fwd", *act, alpha, bias | {"residual"} | rs | h_affine, self.hidden_norm),
+                PassRecipe("fwd", *act, alpha, bias | {"residual"} | rs | h_affine | stats_sink(self.next_norm),
+                           self.hidden_norm),
                 PassRecipe("dx", *act, alpha, rs | h_affine | h_sinks, self.hidden_norm),
                 PassRecipe("dw", *act, alpha, db | rs | ({"dalpha"} if dalpha else set())
                            | ({"dalpha_bias"} if dalpha and self.bias else set()) | h_affine, self.hidden_norm),
                 PassRecipe("dx", *pre, None, dx_residual | affine, self.norm),
                 PassRecipe("dw", *pre, None, db | affine, self.norm))
+
+
+def stats_sink(norm: str | None) -> set:
+    """The forward's sink of a norm's statistics partials of its output: per column (BatchNorm),
+    per row (LayerNorm, RMSNorm), none (None)."""
+    return set() if norm is None else {"stats_col_partials" if norm == "batch" else "stats_row_partials"}
 
 
 @dataclass(frozen=True)
