@@ -69,7 +69,7 @@ from .kernels.residual_bwd import (
 from .kernels.residual_fwd import fwd_launch_args
 from .kernels import residual_stack as _stack
 from .kernels import activations as _act_kernels
-from .kernels.recipe import MLPRecipe, Recipe
+from .kernels.recipe import MLPRecipe, PassRecipe, Recipe
 from .tuning import TUNED_KERNELS
 
 # Triton 3.9 warns once per process that its fp-fusion default will change; the gate compiles
@@ -244,6 +244,9 @@ _ACT_PARAMS = {"leaky_relu": 0.01}
 #: ``split`` (bias: db partials) and ``split+alpha+proj`` (dP's slab rows; the reduce with a tensor
 #: alpha, dalpha partials and dP). The CLI compiles them by default; fwd and dx skip them.
 SPLIT_FEATURES = ("split", "split+alpha+proj", "split+drop-path", "split+layerscale")
+#: The recipe each split variant splits (its dW pass, with partial slabs).
+_SPLIT_BASE = {"split": "base", "split+alpha+proj": "alpha+proj", "split+drop-path": "drop-path",
+               "split+layerscale": "layerscale"}
 #: The CLI's default variants: all of them.
 DEFAULT_FEATURES = FEATURES + SPLIT_FEATURES
 #: The reduce kernel, compiled with each split variant of dW (not a ``--kernels`` choice of its own).
@@ -299,137 +302,120 @@ def _jit_fn(kernel):
 # The example launch and the configs
 
 
-def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAMPLE_M, D: int = EXAMPLE_D,
-                   features: str = "base"):
-    """``(args, consts)`` of a real launch of ``kind``, made by the launcher's own code from CPU
-    tensors: ``plan_rows`` (as ``fusedres.op`` calls it), then ``*_launch_args``."""
-    tdtype, precision = DTYPES[dtype]
-    act_dtype = ACTIVATIONS.get(dtype, tdtype)     # x, y, g, dx (and a module's alpha)
+def gate_recipe(features: str):
+    """The recipe a gate variant (``"layerscale@gelu"``: a variant of :data:`FEATURE_RECIPES`, a
+    split variant's base, with the activation of its ``@`` suffix, both of an MLP block's) names."""
     features, act_name = split_features(features)
     if features not in FEATURES + SPLIT_FEATURES + ON_REQUEST_FEATURES:
         raise ValueError(f"unknown features {features!r}; one of {FEATURES + SPLIT_FEATURES + ON_REQUEST_FEATURES}")
-    emit = None     # a chain variant: its base's forward, with the next norm's statistics sink
-    if features in CHAIN_FEATURES:
-        if kind != "fwd":
-            raise ValueError(f"{kind}: the chain variants are the forward's only")
-        features, emit = CHAIN_FEATURES[features]
-    split = features in SPLIT_FEATURES
+    recipe = FEATURE_RECIPES[_SPLIT_BASE.get(features, features)]
+    act = dict(act=None if act_name == "identity" else act_name, act_param=_ACT_PARAMS.get(act_name, 0.0))
+    if isinstance(recipe, MLPRecipe):
+        return dataclasses.replace(recipe, pre_act=act["act"], pre_act_param=act["act_param"], **act)
+    return dataclasses.replace(recipe, **act)
+
+
+def gate_pass(recipe, kind: str) -> tuple[PassRecipe, int]:
+    """The pass of ``recipe`` the gate compiles for ``kind`` (``fwd``, ``dx``, ``dw``), with its
+    index in ``recipe.passes()``: the single block's three; the MLP block's dh and dW2 (fc2's
+    backward, the passes no single block makes) and its forward with the most pieces: fc2 when it
+    carries a keep mask or the next norm's statistics sink, else fc1 (its own pieces: no residual,
+    the hidden norm's statistics sink)."""
+    passes = recipe.passes()
+    if isinstance(recipe, MLPRecipe):
+        fc2 = recipe.dropout or recipe.hidden_dropout or recipe.next_norm is not None
+        index = {"fwd": 1 if fc2 else 0, "dx": 2, "dw": 3}[kind]
+    else:
+        index = {"fwd": 0, "dx": 1, "dw": 2}[kind]
+    return passes[index], index
+
+
+def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAMPLE_M, D: int = EXAMPLE_D,
+                   features: str = "base"):
+    """``(args, consts)`` of a real launch of ``kind``, made by the launcher's own code from CPU
+    tensors: ``plan_rows`` (as ``fusedres.op`` calls it), then ``*_launch_args``, with the operands
+    the variant's recipe gives the pass (:func:`gate_recipe`, :func:`gate_pass`): each piece of the
+    pass is an operand, every other operand None. ``M`` rows of width ``D`` (the MLP block's hidden
+    width ``4 D``; a projection's output ``2 D``)."""
+    tdtype, precision = DTYPES[dtype]
+    act_dtype = ACTIVATIONS.get(dtype, tdtype)     # x, y, g, dx (and a module's alpha, a norm's affine)
+    acc_t = torch.float64 if tdtype == torch.float64 else torch.float32
+    recipe = gate_recipe(features)
+    base = split_features(features)[0]
+    split = base in SPLIT_FEATURES
     if split and kind not in ("dw", REDUCE_KIND):
         raise ValueError(f"{kind}: the split variants are dW's and its reduce's only")
-    extra = features in ("alpha+proj", "split+alpha+proj")
-    layerscale = features in ("layerscale", "split+layerscale", "norm-layer", "dropout-norm")
-    row_scale = features in ("drop-path", "mlp", "split+drop-path", "dropout") or layerscale
-    hidden_kind = (features[len("norm-hidden-"):] if features.startswith("norm-hidden-")
-                   else "batch" if features == "dropout-mlp" else None)
-    norm_kind = (features[len("norm-"):] if features in NORM_FEATURES and hidden_kind is None
-                 else "layer" if features == "dropout-norm" else "batch" if features == "dropout-norm-batch" else None)
-    dropout = features in DROPOUT_FEATURES or features == "dropout-norm-batch"
-    mlp = features == "mlp" or hidden_kind is not None
-    row_scale = row_scale or hidden_kind is not None
-    N = 2 * D if extra else D
-    kact = dict(act=None if act_name == "identity" else act_name, act_param=_ACT_PARAMS.get(act_name, 0.0))
-    nobias = features == "no-bias"
-
-    def act(width):
-        if two_level:   # [T, B, D] view of a [B, T, D] tensor: its rows need two strides
-            return torch.empty(EXAMPLE_B, M // EXAMPLE_B, width, dtype=act_dtype).transpose(0, 1)
-        return torch.empty(M, width, dtype=act_dtype)
-
-    w, b = torch.empty(N, D, dtype=tdtype), (None if nobias else torch.empty(N, dtype=tdtype))
-    alpha = (torch.empty(N, dtype=act_dtype) if layerscale else torch.empty((), dtype=act_dtype)
-             if extra or row_scale or nobias or norm_kind == "batch" or hidden_kind is not None or dropout
-             else 0.5 if features in ("alpha-value", "norm-rms") else None)
-    proj = torch.empty(N, D, dtype=tdtype) if extra else None
-    scale = dict(sample_scale=torch.empty(EXAMPLE_B, dtype=act_dtype), rows_per_sample=M // EXAMPLE_B) \
-        if row_scale else {}
+    if kind in NORM_KINDS:
+        return _norm_kind_launch(kind, recipe, dtype, two_level, M, D)
+    if kind not in KINDS + (REDUCE_KIND,):
+        raise ValueError(f"unknown kernel {kind!r}; one of {KINDS + NORM_KINDS}")
+    if kind not in feature_kinds(base) + ((REDUCE_KIND,) if split else ()):
+        raise ValueError(f"{kind}: the {base} variant has the forward only")
+    p, index = gate_pass(recipe, "dw" if kind == REDUCE_KIND else kind)
+    has = p.pieces.__contains__
+    mlp = isinstance(recipe, MLPRecipe)
     H = 4 * D
-    if norm_kind is not None:
+    # the GEMM's widths: A operand (reduction of the forward), output; the MLP's fc1 writes h,
+    # fc2 and its backward read h (in the GEMM dtype)
+    K, N = {0: (D, H), 1: (H, D), 2: (H, D), 3: (H, D)}[index] if mlp else (D, 2 * D if has("proj") else D)
+    a_is_h = mlp and index > 0
+
+    def act(width, gemm_dtype=False):
+        if two_level:   # [T, B, D] view of a [B, T, D] tensor: its rows need two strides
+            t = torch.empty(EXAMPLE_B, M // EXAMPLE_B, width, dtype=act_dtype).transpose(0, 1)
+        else:
+            t = torch.empty(M, width, dtype=act_dtype)
+        return t.to(tdtype) if gemm_dtype else t
+
+    def vec(n, dtype=act_dtype):
+        return torch.empty(n, dtype=dtype)
+
+    w = torch.empty(N, K, dtype=tdtype)
+    b = vec(N, tdtype) if has("bias") or has("db") else None
+    alpha = {None: None, "value": 0.5, "scalar": torch.empty((), dtype=act_dtype), "channel": vec(N)}[p.alpha]
+    proj = torch.empty(N, K, dtype=tdtype) if has("proj") else None
+    kw = {}
+    if has("row_scale"):
+        kw.update(sample_scale=vec(EXAMPLE_B), rows_per_sample=M // EXAMPLE_B)
+    kw.update(act=p.act, act_param=p.act_param)
+    if p.norm is not None:
         # the statistics in fp32, the affine in the activations' dtype (a module's parameters)
-        stats = torch.empty(D if norm_kind == "batch" else M, dtype=torch.float32)
-        norm = kernels.norm_operands(norm_kind, None if norm_kind == "rms" else stats, stats,
-                                     torch.empty(D, dtype=act_dtype),
-                                     None if norm_kind == "rms" else torch.empty(D, dtype=act_dtype))
-        kact["norm"] = norm
-    stats_partials = (None, None)
-    if hidden_kind is not None:
-        # fc1 normalizes x (the other kind) and emits h's statistics partials; fc2's passes
-        # normalize h over its H features
-        x_kind = "layer" if hidden_kind == "batch" else "batch"
-        x_stats = torch.empty(D if x_kind == "batch" else M, dtype=torch.float32)
-        x_norm = kernels.norm_operands(x_kind, x_stats, x_stats, torch.empty(D, dtype=act_dtype),
-                                       torch.empty(D, dtype=act_dtype))
-        h_stats = torch.empty(H if hidden_kind == "batch" else M, dtype=torch.float32)
-        kact["norm"] = x_norm if kind == "fwd" else kernels.norm_operands(
-            hidden_kind, h_stats, h_stats, torch.empty(H, dtype=act_dtype), torch.empty(H, dtype=act_dtype))
-        stats_partials = ((torch.empty(M // 16 * 2 * H, dtype=torch.float32), None) if hidden_kind == "batch"
-                          else (None, torch.empty(H // 16 * 2 * M, dtype=torch.float32)))
-    if dropout:
-        # one int64 seed and [p, 1 / (1 - p)] in the accumulator dtype per site (fusedres.dropout)
-        acc_t = torch.float64 if tdtype == torch.float64 else torch.float32
-        drop = (torch.empty(1, dtype=torch.int64), torch.empty(2, dtype=acc_t))
-        kact["dropout"] = drop
-        if mlp:
-            kact["dropout_a"] = (torch.empty(1, dtype=torch.int64), torch.empty(2, dtype=acc_t))
-    out_partials = (None, None)     # a chain's sink over the output's N columns and M rows
-    if emit is not None:
-        out_partials = ((torch.empty(M // 16 * 2 * N, dtype=torch.float32), None) if emit == "batch"
-                        else (None, torch.empty(N // 16 * 2 * M, dtype=torch.float32)))
+        stats = vec(K if p.norm == "batch" else M, torch.float32)
+        kw["norm"] = kernels.norm_operands(p.norm, None if p.norm == "rms" else stats, stats,
+                                           vec(K) if has("norm_weight") else None,
+                                           vec(K) if has("norm_bias") else None)
+    # one int64 seed and [p, 1 / (1 - p)] in the accumulator dtype per site (fusedres.dropout)
+    for piece in ("dropout", "dropout_a"):
+        if has(piece):
+            kw[piece] = (torch.empty(1, dtype=torch.int64), vec(2, acc_t))
     with _matmul_precision(precision):
-        if kind == "fwd" and mlp and dropout:   # fc2: y = x + s * alpha * drop(drop_h(act(bn(h))) @ W2.T + b2)
-            x, h = act(D), act(H).to(tdtype)
-            rows, (xs, hs), (xk, hk) = plan_rows(x, h)
-            y = torch.empty(rows.M, D, dtype=act_dtype)
-            kact["norm"] = kernels.norm_operands(hidden_kind, h_stats, h_stats, torch.empty(H, dtype=act_dtype),
-                                                 torch.empty(H, dtype=act_dtype))
-            args, consts, _ = fwd_launch_args(hk, hs, torch.empty(D, H, dtype=tdtype), torch.empty(D, dtype=tdtype),
-                                              y, rows, alpha, residual=(xk, xs), stats_partials=out_partials,
-                                              **scale, **kact)
-        elif kind == "fwd" and mlp:     # the MLP's first GEMM: h = relu(x) @ W1.T + b1, no residual
-            x = act(D)
-            rows, (xs,), (xk,) = plan_rows(x)
-            h = torch.empty(rows.M, H, dtype=tdtype)
-            args, consts, _ = fwd_launch_args(xk, xs, torch.empty(H, D, dtype=tdtype), torch.empty(H, dtype=tdtype),
-                                              h, rows, add_residual=False, stats_partials=stats_partials, **kact)
-        elif kind == "fwd":
-            x = act(D)
-            rows, (xs,), (xk,) = plan_rows(x)
-            y = torch.empty(rows.M, N, dtype=act_dtype)
-            args, consts, _ = fwd_launch_args(xk, xs, w, b, y, rows, alpha, proj, stats_partials=out_partials,
-                                              **scale, **kact)
-        elif kind == "dx" and mlp:      # the MLP's dh = [h > 0] * (s * alpha * g @ W2), no residual
-            g, h = act(D), act(H).to(tdtype)
-            rows, (gs, hs), (gk, hk) = plan_rows(g, h)
-            dh = torch.empty(rows.M, H, dtype=tdtype)
-            sums = (None, None) if hidden_kind is None else (
-                torch.empty(rows.M // 16 * 2 * H, dtype=torch.float32),
-                torch.empty(H // 16 * 2 * rows.M, dtype=torch.float32) if hidden_kind != "batch" else None)
-            args, consts, _ = dx_launch_args(gk, gs, hk, hs, torch.empty(D, H, dtype=tdtype), dh, rows, alpha,
-                                             add_residual=False, norm_sums=sums, **scale, **kact)
-        elif kind == "dx" and norm_kind is not None:    # dz, with the norm's sinks; no residual
-            g, x = act(N), act(D)
-            rows, (gs, xs), (gk, xk) = plan_rows(g, x)
-            dx = torch.empty(rows.M, D, dtype=act_dtype)
-            sums = (torch.empty(rows.M // 16 * 2 * D, dtype=torch.float32),
-                    torch.empty(D // 16 * 2 * rows.M, dtype=torch.float32) if norm_kind != "batch" else None)
-            args, consts, _ = dx_launch_args(gk, gs, xk, xs, w, dx, rows, alpha, proj, add_residual=False,
-                                             norm_sums=sums, **scale, **kact)
+        if kind == "fwd":
+            x = act(K, gemm_dtype=a_is_h)
+            r = act(N) if a_is_h else None         # fc2's residual: x, beside h
+            rows, strides, kt = plan_rows(x, *([r] if r is not None else []))
+            y = torch.empty(rows.M, N, dtype=tdtype if mlp and index == 0 else act_dtype)
+            sinks = (vec(M // 16 * 2 * N, torch.float32) if has("stats_col_partials") else None,
+                     vec(N // 16 * 2 * M, torch.float32) if has("stats_row_partials") else None)
+            args, consts, _ = fwd_launch_args(kt[0], strides[0], w, b, y, rows, alpha, proj,
+                                              residual=(kt[1], strides[1]) if r is not None else None,
+                                              add_residual=has("residual") or has("proj"), stats_partials=sinks, **kw)
         elif kind == "dx":
-            g, x = act(N), act(D)
+            g, x = act(N), act(K, gemm_dtype=a_is_h)
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
-            dx = torch.empty(rows.M, D, dtype=act_dtype)
-            args, consts, _ = dx_launch_args(gk, gs, xk, xs, w, dx, rows, alpha, proj, **scale, **kact)
-        elif kind in ("dw", REDUCE_KIND):
-            if mlp:                     # dW2 = alpha * (s g).T @ relu(h): the hidden tensor as x
-                w, b = torch.empty(D, H, dtype=tdtype), torch.empty(D, dtype=tdtype)
-            K = w.shape[1]
-            g, x = act(N), (act(H).to(tdtype) if mlp else act(D))
+            dx = torch.empty(rows.M, K, dtype=tdtype if a_is_h else act_dtype)
+            sums = (vec(rows.M // 16 * 2 * K, torch.float32) if has("norm_col_sums") else None,
+                    vec(K // 16 * 2 * rows.M, torch.float32) if has("norm_row_sums") else None)
+            args, consts, _ = dx_launch_args(gk, gs, xk, xs, w, dx, rows, alpha, proj,
+                                             add_residual=has("residual") or has("proj"),
+                                             norm_sums=sums, **kw)
+        else:
+            g, x = act(N), act(K, gemm_dtype=a_is_h)
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
-            dw, db = torch.empty(N, K, dtype=tdtype), (None if nobias else torch.empty(N, dtype=tdtype))
-            need_dalpha = extra or row_scale or nobias or norm_kind == "batch" or dropout
-            partials = torch.empty(kernels.dalpha_workspace_size(N, K, extra, layerscale), dtype=torch.float32) \
-                if need_dalpha else None
-            dp = torch.empty(N, D, dtype=tdtype) if extra else None
-            slabs = dw_split_workspaces(dw, EXAMPLE_SPLITS, proj=extra, sum_g=True) if split else None
+            dw, db = torch.empty(N, K, dtype=tdtype), (vec(N, tdtype) if has("db") else None)
+            partials = (vec(kernels.dalpha_workspace_size(N, K, has("proj"), p.alpha == "channel"), torch.float32)
+                        if has("dalpha") else None)
+            dp = torch.empty(N, K, dtype=tdtype) if has("proj") else None
+            slabs = dw_split_workspaces(dw, EXAMPLE_SPLITS, proj=has("proj"), sum_g=True) if split else None
             if kind == REDUCE_KIND:
                 args, consts, _ = dw_reduce_launch_args(*slabs, EXAMPLE_SPLITS, dw, db, weight=w, bias=b, alpha=alpha,
                                                         dalpha_partials=partials, dp=dp)
@@ -437,13 +423,27 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
                 args, consts, _ = dw_launch_args(gk, gs, xk, xs, dw, db, rows, weight=w, bias=b, alpha=alpha,
                                                  dalpha_partials=partials, dp=dp,
                                                  split=(*slabs, EXAMPLE_SPLITS, EXAMPLE_TILES_PER_SPLIT)
-                                                 if split else None, **scale, **kact)
-        elif kind in NORM_KINDS:
-            x = act(D)
-            rows, (xs,), (xk,) = plan_rows(x)
-            args, consts, _ = norm_example_launch(kind, xk, xs, rows, norm)
-        else:
-            raise ValueError(f"unknown kernel {kind!r}; one of {KINDS + NORM_KINDS}")
+                                                 if split else None, **kw)
+    if rows.two_level != two_level:
+        raise AssertionError(f"the example launch has two_level={rows.two_level}, asked for {two_level}")
+    return args, consts
+
+
+def _norm_kind_launch(kind: str, recipe, dtype: str, two_level: bool, M: int, D: int):
+    """The example launch of a norm kernel (:data:`NORM_KINDS`) for a single-block norm recipe."""
+    if not isinstance(recipe, Recipe) or recipe.norm is None:
+        raise ValueError(f"{kind}: the norm kernels are the single block's norm variants'")
+    tdtype, precision = DTYPES[dtype]
+    act_dtype = ACTIVATIONS.get(dtype, tdtype)
+    x = (torch.empty(EXAMPLE_B, M // EXAMPLE_B, D, dtype=act_dtype).transpose(0, 1) if two_level
+         else torch.empty(M, D, dtype=act_dtype))
+    stats = torch.empty(D if recipe.norm == "batch" else M, dtype=torch.float32)
+    norm = kernels.norm_operands(recipe.norm, None if recipe.norm == "rms" else stats, stats,
+                                 torch.empty(D, dtype=act_dtype) if recipe.norm_weight else None,
+                                 torch.empty(D, dtype=act_dtype) if recipe.norm_bias and recipe.norm != "rms" else None)
+    with _matmul_precision(precision):
+        rows, (xs,), (xk,) = plan_rows(x)
+        args, consts, _ = norm_example_launch(kind, xk, xs, rows, norm)
     if rows.two_level != two_level:
         raise AssertionError(f"the example launch has two_level={rows.two_level}, asked for {two_level}")
     return args, consts

@@ -143,6 +143,9 @@ def test_every_gate_variant_is_a_recipe(act):
         name = None if act == "identity" else act
         r = dataclasses.replace(r, act=name) if isinstance(r, Recipe) else dataclasses.replace(r, pre_act=name, act=name)
         keys = {p.key for p in r.passes()}
+        assert aot.gate_recipe(f"{feats}@{act}") == r
         for kind in aot.feature_kinds(feats):
             _, consts = aot.example_launch(kind, "bf16", M=64, D=32, features=f"{feats}@{act}")
+            # the launch is made from the recipe's pass: each of its pieces an operand, no other
+            assert consts["RECIPE"] == aot.gate_pass(r, kind)[0].key, (feats, kind)
             assert consts["RECIPE"] in keys, (feats, kind, consts["RECIPE"], sorted(keys))
