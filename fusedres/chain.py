@@ -62,14 +62,14 @@ _ENABLED = os.environ.get("FUSEDRES_CHAIN", "1") != "0"
 #: (:func:`in_use`).
 _NORMS_SEEN = False
 _ANY_LINK = False
+#: A producer's link when norms of two kinds read its output: it emits nothing.
+CONFLICT = "conflict"
+_is_compiling = torch.compiler.is_compiling
 
 
 def in_use(norm) -> bool:
     """Whether a block with ``norm`` may take part in a chain now (else its call is the plain one)."""
     return norm is not None or _ANY_LINK
-#: A producer's link when norms of two kinds read its output: it emits nothing.
-CONFLICT = "conflict"
-_is_compiling = torch.compiler.is_compiling
 
 
 class Handover(NamedTuple):
@@ -148,8 +148,8 @@ def link(x: Tensor, consumer_kind: str) -> None:
 
 
 def handed_over(x: Tensor, kind: str) -> Optional[tuple]:
-    """``(mean, var)`` attached to ``x`` by its producer for a norm of ``kind``, if ``x`` has not
-    been modified since; else None."""
+    """``(mean, var)`` its producer noted against ``x`` for a norm of ``kind``, if ``x``'s version
+    is still the one they describe; else None."""
     h = _HANDED.get(x)
     if h is None or h.kind != kind or h.version != x._version:
         return None

@@ -121,7 +121,7 @@ def test_tuned_launches_write_every_output(real_autotuner, winner, launches):
     set_winner, benched = real_autotuner
     set_winner(winner)
     gen = torch.Generator().manual_seed(3)
-    M, D = 200, 80
+    M, D = 136, 80          # (ragged for every tile: 136 = 128 + 8)
     x = torch.randn(M, D, generator=gen)
     w, p = torch.randn(2 * D, D, generator=gen) / 9, torch.randn(2 * D, D, generator=gen) / 9
     b = torch.randn(2 * D, generator=gen)
