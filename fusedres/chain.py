@@ -27,9 +27,8 @@ How the blocks find each other, with no new argument in a user's model:
   and its version is unchanged (:func:`handed_over`), and else runs the statistics pass.
 
 One producer feeding norms of two kinds stops emitting (the link is marked conflicting). Under
-``torch.compile``, under ``torch.inference_mode`` (its tensors have no version counter), for a
-norm module of a subclass (timm's ``LayerNorm``) and for anything but a plain tensor, the chain is
-off: every block computes its own statistics, as without a chain.
+``torch.compile``, under ``torch.inference_mode`` (its tensors have no version counter) and for
+anything but a plain tensor, the chain is off: every block computes its own statistics, as without a chain.
 
 The limit of the version check: a write that bypasses autograd's version counter is not seen.
 Such writes are ``y.data.mul_(...)``, ``y.data = ...``, writes through ``y.numpy()`` or DLPack,
@@ -103,23 +102,6 @@ def active(x) -> bool:
     return _ENABLED and type(x) is Tensor and not _is_compiling() and not x.is_inference()
 
 
-def norm_kind_of(norm) -> Optional[str]:
-    """A block's norm kind (its ``norm`` attribute: None, a name or a module)."""
-    if norm is None:
-        return None
-    from .norm import NORMS
-    if isinstance(norm, str):
-        return norm
-    return next((k for k, cls in NORMS.items() if type(norm) is cls), None)
-
-
-def wants_batch_stats(norm) -> bool:
-    """Whether a norm normalizes with statistics of its input now (not BatchNorm's running ones)."""
-    if isinstance(norm, torch.nn.BatchNorm1d):
-        return norm.training or (norm.running_mean is None and norm.running_var is None)
-    return norm is not None
-
-
 def next_norm(producer) -> Optional[str]:
     """The norm kind a producer emits statistics for (None: not linked; or :data:`CONFLICT`)."""
     return _LINKS.get(producer)
@@ -177,11 +159,12 @@ def call_for(producer, norm, x, training: bool, proj=None) -> Optional[ChainCall
     global _NORMS_SEEN
     if not in_use(norm) or proj is not None or not active(x):
         return None         # (a projection block has no norm and emits nothing: the fused kernels refuse both)
+    from .norm import norm_kind, uses_batch_stats
     stats = None
-    kind = norm_kind_of(norm)
+    kind = norm_kind(norm, None, "fusedres.chain")      # (a block's norm, checked when it was made)
     if kind is not None:
         _NORMS_SEEN = True
-    if kind is not None and wants_batch_stats(norm):
+    if kind is not None and uses_batch_stats(norm):
         link(x, kind)
         stats = handed_over(x, kind)
     nxt = _LINKS.get(producer)
@@ -195,8 +178,20 @@ def call_for(producer, norm, x, training: bool, proj=None) -> Optional[ChainCall
 def link_blocks(blocks) -> None:
     """Link a sequence of fused blocks ahead of their first call (:class:`fusedres.ResidualMLP`):
     each emits the next one's norm statistics."""
+    from .norm import norm_kind
     blocks = list(blocks)
     for producer, consumer in zip(blocks, blocks[1:]):
-        kind = norm_kind_of(getattr(consumer, "norm", None))
+        kind = norm_kind(getattr(consumer, "norm", None), None, "fusedres.chain")
         if kind is not None:
             set_next_norm(producer, kind)
+
+
+def op_arguments(call: Optional[ChainCall], normalizes_batch: bool, rows: int) -> tuple:
+    """What a fused op takes for a chain call: ``(given, next_norm, extra inputs)``, ``given`` the
+    handed-over ``(mean, var)`` when the block's norm normalizes with batch statistics of a
+    non-empty x (else None), ``next_norm`` the kind to emit (``"none"``: nothing), and the op's
+    trailing ``(stats_mean, stats_var, next_norm)`` arguments (empty when neither is wanted)."""
+    given = call.stats if call is not None and normalizes_batch and rows else None
+    nxt = call.next_norm if call is not None and call.next_norm is not None else "none"
+    extra = (*(given or (None, None)), nxt) if given is not None or nxt != "none" else ()
+    return given, nxt, extra

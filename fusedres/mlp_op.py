@@ -46,9 +46,11 @@ from .op import (
     refuse_double_backward,
 )
 from .activations import Activation, ActLike, kernel_args, resolve as resolve_act
+from .chain import hand_over, op_arguments
 from .droppath import rows_per_sample, sample_rows
 from .kernels._common import cdiv
 from .norm import NormCall, NormLike, norm_kind, update_running_stats
+from .norm_op import sink_stats, stats_sinks
 from .dropout import check_p, draw_seeds, dropout_operands, keep_mask, note_draw
 from .op import (_activation, autocast_off, check_alpha_shape, eager_mode_call, eager_node, warn_if_ungated,
                  weight_grads)
@@ -175,11 +177,8 @@ def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
     inputs = (x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, bool(recompute), pre_name or "none", pre_param,
               act_name, act_param, *norm_args, float(dropout), float(hidden_dropout), seeds)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    given = (_chain.stats if _chain is not None and calls[0] is not None and calls[0].running is None and rows
-             else None)
-    next_norm = _chain.next_norm if _chain is not None and _chain.next_norm is not None else "none"
-    if given is not None or next_norm != "none":
-        inputs += (*(given or (None, None)), next_norm)
+    given, next_norm, extra = op_arguments(_chain, calls[0] is not None and calls[0].running is None, rows)
+    inputs += extra
     if eager_mode_call(x, w1):
         y, _, mean, var, hmean, hvar, *emitted = _EagerMLP.apply(*inputs)
     else:
@@ -191,7 +190,6 @@ def fused_residual_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor]
         if call is not None and call.update is not None and rows:
             update_running_stats(call.update, m, v, rows)
     if next_norm != "none" and rows and backend_for(x.device) != "eager":
-        from .chain import hand_over
         hand_over(y, next_norm, *emitted)
     return y
 
@@ -286,7 +284,7 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
         if scale is not None:
             branch = scale * branch
         # (the fake kernel's layout; the eager backend emits no chain statistics)
-        return (x + branch).contiguous(), h.contiguous(), None, None, None, None, None, None
+        return (x + branch).contiguous(), h.contiguous(), None, None, None, None, *sink_stats("none", None, None, 0, 0, x)
     warn_if_ungated(pre, x.device)
     warn_if_ungated(act, x.device)
     h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
@@ -296,6 +294,7 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
     hkind, hw, hb, heps, hrm, hrv = hidden
     hmean = hvar = None
     hops = kernels.NO_NORM
+    emitted = sink_stats(next_norm, None, None, 0, w2.shape[0], x)        # (no rows: fc2 launches nothing)
     H = w1.shape[0]
     parts = (None, None)
     if hkind != "none" and hrm is None:      # batch statistics of h: from fc1's epilogue
@@ -313,7 +312,6 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
                 rstd = torch.rsqrt(hrv.to(acc_t) + heps)
             hops = kernels.norm_operands(hkind, hmean if hrm is None else hrm.to(rstd.dtype), rstd, hw, hb)
         drop, hdrop = _drops(seeds, dropout, hidden_dropout, w2)
-        from .norm_op import sink_stats, stats_sinks
         sinks = stats_sinks(next_norm, rows.M, w2.shape[0], x)
         launch = kernels.residual_fwd(hk, hs, w2, b2, y.view(rows.M, w2.shape[0]), rows, alpha=scale,
                                       residual=(xk, xs), sample_scale=sample_scale,
@@ -327,9 +325,6 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
             hmean, hvar = hmean[:0], hvar[:0]
         if hkind == "rms":
             hmean = None
-    if not rows.M:
-        from .norm_op import sink_stats
-        emitted = sink_stats(next_norm, None, None, 0, w2.shape[0], x)
     return y, h, mean, var, hmean, hvar, *emitted
 
 
@@ -362,9 +357,6 @@ def _forward_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_w
         *_acts(pre_act, pre_act_param, act, act_param), (norm, norm_weight, norm_bias, eps, running_mean, running_var),
         (hidden_norm, hidden_norm_weight, hidden_norm_bias, hidden_eps, hidden_running_mean, hidden_running_var),
         dropout, hidden_dropout, seeds, given, next_norm)
-    if nvar is None:        # (the eager backend)
-        from .norm_op import sink_stats
-        nmean, nvar = sink_stats("none", None, None, 0, 0, x)
     return (y, (x.new_empty(0, dtype=fc1_weight.dtype) if recompute else h),
             *_stats_outputs(x, mean, var, running_mean if given is None else stats_var),
             *_stats_outputs(x, hmean, hvar, hidden_running_mean), nmean, nvar)

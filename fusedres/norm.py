@@ -54,6 +54,15 @@ def norm_kind(norm: NormLike, dim: int | None, who: str) -> str | None:
     return kind
 
 
+def uses_batch_stats(norm: NormLike) -> bool:
+    """Whether a norm normalizes with statistics of its input now: every name, LayerNorm and
+    RMSNorm, and BatchNorm in training or without running statistics (as ``nn.BatchNorm1d``'s
+    forward decides); False for None."""
+    if isinstance(norm, nn.BatchNorm1d):
+        return norm.training or (norm.running_mean is None and norm.running_var is None)
+    return norm is not None
+
+
 def make_norm(norm: NormLike, dim: int, who: str, device=None, dtype=None) -> Optional[nn.Module]:
     """The module a block holds as ``norm``: a new ``nn.BatchNorm1d(dim)``, ``nn.LayerNorm(dim)`` or
     ``nn.RMSNorm(dim)`` for a name, the instance itself for a module, None for None."""
@@ -102,7 +111,7 @@ class NormCall:
         if self.kind != "batch":
             return
         # nn.BatchNorm's forward, step for step
-        use_batch = norm.training or (norm.running_mean is None and norm.running_var is None)
+        use_batch = uses_batch_stats(norm)
         if not use_batch:
             self.running = (norm.running_mean, norm.running_var)
         elif norm.training and norm.track_running_stats and norm.running_mean is not None:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .chain import hand_over, op_arguments
 from ._layout import plan_rows
 from .activations import ActLike, resolve as resolve_act
 from .droppath import rows_per_sample
@@ -79,10 +80,8 @@ def fused_norm_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha
     else:
         norm_args = ("none", None, None, 0.0, None, None)
     inputs = (x, weight, bias, alpha, alpha_value, sample_scale, act.name, act.param, *norm_args, float(dropout), seed)
-    given = chain.stats if chain is not None and call is not None and call.running is None and M else None
-    next_norm = chain.next_norm if chain is not None and chain.next_norm is not None else "none"
-    if given is not None or next_norm != "none":
-        inputs += (*(given or (None, None)), next_norm)
+    given, next_norm, extra = op_arguments(chain, call is not None and call.running is None, M)
+    inputs += extra
     if eager_mode_call(x, weight):
         y, mean, var, *emitted = _EagerNormResidual.apply(*inputs)
     else:
@@ -93,7 +92,6 @@ def fused_norm_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha
     if call is not None and call.update is not None and M:
         update_running_stats(call.update, mean, var, M)
     if next_norm != "none" and M:
-        from .chain import hand_over
         hand_over(y, next_norm, *emitted)
     return y
 
