@@ -151,16 +151,21 @@ def make_impl(name: str) -> Callable:
     import fusedres
     if name == "fused":
         return fusedres.fused_residual
+    # eager and torch.compile time the block as a user writes it (bench.host.eager_block), not
+    # fusedres.residual_reference: the reference's own Python (checks, naming its recipe) is no
+    # part of the eager baseline
+    from .host import eager_block
     if name == "eager":
-        return fusedres.residual_reference
+        return eager_block
     if name in ("compile", "compile-max-autotune"):
         # run_gpu resets Dynamo at each case: the sweep compiles many shapes, and the recompile
         # limit (or automatic dynamic shapes) must not turn a case into an eager fallback.
         # The bwd mode replays one backward (retain_graph=True), which AOTAutograd refuses for a
         # backward compiled with donated buffers. Donation saves memory, not time; it is switched
         # off for this process (a scoped config.patch does not reach the cached compile).
+        import torch._functorch.config     # (not imported by torch itself until something compiles)
         torch._functorch.config.donated_buffer = False
-        return torch.compile(fusedres.residual_reference, dynamic=False, mode=COMPILE_MODES[name])
+        return torch.compile(eager_block, dynamic=False, mode=COMPILE_MODES[name])
     raise ValueError(f"unknown implementation {name!r}; choose from {IMPLS}")
 
 

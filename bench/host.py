@@ -74,8 +74,9 @@ def time_per_call(fn, number: int = 200, repeats: int = 7, sync=None) -> float:
     return best * 1e6
 
 
-def _eager_block(x, w, b):
-    """Eager PyTorch's block as a user writes it: three ops, no wrapper."""
+def eager_block(x, w, b):
+    """Eager PyTorch's block as a user writes it: three ops, no wrapper (the eager and
+    torch.compile baselines of the host section and of the GPU timings, bench/gpu.py)."""
     return x + F.linear(F.relu(x), w, b)
 
 
@@ -93,7 +94,7 @@ def _calls(impl: str, case: str, device: str, M: int, D: int, L: int):
         w, b = w.detach().requires_grad_(), b.detach().requires_grad_()
         gy = rnd(M, D)
         return lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), gy)
-    fn = fusedres.fused_residual if impl == "fused" else _eager_block
+    fn = fusedres.fused_residual if impl == "fused" else eager_block
     grad = case != "host_fwd"
     x, w, b = rnd(M, D, grad=grad), rnd(D, D, grad=grad), rnd(D, grad=grad)
     if case == "host_full":

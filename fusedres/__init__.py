@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .adopt import FuseReport
+from .block_recipe import block_recipe
 from .convert import fuse
 from .droppath import drop_path_scale
 from .dropout import record_dropout
@@ -28,6 +29,7 @@ __all__ = [
     "ResidualMLP",
     "fuse",
     "FuseReport",
+    "block_recipe",
     "ResidualBlock",
     "fused_residual",
     "residual_reference",

@@ -1,16 +1,20 @@
 """The eager reference: the spec that every fused path is measured against."""
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import ACTIVATIONS, Activation, ActLike, resolve as resolve_act
+from .block_recipe import mlp_recipe, single_recipe
+from .kernels.recipe import MLPRecipe, PassRecipe, Recipe
 from .norm import apply_norm, make_norm
 from .droppath import apply_sample_scale, check_drop_path, check_sample_scale, drop_path_scale, sample_rows
-from .dropout import apply_mask, check_p
+from .dropout import active as _active, apply_mask, check_p
 
 
 _RELU = ACTIVATIONS["relu"]
@@ -42,12 +46,88 @@ def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     the eager block given the mask a fused call used (:func:`fusedres.record_dropout`).
     """
     check_sample_scale(sample_scale, x, "residual_reference")
+    if dropout:
+        dropout = check_p(dropout, "residual_reference: dropout")
     act = resolve_act(act, "residual_reference")
+    recipe = single_recipe(act, alpha, bias=bias is not None, proj=proj_weight is not None,
+                           sample_scale=sample_scale is not None, norm=norm, dropout=_active(dropout, training))
+    # (stages as plain tuples in Stage's order: this is every eager benchmark's baseline, host time counts)
+    return recipe_forward(recipe, x, ((weight, bias, norm, (dropout, dropout_mask), _NO_DROP),), alpha=alpha,
+                          proj_weight=proj_weight, sample_scale=sample_scale)
+
+
+_NO_DROP = (0.0, None)
+
+
+class Stage(NamedTuple):
+    """The tensors of one GEMM pass of a block's forward (:func:`recipe_forward`): its weight and
+    bias, the norm on its A operand (a name or torch module; None), and the ``(p, keep mask or
+    None)`` of the dropout on its output (``dropout``) and on its activated A operand
+    (``dropout_a``). Which of them apply is the pass's recipe's to say."""
+    weight: Tensor
+    bias: Tensor | None = None
+    norm: object = None
+    dropout: tuple = (0.0, None)
+    dropout_a: tuple = (0.0, None)
+
+
+def recipe_forward(recipe: Recipe | MLPRecipe, x: Tensor, stages: tuple, *, alpha: float | Tensor = 1.0,
+                   proj_weight: Tensor | None = None, sample_scale: Tensor | None = None) -> Tensor:
+    """A block's forward in eager PyTorch, as its recipe names it: each forward pass of
+    ``recipe.passes()`` in order (the MLP block's fc1, then fc2), ``stages[i]`` its tensors (a
+    :class:`Stage`, or a plain tuple in its order), the output of one the A operand of the next. A pass is the kernels' skeleton with its pieces, each
+    here the torch op that defines it:
+
+    - A-tile prologue: the norm (``apply_norm``: the module itself, so BatchNorm updates its running
+      statistics), the activation (its torch function), the hidden dropout (``dropout_a``);
+    - the GEMM with its bias, ``F.linear``;
+    - epilogue: the branch's dropout, stochastic depth's row scale ``sample_scale``, the residual
+      scale ``alpha`` and the shortcut (``x``, or ``x @ proj_weight.T``: pieces ``residual``,
+      ``proj``).
+
+    The pieces a pass gets are its recipe's alone: a dropout rate or a sample scale whose piece
+    is absent is not applied. Statistics sinks (a chain's ``stats_*`` pieces) write no output and
+    have no eager counterpart."""
+    steps = _make_steps(recipe) if _is_compiling() else _forward_steps(recipe)
+    if len(steps) != len(stages):
+        raise ValueError(f"recipe_forward: the recipe has {len(steps)} forward passes, {len(stages)} stages given")
     shortcut = x if proj_weight is None else F.linear(x, proj_weight)
-    z = x if norm is None else apply_norm(norm, x)
-    branch = apply_sample_scale(_dropout(F.linear(act(z), weight, bias), dropout, training, dropout_mask),
-                                sample_scale)
-    return _add_branch(shortcut, branch, alpha)
+    a = x
+    for (norm, act, bias, dropout_a, dropout, row_scale, add, scaled), t in zip(steps, stages):
+        if norm:
+            a = apply_norm(t[2], a)
+        if act is not None:
+            a = act(a)
+        if dropout_a:
+            a = _dropout(a, t[4][0], True, t[4][1])
+        a = F.linear(a, t[0], t[1] if bias else None)
+        if dropout:
+            a = _dropout(a, t[3][0], True, t[3][1])
+        if row_scale:
+            a = apply_sample_scale(a, sample_scale)
+        if add:
+            a = _add_branch(shortcut, a, alpha if scaled else 1.0)
+    return a
+
+
+def _make_steps(recipe: Recipe | MLPRecipe) -> tuple:
+    """A recipe's forward passes as :func:`recipe_forward` runs them, made once per recipe: per pass
+    (norm?, activation, bias?, hidden dropout?, dropout?, row scale?, shortcut added?, scaled?).
+    (The reference is the eager baseline of every benchmark: it costs no more host time than the
+    ops it calls and a dictionary lookup.)"""
+    steps = []
+    for p in recipe.passes():
+        if p.kind == "fwd":
+            has = p.pieces.__contains__
+            steps.append((p.norm is not None, None if p.act is None else Activation(p.act, p.act_param), has("bias"),
+                          has("dropout_a"), has("dropout"), has("row_scale"), has("residual") or has("proj"),
+                          p.alpha is not None))
+    return tuple(steps)
+
+
+# made once per recipe; under torch.compile traced instead (as fusedres.block_recipe's makers)
+_forward_steps = functools.lru_cache(maxsize=1024)(_make_steps)
+_is_compiling = torch.compiler.is_compiling
 
 
 def _dropout(t: Tensor, p: float, training: bool, mask: Tensor | None) -> Tensor:
@@ -99,14 +179,15 @@ def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | Non
                          f"{list(fc2_weight.shape)}")
     pre = resolve_act(pre_act, "residual_mlp_reference", allow_none=True)
     act = resolve_act(act, "residual_mlp_reference")
-    z = x if norm is None else apply_norm(norm, x)
-    h = F.linear(z if pre is None else pre(z), fc1_weight, fc1_bias)
-    if hidden_norm is not None:
-        h = apply_norm(hidden_norm, h)
-    a = _dropout(act(h), hidden_dropout, training, hidden_dropout_mask)
-    branch = apply_sample_scale(_dropout(F.linear(a, fc2_weight, fc2_bias), dropout, training, dropout_mask),
-                                sample_scale)
-    return _add_branch(x, branch, alpha)
+    dropout = check_p(dropout, "residual_mlp_reference: dropout")
+    hidden_dropout = check_p(hidden_dropout, "residual_mlp_reference: hidden_dropout")
+    recipe = mlp_recipe(pre, act, alpha, bias=fc1_bias is not None or fc2_bias is not None,
+                        sample_scale=sample_scale is not None, norm=norm, hidden_norm=hidden_norm,
+                        dropout=_active(dropout, training), hidden_dropout=_active(hidden_dropout, training))
+    return recipe_forward(recipe, x, ((fc1_weight, fc1_bias, norm, _NO_DROP, _NO_DROP),
+                                      (fc2_weight, fc2_bias, hidden_norm, (dropout, dropout_mask),
+                                       (hidden_dropout, hidden_dropout_mask))),
+                          alpha=alpha, sample_scale=sample_scale)
 
 
 def eager_forward(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor | None = None,

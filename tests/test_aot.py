@@ -822,18 +822,29 @@ def test_every_api_option_lands_on_pieces_the_gate_compiles(gate, cover_gate, ac
                                                             monkeypatch, device):
     """Enumerate the public options (activation, alpha kind, projection, stochastic depth, bias,
     the MLP block's pre_act) and spy on every launch's constexprs: each piece a user can reach is
-    one this module's gate runs compiled (their records: what CI compiles)."""
+    one this module's gate runs compiled (their records: what CI compiles). Each module's launches
+    are exactly the passes of the recipe it names (fusedres.block_recipe)."""
     import importlib
-    seen = set()
+    from fusedres.block_recipe import single_recipe
+    seen, keys = set(), []
     for module in map(importlib.import_module, ("fusedres.kernels.residual_fwd", "fusedres.kernels.residual_bwd")):
         original = module.launch_and_prepare
 
         def spy(kernel, tuned, kind, grid, args, consts, *rest, _original=original, **kw):
             seen.update(_pieces(kind, consts))
+            if kind in aot.KINDS:
+                keys.append(consts["RECIPE"])
             return _original(kernel, tuned, kind, grid, args, consts, *rest, **kw)
         monkeypatch.setattr(module, "launch_and_prepare", spy)
     D = 16
     x = torch.randn(2, 4, D, device=device, requires_grad=True)
+
+    def step(block):
+        """A training step of ``block`` that needs every gradient: its launches are its recipe's passes."""
+        keys.clear()
+        block(x).sum().backward()
+        assert keys == [p.key for p in fusedres.block_recipe(block).passes()], block
+
     for act in [*activations.ACTIVATIONS, nn.LeakyReLU(0.2)]:
         for alpha in (1.0, 0.5, "scalar", "channel"):
             for bias in (True, False):
@@ -841,39 +852,41 @@ def test_every_api_option_lands_on_pieces_the_gate_compiles(gate, cover_gate, ac
                                                     learnable_alpha=alpha == "scalar",
                                                     alpha_per_channel=alpha == "channel", device=device)
                 if isinstance(alpha, float):    # a Python float: passed by value (1.0: no scale)
-                    y = fusedres.fused_residual(x, block.weight, block.bias, alpha=alpha, act=act)
+                    keys.clear()
+                    fusedres.fused_residual(x, block.weight, block.bias, alpha=alpha, act=act).sum().backward()
+                    named = single_recipe(activations.resolve(act, "test"), alpha, bias=bias)
+                    assert keys == [p.key for p in named.passes()], (act, alpha, bias)
                 else:
-                    y = block(x)
-                y.sum().backward()
+                    step(block)
     for drop_path in (0.0, 0.5):
         block = fusedres.FusedResidualBlock(D, 2 * D, drop_path=drop_path, learnable_alpha=True, device=device)
-        block(x).sum().backward()
+        step(block)
         for pre_act in ("relu", None):
-            fusedres.FusedResidualMLPBlock(D, 2 * D, drop_path=drop_path, pre_act=pre_act, act="gelu",
-                                           learnable_alpha=True, device=device)(x).sum().backward()
+            step(fusedres.FusedResidualMLPBlock(D, 2 * D, drop_path=drop_path, pre_act=pre_act, act="gelu",
+                                                learnable_alpha=True, device=device))
     for norm in ("batch", "layer", "rms", nn.LayerNorm(D, elementwise_affine=False), nn.LayerNorm(D, bias=False),
                  nn.BatchNorm1d(D, affine=False)):
         for alpha in ("scalar", "channel"):
             block = fusedres.FusedResidualBlock(D, norm=norm, drop_path=0.5, learnable_alpha=alpha == "scalar",
                                                 alpha_per_channel=alpha == "channel", alpha=0.5, device=device)
-            block(x).sum().backward()
+            step(block)
         block.eval()
-        block(x).sum().backward()             # BatchNorm on running statistics: no batch correction
+        step(block)             # BatchNorm on running statistics: no batch correction
         mlp = fusedres.FusedResidualMLPBlock(D, 2 * D, norm=copy.deepcopy(norm) if isinstance(norm, nn.Module) else norm,
                                              pre_act=None, act="gelu", device=device)
-        mlp(x).sum().backward()
+        step(mlp)
     for hidden in ("batch", "layer", "rms"):
         mlp = fusedres.FusedResidualMLPBlock(D, 2 * D, hidden_norm=hidden, drop_path=0.5, learnable_alpha=True,
                                              device=device)
-        mlp(x).sum().backward()
+        step(mlp)
         mlp.eval()
-        mlp(x).sum().backward()
+        step(mlp)
     for drops in (dict(dropout=0.5), dict(hidden_dropout=0.5), dict(dropout=0.5, hidden_dropout=0.5)):
-        fusedres.FusedResidualMLPBlock(D, 2 * D, hidden_norm="batch", norm="layer", drop_path=0.5, learnable_alpha=True,
-                                       device=device, **drops)(x).sum().backward()
+        step(fusedres.FusedResidualMLPBlock(D, 2 * D, hidden_norm="batch", norm="layer", drop_path=0.5,
+                                            learnable_alpha=True, device=device, **drops))
     for norm in (None, "layer"):
-        fusedres.FusedResidualBlock(D, norm=norm, dropout=0.5, drop_path=0.5, learnable_alpha=True, alpha_per_channel=True,
-                                    device=device)(x).sum().backward()
+        step(fusedres.FusedResidualBlock(D, norm=norm, dropout=0.5, drop_path=0.5, learnable_alpha=True,
+                                         alpha_per_channel=True, device=device))
     missing = seen - _compiled_pieces(*(records for _, records, _ in gate), cover_gate[1], act_gate[1],
                                       norm_gate[1], dropout_gate[1])
     assert seen and not missing, sorted(missing, key=str)

@@ -52,6 +52,12 @@ def test_a_blocks_launches_are_its_recipes_passes(launched, act, alpha, bias, pr
     x = torch.randn(4, 8, 16, requires_grad=True)
     block(x).sum().backward()
     assert launched == [p.key for p in expected.passes()]
+    # the recipe the module names (fusedres.block_recipe) is that one, and so is its eager twin's
+    assert fusedres.block_recipe(block) == expected
+    eager = fusedres.ResidualBlock(16, 32 if proj else None, bias=bias, act=act, alpha=0.5,
+                                   learnable_alpha=alpha == "learnable", alpha_per_channel=alpha == "channel",
+                                   drop_path=drop_path)
+    assert fusedres.block_recipe(eager) == expected
 
 
 @pytest.mark.parametrize("pre_act,act,per_channel,drop_path", [
@@ -64,6 +70,7 @@ def test_an_mlp_blocks_launches_are_its_recipes_passes(launched, pre_act, act, p
     expected = MLPRecipe(pre_act=pre_act, act=act, alpha="channel" if per_channel else "scalar",
                          learnable_alpha=True, row_scale=drop_path > 0)
     assert launched == [p.key for p in expected.passes()]
+    assert fusedres.block_recipe(block) == expected
 
 
 @pytest.mark.parametrize("norm,affine,train", [("batch", True, True), ("batch", False, False), ("layer", True, True),
@@ -79,12 +86,14 @@ def test_a_normalized_blocks_launches_are_its_recipes_passes(launched, norm, aff
     expected = Recipe(alpha="scalar", learnable_alpha=True, norm=norm, norm_weight=affine,
                       norm_bias=affine and norm != "rms", batch_stats=train)
     assert launched == [p.key for p in expected.passes()]
+    assert fusedres.block_recipe(block) == expected
     mlp = fusedres.FusedResidualMLPBlock(16, 32, norm=copy.deepcopy(module), pre_act=None, act="gelu").train(train)
     launched.clear()
     mlp(torch.randn(4, 8, 16, requires_grad=True)).sum().backward()
     expected = MLPRecipe(pre_act=None, act="gelu", alpha="scalar", norm=norm, norm_weight=affine,
                          norm_bias=affine and norm != "rms", batch_stats=train)
     assert launched == [p.key for p in expected.passes()]
+    assert fusedres.block_recipe(mlp) == expected
 
 
 @pytest.mark.parametrize("nxt", ["batch", "layer"])
@@ -95,15 +104,19 @@ def test_a_chained_blocks_forward_has_the_next_norms_sink(launched, nxt):
     block = fusedres.FusedResidualBlock(16, norm="layer", alpha=0.5, learnable_alpha=True)
     fusedres.chain.set_next_norm(block, nxt)
     block(torch.randn(4, 8, 16, requires_grad=True)).sum().backward()
-    assert launched == [p.key for p in Recipe(alpha="scalar", learnable_alpha=True, norm="layer",
-                                              next_norm=nxt).passes()]
+    expected = Recipe(alpha="scalar", learnable_alpha=True, norm="layer", next_norm=nxt)
+    assert launched == [p.key for p in expected.passes()]
     assert "stats_" in launched[0]
+    assert fusedres.block_recipe(block) == expected
     mlp = fusedres.FusedResidualMLPBlock(16, 32, norm="batch", pre_act=None, act="gelu")
     fusedres.chain.set_next_norm(mlp, nxt)
     launched.clear()
     mlp(torch.randn(4, 8, 16, requires_grad=True)).sum().backward()
-    assert launched == [p.key for p in MLPRecipe(pre_act=None, act="gelu", alpha="scalar", norm="batch",
-                                                 next_norm=nxt).passes()]
+    expected = MLPRecipe(pre_act=None, act="gelu", alpha="scalar", norm="batch", next_norm=nxt)
+    assert launched == [p.key for p in expected.passes()]
+    assert fusedres.block_recipe(mlp) == expected
+    mlp.eval()      # a BatchNorm after an eval-mode block uses its running statistics: no sink
+    assert fusedres.block_recipe(mlp).next_norm == (None if nxt == "batch" else nxt)
 
 
 def test_a_float_alpha_is_its_own_recipe_and_none_multiplies_by_nothing(launched):
@@ -149,3 +162,72 @@ def test_every_gate_variant_is_a_recipe(act):
             # the launch is made from the recipe's pass: each of its pieces an operand, no other
             assert consts["RECIPE"] == aot.gate_pass(r, kind)[0].key, (feats, kind)
             assert consts["RECIPE"] in keys, (feats, kind, consts["RECIPE"], sorted(keys))
+
+
+def test_block_recipe_refuses_other_modules():
+    with pytest.raises(TypeError, match="expected a fusedres residual block"):
+        fusedres.block_recipe(torch.nn.Linear(4, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# The eager reference is the recipe's passes (reference.recipe_forward), each piece a torch op
+
+def _linear(weight, bias):
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def test_the_reference_is_he_et_als_full_pre_activation_in_torch_modules():
+    """``ResidualBlock(D, norm="batch")``: BN -> ReLU -> Linear, added to x, as torch's modules
+    compute it: bitwise, running statistics included (3 training steps, then eval)."""
+    torch.manual_seed(0)
+    block = fusedres.ResidualBlock(16, norm="batch", alpha=0.5)
+    bn, lin = copy.deepcopy(block.norm), _linear(block.weight, block.bias)
+    for train in (True, True, True, False):
+        block.train(train), bn.train(train)
+        x = torch.randn(4, 8, 16) * 3 + 1
+        y = block(x)
+        assert torch.equal(y, x + 0.5 * lin(torch.relu(bn(x.reshape(-1, 16)))).reshape(x.shape))
+    assert torch.equal(block.norm.running_mean, bn.running_mean) and torch.equal(block.norm.running_var, bn.running_var)
+
+
+def test_the_reference_is_rtdls_block_in_torch_modules():
+    """rtdl's block, BN -> Linear -> ReLU -> Dropout -> Linear -> Dropout, added to x: the MLP
+    block with ``norm="batch", pre_act=None``, both dropouts drawn from torch's RNG in that order:
+    bitwise."""
+    torch.manual_seed(0)
+    block = fusedres.ResidualMLPBlock(16, 24, norm="batch", pre_act=None, hidden_dropout=0.2, dropout=0.1)
+    rtdl = torch.nn.Sequential(copy.deepcopy(block.norm), copy.deepcopy(block.fc1), torch.nn.ReLU(),
+                               torch.nn.Dropout(0.2), copy.deepcopy(block.fc2), torch.nn.Dropout(0.1))
+    x = torch.randn(32, 16)
+    torch.manual_seed(1)
+    y = block(x)
+    torch.manual_seed(1)
+    assert torch.equal(y, x + rtdl(x))
+    assert fusedres.block_recipe(block).passes()[1].pieces >= {"dropout", "dropout_a", "residual"}
+
+
+def test_the_reference_is_timms_mlp_half_in_torch_modules():
+    """timm's block, ``x + drop_path(ls(mlp(norm(x))))`` with LN(eps=1e-6) -> fc1 -> GELU -> fc2,
+    LayerScale and DropPath, in fp64: the MLP block with ``pre_act=None, act="gelu",
+    alpha_per_channel=True, drop_path``. (timm scales by gamma before the drop-path mask, the
+    block after it: the same product, rounded in another order.)"""
+    torch.manual_seed(0)
+    D = 16
+    block = fusedres.ResidualMLPBlock(D, 4 * D, norm=torch.nn.LayerNorm(D, eps=1e-6, dtype=torch.float64), pre_act=None, act="gelu",
+                                      alpha=1e-5, alpha_per_channel=True, drop_path=0.5, dtype=torch.float64)
+    with torch.no_grad():
+        block.alpha.uniform_(0.5, 2.0)
+    norm, fc1, fc2 = (copy.deepcopy(m) for m in (block.norm, block.fc1, block.fc2))
+    x = torch.randn(16, 5, D, dtype=torch.float64)
+    torch.manual_seed(1)
+    y = block(x)
+    torch.manual_seed(1)
+    keep = fusedres.drop_path_scale(x, 0.5, True)
+    branch = fc2(torch.nn.GELU()(fc1(norm(x)))) * block.alpha.detach()
+    torch.testing.assert_close(y, x + branch * keep.view(-1, 1, 1), rtol=1e-14, atol=1e-15)
+    assert (keep == 0).any() and (keep > 0).any()
