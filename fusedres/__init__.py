@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .adopt import FuseReport
-from .block_recipe import block_recipe
+from .recipes import block_recipe
 from .convert import fuse
 from .droppath import drop_path_scale
 from .dropout import record_dropout

@@ -1,7 +1,6 @@
 """The eager reference: the spec that every fused path is measured against."""
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -10,11 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import ACTIVATIONS, Activation, ActLike, resolve as resolve_act
-from .block_recipe import mlp_recipe, single_recipe
-from .kernels.recipe import MLPRecipe, PassRecipe, Recipe
+from .recipes import forward_steps, named_mlp, named_single
+from .kernels.recipe import MLPRecipe, Recipe
 from .norm import apply_norm, make_norm
 from .droppath import apply_sample_scale, check_drop_path, check_sample_scale, drop_path_scale, sample_rows
-from .dropout import active as _active, apply_mask, check_p
+from .dropout import apply_mask, check_p
 
 
 _RELU = ACTIVATIONS["relu"]
@@ -36,7 +35,8 @@ def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     ``y[b] = shortcut[b] + s[b] * alpha * F.linear(F.relu(x[b]), weight, bias)``; where
     ``s[b] == 0`` the sample's output is its shortcut exactly.
 
-    ``norm`` (:mod:`fusedres.norm`): None, a name or a torch norm module applied before the
+    ``norm`` (:mod:`fusedres.norm`): None, a name, or an ``nn.BatchNorm1d``, ``nn.LayerNorm`` or
+    ``nn.RMSNorm`` instance (exactly those types, as the fused blocks take) applied before the
     activation, ``x + alpha * F.linear(act(norm(x)), weight, bias)`` (He et al.'s full
     pre-activation); the module is called as it is, so BatchNorm updates its running statistics.
 
@@ -46,14 +46,25 @@ def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     the eager block given the mask a fused call used (:func:`fusedres.record_dropout`).
     """
     check_sample_scale(sample_scale, x, "residual_reference")
-    if dropout:
-        dropout = check_p(dropout, "residual_reference: dropout")
+    dropout = _rate(dropout)
     act = resolve_act(act, "residual_reference")
-    recipe = single_recipe(act, alpha, bias=bias is not None, proj=proj_weight is not None,
-                           sample_scale=sample_scale is not None, norm=norm, dropout=_active(dropout, training))
-    # (stages as plain tuples in Stage's order: this is every eager benchmark's baseline, host time counts)
-    return recipe_forward(recipe, x, ((weight, bias, norm, (dropout, dropout_mask), _NO_DROP),), alpha=alpha,
-                          proj_weight=proj_weight, sample_scale=sample_scale)
+    _, steps = named_single(act, alpha, bias=bias is not None, proj=proj_weight is not None,
+                            sample_scale=sample_scale is not None, norm=norm,
+                            dropout=bool(training) and dropout > 0, who="residual_reference")
+    # (stages as plain tuples in Stage's order: the reference's host time is every parity test's)
+    return _run(steps, x, ((weight, bias, norm, (dropout, dropout_mask), _NO_DROP),), alpha, proj_weight,
+                sample_scale)
+
+
+def _rate(p) -> float:
+    """A dropout rate as the reference takes it (as ``F.dropout`` did before it): a false value
+    (None, 0, False) is none; anything else a number in [0, 1], torch's error otherwise."""
+    if not p:
+        return 0.0
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return p
 
 
 _NO_DROP = (0.0, None)
@@ -75,8 +86,8 @@ def recipe_forward(recipe: Recipe | MLPRecipe, x: Tensor, stages: tuple, *, alph
                    proj_weight: Tensor | None = None, sample_scale: Tensor | None = None) -> Tensor:
     """A block's forward in eager PyTorch, as its recipe names it: each forward pass of
     ``recipe.passes()`` in order (the MLP block's fc1, then fc2), ``stages[i]`` its tensors (a
-    :class:`Stage`, or a plain tuple in its order), the output of one the A operand of the next. A pass is the kernels' skeleton with its pieces, each
-    here the torch op that defines it:
+    :class:`Stage`, or a plain tuple in its order), the output of one the A operand of the next.
+    A pass is the kernels' skeleton with its pieces, each here the torch op that defines it:
 
     - A-tile prologue: the norm (``apply_norm``: the module itself, so BatchNorm updates its running
       statistics), the activation (its torch function), the hidden dropout (``dropout_a``);
@@ -88,7 +99,11 @@ def recipe_forward(recipe: Recipe | MLPRecipe, x: Tensor, stages: tuple, *, alph
     The pieces a pass gets are its recipe's alone: a dropout rate or a sample scale whose piece
     is absent is not applied. Statistics sinks (a chain's ``stats_*`` pieces) write no output and
     have no eager counterpart."""
-    steps = _make_steps(recipe) if _is_compiling() else _forward_steps(recipe)
+    return _run(forward_steps(recipe), x, stages, alpha, proj_weight, sample_scale)
+
+
+def _run(steps: tuple, x: Tensor, stages: tuple, alpha, proj_weight, sample_scale) -> Tensor:
+    """:func:`recipe_forward` given the recipe's steps (:func:`fusedres.recipes.forward_steps`)."""
     if len(steps) != len(stages):
         raise ValueError(f"recipe_forward: the recipe has {len(steps)} forward passes, {len(stages)} stages given")
     shortcut = x if proj_weight is None else F.linear(x, proj_weight)
@@ -108,26 +123,6 @@ def recipe_forward(recipe: Recipe | MLPRecipe, x: Tensor, stages: tuple, *, alph
         if add:
             a = _add_branch(shortcut, a, alpha if scaled else 1.0)
     return a
-
-
-def _make_steps(recipe: Recipe | MLPRecipe) -> tuple:
-    """A recipe's forward passes as :func:`recipe_forward` runs them, made once per recipe: per pass
-    (norm?, activation, bias?, hidden dropout?, dropout?, row scale?, shortcut added?, scaled?).
-    (The reference is the eager baseline of every benchmark: it costs no more host time than the
-    ops it calls and a dictionary lookup.)"""
-    steps = []
-    for p in recipe.passes():
-        if p.kind == "fwd":
-            has = p.pieces.__contains__
-            steps.append((p.norm is not None, None if p.act is None else Activation(p.act, p.act_param), has("bias"),
-                          has("dropout_a"), has("dropout"), has("row_scale"), has("residual") or has("proj"),
-                          p.alpha is not None))
-    return tuple(steps)
-
-
-# made once per recipe; under torch.compile traced instead (as fusedres.block_recipe's makers)
-_forward_steps = functools.lru_cache(maxsize=1024)(_make_steps)
-_is_compiling = torch.compiler.is_compiling
 
 
 def _dropout(t: Tensor, p: float, training: bool, mask: Tensor | None) -> Tensor:
@@ -179,15 +174,14 @@ def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | Non
                          f"{list(fc2_weight.shape)}")
     pre = resolve_act(pre_act, "residual_mlp_reference", allow_none=True)
     act = resolve_act(act, "residual_mlp_reference")
-    dropout = check_p(dropout, "residual_mlp_reference: dropout")
-    hidden_dropout = check_p(hidden_dropout, "residual_mlp_reference: hidden_dropout")
-    recipe = mlp_recipe(pre, act, alpha, bias=fc1_bias is not None or fc2_bias is not None,
-                        sample_scale=sample_scale is not None, norm=norm, hidden_norm=hidden_norm,
-                        dropout=_active(dropout, training), hidden_dropout=_active(hidden_dropout, training))
-    return recipe_forward(recipe, x, ((fc1_weight, fc1_bias, norm, _NO_DROP, _NO_DROP),
-                                      (fc2_weight, fc2_bias, hidden_norm, (dropout, dropout_mask),
-                                       (hidden_dropout, hidden_dropout_mask))),
-                          alpha=alpha, sample_scale=sample_scale)
+    dropout, hidden_dropout = _rate(dropout), _rate(hidden_dropout)
+    _, steps = named_mlp(pre, act, alpha, bias=fc1_bias is not None or fc2_bias is not None,
+                         sample_scale=sample_scale is not None, norm=norm, hidden_norm=hidden_norm,
+                         dropout=bool(training) and dropout > 0, hidden_dropout=bool(training) and hidden_dropout > 0,
+                         who="residual_mlp_reference")
+    return _run(steps, x, ((fc1_weight, fc1_bias, norm, _NO_DROP, _NO_DROP),
+                           (fc2_weight, fc2_bias, hidden_norm, (dropout, dropout_mask),
+                            (hidden_dropout, hidden_dropout_mask))), alpha, None, sample_scale)
 
 
 def eager_forward(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: Tensor | None = None,

@@ -825,7 +825,7 @@ def test_every_api_option_lands_on_pieces_the_gate_compiles(gate, cover_gate, ac
     one this module's gate runs compiled (their records: what CI compiles). Each module's launches
     are exactly the passes of the recipe it names (fusedres.block_recipe)."""
     import importlib
-    from fusedres.block_recipe import single_recipe
+    from fusedres.recipes import single_recipe
     seen, keys = set(), []
     for module in map(importlib.import_module, ("fusedres.kernels.residual_fwd", "fusedres.kernels.residual_bwd")):
         original = module.launch_and_prepare

@@ -4,6 +4,7 @@ yield."""
 from __future__ import annotations
 
 import copy
+import itertools
 import importlib
 import pathlib
 import re
@@ -116,7 +117,11 @@ def test_a_chained_blocks_forward_has_the_next_norms_sink(launched, nxt):
     assert launched == [p.key for p in expected.passes()]
     assert fusedres.block_recipe(mlp) == expected
     mlp.eval()      # a BatchNorm after an eval-mode block uses its running statistics: no sink
+    launched.clear()
+    mlp(torch.randn(4, 8, 16, requires_grad=True)).sum().backward()
+    assert launched == [p.key for p in fusedres.block_recipe(mlp).passes()]
     assert fusedres.block_recipe(mlp).next_norm == (None if nxt == "batch" else nxt)
+    assert ("stats_" in launched[1]) == (nxt != "batch")
 
 
 def test_a_float_alpha_is_its_own_recipe_and_none_multiplies_by_nothing(launched):
@@ -231,3 +236,72 @@ def test_the_reference_is_timms_mlp_half_in_torch_modules():
     branch = fc2(torch.nn.GELU()(fc1(norm(x)))) * block.alpha.detach()
     torch.testing.assert_close(y, x + branch * keep.view(-1, 1, 1), rtol=1e-14, atol=1e-15)
     assert (keep == 0).any() and (keep > 0).any()
+
+
+def _spec(x, w, b, *, alpha, proj=None, s=None, act, norm=None, p=0.0, mask=None, shortcut=None):
+    """One GEMM of a block in torch ops, in the order the reference was written in before it
+    evaluated recipes: the shortcut, norm, activation, F.linear, the dropout mask, the row scale,
+    alpha and the add (``shortcut`` None: no add)."""
+    from fusedres.dropout import apply_mask
+    from fusedres.droppath import apply_sample_scale
+    from fusedres.norm import apply_norm
+    z = x if norm is None else apply_norm(norm, x)
+    out = torch.nn.functional.linear(z if act is None else act(z), w, b)
+    if p:
+        out = apply_mask(out, mask, p)
+    out = apply_sample_scale(out, s)
+    if shortcut is None:
+        return out
+    if isinstance(alpha, torch.Tensor):
+        return torch.addcmul(shortcut, alpha, out)
+    return shortcut + out if alpha == 1.0 else shortcut + alpha * out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_reference_is_bitwise_the_blocks_torch_ops(dtype):
+    """residual_reference and residual_mlp_reference (the recipe evaluated, recipe_forward) against
+    the blocks' torch ops written out (_spec) over a grid of options: bitwise, NaN and inf
+    included, BatchNorm's running statistics too."""
+    from fusedres.activations import resolve
+    from fusedres.dropout import apply_mask
+    g = torch.Generator().manual_seed(0)
+    D, H = 8, 12
+    x = torch.randn(3, 4, D, generator=g).to(dtype)
+    x[0, 0, 0], x[1, 1, 1] = float("nan"), float("inf")
+    w, b, p = (torch.randn(D, D, generator=g).to(dtype), torch.randn(D, generator=g).to(dtype),
+               torch.randn(2 * D, D, generator=g).to(dtype))
+    w1, b1, w2 = (torch.randn(H, D, generator=g).to(dtype), torch.randn(H, generator=g).to(dtype),
+                  torch.randn(D, H, generator=g).to(dtype))
+    s = torch.tensor([2.0, 0.0, 1.5]).to(dtype)
+    mask, hmask = torch.rand(3, 4, D, generator=g) > 0.3, torch.rand(3, 4, H, generator=g) > 0.3
+    alphas = (1.0, 0.5, torch.tensor(0.7).to(dtype), torch.rand(D, generator=g).to(dtype))
+    same = (lambda a, c: a.dtype == c.dtype and torch.equal(a.nan_to_num(7.0), c.nan_to_num(7.0)))
+    n = 0
+    for act, alpha, bias, norm, scale, drop in itertools.product(
+            ("relu", "gelu", torch.nn.LeakyReLU(0.2)), alphas, (True, False),
+            (None, "layer", torch.nn.BatchNorm1d(D).to(dtype)), (None, s), (0.0, 0.3)):
+        n1, n2 = copy.deepcopy(norm), copy.deepcopy(norm)
+        got = fusedres.residual_reference(x, w, b if bias else None, alpha=alpha, sample_scale=scale, act=act, norm=n1,
+                                          dropout=drop, dropout_mask=mask if drop else None)
+        want = _spec(x, w, b if bias else None, alpha=alpha, s=scale, act=resolve(act, "t"), norm=n2, p=drop,
+                     mask=mask, shortcut=x)
+        assert same(got, want), (act, alpha, bias, norm, scale, drop)
+        if isinstance(n1, torch.nn.BatchNorm1d):
+            assert same(n1.running_mean, n2.running_mean) and same(n1.running_var, n2.running_var)
+        n += 1
+    for alpha in alphas[:3]:
+        got = fusedres.residual_reference(x, p, None, alpha=alpha, proj_weight=p, sample_scale=s)
+        assert same(got, _spec(x, p, None, alpha=alpha, s=s, act=torch.relu, shortcut=torch.nn.functional.linear(x, p)))
+    for pre, act, alpha, hidden, (drop, hdrop) in itertools.product(
+            (None, "relu"), ("gelu", "relu"), alphas, (None, "batch"), ((0.0, 0.0), (0.2, 0.4))):
+        got = fusedres.residual_mlp_reference(x, w1, b1, w2, None, alpha=alpha, sample_scale=s, pre_act=pre, act=act,
+                                              norm="layer", hidden_norm=hidden, dropout=drop, hidden_dropout=hdrop,
+                                              dropout_mask=mask if drop else None,
+                                              hidden_dropout_mask=hmask if hdrop else None)
+        h = _spec(x, w1, b1, alpha=None, act=None if pre is None else resolve(pre, "t"), norm="layer")
+        hidden_act = resolve(act, "t")
+        want = _spec(h, w2, None, alpha=alpha, s=s, norm=hidden, p=drop, mask=mask, shortcut=x,
+                     act=lambda t: apply_mask(hidden_act(t), hmask, hdrop) if hdrop else hidden_act(t))
+        assert same(got, want), (pre, act, alpha, hidden, drop)
+        n += 1
+    assert n == 288 + 64
