@@ -107,6 +107,15 @@ def next_norm(producer) -> Optional[str]:
     return _LINKS.get(producer)
 
 
+def emits(producer, training: bool) -> Optional[str]:
+    """The norm kind whose statistics a linked producer emits in this mode, or None: none linked,
+    a conflict, or a BatchNorm next after an eval-mode block (which uses its running statistics)."""
+    nxt = _LINKS.get(producer)
+    if nxt == CONFLICT or (nxt == "batch" and not training):
+        return None
+    return nxt
+
+
 def set_next_norm(producer, kind: Optional[str]) -> None:
     """Link (``kind``), mark conflicting (:data:`CONFLICT`) or unlink (None) a producer."""
     global _ANY_LINK
@@ -167,9 +176,7 @@ def call_for(producer, norm, x, training: bool, proj=None) -> Optional[ChainCall
     if kind is not None and uses_batch_stats(norm):
         link(x, kind)
         stats = handed_over(x, kind)
-    nxt = _LINKS.get(producer)
-    if nxt == CONFLICT or (nxt == "batch" and not training):
-        nxt = None          # (a BatchNorm after an eval-mode block uses its running statistics)
+    nxt = emits(producer, training)
     if stats is None and nxt is None:
         return None
     return ChainCall(stats, nxt)

@@ -16,18 +16,20 @@ from torch import Tensor, nn
 from . import chain as _chain
 from .activations import Activation
 from .kernels.recipe import MLPRecipe, Recipe
-from .norm import NORMS, NormLike, norm_kind, uses_batch_stats
+from .kernels.residual_fwd import alpha_kind
+from .norm import NormLike, norm_kind, uses_batch_stats
 
 
-def scale_kind(alpha, fp64: bool = False) -> Optional[str]:
-    """The residual scale's kind: None for a Python float of 1 (no multiply), ``"value"`` for another
-    float (passed by value; ``"scalar"`` in an fp64 launch, which reads it through a pointer to keep
-    every bit), ``"scalar"`` for a one-element tensor, ``"channel"`` for a per-channel one."""
-    if isinstance(alpha, Tensor):
-        return "scalar" if alpha.numel() == 1 else "channel"
-    if float(alpha) == 1.0:
-        return None
-    return "scalar" if fp64 else "value"
+def call_alpha_kind(alpha, fp64: bool = False) -> Optional[str]:
+    """The residual scale's kind for a call's ``alpha``: the launch's (``kernels.alpha_kind``), after
+    the call's two rules: a Python float of 1 is no scale, and an fp64 launch reads a float through
+    a pointer (``"scalar"``) to keep every bit."""
+    if not isinstance(alpha, Tensor):
+        if float(alpha) == 1.0:
+            return None
+        if fp64:
+            return "scalar"
+    return alpha_kind(alpha)
 
 
 def _norm_fields(norm: NormLike, who: str, prefix: str = "") -> tuple:
@@ -66,8 +68,8 @@ def named_single(act: Activation, alpha, *, bias: bool, proj: bool = False, samp
                  norm: NormLike = None, dropout: bool = False, learnable_alpha: bool = False,
                  next_norm: Optional[str] = None, fp64: bool = False, who: str = "single_recipe") -> tuple:
     """``(recipe, forward steps)`` of :func:`single_recipe`'s call (:func:`forward_steps`)."""
-    key = (*_act_key(act), scale_kind(alpha, fp64), learnable_alpha, bias, proj, sample_scale, dropout, next_norm,
-           _norm_fields(norm, who) if norm is not None else ())
+    key = (*_act_key(act), call_alpha_kind(alpha, fp64), learnable_alpha, bias, proj, sample_scale, dropout, next_norm,
+           _norm_fields(norm, who))
     return _name_single(*key) if _is_compiling() else _single(*key)
 
 
@@ -93,9 +95,8 @@ def named_mlp(pre_act: Optional[Activation], act: Activation, alpha, *, bias: bo
               hidden_dropout: bool = False, learnable_alpha: bool = False, next_norm: Optional[str] = None,
               fp64: bool = False, who: str = "mlp_recipe") -> tuple:
     """``(recipe, forward steps)`` of :func:`mlp_recipe`'s call (:func:`forward_steps`)."""
-    norm_fields = (() if norm is None and hidden_norm is None
-                   else _norm_fields(norm, who) + _norm_fields(hidden_norm, who, "hidden_"))
-    key = (*_act_key(pre_act), *_act_key(act), scale_kind(alpha, fp64), learnable_alpha, bias, sample_scale, dropout,
+    norm_fields = _norm_fields(norm, who) + _norm_fields(hidden_norm, who, "hidden_")
+    key = (*_act_key(pre_act), *_act_key(act), call_alpha_kind(alpha, fp64), learnable_alpha, bias, sample_scale, dropout,
            hidden_dropout, next_norm, norm_fields)
     return _name_mlp(*key) if _is_compiling() else _mlp(*key)
 
@@ -150,15 +151,13 @@ def block_recipe(module: nn.Module) -> Union[Recipe, MLPRecipe]:
         raise TypeError(f"block_recipe: expected a fusedres residual block (FusedResidualBlock, FusedResidualMLPBlock, "
                         f"ResidualBlock, ResidualMLPBlock), got {type(module).__name__}")
     training = module.training
-    # a chain's sink: a fused block (not a projection's) linked to one next norm, chains on
-    # (chain.call_for's rule: a BatchNorm after an eval-mode block uses its running statistics)
-    nxt = _chain.next_norm(module) if _chain._ENABLED and getattr(module, "proj_weight", None) is None else None
-    if nxt == "batch" and not training:
-        nxt = None
+    # a chain's sink: a fused block (not a projection's) with chains on, as chain.call_for decides
     fused = isinstance(module, (FusedResidualBlock, FusedResidualMLPBlock))
+    chained = fused and _chain._ENABLED and getattr(module, "proj_weight", None) is None
     common = dict(alpha=module.alpha, learnable_alpha=module.alpha.requires_grad, who="block_recipe",
                   sample_scale=training and module.drop_path > 0, norm=module.norm,
-                  dropout=training and module.dropout > 0, next_norm=nxt if fused and nxt in NORMS else None)
+                  dropout=training and module.dropout > 0,
+                  next_norm=_chain.emits(module, training) if chained else None)
     if isinstance(module, _ResidualMLPParameters):
         return mlp_recipe(module.pre_act, module.act, bias=module.fc1.bias is not None, hidden_norm=module.hidden_norm,
                           hidden_dropout=training and module.hidden_dropout > 0, **common)

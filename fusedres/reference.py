@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,42 +50,27 @@ def residual_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     _, steps = named_single(act, alpha, bias=bias is not None, proj=proj_weight is not None,
                             sample_scale=sample_scale is not None, norm=norm,
                             dropout=bool(training) and dropout > 0, who="residual_reference")
-    # (stages as plain tuples in Stage's order: the reference's host time is every parity test's)
     return _run(steps, x, ((weight, bias, norm, (dropout, dropout_mask), _NO_DROP),), alpha, proj_weight,
                 sample_scale)
 
 
 def _rate(p) -> float:
     """A dropout rate as the reference takes it (as ``F.dropout`` did before it): a false value
-    (None, 0, False) is none; anything else a number in [0, 1], torch's error otherwise."""
-    if not p:
-        return 0.0
-    p = float(p)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    return p
+    (None, 0, False) is none; anything else a number in [0, 1] (``check_p``'s error otherwise)."""
+    return check_p(float(p), "residual_reference") if p else 0.0
 
 
 _NO_DROP = (0.0, None)
 
 
-class Stage(NamedTuple):
-    """The tensors of one GEMM pass of a block's forward (:func:`recipe_forward`): its weight and
-    bias, the norm on its A operand (a name or torch module; None), and the ``(p, keep mask or
-    None)`` of the dropout on its output (``dropout``) and on its activated A operand
-    (``dropout_a``). Which of them apply is the pass's recipe's to say."""
-    weight: Tensor
-    bias: Tensor | None = None
-    norm: object = None
-    dropout: tuple = (0.0, None)
-    dropout_a: tuple = (0.0, None)
-
-
 def recipe_forward(recipe: Recipe | MLPRecipe, x: Tensor, stages: tuple, *, alpha: float | Tensor = 1.0,
                    proj_weight: Tensor | None = None, sample_scale: Tensor | None = None) -> Tensor:
     """A block's forward in eager PyTorch, as its recipe names it: each forward pass of
-    ``recipe.passes()`` in order (the MLP block's fc1, then fc2), ``stages[i]`` its tensors (a
-    :class:`Stage`, or a plain tuple in its order), the output of one the A operand of the next.
+    ``recipe.passes()`` in order (the MLP block's fc1, then fc2), the output of one the A operand
+    of the next. ``stages[i]`` is that pass's ``(weight, bias, norm, dropout, dropout_a)``: the
+    norm on its A operand (a name, a torch module or None), and the ``(p, keep mask or None)`` of
+    the dropout on its output and on its activated A operand (plain tuples: this runs on every
+    eager call).
     A pass is the kernels' skeleton with its pieces, each here the torch op that defines it:
 
     - A-tile prologue: the norm (``apply_norm``: the module itself, so BatchNorm updates its running
@@ -114,10 +98,10 @@ def _run(steps: tuple, x: Tensor, stages: tuple, alpha, proj_weight, sample_scal
         if act is not None:
             a = act(a)
         if dropout_a:
-            a = _dropout(a, t[4][0], True, t[4][1])
+            a = _dropout(a, *t[4])
         a = F.linear(a, t[0], t[1] if bias else None)
         if dropout:
-            a = _dropout(a, t[3][0], True, t[3][1])
+            a = _dropout(a, *t[3])
         if row_scale:
             a = apply_sample_scale(a, sample_scale)
         if add:
@@ -125,11 +109,9 @@ def _run(steps: tuple, x: Tensor, stages: tuple, alpha, proj_weight, sample_scal
     return a
 
 
-def _dropout(t: Tensor, p: float, training: bool, mask: Tensor | None) -> Tensor:
-    """Dropout as the reference applies it: a given keep mask, else ``F.dropout``."""
-    if mask is not None:
-        return apply_mask(t, mask, p) if training and p > 0 else t
-    return F.dropout(t, p, training) if p else t
+def _dropout(t: Tensor, p: float, mask: Tensor | None) -> Tensor:
+    """A dropout piece (training, ``p > 0``): the given keep mask, else ``F.dropout`` (torch's RNG)."""
+    return apply_mask(t, mask, p) if mask is not None else F.dropout(t, p, True)
 
 
 def _add_branch(shortcut: Tensor, branch: Tensor, alpha: float | Tensor) -> Tensor:
