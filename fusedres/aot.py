@@ -66,6 +66,7 @@ from .kernels.residual_bwd import (
     dx_launch_args,
     residual_dw_reduce_kernel,
 )
+from .kernels.launch import pass_arguments
 from .kernels.residual_fwd import fwd_launch_args
 from .kernels import residual_stack as _stack
 from .kernels import activations as _act_kernels
@@ -371,59 +372,53 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
         return torch.empty(n, dtype=dtype)
 
     w = torch.empty(N, K, dtype=tdtype)
-    b = vec(N, tdtype) if has("bias") or has("db") else None
     alpha = {None: None, "value": 0.5, "scalar": torch.empty((), dtype=act_dtype), "channel": vec(N)}[p.alpha]
-    proj = torch.empty(N, K, dtype=tdtype) if has("proj") else None
-    kw = {}
-    if has("row_scale"):
-        kw.update(sample_scale=vec(EXAMPLE_B), rows_per_sample=M // EXAMPLE_B)
-    kw.update(act=p.act, act_param=p.act_param)
+    proj = torch.empty(N, K, dtype=tdtype)
+    norm = kernels.NO_NORM
     if p.norm is not None:
         # the statistics in fp32, the affine in the activations' dtype (a module's parameters)
         stats = vec(K if p.norm == "batch" else M, torch.float32)
-        kw["norm"] = kernels.norm_operands(p.norm, None if p.norm == "rms" else stats, stats,
-                                           vec(K) if has("norm_weight") else None,
-                                           vec(K) if has("norm_bias") else None)
-    # one int64 seed and [p, 1 / (1 - p)] in the accumulator dtype per site (fusedres.dropout)
-    for piece in ("dropout", "dropout_a"):
-        if has(piece):
-            kw[piece] = (torch.empty(1, dtype=torch.int64), vec(2, acc_t))
+        norm = kernels.norm_operands(p.norm, None if p.norm == "rms" else stats, stats, vec(K), vec(K))
+    # Every operand a call could give; the pass takes those it names (kernels.launch.pass_arguments,
+    # as the ops' launches do). Dropout: one int64 seed and [p, 1 / (1 - p)] in the accumulator
+    # dtype per site (fusedres.dropout).
+    operands = dict(bias=vec(N, tdtype), alpha=alpha, sample_scale=vec(EXAMPLE_B), rows_per_sample=M // EXAMPLE_B,
+                    norm=norm, dropout=(torch.empty(1, dtype=torch.int64), vec(2, acc_t)),
+                    dropout_a=(torch.empty(1, dtype=torch.int64), vec(2, acc_t)))
     with _matmul_precision(precision):
         if kind == "fwd":
             x = act(K, gemm_dtype=a_is_h)
             r = act(N) if a_is_h else None         # fc2's residual: x, beside h
             rows, strides, kt = plan_rows(x, *([r] if r is not None else []))
             y = torch.empty(rows.M, N, dtype=tdtype if mlp and index == 0 else act_dtype)
-            sinks = (vec(M // 16 * 2 * N, torch.float32) if has("stats_col_partials") else None,
-                     vec(N // 16 * 2 * M, torch.float32) if has("stats_row_partials") else None)
-            args, consts, _ = fwd_launch_args(kt[0], strides[0], w, b, y, rows, alpha, proj,
-                                              residual=(kt[1], strides[1]) if r is not None else None,
-                                              add_residual=has("residual") or has("proj"), stats_partials=sinks, **kw)
+            sinks = (vec(M // 16 * 2 * N, torch.float32), vec(N // 16 * 2 * M, torch.float32))
+            args, keywords = pass_arguments(p, rows, kt[0], strides[0], w, y, proj_weight=proj,
+                                            residual=(kt[1], strides[1]) if r is not None else None,
+                                            stats_partials=sinks, **operands)
+            args, consts, _ = fwd_launch_args(*args, **keywords)
         elif kind == "dx":
             g, x = act(N), act(K, gemm_dtype=a_is_h)
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
             dx = torch.empty(rows.M, K, dtype=tdtype if a_is_h else act_dtype)
-            sums = (vec(rows.M // 16 * 2 * K, torch.float32) if has("norm_col_sums") else None,
-                    vec(K // 16 * 2 * rows.M, torch.float32) if has("norm_row_sums") else None)
-            args, consts, _ = dx_launch_args(gk, gs, xk, xs, w, dx, rows, alpha, proj,
-                                             add_residual=has("residual") or has("proj"),
-                                             norm_sums=sums, **kw)
+            sums = (vec(rows.M // 16 * 2 * K, torch.float32), vec(K // 16 * 2 * rows.M, torch.float32))
+            args, keywords = pass_arguments(p, rows, xk, xs, w, dx, g=gk, gs=gs, proj_weight=proj, norm_sums=sums,
+                                            **operands)
+            args, consts, _ = dx_launch_args(*args, **keywords)
         else:
             g, x = act(N), act(K, gemm_dtype=a_is_h)
             rows, (gs, xs), (gk, xk) = plan_rows(g, x)
-            dw, db = torch.empty(N, K, dtype=tdtype), (vec(N, tdtype) if has("db") else None)
-            partials = (vec(kernels.dalpha_workspace_size(N, K, has("proj"), p.alpha == "channel"), torch.float32)
-                        if has("dalpha") else None)
-            dp = torch.empty(N, K, dtype=tdtype) if has("proj") else None
+            dw, db = torch.empty(N, K, dtype=tdtype), vec(N, tdtype)
+            partials = vec(kernels.dalpha_workspace_size(N, K, has("proj"), p.alpha == "channel"), torch.float32)
             slabs = dw_split_workspaces(dw, EXAMPLE_SPLITS, proj=has("proj"), sum_g=True) if split else None
+            args, keywords = pass_arguments(p, rows, xk, xs, w, dw, g=gk, gs=gs, db=db, dalpha_partials=partials,
+                                            dp=torch.empty(N, K, dtype=tdtype), **operands)
             if kind == REDUCE_KIND:
-                args, consts, _ = dw_reduce_launch_args(*slabs, EXAMPLE_SPLITS, dw, db, weight=w, bias=b, alpha=alpha,
-                                                        dalpha_partials=partials, dp=dp)
+                args, consts, _ = dw_reduce_launch_args(*slabs, EXAMPLE_SPLITS, dw, args[5], weight=w,
+                                                        bias=keywords["bias"], alpha=keywords["alpha"],
+                                                        dalpha_partials=keywords["dalpha_partials"], dp=keywords["dp"])
             else:
-                args, consts, _ = dw_launch_args(gk, gs, xk, xs, dw, db, rows, weight=w, bias=b, alpha=alpha,
-                                                 dalpha_partials=partials, dp=dp,
-                                                 split=(*slabs, EXAMPLE_SPLITS, EXAMPLE_TILES_PER_SPLIT)
-                                                 if split else None, **kw)
+                args, consts, _ = dw_launch_args(*args, **keywords, split=(*slabs, EXAMPLE_SPLITS,
+                                                                           EXAMPLE_TILES_PER_SPLIT) if split else None)
     if rows.two_level != two_level:
         raise AssertionError(f"the example launch has two_level={rows.two_level}, asked for {two_level}")
     return args, consts

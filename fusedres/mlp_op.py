@@ -49,6 +49,8 @@ from .activations import Activation, ActLike, kernel_args, resolve as resolve_ac
 from .chain import hand_over, op_arguments
 from .droppath import rows_per_sample, sample_rows
 from .kernels._common import cdiv
+from .kernels.launch import launch_pass
+from .kernels.recipe import MLPRecipe
 from .norm import NormCall, NormLike, norm_kind, update_running_stats
 from .norm_op import sink_stats, stats_sinks
 from .dropout import check_p, draw_seeds, dropout_operands, keep_mask, note_draw
@@ -223,13 +225,30 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if not isinstance(t, Tensor) or t.numel() <= 1 or t.stride(0) == 1 else t.contiguous()
 
 
-def _triton_hidden(xk, xs, rows, w1, b1, h, pre: Activation | None, norm=kernels.NO_NORM, stats_partials=(None, None)):
-    """Forward 1: ``h = pre_act(norm(x)) @ W1.T + b1``, stored as the pre-activation (``norm``: the
-    six normalization operands, the A-tile prologue; ``stats_partials``: the hidden norm's
-    statistics sinks). Returns the launch."""
-    name, param = kernel_args(pre)
-    return kernels.residual_fwd(xk, xs, w1, b1, h.view(rows.M, w1.shape[0]), rows, add_residual=False, act=name,
-                                act_param=param, norm=norm, stats_partials=stats_partials)
+def _call_passes(w1, has_b1: bool, has_b2: bool, alpha, alpha_value, sample_scale, pre: Activation | None, act: Activation, norm: tuple,
+                 hidden: tuple, seeds, dropout, hidden_dropout, next_norm="none", needs=None) -> dict:
+    """The passes by role of the call's recipe (:func:`fusedres.recipes.op_passes`) for the gradients
+    ``needs`` (names of :data:`~fusedres.kernels.recipe.MLP_GRADS`; None: every one). ``norm``
+    and ``hidden``: ``(kind, weight, bias, batch statistics?)`` of the norm on x and of h.
+    ``has_b1``, ``has_b2``: the linears have biases (the backward saves them only where needed)."""
+    from .recipes import call_alpha_kind, op_passes
+    (kind, nw, nb, batch_stats), (hkind, hnw, hnb, hbatch_stats) = norm, hidden
+    pre_name, pre_param = kernel_args(pre)
+    fields = (pre_name, pre_param, act.name, act.param,
+              call_alpha_kind(alpha if alpha is not None else alpha_value, w1.dtype == torch.float64),
+              alpha is not None, has_b1, sample_scale is not None, None if kind == "none" else kind,
+              nw is not None, nb is not None, batch_stats, None if hkind == "none" else hkind, hnw is not None,
+              hnb is not None, hbatch_stats, seeds is not None and bool(dropout),
+              seeds is not None and bool(hidden_dropout), None if next_norm == "none" else next_norm, has_b2)
+    return op_passes(MLPRecipe, fields, needs)
+
+
+def _triton_hidden(p, xk, xs, rows, w1, b1, h, norm=kernels.NO_NORM, stats_partials=(None, None)):
+    """Forward 1 (fc1's pass ``p``): ``h = pre_act(norm(x)) @ W1.T + b1``, stored as the
+    pre-activation (``norm``: the six normalization operands, the A-tile prologue;
+    ``stats_partials``: the hidden norm's statistics sinks). Returns the launch."""
+    return launch_pass(p, rows, xk, xs, w1, h.view(rows.M, w1.shape[0]), bias=b1, norm=norm,
+                       stats_partials=stats_partials)
 
 
 _NO_NORM_ARGS = ("none", None, None, 0.0, None, None)
@@ -287,6 +306,9 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
         return (x + branch).contiguous(), h.contiguous(), None, None, None, None, *sink_stats("none", None, None, 0, 0, x)
     warn_if_ungated(pre, x.device)
     warn_if_ungated(act, x.device)
+    passes = _call_passes(w1, b1 is not None, b2 is not None, alpha, alpha_value, sample_scale, pre, act, (*norm[:3], norm[4] is None),
+                          (*hidden[:3], hidden[4] is None), seeds, dropout, hidden_dropout, next_norm)
+    fc1, fc2 = passes["fc1"], passes["fc2"]
     h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, w2.dtype))
     rows, (xs, hs), (xk, hk) = plan_rows(x, h)
@@ -302,7 +324,7 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
         parts = ((torch.empty(cdiv(rows.M, 16) * 2 * H, device=x.device, dtype=acc_t), None) if hkind == "batch"
                  else (None, torch.empty(cdiv(H, 16) * 2 * rows.M, device=x.device, dtype=acc_t)))
     if rows.M:
-        launch = _triton_hidden(xk, xs, rows, w1, b1, h, pre, ops, parts)
+        launch = _triton_hidden(fc1, xk, xs, rows, w1, b1, h, ops, parts)
         if hkind != "none":
             if hrm is None:
                 hmean, hvar = _hidden_stats(hkind, launch, parts, rows.M, H)
@@ -313,10 +335,9 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
             hops = kernels.norm_operands(hkind, hmean if hrm is None else hrm.to(rstd.dtype), rstd, hw, hb)
         drop, hdrop = _drops(seeds, dropout, hidden_dropout, w2)
         sinks = stats_sinks(next_norm, rows.M, w2.shape[0], x)
-        launch = kernels.residual_fwd(hk, hs, w2, b2, y.view(rows.M, w2.shape[0]), rows, alpha=scale,
-                                      residual=(xk, xs), sample_scale=sample_scale,
-                                      rows_per_sample=rows_per_sample(x), act=act.name, act_param=act.param,
-                                      norm=hops, stats_partials=sinks, dropout=drop, dropout_a=hdrop)
+        launch = launch_pass(fc2, rows, hk, hs, w2, y.view(rows.M, w2.shape[0]), bias=b2, alpha=scale,
+                             residual=(xk, xs), sample_scale=sample_scale, rows_per_sample=rows_per_sample(x),
+                             norm=hops, stats_partials=sinks, dropout=drop, dropout_a=hdrop)
         emitted = sink_stats(next_norm, launch, sinks, rows.M, w2.shape[0], x)
     elif hkind != "none" and hrm is None:
         acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -438,6 +459,17 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
     b1, b2, sample_scale = _contiguous(b1), _contiguous(b2), _contiguous(sample_scale)
     scale = _contiguous(_scale(alpha, alpha_value))
     eager = backend_for(x.device) == "eager"
+    need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha = needs
+    need_nw, need_nb = (norm[7], norm[8]) if norm is not None else (False, False)
+    need_hnw, need_hnb = (hidden[7], hidden[8]) if hidden is not None else (False, False)
+    wanted = frozenset(n for n, need in zip(("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "alpha",
+                                             "norm_weight", "norm_bias", "hidden_norm_weight", "hidden_norm_bias"),
+                                            (*needs, need_nw, need_nb, need_hnw, need_hnb)) if need)
+    no_norm = ("none", None, None, True)
+    passes = _call_passes(w1, b1 is not None or need_b1, b2 is not None or need_b2, alpha, alpha_value,
+                          sample_scale, pre, act, no_norm if norm is None else (norm[0], norm[1], norm[2], norm[6]),
+                          no_norm if hidden is None else (hidden[0], hidden[1], hidden[2], hidden[6]),
+                          seeds, dropout, hidden_dropout, needs=wanted)
     ops, hops = _saved_norm_operands(x, norm), _saved_norm_operands(x, hidden)
     if h is None:                                                # recompute: forward 1 again
         if eager:
@@ -445,59 +477,58 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
         else:
             h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
             rows, (xs,), (xk,) = plan_rows(x)
-            if rows.M:
-                _triton_hidden(xk, xs, rows, w1, b1, h, pre, ops)
+            if rows.M:      # (fc1's pass without the hidden norm's statistics sink: they were saved)
+                _triton_hidden(_without_stats(passes["fc1"]), xk, xs, rows, w1, b1, h, ops)
     if eager:
         _refuse_eager_norms(norm[0] if norm else "none", hidden[0] if hidden else "none", seeds)
         return (*_eager_mlp_backward(grad, x, h, w1, b1, w2, b2, scale, sample_scale, needs, pre, act),
                 None, None, None, None)
-    kact, kpre = dict(act=act.name, act_param=act.param), dict(zip(("act", "act_param"), kernel_args(pre)))
-    need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha = needs
-    need_nw, need_nb = (norm[7], norm[8]) if norm is not None else (False, False)
-    need_hnw, need_hnb = (hidden[7], hidden[8]) if hidden is not None else (False, False)
+    dh_pass, dw2_pass, dx_pass, dw1_pass = passes["dh"], passes["dw2"], passes["dx"], passes["dw1"]
     dnw = dnb = dhnw = dhnb = None
     D, H = w2.shape
     rps = rows_per_sample(x)
-    dh = h.new_empty(h.shape) if (need_dx or need_w1 or need_b1 or need_nw or need_nb or need_hnw
-                                  or need_hnb) else None
+    dh = h.new_empty(h.shape) if dh_pass is not None else None
     rows, strides, (gk, xk, hk, *dhk) = plan_rows(grad, x, h, *([dh] if dh is not None else []))
     gs, xs, hs = strides[:3]
     dx = dw1 = db1 = dw2 = db2 = dalpha = None
     drop, hdrop = _drops(seeds, dropout, hidden_dropout, w2)
-    fc2_kwargs = dict(alpha=scale, sample_scale=sample_scale, rows_per_sample=rps, dropout=drop, dropout_a=hdrop)
-    if dh is not None and hidden is not None:
+    fc2_operands = dict(alpha=scale, sample_scale=sample_scale, rows_per_sample=rps, dropout=drop, dropout_a=hdrop)
+    if dh_pass is not None and hidden is not None:
         # backward 1 with the hidden norm: dz = act'(hidden_norm(h)) * (s * alpha * g @ W2) and its
         # sinks, then the finishing pass (no residual gradient: dh is the norm's input gradient)
         from .norm_op import norm_input_grad
         need_dh = need_dx or need_w1 or need_b1 or need_nw or need_nb      # (else only the hidden affine's)
-        _, dhnw, dhnb = norm_input_grad(gk, gs, hk, hs, w2, rows, h, hops, hidden, None, None, need_dh,
-                                        fc2_kwargs, kact, out=dhk[0].view(rows.M, H))
-    elif dh is not None:
+        _, dhnw, dhnb = norm_input_grad(dh_pass, gk, gs, hk, hs, w2, rows, h, hops, hidden, None, None, need_dh,
+                                        fc2_operands, out=dhk[0].view(rows.M, H))
+    elif dh_pass is not None:
         # backward 1: dh = [h > 0] * (s * alpha * g @ W2)
-        kernels.residual_dx(gk, gs, hk, hs, w2, dhk[0].view(rows.M, H), rows, add_residual=False, **fc2_kwargs,
-                            **kact)
-    if need_w2 or need_b2 or need_alpha:
+        launch_pass(dh_pass, rows, hk, hs, w2, dhk[0].view(rows.M, H), g=gk, gs=gs, **fc2_operands)
+    if dw2_pass is not None:
         # backward 2: dW2 = alpha * (s g).T @ relu(h), db2, the dalpha partials
-        dw2, db2, dalpha = weight_grads(gk, gs, hk, hs, rows, w2, b2, scale, alpha, need_w2, need_b2, need_alpha,
-                                        sample_scale=sample_scale, rows_per_sample=rps, norm=hops, dropout=drop,
-                                        dropout_a=hdrop, **kact)
-    if norm is not None and (need_dx or need_nw or need_nb):
+        dw2, db2, dalpha = weight_grads(dw2_pass, gk, gs, hk, hs, rows, w2, b2, need_w2, norm=hops, **fc2_operands)
+    if dx_pass is not None and norm is not None:
         # backward 3 with a norm: dz = pre_act'(z) * (dh @ W1) and its sinks, then the finishing pass
         from .norm_op import norm_input_grad
-        dx, dnw, dnb = norm_input_grad(dhk[0], strides[3], xk, xs, w1, rows, x, ops, norm, gk, gs, need_dx, {},
-                                       kpre)
-    elif need_dx:
+        dx, dnw, dnb = norm_input_grad(dx_pass, dhk[0], strides[3], xk, xs, w1, rows, x, ops, norm, gk, gs, need_dx,
+                                       {})
+    elif dx_pass is not None:
         # backward 3: dx = g + [x > 0] * (dh @ W1)
         dx = x.new_empty(x.shape)
-        kernels.residual_dx(dhk[0], strides[3], xk, xs, w1, dx.view(rows.M, D), rows, residual=(gk, gs), **kpre)
-    if need_w1 or need_b1:
+        launch_pass(dx_pass, rows, xk, xs, w1, dx.view(rows.M, D), g=dhk[0], gs=strides[3], residual=(gk, gs))
+    if dw1_pass is not None:
         # backward 4: dW1 = dh.T @ relu(norm(x)), db1
         dw1 = w1.new_empty(H, D)
-        db1 = w1.new_empty(H) if need_b1 else None
-        kernels.residual_dw(dhk[0], strides[3], xk, xs, dw1, db1, rows, norm=ops, **kpre)
+        db1 = w1.new_empty(H) if "db" in dw1_pass.pieces else None
+        launch_pass(dw1_pass, rows, xk, xs, w1, dw1, g=dhk[0], gs=strides[3], norm=ops, db=db1)
         if not need_w1:
             dw1 = None
     return dx, dw1, db1, dw2, db2, dalpha, dnw, dnb, dhnw, dhnb
+
+
+def _without_stats(p):
+    """Pass ``p`` without a statistics sink (recompute's fc1: the statistics were saved)."""
+    from dataclasses import replace
+    return replace(p, pieces=p.pieces - {"stats_col_partials", "stats_row_partials"})
 
 
 def _backward_op(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],

@@ -43,6 +43,8 @@ from .activations import ActLike, resolve as resolve_act
 from .droppath import rows_per_sample
 from .dropout import draw_seeds, dropout_operands, keep_mask, note_draw
 from .kernels._common import cdiv
+from .kernels.launch import launch_pass
+from .kernels.recipe import Recipe
 from .kernels.norm import acc_dtype, col_stats, norm_dx, row_stats
 from .norm import NormCall, NormLike, norm_kind, update_running_stats
 
@@ -153,8 +155,24 @@ def _scale(alpha, alpha_value):
     return alpha if alpha is not None else (None if alpha_value == 1.0 else alpha_value)
 
 
+def call_passes(weight, has_bias: bool, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight, norm_bias,
+                batch_stats, seed, next_norm="none", needs=None) -> dict:
+    """The passes by role of the call's recipe (:func:`fusedres.recipes.op_passes`) for the gradients
+    ``needs`` (names of :data:`~fusedres.kernels.recipe.SINGLE_GRADS`; None: every one).
+    ``has_bias``: the block has a bias (the backward's saved bias is None unless dalpha needs it)."""
+    from .recipes import call_alpha_kind, op_passes
+    fields = (act, act_param, call_alpha_kind(alpha if alpha is not None else alpha_value,
+                                              weight.dtype == torch.float64),
+              alpha is not None, has_bias, False, sample_scale is not None, None if kind == "none" else kind,
+              norm_weight is not None, norm_bias is not None, batch_stats, seed is not None,
+              None if next_norm == "none" else next_norm)
+    return op_passes(Recipe, fields, needs)
+
+
 def _forward(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight, norm_bias, eps,
              running_mean, running_var, dropout=0.0, seed=None, stats_mean=None, stats_var=None, next_norm="none"):
+    fwd = call_passes(weight, bias is not None, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight, norm_bias,
+                      running_mean is None, seed, next_norm)["fwd"]
     rows, (xs,), (xk,) = plan_rows(x)
     N = weight.shape[0]
     y = x.new_empty((*x.shape[:-1], N), dtype=torch.promote_types(x.dtype, weight.dtype))
@@ -164,10 +182,9 @@ def _forward(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, 
         mean, var, rstd = _stats(xk, xs, rows, kind, eps, running_mean, running_var, (stats_mean, stats_var))
         ops = kernels.norm_operands(kind, mean, rstd, norm_weight, norm_bias)
     sinks = stats_sinks(next_norm, rows.M, N, x)
-    launch = kernels.residual_fwd(xk, xs, weight, bias, y.view(rows.M, N), rows, alpha=_scale(alpha, alpha_value),
-                                  sample_scale=sample_scale, rows_per_sample=rows_per_sample(x), act=act,
-                                  act_param=act_param, norm=ops, stats_partials=sinks,
-                                  dropout=dropout_operands(seed, dropout, weight))
+    launch = launch_pass(fwd, rows, xk, xs, weight, y.view(rows.M, N), bias=bias, alpha=_scale(alpha, alpha_value),
+                         sample_scale=sample_scale, rows_per_sample=rows_per_sample(x), norm=ops, stats_partials=sinks,
+                         dropout=dropout_operands(seed, dropout, weight))
     emitted = sink_stats(next_norm, launch, sinks, rows.M, N, x)
     if running_mean is not None or kind == "none" or stats_var is not None:
         # (no statistics computed here: none, the running ones, or the chain's, which the caller has)
@@ -211,27 +228,28 @@ def _backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_
               need_norm_weight, need_norm_bias, dropout=0.0, seed=None):
     """(dx, dW, db, dalpha, dnorm_weight, dnorm_bias), None for each not asked for."""
     from .op import bias_grad, weight_grads
+    needs = frozenset(n for n, need in (("x", need_dx), ("weight", need_weight), ("bias", need_bias),
+                                        ("alpha", need_alpha), ("norm_weight", need_norm_weight),
+                                        ("norm_bias", need_norm_bias)) if need)
+    by_kind = call_passes(weight, bias is not None or need_bias, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight,
+                          norm_bias, batch_stats, seed, needs=needs)
     rows, (gs, xs), (gk, xk) = plan_rows(grad, x)
     ops = kernels.NO_NORM if kind == "none" else saved_norm_operands(x, kind, norm_weight, norm_bias, eps, mean, var)
     scale = _scale(alpha, alpha_value)
-    rps = rows_per_sample(x)
-    kact = dict(act=act, act_param=act_param)
-    drop = dropout_operands(seed, dropout, weight)
+    operands = dict(alpha=scale, sample_scale=sample_scale, rows_per_sample=rows_per_sample(x),
+                    dropout=dropout_operands(seed, dropout, weight))
     dx = dw = db = dalpha = dnw = dnb = None
-    if kind == "none" and need_dx:
+    if by_kind["dx"] is not None and kind == "none":
         dx = x.new_empty(x.shape)
-        kernels.residual_dx(gk, gs, xk, xs, weight, dx.view(rows.M, x.shape[-1]), rows, alpha=scale,
-                            sample_scale=sample_scale, rows_per_sample=rps, dropout=drop, **kact)
-    elif need_dx or need_norm_weight or need_norm_bias:
+        launch_pass(by_kind["dx"], rows, xk, xs, weight, dx.view(rows.M, x.shape[-1]), g=gk, gs=gs, **operands)
+    elif by_kind["dx"] is not None:
         state = (kind, norm_weight, norm_bias, eps, mean, var, batch_stats, need_norm_weight, need_norm_bias)
-        dx, dnw, dnb = norm_input_grad(gk, gs, xk, xs, weight, rows, x, ops, state, gk, gs, need_dx,
-                                       dict(alpha=scale, sample_scale=sample_scale, rows_per_sample=rps,
-                                            dropout=drop), kact)
-    if need_weight or need_alpha or (need_bias and seed is not None):
+        dx, dnw, dnb = norm_input_grad(by_kind["dx"], gk, gs, xk, xs, weight, rows, x, ops, state, gk, gs, need_dx,
+                                       operands)
+    if by_kind["dw"] is not None:
         # (with dropout, db is the column sum of the masked g: dW's kernel makes it)
-        dw, db, dalpha = weight_grads(gk, gs, xk, xs, rows, weight, bias, scale, alpha, need_weight, need_bias,
-                                      need_alpha, sample_scale=sample_scale, rows_per_sample=rps, norm=ops,
-                                      dropout=drop, **kact)
+        dw, db, dalpha = weight_grads(by_kind["dw"], gk, gs, xk, xs, rows, weight, bias, need_weight, norm=ops,
+                                      **operands)
     elif need_bias:
         db = bias_grad(grad, sample_scale, scale, weight)
     return dx, dw, db, dalpha, dnw, dnb
@@ -245,26 +263,28 @@ def saved_norm_operands(x, kind, weight, bias, eps, mean, var) -> tuple:
     return kernels.norm_operands(kind, mean, torch.rsqrt(var.to(acc) + eps), weight, bias)
 
 
-def norm_input_grad(a, a_strides, xk, xs, weight, rows, x, ops, state, g, gs, need_dx, gemm_kwargs, kact, out=None):
+def norm_input_grad(p, a, a_strides, xk, xs, weight, rows, x, ops, state, g, gs, need_dx, operands, out=None):
     """``(dx, dnorm_weight, dnorm_bias)`` (None where not wanted) of a GEMM ``z -> act(z) @ W.T``
     fed by ``z = norm(x)``, given the gradient ``a`` reaching that GEMM's output (the block's g,
-    or the MLP block's dh) and the residual gradient ``g`` to add to dx. ``state``: ``(kind,
-    weight, bias, eps, mean, var, batch_stats, need_weight, need_bias)``.
+    or the MLP block's dh) and the residual gradient ``g`` to add to dx. ``p``: the dx pass, whose
+    pieces name the sinks the wanted gradients use. ``state``: ``(kind, weight, bias, eps, mean,
+    var, batch_stats, need_weight, need_bias)``.
 
-    dx's GEMM writes dz (``act'(z) * (a @ W)``, with ``gemm_kwargs``: the scale and row scale of
-    the block's branch) into the dx buffer with its sinks; the partials are summed in a fixed order
-    (tiny); the finishing pass makes dx in place (in ``out``, ``[M, K]``, if given). ``g`` None: no
-    residual gradient (the MLP block's hidden norm: dh is the norm's input gradient)."""
+    dx's GEMM writes dz (``act'(z) * (a @ W)``, with ``operands``: the scale, row scale and
+    dropout of the block's branch) into the dx buffer with its sinks; the partials are summed in a
+    fixed order (tiny); the finishing pass makes dx in place (in ``out``, ``[M, K]``, if given).
+    ``g`` None: no residual gradient (the MLP block's hidden norm: dh is the norm's input
+    gradient)."""
     kind, norm_weight, norm_bias, eps, mean, var, batch_stats, need_nw, need_nb = state
     M, K = rows.M, weight.shape[1]
     acc = acc_dtype(xk)
     dz = out if out is not None else x.new_empty((M, K))
-    want_cols = need_nw or need_nb or (need_dx and kind == "batch" and batch_stats)
-    want_rows = need_dx and kind != "batch"
-    col_sums = torch.empty(cdiv(M, 16) * 2 * K, device=x.device, dtype=acc) if want_cols else None
-    row_sums = torch.empty(cdiv(K, 16) * 2 * M, device=x.device, dtype=acc) if want_rows else None
-    launch = kernels.residual_dx(a, a_strides, xk, xs, weight, dz, rows, add_residual=False, norm=ops,
-                                 norm_sums=(col_sums, row_sums), **gemm_kwargs, **kact)
+    col_sums = (torch.empty(cdiv(M, 16) * 2 * K, device=x.device, dtype=acc) if "norm_col_sums" in p.pieces
+                else None)
+    row_sums = (torch.empty(cdiv(K, 16) * 2 * M, device=x.device, dtype=acc) if "norm_row_sums" in p.pieces
+                else None)
+    launch = launch_pass(p, rows, xk, xs, weight, dz, g=a, gs=a_strides, norm=ops, norm_sums=(col_sums, row_sums),
+                         **operands)
     c1 = c2 = None
     sum_dz = sum_dz_xhat = torch.zeros(K, device=x.device, dtype=acc)       # (no rows)
     if launch is not None and col_sums is not None:

@@ -16,6 +16,7 @@ so training keeps no ``M x D`` tensor beyond the input it already holds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from typing import Optional
@@ -30,6 +31,8 @@ from ._layout import plan_rows
 from .droppath import rows_per_sample, sample_rows
 from .dropout import check_p as _check_p
 from .kernels import plan as _plan_module
+from .kernels.launch import launch_pass
+from . import recipes as _recipes
 from .kernels.residual_bwd import dx_head
 from .kernels.residual_fwd import fwd_head
 from .reference import eager_backward, eager_forward
@@ -449,7 +452,7 @@ def _plan_for(x, weight, bias, alpha, proj_weight, alpha_value, sample_scale=Non
             gemm_operands("fused_residual", x, [("weight", weight), ("bias", bias), ("proj_weight", proj_weight)])
         if len(plans) >= _PLANS_MAX:
             plans.clear()
-        plan = plans[key] = _Plan(x, weight, bias, sample_scale, alpha, act)
+        plan = plans[key] = _Plan(x, weight, bias, sample_scale, alpha, act, alpha_value, proj_weight is not None)
     return plan
 
 
@@ -460,15 +463,22 @@ class _Plan:
     choice, autotuning on a GPU, split plan) and keeps each launch as a
     :class:`~fusedres.kernels.configs.PreparedLaunch`; later calls only allocate their outputs and
     replay those launches with their own tensors. Same kernels, configs, grids and arguments, so
-    the same results and launch counts.
+    the same results and launch counts. The launches are the passes of the signature's recipe
+    (:func:`fusedres.recipes.single_recipe`; a tensor alpha's gradient possible), those of the
+    gradients a backward wants (:meth:`~fusedres.kernels.recipe.Recipe.passes`), each launched by
+    :func:`~fusedres.kernels.launch.launch_pass`.
     """
     __slots__ = ("eager", "rows", "xs", "copy_x", "copy_bias", "copy_s", "copy_alpha", "rows_per_sample", "out_shape",
-                 "out_dtype", "like_x", "fast", "fwd", "bwd", "act", "kact")
+                 "out_dtype", "like_x", "fast", "fwd", "bwd", "act", "recipe")
 
     def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], sample_scale: Optional[Tensor] = None,
-                 alpha: Optional[Tensor] = None, act: Activation = _RELU):
+                 alpha: Optional[Tensor] = None, act: Activation = _RELU, alpha_value: float = 1.0,
+                 proj: bool = False):
         self.act = act
-        self.kact = dict(act=act.name, act_param=act.param)      # the launchers' keywords
+        self.recipe = _recipes.single_recipe(act, alpha if alpha is not None else alpha_value, bias=bias is not None,
+                                             proj=proj, sample_scale=sample_scale is not None,
+                                             learnable_alpha=alpha is not None, fp64=weight.dtype == torch.float64,
+                                             who="fused_residual")
         warn_if_ungated(act, x.device)
         self.eager = backend_for(x.device) == "eager"
         self.rows, (self.xs,), (xk,) = plan_rows(x)
@@ -512,10 +522,10 @@ class _Plan:
         if self.fwd is not None:
             self.fwd.run(fwd_head(x, weight, bias, y, scale, proj_weight, None, sample_scale))
         else:
-            self.fwd = kernels.residual_fwd(x, self.xs, weight, bias, y.view(self.rows.M, weight.shape[0]),
-                                            self.rows, alpha=scale, proj_weight=proj_weight,
-                                            sample_scale=sample_scale, rows_per_sample=self.rows_per_sample,
-                                            **self.kact)
+            self.fwd = launch_pass(self.recipe.launches()["fwd"], self.rows, x, self.xs, weight,
+                                   y.view(self.rows.M, weight.shape[0]), bias=bias, alpha=scale,
+                                   proj_weight=proj_weight, sample_scale=sample_scale,
+                                   rows_per_sample=self.rows_per_sample)
         if _validate.ENABLED:
             check_forward(y, x, weight, bias, scale, proj_weight, sample_scale, self.act)
         return y
@@ -537,61 +547,68 @@ class _Plan:
                _matmul_precision())
         launches = self.bwd.get(key)
         if launches is None:
-            launches = self.bwd[key] = _BackwardLaunches(grad, x)
-        grads = launches.run(grad, x, weight, bias, scale, proj_weight, *needs, sample_scale, self.rows_per_sample,
-                             self.kact)
+            # (the custom op's backward looks its plan up with the saved bias, None unless dalpha
+            # needs it: a wanted db says the block has one)
+            recipe = self.recipe if self.recipe.bias or not needs[2] else dataclasses.replace(self.recipe, bias=True)
+            launches = self.bwd[key] = _BackwardLaunches(grad, x, recipe.launches(
+                frozenset(n for n, need in zip(_NEEDS, needs) if need)))
+        grads = launches.run(grad, x, weight, bias, scale, proj_weight, *needs, sample_scale, self.rows_per_sample)
         if _validate.ENABLED:
             check_backward(grads, grad, x, weight, bias, scale, proj_weight, sample_scale, self.act)
         return grads
 
 
+#: The single block's gradients in the order of the backward's needs (``Recipe.passes``' names).
+_NEEDS = ("x", "weight", "bias", "alpha", "proj_weight")
+
+
 class _BackwardLaunches:
     """The backward's row layout and prepared dx and dW launches, for one (grad layout, needed
-    gradients) of a forward signature."""
-    __slots__ = ("rows", "gs", "xs", "copy", "dx", "dw")
+    gradients) of a forward signature: the passes of those gradients."""
+    __slots__ = ("rows", "gs", "xs", "copy", "dx", "dw", "dx_pass", "dw_pass")
 
-    def __init__(self, grad: Tensor, x: Tensor):
+    def __init__(self, grad: Tensor, x: Tensor, launches: dict):
         self.rows, (self.gs, self.xs), (gk, xk) = plan_rows(grad, x)
         self.copy = gk is not grad or xk is not x
         self.dx = self.dw = None
+        self.dx_pass, self.dw_pass = launches["dx"], launches["dw"]
 
     def run(self, grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha, need_proj,
-            sample_scale=None, rows_per_sample=1, kact=None):
+            sample_scale=None, rows_per_sample=1):
         N, K = weight.shape
-        kact = kact or {}
         rows, gs, xs = self.rows, self.gs, self.xs
         if self.copy:
             rows, (gs, xs), (grad, x_rows) = plan_rows(grad, x)
         else:
             x_rows = x
         dx = dw = db = dalpha = dp = None
-        if need_dx:
+        if self.dx_pass is not None:
             dx = x.new_empty(x.shape)
             if self.dx is not None:
                 self.dx.run(dx_head(grad, x_rows, weight, dx, alpha, proj_weight, None, sample_scale))
             else:
-                self.dx = kernels.residual_dx(grad, gs, x_rows, xs, weight, dx.view(rows.M, K), rows, alpha=alpha,
-                                              proj_weight=proj_weight, sample_scale=sample_scale,
-                                              rows_per_sample=rows_per_sample, **kact)
-        if need_weight or need_alpha or need_proj:
+                self.dx = launch_pass(self.dx_pass, rows, x_rows, xs, weight, dx.view(rows.M, K), g=grad, gs=gs,
+                                      alpha=alpha, proj_weight=proj_weight, sample_scale=sample_scale,
+                                      rows_per_sample=rows_per_sample)
+        if self.dw_pass is not None:
             # dW is the GEMM the dalpha and dP reductions ride on: it is computed whenever they are.
             acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            has = self.dw_pass.pieces.__contains__
             dw = weight.new_empty(N, K)
-            db = weight.new_empty(N) if need_bias else None
-            dp = weight.new_empty(N, K) if need_proj else None
+            db = weight.new_empty(N) if has("db") else None
+            dp = weight.new_empty(N, K) if has("proj") else None
             # no zero fill: only the partials of the launch's own programs are summed
-            per_channel = need_alpha and alpha.numel() > 1
-            partials = (torch.empty(kernels.dalpha_workspace_size(N, K, need_proj, per_channel), device=x.device,
-                                    dtype=acc) if need_alpha else None)
+            partials = (torch.empty(kernels.dalpha_workspace_size(N, K, dp is not None, alpha.numel() > 1),
+                                    device=x.device, dtype=acc) if has("dalpha") else None)
             if self.dw is not None:
                 programs = self.dw(grad, x_rows, dw, db, weight=weight, bias=bias, alpha=alpha,
                                    dalpha_partials=partials, dp=dp, sample_scale=sample_scale)
             else:
-                self.dw = kernels.residual_dw(grad, gs, x_rows, xs, dw, db, rows, weight=weight, bias=bias,
-                                              alpha=alpha, dalpha_partials=partials, dp=dp, sample_scale=sample_scale,
-                                              rows_per_sample=rows_per_sample, **kact)
+                self.dw = launch_pass(self.dw_pass, rows, x_rows, xs, weight, dw, g=grad, gs=gs, bias=bias,
+                                      alpha=alpha, db=db, dalpha_partials=partials, dp=dp, sample_scale=sample_scale,
+                                      rows_per_sample=rows_per_sample)
                 programs = self.dw.programs
-            if need_alpha:
+            if partials is not None:
                 dalpha = dalpha_from_partials(partials, programs, alpha, N)
             if not need_weight:
                 dw = None
@@ -600,19 +617,22 @@ class _BackwardLaunches:
         return dx, dw, db, dalpha, dp
 
 
-def weight_grads(g, gs, x, xs, rows, weight, bias, scale, alpha, need_weight, need_bias, need_alpha, **launch):
-    """``(dW, db, dalpha)`` of ``scale * (g.T @ act(x))``, None where not asked for: one dW launch
-    (split-M where the plan says) with db and the dalpha partials folded in. ``launch``: the rest of
-    :func:`kernels.residual_dw`'s keywords (row scale, activation, norm)."""
+def weight_grads(p, g, gs, x, xs, rows, weight, bias, need_weight, alpha=None, **operands):
+    """``(dW, db, dalpha)`` of ``alpha * (g.T @ act(x))`` by the dW pass ``p``: one launch (split-M
+    where the plan says) with db and the dalpha partials folded in where the pass names them
+    (None otherwise; dW None unless ``need_weight``). ``alpha``: the scale as the kernels take it
+    (a tensor when the pass names dalpha); ``operands``: the rest of
+    :func:`~fusedres.kernels.launch.launch_pass`'s (row scale, norm, dropout)."""
     N, K = weight.shape
+    has = p.pieces.__contains__
     dw = weight.new_empty(N, K)
-    db = weight.new_empty(N) if need_bias else None
+    db = weight.new_empty(N) if has("db") else None
     partials = (torch.empty(kernels.dalpha_workspace_size(N, K, False, alpha.numel() > 1), device=x.device,
                             dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
-                if need_alpha else None)
-    prepared = kernels.residual_dw(g, gs, x, xs, dw, db, rows, weight=weight, bias=bias, alpha=scale,
-                                   dalpha_partials=partials, **launch)
-    dalpha = dalpha_from_partials(partials, prepared.programs, alpha, N) if need_alpha else None
+                if has("dalpha") else None)
+    prepared = launch_pass(p, rows, x, xs, weight, dw, g=g, gs=gs, bias=bias, alpha=alpha, db=db,
+                           dalpha_partials=partials, **operands)
+    dalpha = dalpha_from_partials(partials, prepared.programs, alpha, N) if partials is not None else None
     return (dw if need_weight else None), db, dalpha
 
 

@@ -83,29 +83,31 @@ def _name_single(act, act_param, _sign, alpha, learnable_alpha, bias, proj, row_
 def mlp_recipe(pre_act: Optional[Activation], act: Activation, alpha, *, bias: bool, sample_scale: bool = False,
                norm: NormLike = None, hidden_norm: NormLike = None, dropout: bool = False,
                hidden_dropout: bool = False, learnable_alpha: bool = False, next_norm: Optional[str] = None,
-               fp64: bool = False, who: str = "mlp_recipe") -> MLPRecipe:
-    """The MLP block's recipe from a call's arguments (as :func:`single_recipe`)."""
+               fp64: bool = False, fc2_bias: Optional[bool] = None, who: str = "mlp_recipe") -> MLPRecipe:
+    """The MLP block's recipe from a call's arguments (as :func:`single_recipe`; ``bias``: fc1's,
+    and fc2's unless ``fc2_bias`` is given)."""
     return named_mlp(pre_act, act, alpha, bias=bias, sample_scale=sample_scale, norm=norm, hidden_norm=hidden_norm,
                      dropout=dropout, hidden_dropout=hidden_dropout, learnable_alpha=learnable_alpha,
-                     next_norm=next_norm, fp64=fp64, who=who)[0]
+                     next_norm=next_norm, fp64=fp64, fc2_bias=fc2_bias, who=who)[0]
 
 
 def named_mlp(pre_act: Optional[Activation], act: Activation, alpha, *, bias: bool, sample_scale: bool = False,
               norm: NormLike = None, hidden_norm: NormLike = None, dropout: bool = False,
               hidden_dropout: bool = False, learnable_alpha: bool = False, next_norm: Optional[str] = None,
-              fp64: bool = False, who: str = "mlp_recipe") -> tuple:
+              fp64: bool = False, fc2_bias: Optional[bool] = None, who: str = "mlp_recipe") -> tuple:
     """``(recipe, forward steps)`` of :func:`mlp_recipe`'s call (:func:`forward_steps`)."""
     norm_fields = _norm_fields(norm, who) + _norm_fields(hidden_norm, who, "hidden_")
+    fc2_bias = None if fc2_bias is None or fc2_bias == bias else bool(fc2_bias)
     key = (*_act_key(pre_act), *_act_key(act), call_alpha_kind(alpha, fp64), learnable_alpha, bias, sample_scale, dropout,
-           hidden_dropout, next_norm, norm_fields)
+           hidden_dropout, next_norm, fc2_bias, norm_fields)
     return _name_mlp(*key) if _is_compiling() else _mlp(*key)
 
 
 def _name_mlp(pre_act, pre_act_param, _pre_sign, act, act_param, _sign, alpha, learnable_alpha, bias, row_scale,
-              dropout, hidden_dropout, next_norm, norm_fields) -> tuple:
+              dropout, hidden_dropout, next_norm, fc2_bias, norm_fields) -> tuple:
     recipe = MLPRecipe(pre_act=pre_act, pre_act_param=pre_act_param, act=act, act_param=act_param, alpha=alpha,
                        learnable_alpha=learnable_alpha, bias=bias, row_scale=row_scale, dropout=dropout,
-                       hidden_dropout=hidden_dropout, next_norm=next_norm, **dict(norm_fields))
+                       hidden_dropout=hidden_dropout, next_norm=next_norm, fc2_bias=fc2_bias, **dict(norm_fields))
     return recipe, forward_steps(recipe)
 
 
@@ -121,6 +123,21 @@ def forward_steps(recipe: Union[Recipe, MLPRecipe]) -> tuple:
                           has("dropout_a"), has("dropout"), has("row_scale"), has("residual") or has("proj"),
                           p.alpha is not None))
     return tuple(steps)
+
+
+def op_passes(block: type, fields: tuple, needs: Optional[frozenset] = None) -> dict:
+    """The passes by role (``launches``) of the recipe ``block(*fields)``
+    (:class:`~fusedres.kernels.recipe.Recipe` or :class:`~fusedres.kernels.recipe.MLPRecipe`, its
+    fields in order) for the gradients ``needs`` (None: every one): what the fused ops launch
+    (:func:`fusedres.kernels.launch.launch_pass`), made once per distinct call (a shared dict:
+    read it, never change it). The ops run it outside any trace (inside their custom ops)."""
+    signs = tuple(math.copysign(1.0, f) for f in fields if type(f) is float)   # -0.0 and 0.0: two keys
+    return _op_passes(block, fields, signs, needs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _op_passes(block: type, fields: tuple, _signs: tuple, needs: Optional[frozenset]) -> dict:
+    return block(*fields).launches(needs)
 
 
 # A call's recipe and forward steps are made once per distinct call: the eager reference names one on
@@ -159,6 +176,7 @@ def block_recipe(module: nn.Module) -> Union[Recipe, MLPRecipe]:
                   dropout=training and module.dropout > 0,
                   next_norm=_chain.emits(module, training) if chained else None)
     if isinstance(module, _ResidualMLPParameters):
-        return mlp_recipe(module.pre_act, module.act, bias=module.fc1.bias is not None, hidden_norm=module.hidden_norm,
+        return mlp_recipe(module.pre_act, module.act, bias=module.fc1.bias is not None,
+                          fc2_bias=module.fc2.bias is not None, hidden_norm=module.hidden_norm,
                           hidden_dropout=training and module.hidden_dropout > 0, **common)
     return single_recipe(module.act, bias=module.bias is not None, proj=module.proj_weight is not None, **common)

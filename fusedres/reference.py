@@ -157,7 +157,7 @@ def residual_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | Non
     pre = resolve_act(pre_act, "residual_mlp_reference", allow_none=True)
     act = resolve_act(act, "residual_mlp_reference")
     dropout, hidden_dropout = _rate(dropout), _rate(hidden_dropout)
-    _, steps = named_mlp(pre, act, alpha, bias=fc1_bias is not None or fc2_bias is not None,
+    _, steps = named_mlp(pre, act, alpha, bias=fc1_bias is not None, fc2_bias=fc2_bias is not None,
                          sample_scale=sample_scale is not None, norm=norm, hidden_norm=hidden_norm,
                          dropout=bool(training) and dropout > 0, hidden_dropout=bool(training) and hidden_dropout > 0,
                          who="residual_mlp_reference")

@@ -305,3 +305,123 @@ def test_the_reference_is_bitwise_the_blocks_torch_ops(dtype):
         assert same(got, want), (pre, act, alpha, hidden, drop)
         n += 1
     assert n == 288 + 64
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops launch their recipe's passes for the gradients a step wants (kernels.launch.launch_pass)
+
+_GRAD_NAMES = {"weight": "weight", "bias": "bias", "alpha": "alpha", "proj_weight": "proj_weight",
+               "norm.weight": "norm_weight", "norm.bias": "norm_bias", "fc1.weight": "fc1_weight",
+               "fc1.bias": "fc1_bias", "fc2.weight": "fc2_weight", "fc2.bias": "fc2_bias",
+               "hidden_norm.weight": "hidden_norm_weight", "hidden_norm.bias": "hidden_norm_bias"}
+
+
+def _frozen_cases():
+    single = dict(alpha=0.5, learnable_alpha=True)
+    return [
+        ("single", dict(single), ("bias",)),
+        ("single", dict(single), ("weight",)),
+        ("single", dict(single), ("weight", "alpha")),
+        ("single", dict(single, out_features=32), ("proj_weight",)),
+        ("single", dict(single, dropout=0.25), ("weight", "alpha")),
+        ("single", dict(single, norm="batch"), ("weight", "bias", "alpha")),
+        ("single", dict(single, norm=torch.nn.LayerNorm(16)), ("norm.weight",)),
+        ("single", dict(single, norm=torch.nn.BatchNorm1d(16)), ("x", "norm.bias")),
+        ("mlp", dict(norm=torch.nn.LayerNorm(16), pre_act=None, act="gelu"), ("fc1.weight", "fc1.bias")),
+        ("mlp", dict(hidden_norm=torch.nn.BatchNorm1d(32)), ("x", "fc1.weight", "fc1.bias")),
+        ("mlp", dict(norm=torch.nn.BatchNorm1d(16), hidden_dropout=0.2, dropout=0.1), ("fc2.weight",)),
+        ("mlp", dict(learnable_alpha=True, alpha_per_channel=True), ("x", "fc1.weight", "fc2.weight")),
+        ("mlp", dict(norm=torch.nn.LayerNorm(16), recompute=True), ("norm.weight", "norm.bias")),
+    ]
+
+
+@pytest.mark.parametrize("kind,options,frozen", _frozen_cases(),
+                         ids=lambda v: "-".join(v) if isinstance(v, tuple) else None)
+def test_a_step_launches_the_passes_of_the_gradients_it_wants(launched, kind, options, frozen):
+    """Frozen parameters (and an input without a gradient): the fused block launches exactly
+    ``block_recipe(block).passes(needs)``, the needs its parameters that require a gradient, a pass
+    or a column sum fewer than a step that wants every gradient; and the gradients it makes are
+    that step's (fp64, the same dropout masks: the same seed)."""
+    options = dict(options)
+    out = options.pop("out_features", None)
+    torch.manual_seed(0)
+    if kind == "single":
+        block = fusedres.FusedResidualBlock(16, out, dtype=torch.float64, **options)
+    else:
+        block = fusedres.FusedResidualMLPBlock(16, 32, dtype=torch.float64, **options)
+    x0 = torch.randn(4, 8, 16, dtype=torch.float64)
+
+    def step(frozen_names):
+        for name, p in block.named_parameters():
+            p.grad = None
+            p.requires_grad_(name not in frozen_names)
+        x = x0.clone().requires_grad_("x" not in frozen_names)
+        torch.manual_seed(1)        # (the dropout seeds)
+        fusedres.kernels.configs.clear_prepared()       # (each step through the launchers, not a replay)
+        launched.clear()
+        y = block(x)
+        forward = len(launched)
+        y.sum().backward()
+        if getattr(block, "recompute", False):      # fc1's forward again, first in the backward
+            assert launched[forward] == launched[0]
+            del launched[forward]
+        grads = {n: p.grad for n, p in block.named_parameters()}
+        return y, x.grad, grads, list(launched)
+
+    y_all, dx_all, grads_all, keys_all = step(())
+    recipe = fusedres.block_recipe(block)       # (with every parameter learnable)
+    y, dx, grads, keys = step(frozen)
+    needs = frozenset(_GRAD_NAMES[n] for n in grads if n not in frozen) | ({"x"} if "x" not in frozen else set())
+    assert keys_all == [p.key for p in recipe.passes()]
+    assert keys == [p.key for p in recipe.passes(needs)]
+    torch.testing.assert_close(y, y_all, rtol=0, atol=0)
+    for name, g in grads.items():
+        assert (g is None) == (name in frozen), name
+        if g is not None:
+            torch.testing.assert_close(g, grads_all[name], msg=name)
+    assert (dx is None) == ("x" in frozen)
+    if dx is not None:
+        torch.testing.assert_close(dx, dx_all)
+
+
+def test_launch_pass_takes_the_operands_its_pass_names():
+    """The pass chooses: an operand of a piece it does not name is not passed (its launch's key is
+    the pass's), and a piece it names without its operand is a clear error."""
+    from fusedres._layout import plan_rows
+    from fusedres.kernels.launch import MissingOperand, launch_pass
+    x, w, b = torch.randn(8, 16), torch.randn(16, 16), torch.randn(16)
+    rows, (xs,), (xk,) = plan_rows(x)
+    bare = PassRecipe("fwd", "gelu", pieces={"residual"})
+    y = torch.empty(8, 16)
+    launch = launch_pass(bare, rows, xk, xs, w, y, bias=b, alpha=torch.tensor(2.0), sample_scale=torch.ones(8))
+    assert launch.kwargs["RECIPE"] == bare.key == "fwd|gelu|residual"
+    torch.testing.assert_close(y, x + torch.nn.functional.gelu(x) @ w.T)
+    with pytest.raises(MissingOperand, match=r"names 'bias'"):
+        launch_pass(PassRecipe("fwd", "relu", pieces={"bias", "residual"}), rows, xk, xs, w, y)
+    with pytest.raises(MissingOperand, match=r"scales by alpha"):
+        launch_pass(PassRecipe("fwd", "relu", alpha="scalar", pieces={"residual"}), rows, xk, xs, w, y)
+    with pytest.raises(ValueError, match=r"unknown gradients \['bias2'\]"):
+        Recipe().passes(frozenset({"bias2"}))
+
+
+def test_an_mlp_block_with_one_bias_names_it_per_linear(launched):
+    """fc1 with a bias and fc2 without (or the other way): each pass names its own linear's
+    (``MLPRecipe.fc2_bias``), the ops launch them, and the reference evaluates the same recipe."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, requires_grad=True)
+    w1, b1, w2, b2 = torch.randn(32, 16) / 4, torch.randn(32), torch.randn(16, 32) / 6, torch.randn(16)
+    for fc1_bias, fc2_bias in ((b1, None), (None, b2)):
+        launched.clear()
+        params = [t.clone().requires_grad_() for t in (w1, w2)] + [
+            None if t is None else t.clone().requires_grad_() for t in (fc1_bias, fc2_bias)]
+        y = fusedres.fused_residual_mlp(x, params[0], params[2], params[1], params[3])
+        y.sum().backward()
+        relu = fusedres.activations.ACTIVATIONS["relu"]
+        recipe = fusedres.recipes.mlp_recipe(relu, relu, 1.0, bias=fc1_bias is not None,
+                                             fc2_bias=fc2_bias is not None)
+        assert launched == [p.key for p in recipe.passes()]
+        assert ("bias" in recipe.passes()[0].pieces, "bias" in recipe.passes()[1].pieces) == (
+            fc1_bias is not None, fc2_bias is not None)
+        ref = fusedres.residual_mlp_reference(x.double(), w1.double(), None if fc1_bias is None else b1.double(),
+                                              w2.double(), None if fc2_bias is None else b2.double())
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)

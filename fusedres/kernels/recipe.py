@@ -63,16 +63,18 @@ class PassRecipe:
         if unknown or self.alpha not in (None, *ALPHA_KINDS) or self.norm not in (None, *NORMS):
             raise ValueError(f"PassRecipe: unknown pieces {sorted(unknown)}, alpha {self.alpha!r} or norm {self.norm!r}")
         object.__setattr__(self, "pieces", frozenset(self.pieces))
-
-    @property
-    def key(self) -> str:
-        """``"fwd|gelu|alpha=scalar|bias|residual"``: the launch's ``RECIPE``."""
         parts = [self.kind, act_label(self.act, self.act_param)]
         if self.norm is not None:
             parts.append(f"norm={self.norm}")
         if self.alpha is not None:
             parts.append(f"alpha={self.alpha}")
-        return "|".join(parts + [p for p in PIECES if p in self.pieces])
+        # (made once: the ops check each launch against it)
+        object.__setattr__(self, "_key", "|".join(parts + [p for p in PIECES if p in self.pieces]))
+
+    @property
+    def key(self) -> str:
+        """``"fwd|gelu|alpha=scalar|bias|residual"``: the launch's ``RECIPE``."""
+        return self._key
 
     @classmethod
     def parse(cls, key: str) -> "PassRecipe":
@@ -161,24 +163,41 @@ class Recipe:
     dropout: bool = False
     next_norm: str | None = None
 
-    def passes(self) -> tuple[PassRecipe, PassRecipe, PassRecipe]:
-        """The forward, dx and dW launches of a training step that needs every gradient."""
+    def passes(self, needs: frozenset | None = None) -> tuple[PassRecipe, ...]:
+        """The GEMM launches of a training step: the forward, dx and dW. ``needs``: the gradients
+        the step wants, named as :data:`SINGLE_GRADS` (None: every one). A pass no wanted gradient
+        needs is not launched, and the column sums a pass makes are only the wanted ones (db, dalpha,
+        a norm's sinks); db alone is a native reduction, not a dW launch (but with dropout, whose
+        masked g only dW's kernel has)."""
+        return tuple(p for p in self.launches(needs).values() if p is not None)
+
+    def launches(self, needs: frozenset | None = None) -> dict:
+        """:meth:`passes` by role: ``{"fwd": ..., "dx": ..., "dw": ...}``, None for a pass not
+        launched."""
+        want = _wanted(needs, SINGLE_GRADS)
         alpha = self.alpha
-        dalpha = self.learnable_alpha and alpha in ("scalar", "channel")
+        dalpha = self.learnable_alpha and alpha in ("scalar", "channel") and want("alpha")
         shortcut = "proj" if self.proj else "residual"
         rs = {"row_scale"} if self.row_scale else set()
         if self.dropout:
             rs.add("dropout")
-        affine, dx_shortcut = _norm_pieces(self)
+        affine, dx_shortcut = _norm_pieces(self, want("x"), want("norm_weight") or want("norm_bias"))
         if self.norm is None:
             dx_shortcut = {shortcut}
-        return (PassRecipe("fwd", self.act, self.act_param, alpha,
-                           {shortcut, *rs, *affine, *stats_sink(self.next_norm)} | ({"bias"} if self.bias else set()),
-                           self.norm),
-                PassRecipe("dx", self.act, self.act_param, alpha, {*dx_shortcut, *rs, *affine}, self.norm),
-                PassRecipe("dw", self.act, self.act_param, alpha,
-                           {p for p, on in (("db", self.bias), ("proj", self.proj), ("dalpha", dalpha),
-                                            ("dalpha_bias", dalpha and self.bias)) if on} | rs | affine, self.norm))
+        launched = dict.fromkeys(("fwd", "dx", "dw"))
+        launched["fwd"] = PassRecipe("fwd", self.act, self.act_param, alpha,
+                                     {shortcut, *rs, *affine, *stats_sink(self.next_norm)}
+                                     | ({"bias"} if self.bias else set()), self.norm)
+        if want("x") or (self.norm is not None and (want("norm_weight") or want("norm_bias"))):
+            launched["dx"] = PassRecipe("dx", self.act, self.act_param, alpha, {*dx_shortcut, *rs, *affine},
+                                        self.norm)
+        db = self.bias and want("bias")
+        if want("weight") or dalpha or (self.proj and want("proj_weight")) or (db and self.dropout):
+            launched["dw"] = PassRecipe("dw", self.act, self.act_param, alpha,
+                                        {p for p, on in (("db", db), ("proj", self.proj and want("proj_weight")),
+                                                         ("dalpha", dalpha), ("dalpha_bias", dalpha and self.bias))
+                                         if on} | rs | affine, self.norm)
+        return launched
 
 
 @dataclass(frozen=True)
@@ -187,7 +206,8 @@ class MLPRecipe:
     ``pre_act`` None is the pre-norm blocks' (timm's, rtdl's) first GEMM without activation;
     ``norm`` (as :class:`Recipe`'s) is in fc1's passes: its forward's and dW1's A-tile prologue,
     and dx's epilogue with its sinks. ``dropout`` (the branch's) and ``hidden_dropout`` (after the
-    hidden activation) are fc2's passes' keep masks."""
+    hidden activation) are fc2's passes' keep masks. ``bias``: both linears have one, unless
+    ``fc2_bias`` (None: as ``bias``) says otherwise for fc2."""
     pre_act: str | None = "relu"
     pre_act_param: float = 0.0
     act: str = "relu"
@@ -207,31 +227,68 @@ class MLPRecipe:
     dropout: bool = False
     hidden_dropout: bool = False
     next_norm: str | None = None
+    fc2_bias: bool | None = None
 
-    def passes(self) -> tuple[PassRecipe, ...]:
-        """fc1's and fc2's forwards; then dh, dW2, dx, dW1: a training step's six launches."""
+    def passes(self, needs: frozenset | None = None) -> tuple[PassRecipe, ...]:
+        """fc1's and fc2's forwards; then dh, dW2, dx, dW1: a training step's six launches.
+        ``needs``: the gradients the step wants, named as :data:`MLP_GRADS` (None: every one); a
+        backward pass no wanted gradient needs is not launched (as :meth:`Recipe.passes`)."""
+        return tuple(p for p in self.launches(needs).values() if p is not None)
+
+    def launches(self, needs: frozenset | None = None) -> dict:
+        """:meth:`passes` by role: ``fc1`` and ``fc2`` (the forwards), ``dh`` and ``dw2`` (fc2's
+        backward), ``dx`` and ``dw1`` (fc1's), None for a pass not launched."""
+        want = _wanted(needs, MLP_GRADS)
         alpha = self.alpha
-        dalpha = self.learnable_alpha and alpha in ("scalar", "channel")
+        dalpha = self.learnable_alpha and alpha in ("scalar", "channel") and want("alpha")
         rs = {"row_scale"} if self.row_scale else set()
         rs |= {p for p, on in (("dropout", self.dropout), ("dropout_a", self.hidden_dropout)) if on}
-        bias = {"bias"} if self.bias else set()
-        db = {"db"} if self.bias else set()
+        has_b2 = self.bias if self.fc2_bias is None else self.fc2_bias
+        bias, bias2 = ({"bias"} if self.bias else set()), ({"bias"} if has_b2 else set())
         pre, act = (self.pre_act, self.pre_act_param), (self.act, self.act_param)
-        affine, dx_residual = _norm_pieces(self)
+        need_norm = want("norm_weight") or want("norm_bias")
+        affine, dx_residual = _norm_pieces(self, want("x"), need_norm)
+        need_dh = want("x") or want("fc1_weight") or want("fc1_bias") or (self.norm is not None and need_norm)
+        need_hidden = self.hidden_norm is not None and (want("hidden_norm_weight") or want("hidden_norm_bias"))
         hidden = _HiddenNorm(self.hidden_norm, self.hidden_norm_weight, self.hidden_norm_bias, self.hidden_batch_stats)
-        h_affine, h_sinks = _norm_pieces(hidden)
+        h_affine, h_sinks = _norm_pieces(hidden, need_dh, need_hidden)
         if self.hidden_norm is None:
             h_sinks, stats = set(), set()
         else:       # fc1's epilogue emits the hidden norm's statistics partials (batch statistics)
             stats = stats_sink(self.hidden_norm) if self.hidden_norm != "batch" or self.hidden_batch_stats else set()
-        return (PassRecipe("fwd", *pre, None, bias | affine | stats, self.norm),
-                PassRecipe("fwd", *act, alpha, bias | {"residual"} | rs | h_affine | stats_sink(self.next_norm),
-                           self.hidden_norm),
-                PassRecipe("dx", *act, alpha, rs | h_affine | h_sinks, self.hidden_norm),
-                PassRecipe("dw", *act, alpha, db | rs | ({"dalpha"} if dalpha else set())
-                           | ({"dalpha_bias"} if dalpha and self.bias else set()) | h_affine, self.hidden_norm),
-                PassRecipe("dx", *pre, None, dx_residual | affine, self.norm),
-                PassRecipe("dw", *pre, None, db | affine, self.norm))
+        launched = dict.fromkeys(("fc1", "fc2", "dh", "dw2", "dx", "dw1"))
+        launched["fc1"] = PassRecipe("fwd", *pre, None, bias | affine | stats, self.norm)
+        launched["fc2"] = PassRecipe("fwd", *act, alpha, bias2 | {"residual"} | rs | h_affine
+                                     | stats_sink(self.next_norm), self.hidden_norm)
+        if need_dh or need_hidden:
+            launched["dh"] = PassRecipe("dx", *act, alpha, rs | h_affine | h_sinks, self.hidden_norm)
+        db2 = has_b2 and want("fc2_bias")
+        if want("fc2_weight") or db2 or dalpha:
+            launched["dw2"] = PassRecipe("dw", *act, alpha, rs | h_affine | {p for p, on in (
+                ("db", db2), ("dalpha", dalpha), ("dalpha_bias", dalpha and has_b2)) if on}, self.hidden_norm)
+        if want("x") or (self.norm is not None and need_norm):
+            launched["dx"] = PassRecipe("dx", *pre, None, dx_residual | affine, self.norm)
+        if want("fc1_weight") or want("fc1_bias"):
+            launched["dw1"] = PassRecipe("dw", *pre, None,
+                                         ({"db"} if self.bias and want("fc1_bias") else set()) | affine, self.norm)
+        return launched
+
+
+#: The gradients a single block's step may want (:meth:`Recipe.passes`' ``needs``).
+SINGLE_GRADS = frozenset({"x", "weight", "bias", "alpha", "proj_weight", "norm_weight", "norm_bias"})
+#: The gradients an MLP block's step may want (:meth:`MLPRecipe.passes`' ``needs``).
+MLP_GRADS = frozenset({"x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "alpha", "norm_weight", "norm_bias",
+                       "hidden_norm_weight", "hidden_norm_bias"})
+
+
+def _wanted(needs: frozenset | None, names: frozenset):
+    """``needs`` as a predicate over ``names`` (None: every one)."""
+    if needs is None:
+        return names.__contains__
+    unknown = set(needs) - names
+    if unknown:
+        raise ValueError(f"passes: unknown gradients {sorted(unknown)}; one of {sorted(names)}")
+    return frozenset(needs).__contains__
 
 
 def stats_sink(norm: str | None) -> set:
@@ -249,14 +306,18 @@ class _HiddenNorm:
     batch_stats: bool
 
 
-def _norm_pieces(recipe) -> tuple[set, set]:
+def _norm_pieces(recipe, need_input: bool = True, need_affine: bool = True) -> tuple[set, set]:
     """A recipe's norm affine pieces, and what its dx pass gets instead of the residual gradient:
-    with a norm, dz's sinks (the finishing pass adds the residual); without, ``residual``."""
+    with a norm, dz's sinks (the finishing pass adds the residual); without, ``residual``. The
+    sinks are those the wanted gradients use: the column sums for the affine's gradients and
+    BatchNorm's correction of the input gradient (batch statistics), the row sums for LayerNorm's
+    and RMSNorm's correction."""
     if recipe.norm is None:
         return set(), {"residual"}
     affine = {p for p, on in (("norm_weight", recipe.norm_weight), ("norm_bias", recipe.norm_bias)) if on}
-    sinks = {p for p, on in (("norm_col_sums", bool(affine) or (recipe.norm == "batch" and recipe.batch_stats)),
-                             ("norm_row_sums", recipe.norm != "batch")) if on}
+    sinks = {p for p, on in (("norm_col_sums", (bool(affine) and need_affine)
+                              or (need_input and recipe.norm == "batch" and recipe.batch_stats)),
+                             ("norm_row_sums", need_input and recipe.norm != "batch")) if on}
     return affine, sinks
 
 

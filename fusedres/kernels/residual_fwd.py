@@ -27,6 +27,7 @@ eager's ``e * (7MD + D^2 + D)``.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -91,7 +92,16 @@ def recipe_key(pass_: str, act: str | None, act_param: float, scale=(None, None,
     (JSON-safe, saved by :func:`fusedres.save_tuning`): every piece that changes the compiled code
     is in it, since a ``None`` operand leaves the autotuner's own key (the tensors' dtypes)
     unchanged."""
-    return pass_recipe(pass_, act, act_param, alpha=scale_kind(*scale), **operands).key
+    norm = operands.pop("norm", None)
+    present = tuple(n for n, v in operands.items() if v is not None and v is not False)
+    return _recipe_key(pass_, act, act_param, math.copysign(1.0, act_param), scale_kind(*scale), norm, present)
+
+
+@functools.lru_cache(maxsize=4096)
+def _recipe_key(pass_, act, act_param, _sign, alpha, norm, present) -> str:
+    """(made once per distinct launch: the norm, dropout and MLP paths launch through the
+    launchers on every call; ``_sign`` tells -0.0 from 0.0)"""
+    return pass_recipe(pass_, act, act_param, alpha=alpha, norm=norm, **dict.fromkeys(present, True)).key
 
 
 @triton.jit
