@@ -412,8 +412,9 @@ def example_launch(kind: str, dtype: str, two_level: bool = False, M: int = EXAM
             slabs = dw_split_workspaces(dw, EXAMPLE_SPLITS, proj=has("proj"), sum_g=True) if split else None
             args, keywords = pass_arguments(p, rows, xk, xs, w, dw, g=gk, gs=gs, db=db, dalpha_partials=partials,
                                             dp=torch.empty(N, K, dtype=tdtype), **operands)
-            if kind == REDUCE_KIND:
-                args, consts, _ = dw_reduce_launch_args(*slabs, EXAMPLE_SPLITS, dw, args[5], weight=w,
+            if kind == REDUCE_KIND:     # (the reduce's epilogue operands: the dW pass's)
+                taken_db = args[5]      # (residual_dw(g, gs, x, xs, dw, db, rows))
+                args, consts, _ = dw_reduce_launch_args(*slabs, EXAMPLE_SPLITS, dw, taken_db, weight=w,
                                                         bias=keywords["bias"], alpha=keywords["alpha"],
                                                         dalpha_partials=keywords["dalpha_partials"], dp=keywords["dp"])
             else:

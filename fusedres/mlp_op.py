@@ -53,6 +53,7 @@ from .kernels.launch import launch_pass
 from .kernels.recipe import MLPRecipe
 from .norm import NormCall, NormLike, norm_kind, update_running_stats
 from .norm_op import sink_stats, stats_sinks
+from .recipes import call_alpha_kind, op_passes
 from .dropout import check_p, draw_seeds, dropout_operands, keep_mask, note_draw
 from .op import (_activation, autocast_off, check_alpha_shape, eager_mode_call, eager_node, warn_if_ungated,
                  weight_grads)
@@ -225,17 +226,19 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if not isinstance(t, Tensor) or t.numel() <= 1 or t.stride(0) == 1 else t.contiguous()
 
 
-def _call_passes(w1, has_b1: bool, has_b2: bool, alpha, alpha_value, sample_scale, pre: Activation | None, act: Activation, norm: tuple,
-                 hidden: tuple, seeds, dropout, hidden_dropout, next_norm="none", needs=None) -> dict:
+def _call_passes(w2, has_b1: bool, has_b2: bool, alpha, alpha_value, sample_scale, pre: Activation | None,
+                 act: Activation, norm: tuple, hidden: tuple, seeds, dropout, hidden_dropout, next_norm="none",
+                 needs=None) -> dict:
     """The passes by role of the call's recipe (:func:`fusedres.recipes.op_passes`) for the gradients
     ``needs`` (names of :data:`~fusedres.kernels.recipe.MLP_GRADS`; None: every one). ``norm``
     and ``hidden``: ``(kind, weight, bias, batch statistics?)`` of the norm on x and of h.
-    ``has_b1``, ``has_b2``: the linears have biases (the backward saves them only where needed)."""
-    from .recipes import call_alpha_kind, op_passes
+    ``has_b1``, ``has_b2``: the linears have biases (the backward saves them only where needed);
+    ``w2``: fc2's weight, whose dtype decides a float alpha's kind (fp64: by pointer), as fc2's
+    launch decides it."""
     (kind, nw, nb, batch_stats), (hkind, hnw, hnb, hbatch_stats) = norm, hidden
     pre_name, pre_param = kernel_args(pre)
     fields = (pre_name, pre_param, act.name, act.param,
-              call_alpha_kind(alpha if alpha is not None else alpha_value, w1.dtype == torch.float64),
+              call_alpha_kind(alpha if alpha is not None else alpha_value, w2.dtype == torch.float64),
               alpha is not None, has_b1, sample_scale is not None, None if kind == "none" else kind,
               nw is not None, nb is not None, batch_stats, None if hkind == "none" else hkind, hnw is not None,
               hnb is not None, hbatch_stats, seeds is not None and bool(dropout),
@@ -306,8 +309,9 @@ def _mlp_forward(x, w1, b1, w2, b2, alpha, alpha_value, sample_scale, recompute,
         return (x + branch).contiguous(), h.contiguous(), None, None, None, None, *sink_stats("none", None, None, 0, 0, x)
     warn_if_ungated(pre, x.device)
     warn_if_ungated(act, x.device)
-    passes = _call_passes(w1, b1 is not None, b2 is not None, alpha, alpha_value, sample_scale, pre, act, (*norm[:3], norm[4] is None),
-                          (*hidden[:3], hidden[4] is None), seeds, dropout, hidden_dropout, next_norm)
+    passes = _call_passes(w2, b1 is not None, b2 is not None, alpha, alpha_value, sample_scale, pre, act,
+                          (*norm[:3], norm[4] is None), (*hidden[:3], hidden[4] is None), seeds, dropout,
+                          hidden_dropout, next_norm)
     fc1, fc2 = passes["fc1"], passes["fc2"]
     h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, w2.dtype))
@@ -458,7 +462,12 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
     hidden norm, with their saved statistics (BatchNorm's running ones when not ``batch_stats``)."""
     b1, b2, sample_scale = _contiguous(b1), _contiguous(b2), _contiguous(sample_scale)
     scale = _contiguous(_scale(alpha, alpha_value))
-    eager = backend_for(x.device) == "eager"
+    if backend_for(x.device) == "eager":
+        _refuse_eager_norms(norm[0] if norm else "none", hidden[0] if hidden else "none", seeds)
+        if h is None:                                            # recompute: forward 1 again
+            h = _eager_hidden(x, w1, b1, pre)
+        return (*_eager_mlp_backward(grad, x, h, w1, b1, w2, b2, scale, sample_scale, needs, pre, act),
+                None, None, None, None)
     need_dx, need_w1, need_b1, need_w2, need_b2, need_alpha = needs
     need_nw, need_nb = (norm[7], norm[8]) if norm is not None else (False, False)
     need_hnw, need_hnb = (hidden[7], hidden[8]) if hidden is not None else (False, False)
@@ -466,23 +475,16 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
                                              "norm_weight", "norm_bias", "hidden_norm_weight", "hidden_norm_bias"),
                                             (*needs, need_nw, need_nb, need_hnw, need_hnb)) if need)
     no_norm = ("none", None, None, True)
-    passes = _call_passes(w1, b1 is not None or need_b1, b2 is not None or need_b2, alpha, alpha_value,
+    passes = _call_passes(w2, b1 is not None or need_b1, b2 is not None or need_b2, alpha, alpha_value,
                           sample_scale, pre, act, no_norm if norm is None else (norm[0], norm[1], norm[2], norm[6]),
                           no_norm if hidden is None else (hidden[0], hidden[1], hidden[2], hidden[6]),
                           seeds, dropout, hidden_dropout, needs=wanted)
     ops, hops = _saved_norm_operands(x, norm), _saved_norm_operands(x, hidden)
     if h is None:                                                # recompute: forward 1 again
-        if eager:
-            h = _eager_hidden(x, w1, b1, pre)
-        else:
-            h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
-            rows, (xs,), (xk,) = plan_rows(x)
-            if rows.M:      # (fc1's pass without the hidden norm's statistics sink: they were saved)
-                _triton_hidden(_without_stats(passes["fc1"]), xk, xs, rows, w1, b1, h, ops)
-    if eager:
-        _refuse_eager_norms(norm[0] if norm else "none", hidden[0] if hidden else "none", seeds)
-        return (*_eager_mlp_backward(grad, x, h, w1, b1, w2, b2, scale, sample_scale, needs, pre, act),
-                None, None, None, None)
+        h = x.new_empty(_hidden_shape(x, w1), dtype=w1.dtype)
+        rows, (xs,), (xk,) = plan_rows(x)
+        if rows.M:      # (fc1's pass without the hidden norm's statistics sink: they were saved)
+            _triton_hidden(_without_stats(passes["fc1"]), xk, xs, rows, w1, b1, h, ops)
     dh_pass, dw2_pass, dx_pass, dw1_pass = passes["dh"], passes["dw2"], passes["dx"], passes["dw1"]
     dnw = dnb = dhnw = dhnb = None
     D, H = w2.shape

@@ -47,6 +47,7 @@ from .kernels.launch import launch_pass
 from .kernels.recipe import Recipe
 from .kernels.norm import acc_dtype, col_stats, norm_dx, row_stats
 from .norm import NormCall, NormLike, norm_kind, update_running_stats
+from .recipes import call_alpha_kind, op_passes
 
 WHO = "fused_residual"
 
@@ -160,7 +161,6 @@ def call_passes(weight, has_bias: bool, alpha, alpha_value, sample_scale, act, a
     """The passes by role of the call's recipe (:func:`fusedres.recipes.op_passes`) for the gradients
     ``needs`` (names of :data:`~fusedres.kernels.recipe.SINGLE_GRADS`; None: every one).
     ``has_bias``: the block has a bias (the backward's saved bias is None unless dalpha needs it)."""
-    from .recipes import call_alpha_kind, op_passes
     fields = (act, act_param, call_alpha_kind(alpha if alpha is not None else alpha_value,
                                               weight.dtype == torch.float64),
               alpha is not None, has_bias, False, sample_scale is not None, None if kind == "none" else kind,
@@ -259,7 +259,8 @@ def saved_norm_operands(x, kind, weight, bias, eps, mean, var) -> tuple:
     """The kernels' norm operands from the statistics a forward saved (``mean`` empty: none, as
     RMSNorm's), in the accumulator dtype."""
     acc = acc_dtype(x)
-    mean = mean.to(acc) if mean is not None and mean.numel() else None
+    # (RMSNorm has no mean; a LayerNorm's over no rows is empty, and still a LayerNorm's)
+    mean = mean.to(acc) if mean is not None and kind != "rms" else None
     return kernels.norm_operands(kind, mean, torch.rsqrt(var.to(acc) + eps), weight, bias)
 
 

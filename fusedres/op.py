@@ -552,7 +552,8 @@ class _Plan:
             recipe = self.recipe if self.recipe.bias or not needs[2] else dataclasses.replace(self.recipe, bias=True)
             launches = self.bwd[key] = _BackwardLaunches(grad, x, recipe.launches(
                 frozenset(n for n, need in zip(_NEEDS, needs) if need)))
-        grads = launches.run(grad, x, weight, bias, scale, proj_weight, *needs, sample_scale, self.rows_per_sample)
+        grads = launches.run(grad, x, weight, bias, scale, proj_weight, needs[1], needs[2], sample_scale,
+                             self.rows_per_sample)
         if _validate.ENABLED:
             check_backward(grads, grad, x, weight, bias, scale, proj_weight, sample_scale, self.act)
         return grads
@@ -573,8 +574,10 @@ class _BackwardLaunches:
         self.dx = self.dw = None
         self.dx_pass, self.dw_pass = launches["dx"], launches["dw"]
 
-    def run(self, grad, x, weight, bias, alpha, proj_weight, need_dx, need_weight, need_bias, need_alpha, need_proj,
-            sample_scale=None, rows_per_sample=1):
+    def run(self, grad, x, weight, bias, alpha, proj_weight, need_weight, need_bias, sample_scale=None,
+            rows_per_sample=1):
+        """(dx, dW, db, dalpha, dP) by the passes: None for each not launched (dW None unless
+        ``need_weight``; db alone, ``need_bias`` without a dW pass, a native reduction)."""
         N, K = weight.shape
         rows, gs, xs = self.rows, self.gs, self.xs
         if self.copy:

@@ -317,31 +317,44 @@ _GRAD_NAMES = {"weight": "weight", "bias": "bias", "alpha": "alpha", "proj_weigh
 
 
 def _frozen_cases():
+    """(block, options, frozen, pinned): ``pinned`` says what the step launches less than a step
+    that wants every gradient, written out here (not by the recipe's rules): per role, None for a
+    pass not launched, or the pieces (column sums) its key drops."""
     single = dict(alpha=0.5, learnable_alpha=True)
     return [
-        ("single", dict(single), ("bias",)),
-        ("single", dict(single), ("weight",)),
-        ("single", dict(single), ("weight", "alpha")),
-        ("single", dict(single, out_features=32), ("proj_weight",)),
-        ("single", dict(single, dropout=0.25), ("weight", "alpha")),
-        ("single", dict(single, norm="batch"), ("weight", "bias", "alpha")),
-        ("single", dict(single, norm=torch.nn.LayerNorm(16)), ("norm.weight",)),
-        ("single", dict(single, norm=torch.nn.BatchNorm1d(16)), ("x", "norm.bias")),
-        ("mlp", dict(norm=torch.nn.LayerNorm(16), pre_act=None, act="gelu"), ("fc1.weight", "fc1.bias")),
-        ("mlp", dict(hidden_norm=torch.nn.BatchNorm1d(32)), ("x", "fc1.weight", "fc1.bias")),
-        ("mlp", dict(norm=torch.nn.BatchNorm1d(16), hidden_dropout=0.2, dropout=0.1), ("fc2.weight",)),
-        ("mlp", dict(learnable_alpha=True, alpha_per_channel=True), ("x", "fc1.weight", "fc2.weight")),
-        ("mlp", dict(norm=torch.nn.LayerNorm(16), recompute=True), ("norm.weight", "norm.bias")),
+        ("single", dict(single), ("bias",), {"dw": ("db",)}),
+        ("single", dict(alpha=0.5), ("weight",), {"dw": None}),          # db alone: a native reduction
+        ("single", dict(single), ("weight", "alpha"), {"dw": None}),
+        ("single", dict(single, out_features=32), ("proj_weight",), {"dw": ("proj",)}),
+        ("single", dict(single, dropout=0.25), ("weight", "alpha"), {"dw": ("dalpha", "dalpha_bias")}),
+        ("single", dict(single, norm="batch"), ("weight", "bias", "alpha"), {"dw": None}),
+        ("single", dict(single, norm=torch.nn.LayerNorm(16)), ("norm.weight", "norm.bias"),
+         {"dx": ("norm_col_sums",)}),
+        ("single", dict(single, norm=torch.nn.BatchNorm1d(16)), ("x", "norm.weight", "norm.bias"), {"dx": None}),
+        ("single", dict(single, norm=torch.nn.LayerNorm(16)), ("x",), {"dx": ("norm_row_sums",)}),
+        ("mlp", dict(norm=torch.nn.LayerNorm(16), pre_act=None, act="gelu"), ("fc1.weight", "fc1.bias"),
+         {"dw1": None}),
+        ("mlp", dict(hidden_norm=torch.nn.BatchNorm1d(32)), ("x", "fc1.weight", "fc1.bias"),
+         {"dx": None, "dw1": None}),
+        ("mlp", dict(norm=torch.nn.BatchNorm1d(16), hidden_dropout=0.2, dropout=0.1), ("fc2.weight", "fc2.bias"),
+         {"dw2": None}),
+        ("mlp", dict(learnable_alpha=True, alpha_per_channel=True), ("x", "fc2.bias"),
+         {"dx": None, "dw2": ("db",)}),
+        ("mlp", dict(norm=torch.nn.LayerNorm(16), recompute=True), ("norm.weight", "norm.bias"),
+         {"dx": ("norm_col_sums",)}),
     ]
 
 
-@pytest.mark.parametrize("kind,options,frozen", _frozen_cases(),
+_ROLES = {"single": ("fwd", "dx", "dw"), "mlp": ("fc1", "fc2", "dh", "dw2", "dx", "dw1")}
+
+
+@pytest.mark.parametrize("kind,options,frozen,pinned", _frozen_cases(),
                          ids=lambda v: "-".join(v) if isinstance(v, tuple) else None)
-def test_a_step_launches_the_passes_of_the_gradients_it_wants(launched, kind, options, frozen):
+def test_a_step_launches_the_passes_of_the_gradients_it_wants(launched, kind, options, frozen, pinned):
     """Frozen parameters (and an input without a gradient): the fused block launches exactly
-    ``block_recipe(block).passes(needs)``, the needs its parameters that require a gradient, a pass
-    or a column sum fewer than a step that wants every gradient; and the gradients it makes are
-    that step's (fp64, the same dropout masks: the same seed)."""
+    ``block_recipe(block).passes(needs)``, the needs its parameters that require a gradient; that
+    is the full step's launches less what the case pins (a pass, or column sums); and the
+    gradients it makes are the full step's (fp64, the same dropout masks: the same seed)."""
     options = dict(options)
     out = options.pop("out_features", None)
     torch.manual_seed(0)
@@ -374,6 +387,14 @@ def test_a_step_launches_the_passes_of_the_gradients_it_wants(launched, kind, op
     needs = frozenset(_GRAD_NAMES[n] for n in grads if n not in frozen) | ({"x"} if "x" not in frozen else set())
     assert keys_all == [p.key for p in recipe.passes()]
     assert keys == [p.key for p in recipe.passes(needs)]
+    expected = []
+    for role, key in zip(_ROLES[kind], keys_all, strict=True):
+        if role in pinned and pinned[role] is None:
+            continue
+        dropped = pinned.get(role, ())
+        assert all(f"|{piece}" in key for piece in dropped), (key, dropped)
+        expected.append("|".join(part for part in key.split("|") if part not in dropped))
+    assert keys == expected
     torch.testing.assert_close(y, y_all, rtol=0, atol=0)
     for name, g in grads.items():
         assert (g is None) == (name in frozen), name
@@ -382,6 +403,22 @@ def test_a_step_launches_the_passes_of_the_gradients_it_wants(launched, kind, op
     assert (dx is None) == ("x" in frozen)
     if dx is not None:
         torch.testing.assert_close(dx, dx_all)
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms", "batch"])
+def test_a_normalized_block_over_no_rows_has_zero_gradients(norm):
+    """An empty batch through a normalized block (a LayerNorm's saved mean is then empty, and
+    still a LayerNorm's): the output is empty and every gradient zero, as eager's."""
+    module = {"layer": torch.nn.LayerNorm(16), "rms": torch.nn.RMSNorm(16), "batch": torch.nn.BatchNorm1d(16)}[norm]
+    for block in (fusedres.FusedResidualBlock(16, norm=module, learnable_alpha=True),
+                  fusedres.FusedResidualMLPBlock(16, 32, norm=copy.deepcopy(module), hidden_norm="layer",
+                                                 recompute=True)):
+        x = torch.randn(2, 0, 16, requires_grad=True)
+        y = block(x)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+        for name, p in block.named_parameters():
+            assert p.grad is not None and not p.grad.any(), name
 
 
 def test_launch_pass_takes_the_operands_its_pass_names():
