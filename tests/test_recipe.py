@@ -462,3 +462,19 @@ def test_an_mlp_block_with_one_bias_names_it_per_linear(launched):
         ref = fusedres.residual_mlp_reference(x.double(), w1.double(), None if fc1_bias is None else b1.double(),
                                               w2.double(), None if fc2_bias is None else b2.double())
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_an_mlp_blocks_float_alpha_kind_is_fc2s(launched):
+    """A float alpha's kind is decided by the launch it scales, fc2's: by value, unless fc2's
+    weight is fp64 (by pointer). Under autocast an fp64 fc1 keeps its dtype beside an fp32 fc2."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 16)
+    w1, b1 = torch.randn(32, 16, dtype=torch.float64) / 4, torch.randn(32, dtype=torch.float64)
+    w2, b2 = torch.randn(16, 32) / 6, torch.randn(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fusedres.fused_residual_mlp(x, w1, b1, w2, b2, alpha=0.5)
+    assert launched[1].startswith("fwd|relu|alpha=value|")
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    launched.clear()
+    fusedres.fused_residual_mlp(x.double(), w1, b1, w2.double(), b2.double(), alpha=0.5)
+    assert launched[1].startswith("fwd|relu|alpha=scalar|")
