@@ -6,6 +6,8 @@
   without atomics
 - :func:`residual_stack_fwd`, :func:`residual_stack_bwd`: L blocks of width D <= 128 in one
   forward kernel, one backward kernel and a fixed-order reduce of the weight gradients
+- :func:`launch.launch_pass`: a recipe's pass (:mod:`.recipe`) launched through the three
+  launchers above with the operands its pieces name; the fused ops launch this way
 """
 from ._common import INTERPRET, Rows, RowStrides, launch_counts, reset_launch_counts
 from .configs import CONFIGS, DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, interpreter_config, shipped_configs
