@@ -28,6 +28,7 @@ forward 1, one more launch). ``torch.compile`` sees two custom ops,
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -529,8 +530,7 @@ def _mlp_backward(grad, x, h, w1, b1, w2, b2, alpha, alpha_value, sample_scale, 
 
 def _without_stats(p):
     """Pass ``p`` without a statistics sink (recompute's fc1: the statistics were saved)."""
-    from dataclasses import replace
-    return replace(p, pieces=p.pieces - {"stats_col_partials", "stats_row_partials"})
+    return dataclasses.replace(p, pieces=p.pieces - {"stats_col_partials", "stats_row_partials"})
 
 
 def _backward_op(grad: Tensor, x: Tensor, h: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],

@@ -44,10 +44,9 @@ from .droppath import rows_per_sample
 from .dropout import draw_seeds, dropout_operands, keep_mask, note_draw
 from .kernels._common import cdiv
 from .kernels.launch import launch_pass
-from .kernels.recipe import Recipe
 from .kernels.norm import acc_dtype, col_stats, norm_dx, row_stats
 from .norm import NormCall, NormLike, norm_kind, update_running_stats
-from .recipes import call_alpha_kind, op_passes
+from .recipes import single_passes
 
 WHO = "fused_residual"
 
@@ -156,23 +155,11 @@ def _scale(alpha, alpha_value):
     return alpha if alpha is not None else (None if alpha_value == 1.0 else alpha_value)
 
 
-def call_passes(weight, has_bias: bool, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight, norm_bias,
-                batch_stats, seed, next_norm="none", needs=None) -> dict:
-    """The passes by role of the call's recipe (:func:`fusedres.recipes.op_passes`) for the gradients
-    ``needs`` (names of :data:`~fusedres.kernels.recipe.SINGLE_GRADS`; None: every one).
-    ``has_bias``: the block has a bias (the backward's saved bias is None unless dalpha needs it)."""
-    fields = (act, act_param, call_alpha_kind(alpha if alpha is not None else alpha_value,
-                                              weight.dtype == torch.float64),
-              alpha is not None, has_bias, False, sample_scale is not None, None if kind == "none" else kind,
-              norm_weight is not None, norm_bias is not None, batch_stats, seed is not None,
-              None if next_norm == "none" else next_norm)
-    return op_passes(Recipe, fields, needs)
-
-
 def _forward(x, weight, bias, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight, norm_bias, eps,
              running_mean, running_var, dropout=0.0, seed=None, stats_mean=None, stats_var=None, next_norm="none"):
-    fwd = call_passes(weight, bias is not None, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight, norm_bias,
-                      running_mean is None, seed, next_norm)["fwd"]
+    fwd = single_passes(weight, bias is not None, alpha, alpha_value, sample_scale, act, act_param, norm=kind,
+                        norm_weight=norm_weight, norm_bias=norm_bias, batch_stats=running_mean is None,
+                        dropout=seed is not None, next_norm=next_norm)["fwd"]
     rows, (xs,), (xk,) = plan_rows(x)
     N = weight.shape[0]
     y = x.new_empty((*x.shape[:-1], N), dtype=torch.promote_types(x.dtype, weight.dtype))
@@ -231,8 +218,9 @@ def _backward(grad, x, weight, bias, alpha, alpha_value, sample_scale, act, act_
     needs = frozenset(n for n, need in (("x", need_dx), ("weight", need_weight), ("bias", need_bias),
                                         ("alpha", need_alpha), ("norm_weight", need_norm_weight),
                                         ("norm_bias", need_norm_bias)) if need)
-    by_kind = call_passes(weight, bias is not None or need_bias, alpha, alpha_value, sample_scale, act, act_param, kind, norm_weight,
-                          norm_bias, batch_stats, seed, needs=needs)
+    by_kind = single_passes(weight, bias is not None or need_bias, alpha, alpha_value, sample_scale, act, act_param,
+                            norm=kind, norm_weight=norm_weight, norm_bias=norm_bias, batch_stats=batch_stats,
+                            dropout=seed is not None, needs=needs)
     rows, (gs, xs), (gk, xk) = plan_rows(grad, x)
     ops = kernels.NO_NORM if kind == "none" else saved_norm_operands(x, kind, norm_weight, norm_bias, eps, mean, var)
     scale = _scale(alpha, alpha_value)

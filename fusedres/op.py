@@ -16,7 +16,6 @@ so training keeps no ``M x D`` tensor beyond the input it already holds.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 from typing import Optional
@@ -464,21 +463,17 @@ class _Plan:
     :class:`~fusedres.kernels.configs.PreparedLaunch`; later calls only allocate their outputs and
     replay those launches with their own tensors. Same kernels, configs, grids and arguments, so
     the same results and launch counts. The launches are the passes of the signature's recipe
-    (:func:`fusedres.recipes.single_recipe`; a tensor alpha's gradient possible), those of the
-    gradients a backward wants (:meth:`~fusedres.kernels.recipe.Recipe.passes`), each launched by
-    :func:`~fusedres.kernels.launch.launch_pass`.
+    (:func:`fusedres.recipes.single_passes`), those of the gradients a backward wants, each
+    launched by :func:`~fusedres.kernels.launch.launch_pass`.
     """
     __slots__ = ("eager", "rows", "xs", "copy_x", "copy_bias", "copy_s", "copy_alpha", "rows_per_sample", "out_shape",
-                 "out_dtype", "like_x", "fast", "fwd", "bwd", "act", "recipe")
+                 "out_dtype", "like_x", "fast", "fwd", "bwd", "act", "proj")
 
     def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], sample_scale: Optional[Tensor] = None,
                  alpha: Optional[Tensor] = None, act: Activation = _RELU, alpha_value: float = 1.0,
                  proj: bool = False):
         self.act = act
-        self.recipe = _recipes.single_recipe(act, alpha if alpha is not None else alpha_value, bias=bias is not None,
-                                             proj=proj, sample_scale=sample_scale is not None,
-                                             learnable_alpha=alpha is not None, fp64=weight.dtype == torch.float64,
-                                             who="fused_residual")
+        self.proj = proj
         warn_if_ungated(act, x.device)
         self.eager = backend_for(x.device) == "eager"
         self.rows, (self.xs,), (xk,) = plan_rows(x)
@@ -522,7 +517,9 @@ class _Plan:
         if self.fwd is not None:
             self.fwd.run(fwd_head(x, weight, bias, y, scale, proj_weight, None, sample_scale))
         else:
-            self.fwd = launch_pass(self.recipe.launches()["fwd"], self.rows, x, self.xs, weight,
+            fwd = _recipes.single_passes(weight, bias is not None, alpha, alpha_value, sample_scale, self.act.name,
+                                         self.act.param, proj=self.proj)["fwd"]
+            self.fwd = launch_pass(fwd, self.rows, x, self.xs, weight,
                                    y.view(self.rows.M, weight.shape[0]), bias=bias, alpha=scale,
                                    proj_weight=proj_weight, sample_scale=sample_scale,
                                    rows_per_sample=self.rows_per_sample)
@@ -547,11 +544,9 @@ class _Plan:
                _matmul_precision())
         launches = self.bwd.get(key)
         if launches is None:
-            # (the custom op's backward looks its plan up with the saved bias, None unless dalpha
-            # needs it: a wanted db says the block has one)
-            recipe = self.recipe if self.recipe.bias or not needs[2] else dataclasses.replace(self.recipe, bias=True)
-            launches = self.bwd[key] = _BackwardLaunches(grad, x, recipe.launches(
-                frozenset(n for n, need in zip(_NEEDS, needs) if need)))
+            launches = self.bwd[key] = _BackwardLaunches(grad, x, _recipes.single_passes(
+                weight, bias is not None or needs[2], alpha, alpha_value, sample_scale, self.act.name,
+                self.act.param, proj=self.proj, needs=frozenset(n for n, need in zip(_NEEDS, needs) if need)))
         grads = launches.run(grad, x, weight, bias, scale, proj_weight, needs[1], needs[2], sample_scale,
                              self.rows_per_sample)
         if _validate.ENABLED:

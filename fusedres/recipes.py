@@ -140,6 +140,24 @@ def _op_passes(block: type, fields: tuple, _signs: tuple, needs: Optional[frozen
     return block(*fields).launches(needs)
 
 
+def single_passes(weight: Tensor, has_bias: bool, alpha: Optional[Tensor], alpha_value: float,
+                  sample_scale: Optional[Tensor], act: str, act_param: float, *, proj: bool = False,
+                  norm: str = "none", norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
+                  batch_stats: bool = True, dropout: bool = False, next_norm: str = "none",
+                  needs: Optional[frozenset] = None) -> dict:
+    """The single-block ops' passes by role (:func:`op_passes`) from their arguments: ``alpha`` a
+    tensor or None with the float ``alpha_value``, ``norm`` a kind or ``"none"`` with its affine
+    tensors, ``dropout`` whether it applies; ``needs`` the wanted gradients (names of
+    :data:`~fusedres.kernels.recipe.SINGLE_GRADS`; None: every one). ``has_bias``: the block has a
+    bias (a backward's saved bias is None unless dalpha needs it: a wanted db says there is one)."""
+    fields = (act, act_param, call_alpha_kind(alpha if alpha is not None else alpha_value,
+                                              weight.dtype == torch.float64),
+              alpha is not None, has_bias, proj, sample_scale is not None, None if norm == "none" else norm,
+              norm_weight is not None, norm_bias is not None, batch_stats, dropout,
+              None if next_norm == "none" else next_norm)
+    return op_passes(Recipe, fields, needs)
+
+
 # A call's recipe and forward steps are made once per distinct call: the eager reference names one on
 # every call, and it is the baseline of the parity tests and the byte counts. Under torch.compile
 # they are made while tracing instead (Dynamo warns about a cache wrapper it would skip; the result is
